@@ -1,0 +1,22 @@
+"""Prompt cache: keys, the store interface, SQLite and memory stores, lookups and tracing."""
+
+from .keys import cache_key, canonical_json, key_of
+from .memory import MemoryStore
+from .prompt import CacheHit, PromptCache, TraceWriter
+from .sqlite import DB_NAME, SqliteStore
+from .store import CacheRow, CacheStore, newest
+
+__all__ = [
+    "DB_NAME",
+    "CacheHit",
+    "CacheRow",
+    "CacheStore",
+    "MemoryStore",
+    "PromptCache",
+    "SqliteStore",
+    "TraceWriter",
+    "cache_key",
+    "canonical_json",
+    "key_of",
+    "newest",
+]

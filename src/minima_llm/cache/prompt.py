@@ -1,0 +1,170 @@
+"""The prompt cache as the backend sees it: primary store, model synonyms, lookup caches, trace."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import IO
+
+from .sqlite import SqliteStore
+from .store import CacheRow, CacheStore, newest
+
+log = logging.getLogger("minima_llm.cache")
+
+Rekey = Callable[[str], tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class CacheHit:
+    """A cached row and where it was found: ``primary``, ``synonym`` or ``lookup``."""
+
+    row: CacheRow
+    source: str
+
+
+class TraceWriter:
+    """Appends one JSON line per key computed: key, canonical JSON and where the answer came from."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        # Line-buffered so a crashed run still leaves a readable trace of its keys.
+        self._fh: IO[str] | None = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+
+    def write(self, key: str, canonical: str, source: str) -> None:
+        """Record one key."""
+        line = json.dumps({"key": key, "canonical": canonical, "source": source}) + "\n"
+        with self._lock:
+            if self._fh is not None:
+                self._fh.write(line)
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+
+
+class PromptCache:
+    """Finds and stores completions by key across the primary store and read-only lookups.
+
+    Lookup order: primary; the same request under a synonym model in the primary;
+    then every lookup cache (under any of those models), newest ``created_at``
+    winning. A hit found anywhere but the primary is copied into the primary.
+    """
+
+    def __init__(
+        self,
+        primary: CacheStore | None,
+        lookups: Sequence[tuple[str, CacheStore]] = (),
+        synonyms: Mapping[str, tuple[str, ...]] | None = None,
+        trace_file: str | None = None,
+    ) -> None:
+        self.primary = primary
+        self.lookups = list(lookups)
+        self.synonyms = dict(synonyms or {})
+        self.trace = TraceWriter(trace_file) if trace_file else None
+        self._prefetched: dict[str, CacheRow] = {}
+
+    @classmethod
+    def open(
+        cls,
+        cache_dir: str | None,
+        lookup_dirs: Iterable[str] = (),
+        synonyms: Mapping[str, tuple[str, ...]] | None = None,
+        trace_file: str | None = None,
+    ) -> PromptCache:
+        """Open the SQLite primary in ``cache_dir`` (if any) and each lookup dir read-only."""
+        primary = SqliteStore.in_dir(cache_dir) if cache_dir else None
+        lookups: list[tuple[str, CacheStore]] = []
+        for directory in lookup_dirs:
+            try:
+                lookups.append((directory, SqliteStore.in_dir(directory, readonly=True)))
+            except Exception as exc:
+                log.warning("cache lookup dir %s skipped: %s", directory, exc)
+        return cls(primary, lookups, synonyms, trace_file)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether there is anywhere to look or store."""
+        return self.primary is not None or bool(self.lookups)
+
+    def note(self, key: str, canonical: str, source: str) -> None:
+        """Write a trace line if tracing is on."""
+        if self.trace is not None:
+            self.trace.write(key, canonical, source)
+
+    def prefetched(self, key: str) -> CacheRow | None:
+        """A primary row loaded by ``prefetch`` (no I/O)."""
+        return self._prefetched.get(key)
+
+    async def prefetch(self, keys: Sequence[str]) -> int:
+        """Load the primary rows for many keys at once; returns how many were found."""
+        if self.primary is None or not keys:
+            return 0
+        found = await self.primary.get_many(keys)
+        self._prefetched.update(found)
+        return len(found)
+
+    def clear_prefetched(self) -> None:
+        """Forget prefetched rows (end of a batch)."""
+        self._prefetched.clear()
+
+    async def find(self, key: str, model: str, rekey: Rekey) -> CacheHit | None:
+        """Look ``key`` up everywhere; ``rekey(model)`` gives the key under another model."""
+        if self.primary is not None:
+            row = self._prefetched.get(key)
+            if row is None:
+                row = (await self.primary.get_many([key])).get(key)
+            if row is not None:
+                return CacheHit(row, "primary")
+        other_keys = [rekey(m)[0] for m in self.synonyms.get(model, ())]
+        if self.primary is not None and other_keys:
+            row = newest((await self.primary.get_many(other_keys)).values())
+            if row is not None:
+                return await self._adopt(row, key, model, rekey, "synonym")
+        best: CacheRow | None = None
+        for _directory, store in self.lookups:
+            found = await store.get_many([key, *other_keys])
+            candidate = newest(found.values())
+            if candidate is not None and (best is None or candidate.created_at > best.created_at):
+                best = candidate
+        if best is not None:
+            return await self._adopt(best, key, model, rekey, "lookup")
+        return None
+
+    async def _adopt(
+        self, row: CacheRow, key: str, model: str, rekey: Rekey, source: str
+    ) -> CacheHit:
+        if self.primary is not None:
+            copy = replace(row, key=key, model=model, canonical=rekey(model)[1])
+            try:
+                await self.primary.put_many([copy])
+            except Exception as exc:
+                log.warning(
+                    "cache: could not copy a %s hit into the primary cache: %s", source, exc
+                )
+        return CacheHit(row, source)
+
+    async def store(self, key: str, canonical: str, model: str, text: str, raw: str | None) -> None:
+        """Write a completion to the primary store; returns once it is committed."""
+        if self.primary is None:
+            return
+        row = CacheRow(key, text, raw, time.time(), model, canonical)
+        await self.primary.put_many([row])
+
+    async def aclose(self) -> None:
+        """Close every store and the trace file."""
+        stores = [s for s in (self.primary, *(s for _, s in self.lookups)) if s is not None]
+        for store in stores:
+            await store.aclose()
+        if self.trace is not None:
+            self.trace.close()
+
+    def __repr__(self) -> str:
+        return f"<PromptCache primary={self.primary!r} lookups={len(self.lookups)} synonyms={len(self.synonyms)} trace={'on' if self.trace else 'off'}>"

@@ -1,0 +1,202 @@
+"""The SQLite prompt cache, in the file format minima-llm 0.2.x reads and writes.
+
+File ``{cache_dir}/minima_llm.db`` in WAL mode, table ``cache(key, response_text,
+response_raw, created_at, model, canonical)``. One thread reads, one writes; several
+processes may share the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import CacheError
+from ._worker import ConnectionWorker
+from .store import CacheRow
+
+log = logging.getLogger("minima_llm.cache")
+
+DB_NAME = "minima_llm.db"
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS cache ("
+    "key TEXT PRIMARY KEY, response_text TEXT NOT NULL, response_raw TEXT, "
+    "created_at REAL NOT NULL, model TEXT, canonical TEXT)"
+)
+_COLUMNS = "key, response_text, response_raw, created_at, model, canonical"
+# Well under SQLite's bound-parameter limit on every build we support.
+_CHUNK = 500
+# Other processes may hold the write lock; wait this long before giving up on a write.
+BUSY_TIMEOUT_S = 60.0
+
+
+class SqliteStore:
+    """A ``CacheStore`` on one SQLite file; ``readonly`` for lookup caches of other runs."""
+
+    def __init__(self, path: str | os.PathLike[str], readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        self.rows_written = 0
+        self.commits = 0
+        self._writer: ConnectionWorker | None = None
+        try:
+            if not readonly:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._writer = ConnectionWorker(
+                    f"minima-cache-writer:{self.path.name}", self._connect_writer, self._write_batch
+                )
+                self._writer.wait_ready(BUSY_TIMEOUT_S)
+            self._reader = ConnectionWorker(
+                f"minima-cache-reader:{self.path.name}", self._connect_reader, _read_batch
+            )
+            self._reader.wait_ready(BUSY_TIMEOUT_S)
+        except (OSError, sqlite3.Error, TimeoutError) as exc:
+            self._stop_workers()
+            raise CacheError(f"cannot open cache {self.path}: {exc}") from exc
+
+    @classmethod
+    def in_dir(cls, cache_dir: str | os.PathLike[str], readonly: bool = False) -> SqliteStore:
+        """The store at ``{cache_dir}/minima_llm.db``."""
+        return cls(Path(cache_dir) / DB_NAME, readonly=readonly)
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+        _retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
+        # NORMAL in WAL mode survives a killed process; only power loss can drop the last commits.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        _retry_locked(lambda: conn.execute(_SCHEMA))
+        _migrate(conn)
+        return conn
+
+    def _connect_reader(self) -> sqlite3.Connection:
+        if self.readonly:
+            if not self.path.exists():
+                raise FileNotFoundError(f"no cache file at {self.path}")
+            uri = self.path.resolve().as_uri() + "?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+        else:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+        conn.execute("PRAGMA query_only=1")
+        return conn
+
+    def _write_batch(self, conn: sqlite3.Connection, batches: list[list[CacheRow]]) -> list[Any]:
+        rows = [row for batch in batches for row in batch]
+        values = [
+            (r.key, r.response_text, r.response_raw, r.created_at, r.model, r.canonical)
+            for r in rows
+        ]
+
+        def commit() -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
+                    f"INSERT OR REPLACE INTO cache ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", values
+                )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+        try:
+            _retry_locked(commit)
+        except sqlite3.Error as exc:
+            raise CacheError(f"cache write to {self.path} failed: {exc}") from exc
+        self.rows_written += len(rows)
+        self.commits += 1
+        return [None] * len(batches)
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, CacheRow]:
+        """The rows found among ``keys`` (one query per batch of waiting lookups)."""
+        if not keys:
+            return {}
+        result: dict[str, CacheRow] = await self._reader.submit(list(keys))
+        return result
+
+    def get_many_sync(self, keys: Sequence[str]) -> dict[str, CacheRow]:
+        """``get_many`` for synchronous callers (tools, tests)."""
+        result: dict[str, CacheRow] = self._reader.call_sync(list(keys))
+        return result
+
+    async def put_many(self, rows: Iterable[CacheRow]) -> None:
+        """Store rows; returns after the commit that holds them."""
+        batch = list(rows)
+        if not batch:
+            return
+        if self._writer is None:
+            raise CacheError(f"cache {self.path} is read-only")
+        await self._writer.submit(batch)
+
+    def put_many_sync(self, rows: Iterable[CacheRow]) -> None:
+        """``put_many`` for synchronous callers."""
+        if self._writer is None:
+            raise CacheError(f"cache {self.path} is read-only")
+        self._writer.call_sync(list(rows))
+
+    async def aclose(self) -> None:
+        """Finish pending writes and close the connections."""
+        import asyncio
+
+        await asyncio.to_thread(self.close)
+
+    def close(self) -> None:
+        """Synchronous ``aclose``."""
+        self._stop_workers()
+
+    def _stop_workers(self) -> None:
+        for worker in (getattr(self, "_writer", None), getattr(self, "_reader", None)):
+            if worker is not None:
+                worker.stop()
+
+    def __repr__(self) -> str:
+        mode = "ro" if self.readonly else "rw"
+        return f"<SqliteStore {self.path} {mode} rows_written={self.rows_written} commits={self.commits}>"
+
+
+def _read_batch(conn: sqlite3.Connection, requests: list[list[str]]) -> list[Any]:
+    wanted = list(dict.fromkeys(k for keys in requests for k in keys))
+    found: dict[str, CacheRow] = {}
+    for start in range(0, len(wanted), _CHUNK):
+        chunk = wanted[start : start + _CHUNK]
+        marks = ",".join("?" * len(chunk))
+        for row in conn.execute(f"SELECT {_COLUMNS} FROM cache WHERE key IN ({marks})", chunk):
+            found[row[0]] = CacheRow(*row)
+    return [{k: found[k] for k in keys if k in found} for keys in requests]
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Add the ``model`` and ``canonical`` columns to a file from before minima-llm 0.2.7."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(cache)")}
+    for column in ("model", "canonical"):
+        if column in have:
+            continue
+        try:
+            conn.execute(f"ALTER TABLE cache ADD COLUMN {column} TEXT")
+        except sqlite3.OperationalError as exc:
+            # Another process migrating the same file at the same moment got there first.
+            if "duplicate column" not in str(exc):
+                raise
+        log.info("cache: added column %s to an older cache file", column)
+
+
+def _retry_locked(fn: Any, deadline_s: float = BUSY_TIMEOUT_S) -> Any:
+    """Run ``fn``, retrying while another process holds the lock, up to ``deadline_s``.
+
+    busy_timeout covers most waits, but SQLite returns SQLITE_BUSY at once when
+    waiting could deadlock (e.g. a WAL-mode switch racing other writers).
+    """
+    end = time.monotonic() + deadline_s
+    delay = 0.005
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as exc:
+            if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > end:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)

@@ -1,0 +1,44 @@
+"""The cache store interface and the row it holds."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class CacheRow:
+    """One cached completion, as stored in the ``cache`` table."""
+
+    key: str
+    response_text: str
+    response_raw: str | None
+    created_at: float
+    model: str | None = None
+    canonical: str | None = None
+
+
+class CacheStore(Protocol):
+    """Async key-value storage of completions."""
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, CacheRow]:
+        """The rows found among ``keys``."""
+        ...
+
+    async def put_many(self, rows: Iterable[CacheRow]) -> None:
+        """Store rows (replacing same keys); returns once they are durable."""
+        ...
+
+    async def aclose(self) -> None:
+        """Flush pending writes and release resources."""
+        ...
+
+
+def newest(rows: Iterable[CacheRow]) -> CacheRow | None:
+    """The row with the latest ``created_at``."""
+    best: CacheRow | None = None
+    for row in rows:
+        if best is None or row.created_at > best.created_at:
+            best = row
+    return best

@@ -1,0 +1,493 @@
+"""Configuration values: explicit, from the environment, from YAML or from a dict.
+
+Every value is checked when the config is built; a bad one raises ``ConfigError``
+naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+TRANSPORTS = ("auto", "stdlib", "aiohttp")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_VERSION_SEGMENT = re.compile(r"/v\d+[a-z0-9]*$")
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(name, value, allowed)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    _check(_is_int(value) and value >= minimum, name, value, f"an integer >= {minimum}")
+
+
+def _check_float(name: str, value: Any, minimum: float, strict: bool = False) -> None:
+    ok = _is_num(value) and (value > minimum if strict else value >= minimum)
+    _check(ok, name, value, f"a number {'>' if strict else '>='} {minimum}")
+
+
+@dataclass
+class BatchConfig:
+    """How the batch runner drives work: workers, progress, failure limits.
+
+    Mutable on purpose: programs written for minima-llm set
+    ``config.batch.max_failures = 10`` before a run. Every assignment is validated.
+    """
+
+    num_workers: int = 64
+    max_failures: int | None = 25
+    heartbeat_s: float = 10.0
+    stall_s: float = 300.0
+    print_first_failures: int = 5
+    keep_failure_summaries: int = 20
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        _validate_batch_field(name, value)
+        super().__setattr__(name, value)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> BatchConfig:
+        """Read the ``BATCH_*`` variables; unset ones keep their defaults."""
+        env = os.environ if environ is None else environ
+        kwargs: dict[str, Any] = {}
+        for var, name, parse in _BATCH_ENV:
+            if var in env:
+                kwargs[name] = parse(var, env[var])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BatchConfig:
+        """Build from a mapping of field names; unknown keys are an error."""
+        return cls(**_known_keys(cls, data, "batch"))
+
+
+def _validate_batch_field(name: str, value: Any) -> None:
+    if name == "num_workers":
+        _check_int(name, value, 1)
+    elif name == "max_failures":
+        _check(
+            value is None or (_is_int(value) and value >= 0), name, value, "None or an integer >= 0"
+        )
+    elif name in ("heartbeat_s", "stall_s"):
+        _check_float(name, value, 0.0)
+    elif name in ("print_first_failures", "keep_failure_summaries"):
+        _check_int(name, value, 0)
+
+
+@dataclass(frozen=True)
+class ParasailBatchConfig:
+    """Settings for provider batch jobs (OpenAI / Parasail batch API)."""
+
+    llm_batch_prefix: str | None = None
+    state_dir: str | None = None
+    poll_interval_s: float = 30.0
+    max_poll_hours: float = 24.0
+
+    def __post_init__(self) -> None:
+        _check(
+            self.llm_batch_prefix is None or isinstance(self.llm_batch_prefix, str),
+            "parasail.llm_batch_prefix",
+            self.llm_batch_prefix,
+            "a string or None",
+        )
+        _check_float("parasail.poll_interval_s", self.poll_interval_s, 0.0, strict=True)
+        _check_float("parasail.max_poll_hours", self.max_poll_hours, 0.0, strict=True)
+
+    @property
+    def enabled(self) -> bool:
+        """Batch mode is on when a prefix names the job's state files."""
+        return bool(self.llm_batch_prefix)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ParasailBatchConfig:
+        """Build from a mapping of field names; unknown keys are an error."""
+        return cls(**_known_keys(cls, data, "parasail"))
+
+
+@dataclass(frozen=True)
+class MinimaLlmConfig:
+    """Where to send requests, how hard to push, how to retry, where to cache."""
+
+    base_url: str
+    model: str
+    api_key: str | None = field(default=None, repr=False)
+    cache_dir: str | None = None
+    max_outstanding: int = 32
+    rpm: int = 600
+    timeout_s: float = 60.0
+    max_attempts: int = 6
+    base_backoff_s: float = 0.5
+    max_backoff_s: float = 20.0
+    jitter: float = 0.2
+    cooldown_floor_s: float = 0.0
+    cooldown_cap_s: float = 30.0
+    cooldown_halflife_s: float = 20.0
+    compress_gzip: bool = False
+    force_refresh: bool = False
+    trace_file: str | None = None
+    model_synonyms: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    cache_lookup_dirs: tuple[str, ...] = ()
+    transport: str = "auto"
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    parasail: ParasailBatchConfig = field(default_factory=ParasailBatchConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.base_url, str) and bool(self.base_url),
+            "base_url",
+            self.base_url,
+            "a non-empty http(s) URL",
+        )
+        _check(
+            self.base_url.startswith(("http://", "https://")),
+            "base_url",
+            self.base_url,
+            "a URL starting with http:// or https://",
+        )
+        object.__setattr__(self, "base_url", normalize_base_url(self.base_url))
+        _check(
+            isinstance(self.model, str) and bool(self.model),
+            "model",
+            self.model,
+            "a non-empty model name",
+        )
+        _check(
+            self.api_key is None or isinstance(self.api_key, str),
+            "api_key",
+            "<hidden>",
+            "a string or None",
+        )
+        _check(
+            self.cache_dir is None or isinstance(self.cache_dir, (str, os.PathLike)),
+            "cache_dir",
+            self.cache_dir,
+            "a directory path or None",
+        )
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
+        _check_int("max_outstanding", self.max_outstanding, 1)
+        _check_int("rpm", self.rpm, 0)
+        _check_float("timeout_s", self.timeout_s, 0.0, strict=True)
+        _check_int("max_attempts", self.max_attempts, 0)
+        _check_float("base_backoff_s", self.base_backoff_s, 0.0)
+        _check_float("max_backoff_s", self.max_backoff_s, 0.0)
+        _check(
+            self.max_backoff_s >= self.base_backoff_s,
+            "max_backoff_s",
+            self.max_backoff_s,
+            f"a number >= base_backoff_s ({self.base_backoff_s})",
+        )
+        _check(
+            _is_num(self.jitter) and 0.0 <= self.jitter <= 1.0,
+            "jitter",
+            self.jitter,
+            "a number from 0 to 1",
+        )
+        _check_float("cooldown_floor_s", self.cooldown_floor_s, 0.0)
+        _check_float("cooldown_cap_s", self.cooldown_cap_s, 0.0)
+        _check(
+            self.cooldown_cap_s >= self.cooldown_floor_s,
+            "cooldown_cap_s",
+            self.cooldown_cap_s,
+            f"a number >= cooldown_floor_s ({self.cooldown_floor_s})",
+        )
+        _check_float("cooldown_halflife_s", self.cooldown_halflife_s, 0.0, strict=True)
+        _check(
+            isinstance(self.compress_gzip, bool),
+            "compress_gzip",
+            self.compress_gzip,
+            "true or false",
+        )
+        _check(
+            isinstance(self.force_refresh, bool),
+            "force_refresh",
+            self.force_refresh,
+            "true or false",
+        )
+        _check(
+            self.transport in TRANSPORTS,
+            "transport",
+            self.transport,
+            f"one of {', '.join(TRANSPORTS)}",
+        )
+        object.__setattr__(self, "model_synonyms", synonym_groups(self.model_synonyms))
+        _check(
+            not isinstance(self.cache_lookup_dirs, (str, bytes)),
+            "cache_lookup_dirs",
+            self.cache_lookup_dirs,
+            "a list of directory paths",
+        )
+        object.__setattr__(
+            self, "cache_lookup_dirs", tuple(os.fspath(d) for d in self.cache_lookup_dirs)
+        )
+        if isinstance(self.batch, Mapping):
+            object.__setattr__(self, "batch", BatchConfig.from_dict(self.batch))
+        _check(isinstance(self.batch, BatchConfig), "batch", self.batch, "a BatchConfig")
+        if isinstance(self.parasail, Mapping):
+            object.__setattr__(self, "parasail", ParasailBatchConfig.from_dict(self.parasail))
+        _check(
+            isinstance(self.parasail, ParasailBatchConfig),
+            "parasail",
+            self.parasail,
+            "a ParasailBatchConfig",
+        )
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name != "api_key"
+        )
+        key = "'***'" if self.api_key else "None"
+        return f"MinimaLlmConfig({shown}, api_key={key})"
+
+    # Convenience views of the batch settings, kept for programs written against minima-llm.
+    @property
+    def num_workers(self) -> int:
+        """``batch.num_workers``."""
+        return self.batch.num_workers
+
+    @property
+    def max_failures(self) -> int | None:
+        """``batch.max_failures``."""
+        return self.batch.max_failures
+
+    @property
+    def heartbeat_s(self) -> float:
+        """``batch.heartbeat_s``."""
+        return self.batch.heartbeat_s
+
+    @property
+    def stall_s(self) -> float:
+        """``batch.stall_s``."""
+        return self.batch.stall_s
+
+    @property
+    def print_first_failures(self) -> int:
+        """``batch.print_first_failures``."""
+        return self.batch.print_first_failures
+
+    @property
+    def keep_failure_summaries(self) -> int:
+        """``batch.keep_failure_summaries``."""
+        return self.batch.keep_failure_summaries
+
+    @property
+    def chat_completions_url(self) -> str:
+        """The full URL of the chat completions endpoint."""
+        return self.base_url + "/chat/completions"
+
+    @property
+    def cache_path(self) -> Path | None:
+        """``{cache_dir}/minima_llm.db``, or None when caching is off."""
+        return Path(self.cache_dir) / "minima_llm.db" if self.cache_dir else None
+
+    def replace(self, **changes: Any) -> MinimaLlmConfig:
+        """A copy with some fields changed (validated like a new config)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> MinimaLlmConfig:
+        """Read every documented environment variable, with its documented default."""
+        env = os.environ if environ is None else environ
+        kwargs: dict[str, Any] = {}
+        for var in ("OPENAI_BASE_URL", "OPENAI_MODEL"):
+            if not env.get(var):
+                raise ConfigError(var, env.get(var), "set this environment variable")
+        kwargs["base_url"] = env["OPENAI_BASE_URL"]
+        kwargs["model"] = env["OPENAI_MODEL"]
+        kwargs["api_key"] = env.get("OPENAI_API_KEY") or env.get("OPENAI_TOKEN") or None
+        for var, name, parse in _CLIENT_ENV:
+            if var in env:
+                kwargs[name] = parse(var, env[var])
+        kwargs["batch"] = BatchConfig.from_env(env)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MinimaLlmConfig:
+        """Build from a mapping of field names (nested ``batch`` and ``parasail`` mappings)."""
+        return cls(**_known_keys(cls, data, "config"))
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> MinimaLlmConfig:
+        """Load a YAML file; ``api_key`` falls back to ``OPENAI_API_KEY`` / ``OPENAI_TOKEN``."""
+        try:
+            import yaml
+        except ImportError as exc:
+            raise ImportError("YAML config needs PyYAML: pip install 'minima-llm[yaml]'") from exc
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                "yaml", os.fspath(path), "a mapping of config fields at the top level"
+            )
+        data = dict(data)
+        if not data.get("api_key"):
+            data["api_key"] = (
+                os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_TOKEN") or None
+            )
+        return cls.from_dict(data)
+
+
+def normalize_base_url(url: str) -> str:
+    """Strip trailing slashes and add ``/v1`` unless the path already ends in a version."""
+    url = url.rstrip("/")
+    return url if _VERSION_SEGMENT.search(url) else url + "/v1"
+
+
+def synonym_groups(spec: Mapping[str, Any] | str | None) -> dict[str, tuple[str, ...]]:
+    """Normalise model synonyms so every name maps to all its equivalents.
+
+    Accepts a mapping ``{name: alias | [aliases]}`` or the env form
+    ``"a=b|c,d=e"`` (or a JSON object). Synonymy is symmetric and transitive.
+    """
+    if spec is None or spec == "":
+        return {}
+    if isinstance(spec, str):
+        spec = _parse_synonym_string(spec)
+    _check(isinstance(spec, Mapping), "model_synonyms", spec, "a mapping of model -> aliases")
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    for name, aliases in spec.items():
+        alias_list = [aliases] if isinstance(aliases, str) else list(aliases or ())
+        for alias in alias_list:
+            _check(
+                isinstance(alias, str) and bool(alias),
+                "model_synonyms",
+                spec,
+                "model names as strings",
+            )
+            parent[find(alias)] = find(str(name))
+        find(str(name))
+    groups: dict[str, list[str]] = {}
+    for name in parent:
+        groups.setdefault(find(name), []).append(name)
+    return {
+        name: tuple(other for other in members if other != name)
+        for members in groups.values()
+        for name in members
+        if len(members) > 1
+    }
+
+
+def _parse_synonym_string(text: str) -> Mapping[str, Any]:
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError("MODEL_SYNONYMS", text, "a JSON object or 'a=b|c,d=e'") from exc
+        if not isinstance(parsed, dict):
+            raise ConfigError("MODEL_SYNONYMS", text, "a JSON object or 'a=b|c,d=e'")
+        return parsed
+    result: dict[str, list[str]] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, aliases = part.partition("=")
+        if not sep or not name.strip() or not aliases.strip():
+            raise ConfigError("MODEL_SYNONYMS", text, "comma-separated 'model=alias|alias' pairs")
+        result.setdefault(name.strip(), []).extend(
+            a.strip() for a in aliases.split("|") if a.strip()
+        )
+    return result
+
+
+def _known_keys(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"{where}.{unknown[0]}", data[unknown[0]], f"a known key ({', '.join(sorted(allowed))})"
+        )
+    return dict(data)
+
+
+def _env_int(var: str, text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError as exc:
+        raise ConfigError(var, text, "an integer") from exc
+
+
+def _env_float(var: str, text: str) -> float:
+    try:
+        return float(text.strip())
+    except ValueError as exc:
+        raise ConfigError(var, text, "a number") from exc
+
+
+def _env_bool(var: str, text: str) -> bool:
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ConfigError(var, text, "one of 1/0, true/false, yes/no, on/off")
+
+
+def _env_opt_str(var: str, text: str) -> str | None:
+    return text.strip() or None
+
+
+def _env_opt_int(var: str, text: str) -> int | None:
+    return None if text.strip().lower() in ("none", "") else _env_int(var, text)
+
+
+def _env_dirs(var: str, text: str) -> tuple[str, ...]:
+    parts: Iterable[str] = (p for chunk in text.split(",") for p in chunk.split(os.pathsep))
+    return tuple(p.strip() for p in parts if p.strip())
+
+
+def _env_str(var: str, text: str) -> str:
+    return text.strip()
+
+
+_CLIENT_ENV = (
+    ("CACHE_DIR", "cache_dir", _env_opt_str),
+    ("MAX_OUTSTANDING", "max_outstanding", _env_int),
+    ("RPM", "rpm", _env_int),
+    ("TIMEOUT_S", "timeout_s", _env_float),
+    ("MAX_ATTEMPTS", "max_attempts", _env_int),
+    ("BASE_BACKOFF_S", "base_backoff_s", _env_float),
+    ("MAX_BACKOFF_S", "max_backoff_s", _env_float),
+    ("JITTER", "jitter", _env_float),
+    ("COOLDOWN_FLOOR_S", "cooldown_floor_s", _env_float),
+    ("COOLDOWN_CAP_S", "cooldown_cap_s", _env_float),
+    ("COOLDOWN_HALFLIFE_S", "cooldown_halflife_s", _env_float),
+    ("COMPRESS_GZIP", "compress_gzip", _env_bool),
+    ("CACHE_FORCE_REFRESH", "force_refresh", _env_bool),
+    ("MINIMA_TRACE_FILE", "trace_file", _env_opt_str),
+    ("MODEL_SYNONYMS", "model_synonyms", _env_str),
+    ("CACHE_LOOKUP_DIRS", "cache_lookup_dirs", _env_dirs),
+    ("MINIMA_TRANSPORT", "transport", _env_str),
+)
+
+_BATCH_ENV = (
+    ("BATCH_NUM_WORKERS", "num_workers", _env_int),
+    ("BATCH_MAX_FAILURES", "max_failures", _env_opt_int),
+    ("BATCH_HEARTBEAT_S", "heartbeat_s", _env_float),
+    ("BATCH_STALL_S", "stall_s", _env_float),
+    ("BATCH_PRINT_FIRST_FAILURES", "print_first_failures", _env_int),
+    ("BATCH_KEEP_FAILURE_SUMMARIES", "keep_failure_summaries", _env_int),
+)

@@ -1,0 +1,26 @@
+"""Retry decisions, backoff, cooldown and pacing: small objects driven by a clock."""
+
+from .cooldown import Cooldown
+from .headers import (
+    RateLimitInfo,
+    lower_headers,
+    parse_duration,
+    parse_rate_limits,
+    parse_retry_after,
+)
+from .pacer import RpmPacer
+from .retry import attempts_left, backoff_delay, is_overload_status, is_retryable_status
+
+__all__ = [
+    "Cooldown",
+    "RateLimitInfo",
+    "RpmPacer",
+    "attempts_left",
+    "backoff_delay",
+    "is_overload_status",
+    "is_retryable_status",
+    "lower_headers",
+    "parse_duration",
+    "parse_rate_limits",
+    "parse_retry_after",
+]

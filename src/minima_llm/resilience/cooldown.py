@@ -1,0 +1,69 @@
+"""A shared cooldown that every request waits out after the server says it is overloaded."""
+
+from __future__ import annotations
+
+import math
+
+from ..clock import SYSTEM_CLOCK, Clock
+
+
+class Cooldown:
+    """Overload backoff shared by all requests, decaying with a half-life.
+
+    Each overload signal doubles the cooldown level (at least ``floor``, at most
+    ``cap``); the level halves every ``halflife_s`` of quiet, so one 429 after an
+    hour of calm costs little and a storm of them costs up to ``cap``.
+    """
+
+    def __init__(
+        self,
+        floor_s: float,
+        cap_s: float,
+        halflife_s: float,
+        base_s: float = 0.5,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.floor_s = floor_s
+        self.cap_s = cap_s
+        self.halflife_s = halflife_s
+        self.base_s = base_s
+        self._clock = clock
+        self._level = 0.0
+        self._level_at = clock.monotonic()
+        self._until = 0.0
+        self.bumps = 0
+
+    def level(self) -> float:
+        """The current, decayed cooldown level in seconds."""
+        elapsed = self._clock.monotonic() - self._level_at
+        return self._level * math.pow(0.5, elapsed / self.halflife_s) if self._level else 0.0
+
+    def bump(self, at_least_s: float = 0.0) -> float:
+        """Record an overload signal; returns the new cooldown length."""
+        now = self._clock.monotonic()
+        current = self.level()
+        new = max(self.floor_s, current * 2.0 if current > 0 else self.base_s, at_least_s)
+        new = min(self.cap_s, new)
+        self._level, self._level_at = new, now
+        self._until = max(self._until, now + new)
+        self.bumps += 1
+        return new
+
+    def remaining(self) -> float:
+        """Seconds until requests may be sent again."""
+        return max(0.0, self._until - self._clock.monotonic())
+
+    async def wait(self) -> float:
+        """Sleep out the cooldown (bounded by ``cap_s`` per loop); returns seconds waited."""
+        waited = 0.0
+        while (left := self.remaining()) > 0:
+            step = min(left, self.cap_s) if self.cap_s > 0 else left
+            await self._clock.sleep(step)
+            waited += step
+        return waited
+
+    def __repr__(self) -> str:
+        return (
+            f"<Cooldown level={self.level():.2f}s remaining={self.remaining():.2f}s "
+            f"bumps={self.bumps} floor={self.floor_s} cap={self.cap_s}>"
+        )
