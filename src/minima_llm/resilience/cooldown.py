@@ -38,12 +38,19 @@ class Cooldown:
         elapsed = self._clock.monotonic() - self._level_at
         return self._level * math.pow(0.5, elapsed / self.halflife_s) if self._level else 0.0
 
-    def bump(self, at_least_s: float = 0.0) -> float:
-        """Record an overload signal; returns the new cooldown length."""
+    def bump(self, hint_s: float | None = None) -> float:
+        """Record an overload signal; returns the new cooldown length.
+
+        ``hint_s`` is the server's own Retry-After: when given it is used as is
+        (within floor and cap) instead of doubling our guess.
+        """
         now = self._clock.monotonic()
-        current = self.level()
-        new = max(self.floor_s, current * 2.0 if current > 0 else self.base_s, at_least_s)
-        new = min(self.cap_s, new)
+        if hint_s is not None:
+            new = hint_s
+        else:
+            current = self.level()
+            new = current * 2.0 if current > 0 else self.base_s
+        new = min(self.cap_s, max(self.floor_s, new))
         self._level, self._level_at = new, now
         self._until = max(self._until, now + new)
         self.bumps += 1

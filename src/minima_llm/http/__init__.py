@@ -1,0 +1,44 @@
+"""HTTP transports behind one small protocol: standard library, or aiohttp when installed."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from ..errors import ConfigError
+from .base import HttpResponse, Transport, TransportError, decode_body, encode_body
+from .stdlib_transport import StdlibTransport
+
+__all__ = [
+    "HttpResponse",
+    "StdlibTransport",
+    "Transport",
+    "TransportError",
+    "aiohttp_available",
+    "decode_body",
+    "encode_body",
+    "make_transport",
+]
+
+
+def aiohttp_available() -> bool:
+    """Whether the aiohttp transport can be used."""
+    return importlib.util.find_spec("aiohttp") is not None
+
+
+def make_transport(kind: str, max_connections: int) -> Transport:
+    """Build the transport named by config: ``auto`` prefers aiohttp when it is installed."""
+    if kind == "auto":
+        kind = "aiohttp" if aiohttp_available() else "stdlib"
+    if kind == "stdlib":
+        return StdlibTransport(max_connections)
+    if kind == "aiohttp":
+        if not aiohttp_available():
+            raise ConfigError(
+                "transport",
+                kind,
+                "auto or stdlib (aiohttp is not installed: pip install 'minima-llm[proxy]')",
+            )
+        from .aiohttp_transport import AiohttpTransport
+
+        return AiohttpTransport(max_connections)
+    raise ConfigError("transport", kind, "one of auto, stdlib, aiohttp")

@@ -1,0 +1,53 @@
+"""The transport seam: send one JSON POST, get status, headers and body."""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..errors import TransportError
+
+__all__ = ["HttpResponse", "Transport", "TransportError", "decode_body", "encode_body"]
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    """An HTTP response: status, lower-cased header names, and the (decoded) body."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+class Transport(Protocol):
+    """Sends requests; raises ``TransportError`` when no complete response arrives."""
+
+    async def post(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
+    ) -> HttpResponse:
+        """POST ``body`` to ``url`` and read the whole response within ``timeout_s``."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close pooled connections."""
+        ...
+
+
+def encode_body(body: bytes, headers: dict[str, str], compress_gzip: bool) -> bytes:
+    """Gzip the request body when asked, setting ``Content-Encoding``."""
+    if not compress_gzip:
+        return body
+    headers["Content-Encoding"] = "gzip"
+    return gzip.compress(body, compresslevel=5)
+
+
+def decode_body(body: bytes, content_encoding: str | None) -> bytes:
+    """Undo a gzip ``Content-Encoding`` on a response body."""
+    if content_encoding and content_encoding.strip().lower() == "gzip":
+        try:
+            return gzip.decompress(body)
+        except (OSError, EOFError) as exc:
+            raise TransportError("malformed", f"bad gzip response body: {exc}") from exc
+    return body

@@ -1,0 +1,190 @@
+"""``run_batched_callable``: a worker pool with progress, stall warnings, failure records and abort."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+from .config import BatchConfig
+from .context import get_last_cached, set_last_cached
+from .progress import ProgressSink, ProgressTarget
+from .stats import StatsSnapshot
+from .types import MinimaLlmFailure, MinimaLlmResponse
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Workers whose calls finish without suspending (cache hits) yield this often so
+# the heartbeat and other tasks still run during a long cached replay.
+_YIELD_EVERY = 256
+
+
+class _Tally:
+    """What the batch has done so far."""
+
+    def __init__(self, total: int | None, batch: BatchConfig, sink: ProgressSink) -> None:
+        self.total = total
+        self.batch = batch
+        self.sink = sink
+        self.done = 0
+        self.hits = 0
+        self.failures = 0
+        self.tokens_in = 0
+        self.tokens_out = 0
+        self.started = time.monotonic()
+        self.last_progress = self.started
+        self.recent: deque[str] = deque(maxlen=max(1, batch.keep_failure_summaries))
+        self.aborted: RuntimeError | None = None
+
+    def record(self, result: Any, cached: bool) -> None:
+        self.done += 1
+        self.last_progress = time.monotonic()
+        if isinstance(result, MinimaLlmResponse):
+            cached = result.cached
+            if not cached:
+                self.tokens_in += result.usage.prompt_tokens
+                self.tokens_out += result.usage.completion_tokens
+        if cached:
+            self.hits += 1
+        if isinstance(result, MinimaLlmFailure):
+            self.fail(result)
+
+    def fail(self, failure: MinimaLlmFailure) -> None:
+        self.failures += 1
+        if self.failures <= self.batch.print_first_failures:
+            self.sink.report(failure.format_report(self.failures), logging.WARNING)
+        if self.batch.keep_failure_summaries:
+            self.recent.append(
+                f"{failure.request_id}: {failure.error_type} status={failure.status} {failure.message}"
+            )
+        limit = self.batch.max_failures
+        if limit is not None and self.failures > limit and self.aborted is None:
+            listing = "\n".join(f"  {line}" for line in self.recent)
+            self.aborted = RuntimeError(
+                f"Aborting batch: {self.failures} failures (max_failures={limit}). Recent failures:\n{listing}"
+            )
+
+    def line(self, stats: StatsSnapshot | None) -> str:
+        elapsed = max(1e-9, time.monotonic() - self.started)
+        rate = self.done / elapsed
+        if self.total:
+            left = self.total - self.done
+            eta = f"{left / rate:.0f}s" if rate > 0 else "?"
+            head = f"{self.done}/{self.total} ({100.0 * self.done / self.total:.1f}%) {rate:.1f}/s ETA {eta}"
+        else:
+            head = f"{self.done} done {rate:.1f}/s"
+        tokens_in, tokens_out = (
+            (stats.tokens_in, stats.tokens_out) if stats else (self.tokens_in, self.tokens_out)
+        )
+        return (
+            f"[batch] {head} | cache hits {self.hits}, live {self.done - self.hits - self.failures}"
+            f" | failures {self.failures} | tokens in {tokens_in} out {tokens_out}"
+        )
+
+
+async def run_batched_callable(
+    items: Iterable[T],
+    fn: Callable[[T], Awaitable[R]],
+    batch_config: BatchConfig | None = None,
+    *,
+    progress: ProgressTarget = None,
+    stats: Callable[[], StatsSnapshot] | None = None,
+) -> list[R | MinimaLlmFailure]:
+    """Run ``fn`` over ``items`` with ``num_workers`` workers; results in input order.
+
+    An exception from ``fn`` becomes a ``MinimaLlmFailure`` in that item's slot.
+    More than ``max_failures`` failures abort the batch with a ``RuntimeError``
+    listing the most recent ones.
+    """
+    batch = batch_config or BatchConfig()
+    pending = list(items)
+    results: list[Any] = [None] * len(pending)
+    sink = ProgressSink(progress)
+    tally = _Tally(len(pending), batch, sink)
+    feed = iter(enumerate(pending))
+    abort = asyncio.Event()
+
+    async def worker() -> None:
+        for count, (index, item) in enumerate(feed, 1):
+            set_last_cached(False)
+            try:
+                result: Any = await fn(item)
+            except Exception as exc:
+                result = _failure_from(item, index, exc)
+            results[index] = result
+            tally.record(result, get_last_cached())
+            if tally.aborted is not None:
+                abort.set()
+                return
+            if count % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+
+    workers = [
+        asyncio.ensure_future(worker()) for _ in range(min(batch.num_workers, max(1, len(pending))))
+    ]
+    watcher = asyncio.ensure_future(_watch(tally, batch, sink, stats, workers))
+    aborter: asyncio.Future[Any] = asyncio.ensure_future(abort.wait())
+    finished: asyncio.Future[Any] = asyncio.gather(*workers)
+    try:
+        await asyncio.wait([finished, aborter], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (*workers, watcher, aborter):
+            task.cancel()
+        await asyncio.gather(finished, watcher, aborter, return_exceptions=True)
+        sink.close()
+    if tally.aborted is not None:
+        sink.report(str(tally.aborted), logging.ERROR)
+        raise tally.aborted
+    if finished.done() and not finished.cancelled() and finished.exception() is not None:
+        raise finished.exception()  # type: ignore[misc]
+    if tally.done:
+        sink.report(_summary(tally, stats() if stats else None))
+    return results
+
+
+async def _watch(
+    tally: _Tally,
+    batch: BatchConfig,
+    sink: ProgressSink,
+    stats: Callable[[], StatsSnapshot] | None,
+    workers: Sequence[asyncio.Future[Any]],
+) -> None:
+    """Heartbeat every ``heartbeat_s``; warn once per stall period when nothing finishes."""
+    period = batch.heartbeat_s if batch.heartbeat_s > 0 else batch.stall_s
+    if period <= 0:
+        return
+    warned_at = 0.0
+    while True:
+        await asyncio.sleep(min(period, batch.stall_s) if batch.stall_s > 0 else period)
+        now = time.monotonic()
+        if batch.heartbeat_s > 0:
+            sink.status(tally.line(stats() if stats else None))
+        quiet = now - tally.last_progress
+        if batch.stall_s > 0 and quiet >= batch.stall_s and now - warned_at >= batch.stall_s:
+            warned_at = now
+            busy = sum(1 for w in workers if not w.done())
+            sink.report(
+                f"[batch] stalled: no result for {quiet:.0f}s ({tally.done}/{tally.total} done, {busy} workers waiting)",
+                logging.WARNING,
+            )
+
+
+def _summary(tally: _Tally, stats: StatsSnapshot | None) -> str:
+    elapsed = time.monotonic() - tally.started
+    rate = tally.done / elapsed if elapsed > 0 else 0.0
+    return f"[batch] finished: {tally.line(stats)[8:]} | {elapsed:.2f}s, {rate:.1f}/s"
+
+
+def _failure_from(item: Any, index: int, exc: Exception) -> MinimaLlmFailure:
+    request_id = getattr(item, "request_id", None) or f"item-{index}"
+    return MinimaLlmFailure(
+        request_id=str(request_id),
+        error_type=type(exc).__name__,
+        message=str(exc) or repr(exc),
+        attempts=1,
+        body_snippet=None,
+    )
