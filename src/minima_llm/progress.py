@@ -46,15 +46,16 @@ class ProgressSink:
             self.logger.log(level, text)
         elif self.stream is not None:
             if self._line_open:
-                self.stream.write("\n")
+                # Replace the live status line rather than leave a stale copy above the report.
+                self.stream.write("\r\x1b[2K")
                 self._line_open = False
             self.stream.write(text + "\n")
             self.stream.flush()
 
     def close(self) -> None:
-        """End the live line."""
+        """Clear the live line, so whatever is printed next starts clean."""
         if self._line_open and self.stream is not None:
-            self.stream.write("\n")
+            self.stream.write("\r\x1b[2K")
             self.stream.flush()
             self._line_open = False
 

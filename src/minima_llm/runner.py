@@ -77,13 +77,18 @@ class _Tally:
             head = f"{self.done}/{self.total} ({100.0 * self.done / self.total:.1f}%) {rate:.1f}/s ETA {eta}"
         else:
             head = f"{self.done} done {rate:.1f}/s"
-        tokens_in, tokens_out = (
-            (stats.tokens_in, stats.tokens_out) if stats else (self.tokens_in, self.tokens_out)
-        )
-        return (
-            f"[batch] {head} | cache hits {self.hits}, live {self.done - self.hits - self.failures}"
-            f" | failures {self.failures} | tokens in {tokens_in} out {tokens_out}"
-        )
+        return f"[batch] {head} | {self.counts(stats)}"
+
+    def counts(self, stats: StatsSnapshot | None) -> str:
+        live = self.done - self.hits - self.failures
+        text = f"cache hits {self.hits}, live {live} | failures {self.failures}"
+        if stats is not None:
+            saved = stats.tokens_saved_in + stats.tokens_saved_out
+            return (
+                text
+                + f" | tokens in {stats.tokens_in} out {stats.tokens_out}, saved by cache {saved}"
+            )
+        return text + f" | tokens in {self.tokens_in} out {self.tokens_out}"
 
 
 async def run_batched_callable(
@@ -176,7 +181,7 @@ async def _watch(
 def _summary(tally: _Tally, stats: StatsSnapshot | None) -> str:
     elapsed = time.monotonic() - tally.started
     rate = tally.done / elapsed if elapsed > 0 else 0.0
-    return f"[batch] finished: {tally.line(stats)[8:]} | {elapsed:.2f}s, {rate:.1f}/s"
+    return f"[batch] finished {tally.done} in {elapsed:.2f}s ({rate:.0f}/s) | {tally.counts(stats)}"
 
 
 def _failure_from(item: Any, index: int, exc: Exception) -> MinimaLlmFailure:

@@ -1,0 +1,95 @@
+"""Console entry point ``minima-llm``: the demo and the mock server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .errors import MinimaLlmError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minima-llm", description="minima-llm command line tools")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser(
+        "demo", help="run a batch against the built-in mock endpoint, then replay it from the cache"
+    )
+    demo.add_argument("--requests", type=int, default=3000, help="batch size (default 3000)")
+    demo.add_argument(
+        "--cache-dir", default=None, help="keep the cache here (default: a temporary directory)"
+    )
+    demo.add_argument("--transport", choices=("auto", "stdlib", "aiohttp"), default="auto")
+    demo.add_argument(
+        "--latency-ms", type=float, default=5.0, help="mock upstream latency (default 5)"
+    )
+    demo.add_argument(
+        "--failure-rate", type=float, default=0.01, help="fraction of mock answers that are 500s"
+    )
+
+    mock = sub.add_parser("mock-server", help="serve the OpenAI-compatible mock endpoint")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=8000)
+    mock.add_argument("--latency-ms", type=float, default=0.0)
+    mock.add_argument(
+        "--rpm", type=int, default=0, help="rate limit, answered with 429s (0 = none)"
+    )
+    mock.add_argument(
+        "--max-concurrency", type=int, default=0, help="answer 503 above this many in flight"
+    )
+    mock.add_argument("--failure-rate", type=float, default=0.0)
+    mock.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``minima-llm`` command."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "demo":
+            return _demo(args)
+        return _mock_server(args)
+    except (MinimaLlmError, ValueError, ImportError) as exc:
+        print(f"minima-llm: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DemoOptions, run_demo
+
+    options = DemoOptions(
+        requests=args.requests,
+        cache_dir=args.cache_dir,
+        transport=args.transport,
+        latency_s=args.latency_ms / 1000.0,
+        failure_rate=args.failure_rate,
+    )
+    results = run_demo(options, sys.stdout)
+    return 0 if all(r.failures == 0 for r in results) else 1
+
+
+def _mock_server(args: argparse.Namespace) -> int:
+    from .testing import MockConfig, serve
+
+    config = MockConfig(
+        latency_s=args.latency_ms / 1000.0,
+        rpm=args.rpm,
+        max_concurrency=args.max_concurrency,
+        failure_rate=args.failure_rate,
+        seed=args.seed,
+    )
+    serve(args.host, args.port, config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

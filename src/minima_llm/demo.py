@@ -1,0 +1,129 @@
+"""``minima-llm demo``: a batch against the embedded mock endpoint, then its cached replay."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+from .backend import OpenAIMinimaLlm
+from .config import BatchConfig, MinimaLlmConfig
+from .types import MinimaLlmFailure, MinimaLlmRequest
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """What the demo runs."""
+
+    requests: int = 3000
+    cache_dir: str | None = None
+    transport: str = "auto"
+    latency_s: float = 0.005
+    failure_rate: float = 0.01
+    workers: int = 64
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """One pass over the batch."""
+
+    name: str
+    wall_s: float
+    hits: int
+    live: int
+    failures: int
+    upstream_requests: int
+
+
+def run_demo(options: DemoOptions, out: TextIO) -> list[PassResult]:
+    """Start the mock server, run the batch cold, replay it warm, print a summary."""
+    from .testing import MockConfig, run_mock_server_in_thread
+
+    cache_dir = options.cache_dir or tempfile.mkdtemp(prefix="minima-llm-demo-")
+    mock = MockConfig(latency_s=options.latency_s, failure_rate=options.failure_rate, seed=7)
+    results: list[PassResult] = []
+    try:
+        with run_mock_server_in_thread(mock) as server:
+            config = MinimaLlmConfig(
+                base_url=server.url,
+                model="mock-model",
+                cache_dir=cache_dir,
+                rpm=0,
+                max_outstanding=options.workers,
+                transport=options.transport,
+                base_backoff_s=0.05,
+                max_backoff_s=1.0,
+                batch=BatchConfig(num_workers=options.workers, heartbeat_s=1.0),
+            )
+            out.write(
+                f"mock endpoint {server.url} (latency {options.latency_s * 1000:.0f} ms, {options.failure_rate:.0%} injected 500s)\n"
+            )
+            out.write(f"SQLite cache  {config.cache_path}\n\n")
+            requests = _requests(options.requests)
+            for name in ("cold run", "cached replay"):
+                before = server.stats()["requests"]
+                results.append(asyncio.run(_one_pass(name, config, requests, out)))
+                results[-1] = _with_upstream(results[-1], server.stats()["requests"] - before)
+    finally:
+        if options.cache_dir is None:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+    _print_summary(results, options.requests, out)
+    return results
+
+
+def _requests(n: int) -> list[MinimaLlmRequest]:
+    topics = ("rivers", "prime numbers", "volcanoes", "sorting", "tides", "bees", "glaciers")
+    return [
+        MinimaLlmRequest(
+            request_id=f"q{i}",
+            messages=[
+                {
+                    "role": "user",
+                    "content": f"Question {i}: one fact about {topics[i % len(topics)]}",
+                }
+            ],
+            temperature=0.0,
+        )
+        for i in range(n)
+    ]
+
+
+async def _one_pass(
+    name: str, config: MinimaLlmConfig, requests: list[MinimaLlmRequest], out: TextIO
+) -> PassResult:
+    out.write(f"== {name}: {len(requests)} requests\n")
+    out.flush()
+    backend = OpenAIMinimaLlm(config)
+    started = time.perf_counter()
+    try:
+        results = await backend.run_batched(requests)
+    finally:
+        await backend.aclose()
+    wall = time.perf_counter() - started
+    snap = backend.snapshot()
+    failures = sum(isinstance(r, MinimaLlmFailure) for r in results)
+    out.write(
+        f"   {wall:.2f}s, {snap.hits} cache hits, {snap.live_calls} live calls, {snap.retries} retries, {failures} failures\n\n"
+    )
+    return PassResult(name, wall, snap.hits, snap.live_calls, failures, 0)
+
+
+def _with_upstream(result: PassResult, upstream: int) -> PassResult:
+    return PassResult(
+        result.name, result.wall_s, result.hits, result.live, result.failures, upstream
+    )
+
+
+def _print_summary(results: list[PassResult], n: int, out: TextIO) -> None:
+    out.write(
+        f"{'pass':<14} {'requests':>8} {'live':>6} {'hits':>6} {'failed':>6} {'upstream':>8} {'wall s':>7} {'req/s':>8}\n"
+    )
+    for r in results:
+        rate = n / r.wall_s if r.wall_s else 0.0
+        out.write(
+            f"{r.name:<14} {n:>8} {r.live:>6} {r.hits:>6} {r.failures:>6} {r.upstream_requests:>8} {r.wall_s:>7.2f} {rate:>8.0f}\n"
+        )
+    out.flush()

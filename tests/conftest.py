@@ -1,0 +1,74 @@
+"""Shared fixtures: the project's mock server on 127.0.0.1 and backends pointed at it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from minima_llm import BatchConfig, MinimaLlmConfig, MinimaLlmRequest, OpenAIMinimaLlm
+from minima_llm.testing import MockConfig, MockServer
+
+# Fast retry settings so fault tests take milliseconds, not the production seconds.
+FAST = {
+    "base_backoff_s": 0.01,
+    "max_backoff_s": 0.05,
+    "cooldown_floor_s": 0.0,
+    "cooldown_cap_s": 0.05,
+    "cooldown_halflife_s": 1.0,
+    "timeout_s": 5.0,
+    "rpm": 0,
+}
+
+
+@pytest.fixture
+async def mock() -> AsyncIterator[MockServer]:
+    """A fresh mock server for one test."""
+    async with MockServer(MockConfig()) as server:
+        yield server
+
+
+@pytest.fixture(params=["aiohttp", "stdlib"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """Every backend test runs over both transports."""
+    return str(request.param)
+
+
+BackendFactory = Callable[..., OpenAIMinimaLlm]
+
+
+@pytest.fixture
+async def make_backend(
+    mock: MockServer, transport: str, tmp_path: Path
+) -> AsyncIterator[BackendFactory]:
+    """Build backends against the mock with fast retries; closes them after the test."""
+    made: list[OpenAIMinimaLlm] = []
+
+    def factory(**overrides: Any) -> OpenAIMinimaLlm:
+        fields: dict[str, Any] = {
+            "base_url": mock.url,
+            "model": "mock-model",
+            "cache_dir": str(tmp_path / "cache"),
+            "transport": transport,
+            "batch": BatchConfig(num_workers=16, heartbeat_s=0, stall_s=0),
+            **FAST,
+        }
+        fields.update(overrides)
+        backend = OpenAIMinimaLlm(MinimaLlmConfig(**fields))
+        made.append(backend)
+        return backend
+
+    yield factory
+    for backend in made:
+        await backend.aclose()
+
+
+def req(i: int | str = 0, text: str | None = None, **kwargs: Any) -> MinimaLlmRequest:
+    """A one-message request."""
+    return MinimaLlmRequest(
+        request_id=f"r{i}",
+        messages=[{"role": "user", "content": text if text is not None else f"question {i}"}],
+        **kwargs,
+    )

@@ -1,0 +1,295 @@
+"""The backend against the real mock server over HTTP, on both transports."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BackendFactory, req
+from minima_llm import (
+    MinimaLlmFailure,
+    MinimaLlmResponse,
+    reset_force_refresh,
+    set_force_refresh,
+)
+from minima_llm.testing import MockServer
+
+
+async def test_generate_then_cache_hit(make_backend: BackendFactory, mock: MockServer) -> None:
+    backend = make_backend()
+    first = await backend.generate(req(1))
+    assert isinstance(first, MinimaLlmResponse)
+    assert first.text == "mock reply: question 1"
+    assert not first.cached and first.cache_source is None
+    assert first.usage.prompt_tokens > 0 and first.usage.completion_tokens == 4
+    assert first.raw is not None and first.raw["object"] == "chat.completion"
+
+    second = await backend.generate(req(1))
+    assert isinstance(second, MinimaLlmResponse)
+    assert second.cached and second.cache_source == "primary"
+    assert second.text == first.text
+    assert second.usage == first.usage  # the original call's usage, not zero
+    assert mock.stats()["requests"] == 1
+    snap = backend.snapshot()
+    assert snap.live_calls == 1 and snap.hits == 1
+    assert snap.tokens_in == first.usage.prompt_tokens  # spent once
+    assert snap.tokens_saved_in == first.usage.prompt_tokens  # saved once, not spent
+
+
+async def test_result_is_committed_before_it_is_returned(
+    make_backend: BackendFactory, tmp_path: Path
+) -> None:
+    backend = make_backend()
+    result = await backend.generate(req(7))
+    key, _ = backend.key_for(req(7))
+    with sqlite3.connect(tmp_path / "cache" / "minima_llm.db") as conn:
+        row = conn.execute("SELECT response_text, model FROM cache WHERE key=?", (key,)).fetchone()
+    assert row == (result.text, "mock-model")  # type: ignore[union-attr]
+
+
+async def test_429_with_headers_then_recovery(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    headers = {
+        "retry-after": "0.02",
+        "x-ratelimit-limit-requests": "60000",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "20ms",
+    }
+    mock.fail_next(2, status=429, headers=headers)
+    backend = make_backend()
+    started = time.monotonic()
+    result = await backend.generate(req(1))
+    assert isinstance(result, MinimaLlmResponse)
+    assert time.monotonic() - started >= 0.04  # waited out retry-after twice
+    snap = backend.snapshot()
+    assert snap.rate_limited == 2 and snap.retries == 2
+    assert backend.upstream.pacer.server_rpm == 60000  # learned from the 429's headers
+    assert mock.stats()["requests"] == 3
+
+
+async def test_503_storm_exhausts_attempts_then_next_request_succeeds(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    mock.fail_next(3, status=503, body={"error": {"message": "overloaded"}})
+    backend = make_backend(max_attempts=3)
+    failure = await backend.generate(req(1))
+    assert isinstance(failure, MinimaLlmFailure)
+    assert failure.error_type == "HTTPError" and failure.status == 503
+    assert failure.attempts == 3 and len(failure.attempt_timestamps) == 3
+    assert "overloaded" in (failure.body_snippet or "")
+    assert list(failure.attempt_timestamps) == sorted(failure.attempt_timestamps)
+    assert backend.upstream.cooldown.bumps == 3
+    ok = await backend.generate(req(2))
+    assert isinstance(ok, MinimaLlmResponse)
+    assert backend.snapshot().failures == 1
+
+
+async def test_timeout_is_retried_and_reported_as_408(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    backend = make_backend(timeout_s=0.2, max_attempts=2)
+    mock.fail_next(1, mode="timeout", sleep_s=2.0)
+    assert isinstance(await backend.generate(req(1)), MinimaLlmResponse)
+    mock.fail_next(2, mode="timeout", sleep_s=2.0)
+    failure = await backend.generate(req(2))
+    assert isinstance(failure, MinimaLlmFailure)
+    assert failure.error_type == "TimeoutError" and failure.status == 408
+    assert failure.timeout_s == 0.2 and failure.attempts == 2
+
+
+@pytest.mark.parametrize("mode", ["reset", "malformed"])
+async def test_broken_body_is_retried(
+    make_backend: BackendFactory, mock: MockServer, mode: str
+) -> None:
+    mock.fail_next(1, mode=mode)
+    backend = make_backend()
+    result = await backend.generate(req(1))
+    assert isinstance(result, MinimaLlmResponse) and result.text == "mock reply: question 1"
+    assert backend.snapshot().retries == 1
+
+
+async def test_malformed_body_on_last_attempt_is_a_failure(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    mock.fail_next(1, mode="malformed")
+    failure = await make_backend(max_attempts=1).generate(req(1))
+    assert isinstance(failure, MinimaLlmFailure) and failure.error_type == "MalformedResponse"
+
+
+async def test_reset_on_last_attempt_is_a_failure(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    mock.fail_next(1, mode="reset")
+    failure = await make_backend(max_attempts=1).generate(req(1))
+    assert isinstance(failure, MinimaLlmFailure)
+    assert failure.error_type in ("ConnectionResetError", "ConnectionError")
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 422])
+async def test_client_errors_fail_at_once(
+    make_backend: BackendFactory, mock: MockServer, status: int
+) -> None:
+    mock.fail_next(1, status=status, body={"error": {"message": "bad request"}})
+    failure = await make_backend(max_attempts=5).generate(req(1))
+    assert isinstance(failure, MinimaLlmFailure)
+    assert failure.status == status and failure.attempts == 1
+    assert mock.stats()["requests"] == 1
+
+
+async def test_connection_refused_is_a_bounded_failure(transport: str, tmp_path: Path) -> None:
+    from minima_llm import MinimaLlmConfig, OpenAIMinimaLlm
+
+    cfg = MinimaLlmConfig(
+        base_url="http://127.0.0.1:9",
+        model="m",
+        transport=transport,
+        rpm=0,
+        max_attempts=3,
+        base_backoff_s=0.01,
+        max_backoff_s=0.02,
+    )
+    backend = OpenAIMinimaLlm(cfg)
+    try:
+        failure = await asyncio.wait_for(backend.generate(req(1)), 10)
+    finally:
+        await backend.aclose()
+    assert isinstance(failure, MinimaLlmFailure)
+    assert failure.error_type == "ConnectionError" and failure.attempts == 3
+
+
+async def test_identical_requests_in_flight_share_one_call(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    mock.update_config(latency_s=0.1)
+    backend = make_backend()
+    same = [req(i, text="the same question") for i in range(20)]
+    results = await asyncio.gather(*(backend.generate(r) for r in same))
+    assert mock.stats()["requests"] == 1
+    assert [r.request_id for r in results] == [f"r{i}" for i in range(20)]
+    assert {r.text for r in results} == {"mock reply: the same question"}  # type: ignore[union-attr]
+    assert backend.snapshot().coalesced == 19
+
+
+async def test_force_refresh_by_config_call_and_context(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    backend = make_backend()
+    await backend.generate(req(1))
+    assert (await backend.generate(req(1))).cached  # type: ignore[union-attr]
+
+    fresh = await backend.generate(req(1), force_refresh=True)
+    assert isinstance(fresh, MinimaLlmResponse) and not fresh.cached
+
+    token = set_force_refresh(True)
+    try:
+        assert not (await backend.generate(req(1))).cached  # type: ignore[union-attr]
+    finally:
+        reset_force_refresh(token)
+    assert (await backend.generate(req(1))).cached  # type: ignore[union-attr]
+
+    refreshing = make_backend(force_refresh=True)
+    assert not (await refreshing.generate(req(1))).cached  # type: ignore[union-attr]
+    assert mock.stats()["requests"] == 4
+
+
+async def test_run_batched_keeps_input_order_and_failures_in_place(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    mock.fail_next(1, status=400)
+    backend = make_backend(max_attempts=1)
+    requests = [req(i) for i in range(50)]
+    results = await backend.run_batched(requests)
+    assert [r.request_id for r in results] == [r.request_id for r in requests]
+    failures = [r for r in results if isinstance(r, MinimaLlmFailure)]
+    assert len(failures) == 1
+    texts = [r.text for r in results if isinstance(r, MinimaLlmResponse)]
+    assert all(t.startswith("mock reply: question ") for t in texts) and len(texts) == 49
+    again = await backend.run_batched(requests)
+    assert sum(isinstance(r, MinimaLlmResponse) and r.cached for r in again) == 49
+
+
+async def test_max_outstanding_bounds_concurrency(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    mock.update_config(latency_s=0.05)
+    backend = make_backend(max_outstanding=4)
+    await asyncio.gather(*(backend.generate(req(i)) for i in range(20)))
+    assert mock.stats()["peak_concurrency"] <= 4
+    assert mock.stats()["requests"] == 20
+
+
+async def test_learns_the_server_rate_limit_without_bouncing(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    mock.update_config(rpm=1200)  # 20/s, one second of burst
+    backend = make_backend(max_outstanding=32)
+    started = time.monotonic()
+    results = await asyncio.gather(*(backend.generate(req(i)) for i in range(40)))
+    elapsed = time.monotonic() - started
+    assert all(isinstance(r, MinimaLlmResponse) for r in results)
+    assert mock.stats()["rate_limited"] <= 1
+    assert backend.upstream.pacer.server_rpm == 1200
+    assert 0.8 <= elapsed <= 2.5  # 20 from the burst, then 20 at 20/s
+
+
+async def test_gzip_request_bodies(make_backend: BackendFactory) -> None:
+    result = await make_backend(compress_gzip=True).generate(req(1, text="squeeze me"))
+    assert isinstance(result, MinimaLlmResponse) and result.text == "mock reply: squeeze me"
+
+
+async def test_extra_parameters_reach_the_upstream_and_the_key(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    backend = make_backend()
+    short = await backend.generate(req(1, text="one two three four five", max_tokens=2))
+    assert isinstance(short, MinimaLlmResponse) and short.text == "mock reply:"
+    plain = await backend.generate(req(1, text="one two three four five"))
+    assert not plain.cached  # type: ignore[union-attr]
+    with_extra = await backend.generate(
+        req(1, text="one two three four five", extra={"top_p": 0.5})
+    )
+    assert not with_extra.cached  # type: ignore[union-attr]
+    assert mock.stats()["requests"] == 3
+
+
+async def test_per_request_model(make_backend: BackendFactory) -> None:
+    result = await make_backend().generate(req(1, model="other-model"))
+    assert isinstance(result, MinimaLlmResponse) and result.model == "other-model"
+    assert result.raw is not None and result.raw["model"] == "other-model"
+
+
+def test_one_backend_across_several_asyncio_runs(transport: str, tmp_path: Path) -> None:
+    from minima_llm import MinimaLlmConfig, OpenAIMinimaLlm
+    from minima_llm.testing import MockConfig, run_mock_server_in_thread
+
+    with run_mock_server_in_thread(MockConfig()) as server:
+        cfg = MinimaLlmConfig(
+            base_url=server.url, model="m", cache_dir=str(tmp_path), rpm=0, transport=transport
+        )
+        backend = OpenAIMinimaLlm(cfg)
+        first = asyncio.run(backend.generate(req(1)))
+        second = asyncio.run(backend.generate(req(2)))
+        replay = asyncio.run(backend.generate(req(1)))
+        asyncio.run(backend.aclose())
+    assert isinstance(first, MinimaLlmResponse) and isinstance(second, MinimaLlmResponse)
+    assert isinstance(replay, MinimaLlmResponse) and replay.cached
+
+
+async def test_without_cache_dir_nothing_is_cached(mock: MockServer, transport: str) -> None:
+    from minima_llm import MinimaLlmConfig, OpenAIMinimaLlm
+
+    backend = OpenAIMinimaLlm(
+        MinimaLlmConfig(base_url=mock.url, model="m", rpm=0, transport=transport)
+    )
+    try:
+        await backend.generate(req(1))
+        again = await backend.generate(req(1))
+    finally:
+        await backend.aclose()
+    assert not again.cached  # type: ignore[union-attr]
+    assert mock.stats()["requests"] == 2

@@ -1,0 +1,227 @@
+"""run_batched_callable: order, failures, abort, progress, stalls, cache-hit counting."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+
+import pytest
+
+from minima_llm import (
+    BatchConfig,
+    MinimaLlmFailure,
+    MinimaLlmResponse,
+    run_batched_callable,
+    set_last_cached,
+)
+
+QUIET = {"heartbeat_s": 0.0, "stall_s": 0.0}
+
+
+def _fail(i: int) -> MinimaLlmFailure:
+    return MinimaLlmFailure(
+        request_id=f"item{i}",
+        error_type="HTTPError",
+        message="HTTP 500",
+        attempts=3,
+        status=500,
+        timeout_s=60.0,
+        attempt_timestamps=(1.0, 2.2, 4.5),
+    )
+
+
+async def test_results_in_input_order_despite_completion_order() -> None:
+    async def fn(i: int) -> int:
+        await asyncio.sleep((10 - i) * 0.002)
+        return i * i
+
+    out = await run_batched_callable(
+        range(10), fn, BatchConfig(num_workers=10, **QUIET), progress=False
+    )
+    assert out == [i * i for i in range(10)]
+
+
+async def test_workers_bound_concurrency() -> None:
+    running = peak = 0
+
+    async def fn(i: int) -> int:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.001)
+        running -= 1
+        return i
+
+    await run_batched_callable(range(50), fn, BatchConfig(num_workers=3, **QUIET), progress=False)
+    assert peak == 3
+
+
+async def test_exception_becomes_failure_in_its_slot() -> None:
+    async def fn(i: int) -> int:
+        if i == 2:
+            raise ValueError("bad item")
+        return i
+
+    out = await run_batched_callable(range(4), fn, BatchConfig(**QUIET), progress=False)
+    assert out[:2] == [0, 1] and out[3] == 3
+    failure = out[2]
+    assert isinstance(failure, MinimaLlmFailure)
+    assert (
+        failure.error_type == "ValueError"
+        and failure.message == "bad item"
+        and failure.request_id == "item-2"
+    )
+
+
+async def test_first_failures_printed_in_full() -> None:
+    async def fn(i: int) -> object:
+        return _fail(i) if i % 2 else i
+
+    stream = io.StringIO()
+    await run_batched_callable(
+        range(10),
+        fn,
+        BatchConfig(print_first_failures=2, max_failures=None, **QUIET),
+        progress=stream,
+    )
+    text = stream.getvalue()
+    assert (
+        "Failure 1: item1\n    HTTPError: status=500\n    attempts=3, timeout=60.0s [+0.0s, +1.2s, +3.5s]"
+        in text
+    )
+    assert "Failure 2: item3" in text
+    assert "Failure 3:" not in text
+    assert "failures 5" in text  # the summary counts them all
+
+
+async def test_abort_after_max_failures_lists_recent_ones() -> None:
+    calls = 0
+
+    async def fn(i: int) -> object:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0)
+        return _fail(i)
+
+    with pytest.raises(RuntimeError) as info:
+        await run_batched_callable(
+            range(1000),
+            fn,
+            BatchConfig(num_workers=4, max_failures=5, keep_failure_summaries=3, **QUIET),
+            progress=False,
+        )
+    message = str(info.value)
+    assert message.startswith("Aborting batch: 6 failures (max_failures=5)")
+    assert message.count("HTTPError status=500") == 3  # only the last keep_failure_summaries
+    assert calls < 50  # stopped early, not after all 1000
+
+
+async def test_max_failures_zero_aborts_on_first_and_none_never() -> None:
+    async def fn(i: int) -> object:
+        return _fail(i)
+
+    with pytest.raises(RuntimeError, match="Aborting batch: 1 failures"):
+        await run_batched_callable(
+            range(5), fn, BatchConfig(max_failures=0, **QUIET), progress=False
+        )
+    out = await run_batched_callable(
+        range(50), fn, BatchConfig(max_failures=None, **QUIET), progress=False
+    )
+    assert all(isinstance(r, MinimaLlmFailure) for r in out)
+
+
+async def test_mutating_batch_config_like_the_reference_does() -> None:
+    batch = BatchConfig(**QUIET)
+    batch.max_failures = 1
+
+    async def fn(i: int) -> object:
+        return _fail(i)
+
+    with pytest.raises(RuntimeError, match="max_failures=1"):
+        await run_batched_callable(range(5), fn, batch, progress=False)
+
+
+async def test_heartbeat_reports_progress_and_cache_hits_to_a_logger(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def fn(i: int) -> object:
+        await asyncio.sleep(0.01)
+        if i % 2:
+            set_last_cached(True)  # how an adapter reports a hit it unwrapped
+            return i
+        return MinimaLlmResponse(request_id=str(i), text="t", cached=False)
+
+    logger = logging.getLogger("test.batch")
+    with caplog.at_level(logging.INFO, logger="test.batch"):
+        await run_batched_callable(
+            range(40), fn, BatchConfig(num_workers=4, heartbeat_s=0.03, stall_s=0), progress=logger
+        )
+    lines = [r.getMessage() for r in caplog.records]
+    beats = [line for line in lines if line.startswith("[batch]") and "/40 (" in line]
+    assert beats, lines
+    assert "ETA" in beats[0] and "/s" in beats[0]
+    final = lines[-1]
+    assert final.startswith("[batch] finished 40") and "cache hits 20, live 20" in final
+
+
+async def test_stall_warning() -> None:
+    async def fn(i: int) -> int:
+        await asyncio.sleep(0.25 if i == 0 else 0)
+        return i
+
+    stream = io.StringIO()
+    await run_batched_callable(
+        range(3), fn, BatchConfig(num_workers=1, heartbeat_s=0, stall_s=0.1), progress=stream
+    )
+    assert "[batch] stalled: no result for" in stream.getvalue()
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_terminal_gets_one_live_line() -> None:
+    async def fn(i: int) -> int:
+        await asyncio.sleep(0.01)
+        return i
+
+    tty = _Tty()
+    await run_batched_callable(
+        range(20), fn, BatchConfig(num_workers=2, heartbeat_s=0.02, stall_s=0), progress=tty
+    )
+    text = tty.getvalue()
+    assert "\r\x1b[2K[batch]" in text
+    assert text.count("\n") == 1  # status lines redraw in place; only the summary ends a line
+
+
+async def test_empty_input() -> None:
+    async def fn(i: int) -> int:
+        return i
+
+    assert await run_batched_callable([], fn, BatchConfig(**QUIET), progress=False) == []
+
+
+async def test_cancelling_the_batch_cancels_its_workers() -> None:
+    started = asyncio.Event()
+    cancelled = 0
+
+    async def fn(i: int) -> int:
+        nonlocal cancelled
+        started.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled += 1
+            raise
+        return i
+
+    task = asyncio.ensure_future(
+        run_batched_callable(range(8), fn, BatchConfig(num_workers=4, **QUIET), progress=False)
+    )
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cancelled == 4
