@@ -1,0 +1,48 @@
+"""The ``minima-llm`` command: the demo end to end, and argument errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from minima_llm.cli import main
+
+
+def test_demo_runs_cold_then_replays_from_cache(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "minima_llm.cli",
+            "demo",
+            "--requests",
+            "300",
+            "--cache-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {
+        line.split()[0] + " " + line.split()[1]: line.split()
+        for line in proc.stdout.splitlines()
+        if line.startswith(("cold run", "cached replay"))
+    }
+    cold, warm = rows["cold run"], rows["cached replay"]
+    # columns: pass(2 words) requests live hits failed upstream wall req/s
+    assert cold[2:6] == ["300", "300", "0", "0"]
+    assert int(cold[6]) >= 300  # injected 500s were retried
+    assert warm[2:7] == ["300", "0", "300", "0", "0"]  # replay: zero upstream calls
+    assert (tmp_path / "minima_llm.db").exists()
+
+
+def test_bad_arguments_exit_with_usage(capsys: object) -> None:
+    try:
+        main(["demo", "--transport", "curl"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    else:
+        raise AssertionError("argparse should have rejected --transport curl")

@@ -1,0 +1,92 @@
+"""Both transports against the mock server: the same behaviour behind one protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from minima_llm.errors import ConfigError
+from minima_llm.http import StdlibTransport, Transport, TransportError, make_transport
+from minima_llm.testing import MockServer
+
+BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture
+async def client(transport: str) -> AsyncIterator[Transport]:
+    t = make_transport(transport, 8)
+    yield t
+    await t.aclose()
+
+
+async def test_post_returns_status_lowercase_headers_and_body(
+    client: Transport, mock: MockServer
+) -> None:
+    resp = await client.post(mock.url + "/chat/completions", BODY, JSON, 5.0)
+    assert resp.status == 200
+    assert resp.headers["content-type"].startswith("application/json")
+    assert json.loads(resp.body)["choices"][0]["message"]["content"] == "mock reply: hi"
+
+
+async def test_error_status_is_a_response_not_an_exception(
+    client: Transport, mock: MockServer
+) -> None:
+    mock.fail_next(1, status=503, headers={"Retry-After": "2"})
+    resp = await client.post(mock.url + "/chat/completions", BODY, JSON, 5.0)
+    assert resp.status == 503 and resp.headers["retry-after"] == "2"
+
+
+async def test_gzip_request_body_is_accepted(client: Transport, mock: MockServer) -> None:
+    headers = {**JSON, "Content-Encoding": "gzip"}
+    resp = await client.post(mock.url + "/chat/completions", gzip.compress(BODY), headers, 5.0)
+    assert resp.status == 200
+
+
+async def test_timeout_raises_transport_error(client: Transport, mock: MockServer) -> None:
+    mock.fail_next(1, mode="timeout", sleep_s=3.0)
+    with pytest.raises(TransportError) as info:
+        await client.post(mock.url + "/chat/completions", BODY, JSON, 0.2)
+    assert info.value.kind == "timeout"
+
+
+async def test_reset_mid_body_raises_transport_error(client: Transport, mock: MockServer) -> None:
+    mock.fail_next(1, mode="reset")
+    with pytest.raises(TransportError) as info:
+        await client.post(mock.url + "/chat/completions", BODY, JSON, 5.0)
+    assert info.value.kind in ("reset", "connect")
+
+
+async def test_refused_connection_raises_transport_error(client: Transport) -> None:
+    with pytest.raises(TransportError) as info:
+        await client.post("http://127.0.0.1:9/v1/chat/completions", BODY, JSON, 2.0)
+    assert info.value.kind == "connect"
+
+
+async def test_closed_transport_refuses(transport: str, mock: MockServer) -> None:
+    t = make_transport(transport, 2)
+    await t.aclose()
+    if isinstance(t, StdlibTransport):
+        with pytest.raises(TransportError):
+            await t.post(mock.url + "/chat/completions", BODY, JSON, 1.0)
+
+
+async def test_stdlib_keeps_connections_alive(mock: MockServer) -> None:
+    t = StdlibTransport(max_connections=4)
+    try:
+        for _ in range(3):
+            await asyncio.gather(
+                *(t.post(mock.url + "/chat/completions", BODY, JSON, 5.0) for _ in range(4))
+            )
+    finally:
+        await t.aclose()
+    assert t.opened <= 4  # 12 requests, at most one connection per worker thread
+
+
+def test_unknown_transport_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="transport"):
+        make_transport("curl", 1)
