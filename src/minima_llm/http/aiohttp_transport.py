@@ -68,14 +68,22 @@ class AiohttpTransport:
             async with session.post(url, data=body, headers=headers, timeout=timeout) as resp:
                 data = await resp.read()
                 return HttpResponse(resp.status, _lower(resp.headers), data)
-        except asyncio.TimeoutError as exc:
-            raise TransportError("timeout", f"timed out after {timeout_s}s") from exc
-        except aiohttp.ClientPayloadError as exc:
-            raise TransportError("reset", f"connection closed mid-body: {exc}") from exc
-        except aiohttp.ServerDisconnectedError as exc:
-            raise TransportError("reset", f"server disconnected: {exc}") from exc
-        except aiohttp.ClientError as exc:
-            raise TransportError("connect", f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            raise _translate(exc, timeout_s) from exc
+
+    async def open_stream(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
+    ) -> _AiohttpStream:
+        """POST and return at the headers; each later read waits at most ``timeout_s``."""
+        if self._closed:
+            raise TransportError("closed", "transport is closed")
+        session = await self._session()
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
+        try:
+            resp = await session.post(url, data=body, headers=headers, timeout=timeout)
+        except Exception as exc:
+            raise _translate(exc, timeout_s) from exc
+        return _AiohttpStream(resp, timeout_s)
 
     async def aclose(self) -> None:
         """Close the running loop's session."""
@@ -89,6 +97,51 @@ class AiohttpTransport:
 
     def __repr__(self) -> str:
         return f"<AiohttpTransport max_connections={self.max_connections}>"
+
+
+class _AiohttpStream:
+    """An aiohttp response read line by line."""
+
+    def __init__(self, resp: aiohttp.ClientResponse, timeout_s: float) -> None:
+        self._resp = resp
+        self._timeout_s = timeout_s
+        self.status = resp.status
+        self.headers = _lower(resp.headers)
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        """Body lines as they arrive."""
+        try:
+            async for line in self._resp.content:
+                yield line
+        except Exception as exc:
+            raise _translate(exc, self._timeout_s) from exc
+
+    async def read(self) -> bytes:
+        """The rest of the body."""
+        try:
+            return await self._resp.read()
+        except Exception as exc:
+            raise _translate(exc, self._timeout_s) from exc
+
+    async def aclose(self) -> None:
+        """Return the connection to the pool, or drop it if the body was cut short."""
+        if self._resp.content.at_eof():
+            self._resp.release()
+        else:
+            self._resp.close()
+
+
+def _translate(exc: Exception, timeout_s: float) -> Exception:
+    """aiohttp's exceptions as the transport's own; anything else is passed through."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return TransportError("timeout", f"timed out after {timeout_s}s")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return TransportError("reset", f"connection closed mid-body: {exc}")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return TransportError("reset", f"server disconnected: {exc}")
+    if isinstance(exc, aiohttp.ClientError):
+        return TransportError("connect", f"{type(exc).__name__}: {exc}")
+    return exc
 
 
 def _lower(headers: Any) -> dict[str, str]:

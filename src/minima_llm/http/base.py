@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import gzip
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import TransportError
 
-__all__ = ["HttpResponse", "Transport", "TransportError", "decode_body", "encode_body"]
+__all__ = [
+    "HttpResponse",
+    "StreamingResponse",
+    "Transport",
+    "TransportError",
+    "decode_body",
+    "encode_body",
+]
 
 
 @dataclass(frozen=True)
@@ -21,6 +28,32 @@ class HttpResponse:
     body: bytes
 
 
+class StreamingResponse(Protocol):
+    """A response whose body is read line by line as it arrives."""
+
+    @property
+    def status(self) -> int:
+        """The HTTP status."""
+        ...
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """Response headers with lower-case names."""
+        ...
+
+    def lines(self) -> AsyncIterator[bytes]:
+        """Body lines as they arrive; raises ``TransportError`` if the stream breaks."""
+        ...
+
+    async def read(self) -> bytes:
+        """The whole (remaining) body, for error responses."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the connection (closing it if the body was not read to the end)."""
+        ...
+
+
 class Transport(Protocol):
     """Sends requests; raises ``TransportError`` when no complete response arrives."""
 
@@ -28,6 +61,12 @@ class Transport(Protocol):
         self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
     ) -> HttpResponse:
         """POST ``body`` to ``url`` and read the whole response within ``timeout_s``."""
+        ...
+
+    async def open_stream(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
+    ) -> StreamingResponse:
+        """POST and return once headers arrive; ``timeout_s`` bounds each wait for data."""
         ...
 
     async def aclose(self) -> None:

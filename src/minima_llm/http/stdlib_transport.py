@@ -6,7 +6,7 @@ import asyncio
 import http.client
 import ssl
 import threading
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
@@ -52,47 +52,57 @@ class StdlibTransport:
         except asyncio.TimeoutError as exc:
             raise TransportError("timeout", f"no complete response within {timeout_s}s") from exc
 
-    def _send(
+    async def open_stream(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
+    ) -> _StdlibStream:
+        """POST from a worker thread and return at the headers; lines are read on threads too."""
+        if self._closed:
+            raise TransportError("closed", "transport is closed")
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(self._executor, self._start, url, body, dict(headers), timeout_s)
+        try:
+            origin, conn, resp = await asyncio.wait_for(job, timeout_s * 2 + 1.0)
+        except asyncio.TimeoutError as exc:
+            raise TransportError("timeout", f"no response headers within {timeout_s}s") from exc
+        return _StdlibStream(self, origin, conn, resp, timeout_s)
+
+    def _start(
         self, url: str, body: bytes, headers: dict[str, str], timeout_s: float
-    ) -> HttpResponse:
-        parts = urlsplit(url)
-        scheme = parts.scheme
-        host = parts.hostname or "localhost"
-        port = parts.port or (443 if scheme == "https" else 80)
-        path = parts.path + (f"?{parts.query}" if parts.query else "")
-        origin = (scheme, host, port)
-        headers.setdefault("Accept-Encoding", "gzip")
+    ) -> tuple[_Origin, http.client.HTTPConnection, http.client.HTTPResponse]:
+        origin, path = _split(url)
         for attempt in range(2):
             conn, reused = self._checkout(origin, timeout_s)
             try:
                 conn.request("POST", path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
+                return origin, conn, conn.getresponse()
             except _STALE as exc:
                 conn.close()
                 if reused and attempt == 0:
                     continue
                 raise TransportError("reset", f"connection closed by server: {exc!r}") from exc
-            except TimeoutError as exc:
+            except Exception as exc:
                 conn.close()
-                raise TransportError("timeout", f"timed out after {timeout_s}s") from exc
-            except http.client.IncompleteRead as exc:
-                conn.close()
-                raise TransportError(
-                    "reset", f"connection closed mid-body ({len(exc.partial)} bytes read)"
-                ) from exc
-            except (OSError, http.client.HTTPException) as exc:
-                conn.close()
-                raise TransportError("connect", f"{type(exc).__name__}: {exc}") from exc
-            resp_headers = {k.lower(): v for k, v in resp.getheaders()}
-            if resp.will_close:
-                conn.close()
-            else:
-                self._checkin(origin, conn)
-            return HttpResponse(
-                resp.status, resp_headers, decode_body(data, resp_headers.get("content-encoding"))
-            )
+                raise _translate(exc, timeout_s) from exc
         raise AssertionError("unreachable")
+
+    def _send(
+        self, url: str, body: bytes, headers: dict[str, str], timeout_s: float
+    ) -> HttpResponse:
+        headers.setdefault("Accept-Encoding", "gzip")
+        origin, conn, resp = self._start(url, body, headers, timeout_s)
+        try:
+            data = resp.read()
+        except Exception as exc:
+            conn.close()
+            raise _translate(exc, timeout_s) from exc
+        resp_headers = {k.lower(): v for k, v in resp.getheaders()}
+        if resp.will_close:
+            conn.close()
+        else:
+            self._checkin(origin, conn)
+        return HttpResponse(
+            resp.status, resp_headers, decode_body(data, resp_headers.get("content-encoding"))
+        )
 
     def _checkout(
         self, origin: _Origin, timeout_s: float
@@ -141,3 +151,80 @@ class StdlibTransport:
     def __repr__(self) -> str:
         idle = sum(len(v) for v in self._idle.values())
         return f"<StdlibTransport idle={idle} opened={self.opened} max={self.max_connections}>"
+
+
+class _StdlibStream:
+    """An ``http.client`` response read line by line from worker threads."""
+
+    def __init__(
+        self,
+        owner: StdlibTransport,
+        origin: _Origin,
+        conn: http.client.HTTPConnection,
+        resp: http.client.HTTPResponse,
+        timeout_s: float,
+    ) -> None:
+        self._owner = owner
+        self._origin = origin
+        self._conn = conn
+        self._resp = resp
+        self._timeout_s = timeout_s
+        self._eof = False
+        self.status = resp.status
+        self.headers = {k.lower(): v for k, v in resp.getheaders()}
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        """Body lines as they arrive."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                line = await loop.run_in_executor(self._owner._executor, self._resp.readline)
+            except Exception as exc:
+                raise _translate(exc, self._timeout_s) from exc
+            if not line:
+                self._eof = True
+                return
+            yield line
+
+    async def read(self) -> bytes:
+        """The rest of the body."""
+        loop = asyncio.get_running_loop()
+        try:
+            data = await loop.run_in_executor(self._owner._executor, self._resp.read)
+        except Exception as exc:
+            raise _translate(exc, self._timeout_s) from exc
+        self._eof = True
+        return decode_body(data, self.headers.get("content-encoding"))
+
+    async def aclose(self) -> None:
+        """Pool the connection if the body was read to the end, else close it."""
+        if self._eof and not self._resp.will_close:
+            self._owner._checkin(self._origin, self._conn)
+        else:
+            self._conn.close()
+
+
+def _split(url: str) -> tuple[_Origin, str]:
+    parts = urlsplit(url)
+    scheme = parts.scheme
+    host = parts.hostname or "localhost"
+    port = parts.port or (443 if scheme == "https" else 80)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    return (scheme, host, port), path
+
+
+def _translate(exc: BaseException, timeout_s: float) -> BaseException:
+    """``http.client`` and socket errors as the transport's own."""
+    if isinstance(exc, TransportError):
+        return exc
+    if isinstance(exc, TimeoutError):
+        return TransportError("timeout", f"timed out after {timeout_s}s")
+    if isinstance(exc, http.client.IncompleteRead):
+        return TransportError(
+            "reset", f"connection closed mid-body ({len(exc.partial)} bytes read)"
+        )
+    if isinstance(exc, _STALE):
+        return TransportError("reset", f"connection closed by server: {exc!r}")
+    if isinstance(exc, (OSError, http.client.HTTPException)):
+        return TransportError("connect", f"{type(exc).__name__}: {exc}")
+    return exc
