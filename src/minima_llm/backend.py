@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import logging
 import random
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from typing import Any
 
-from .cache import CacheHit, PromptCache, cache_key
+from .cache import CacheHit, CacheRow, PromptCache, cache_key
 from .clock import SYSTEM_CLOCK, Clock
 from .config import MinimaLlmConfig
 from .context import get_force_refresh, set_last_cached
+from .errors import MinimaLlmError
+from .flight import Broadcast
 from .http import Transport, make_transport
 from .loopbound import LoopBound
 from .stats import LiveStats, StatsSnapshot
+from .streaming import ChunkAssembler, replay_chunks
 from .types import MinimaLlmFailure, MinimaLlmRequest, MinimaLlmResponse, MinimaLlmResult, Usage
-from .upstream import Completion, UpstreamCaller
+from .upstream import Completion, StreamInterrupted, UpstreamCaller, UpstreamStream
+
+log = logging.getLogger("minima_llm")
+CHAT = "chat/completions"
 
 # Keys computed while a batch prefetched its cache rows, by request identity, so
 # each request's canonical JSON is built once per batch, not twice.
@@ -25,8 +35,49 @@ _batch_keys: ContextVar[dict[int, tuple[str, str]] | None] = ContextVar(
 )
 
 
+class StreamError(MinimaLlmError):
+    """A stream could not be opened; ``failure`` says why."""
+
+    def __init__(self, failure: MinimaLlmFailure) -> None:
+        super().__init__(f"{failure.error_type}: {failure.message}")
+        self.failure = failure
+
+
+@dataclass
+class ChunkStream:
+    """Chunks of one streamed answer: live, joined to an identical live one, or replayed from cache."""
+
+    request_id: str
+    chunks: AsyncIterator[dict[str, Any]]
+    cached: bool = False
+    cache_source: str | None = None
+    coalesced: bool = False
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        return self.chunks
+
+    async def aclose(self) -> None:
+        """Stop reading; a live upstream stream nobody else follows is cancelled."""
+        closer = getattr(self.chunks, "aclose", None)
+        if closer is not None:
+            await closer()
+
+
+@dataclass(frozen=True)
+class _Call:
+    """Everything about one request the backend needs besides its payload."""
+
+    request: MinimaLlmRequest
+    endpoint: str
+    model: str
+    key: str
+    canonical: str
+    store: bool
+    key_extra: Mapping[str, Any] | None = None
+
+
 class OpenAIMinimaLlm:
-    """Async client for an OpenAI-compatible chat completions endpoint."""
+    """Async client for an OpenAI-compatible endpoint."""
 
     def __init__(
         self,
@@ -46,7 +97,7 @@ class OpenAIMinimaLlm:
         self.upstream = UpstreamCaller(config, self.transport, clock, self.stats, rng)
         self._clock = clock
         self._inflight: LoopBound[dict[str, asyncio.Future[MinimaLlmResult]]] = LoopBound(dict)
-        self._url = config.chat_completions_url
+        self._streams: LoopBound[dict[str, Broadcast]] = LoopBound(dict)
 
     @property
     def config(self) -> MinimaLlmConfig:
@@ -58,49 +109,89 @@ class OpenAIMinimaLlm:
         """A backend configured from environment variables."""
         return cls(MinimaLlmConfig.from_env())
 
-    def key_for(self, request: MinimaLlmRequest) -> tuple[str, str]:
-        """``(key, canonical)`` of a request under the model it will be sent to."""
+    def key_for(
+        self, request: MinimaLlmRequest, key_extra: Mapping[str, Any] | None = None
+    ) -> tuple[str, str]:
+        """``(key, canonical)`` of a request under the model it will be sent to.
+
+        ``key_extra`` joins ``extra`` in the key only (never sent upstream): the
+        gateway uses it to keep endpoints and tenants apart.
+        """
         model = request.model or self.cfg.model
-        return cache_key(
-            model, request.messages, request.temperature, request.max_tokens, request.extra
-        )
+        extra = {**(request.extra or {}), **key_extra} if key_extra else request.extra
+        return cache_key(model, request.messages, request.temperature, request.max_tokens, extra)
 
     def snapshot(self) -> StatsSnapshot:
         """The live statistics."""
         return self.stats.snapshot()
 
+    def _prepare(
+        self,
+        request: MinimaLlmRequest,
+        endpoint: str,
+        key_extra: Mapping[str, Any] | None,
+        store: bool,
+    ) -> _Call:
+        keys = _batch_keys.get()
+        known = keys.get(id(request)) if keys and not key_extra else None
+        key, canonical = known or self.key_for(request, key_extra)
+        model = request.model or self.cfg.model
+        return _Call(request, endpoint, model, key, canonical, store, key_extra)
+
+    def _refresh(self, force_refresh: bool) -> bool:
+        return force_refresh or self.cfg.force_refresh or get_force_refresh()
+
     async def generate(
         self, request: MinimaLlmRequest, force_refresh: bool = False
     ) -> MinimaLlmResult:
-        """Answer from the cache or the upstream; upstream trouble comes back as a failure."""
+        """Answer a chat request from the cache or the upstream; upstream trouble comes back as a failure."""
+        return await self.call(request, force_refresh=force_refresh)
+
+    async def call(
+        self,
+        request: MinimaLlmRequest,
+        *,
+        endpoint: str = CHAT,
+        force_refresh: bool = False,
+        store: bool = True,
+        key_extra: Mapping[str, Any] | None = None,
+    ) -> MinimaLlmResult:
+        """``generate`` for any endpoint (``chat/completions``, ``completions``, ``embeddings``)."""
         self.stats.requests += 1
         started = self._clock.monotonic()
-        model = request.model or self.cfg.model
-        keys = _batch_keys.get()
-        key, canonical = (keys.get(id(request)) if keys else None) or self.key_for(request)
-        refresh = force_refresh or self.cfg.force_refresh or get_force_refresh()
-        if self.cache.enabled and not refresh:
-            hit = await self._find(key, model, request)
-            if hit is not None:
-                self.cache.note(key, canonical, hit.source)
-                set_last_cached(True)
-                return self._from_hit(request, hit, started)
-        self.cache.note(key, canonical, "refresh" if refresh else "miss")
-        set_last_cached(False)
-        return await self._coalesced(request, key, canonical, model, started)
+        call = self._prepare(request, endpoint, key_extra, store)
+        refresh = self._refresh(force_refresh)
+        hit = await self._lookup(call, refresh)
+        if hit is not None:
+            return self._from_hit(request, hit, started)
+        return await self._coalesced(call, started)
 
-    async def _find(self, key: str, model: str, request: MinimaLlmRequest) -> CacheHit | None:
+    async def _lookup(self, call: _Call, refresh: bool) -> CacheHit | None:
+        """A cache hit (noted in the trace and the context variable), or None."""
+        hit = None
+        if self.cache.enabled and not refresh:
+            hit = await self._find(call)
+        source = hit.source if hit else ("refresh" if refresh else "miss")
+        self.cache.note(call.key, call.canonical, source)
+        set_last_cached(hit is not None)
+        return hit
+
+    async def _find(self, call: _Call) -> CacheHit | None:
+        request = call.request
+
         def rekey(other: str) -> tuple[str, str]:
-            return cache_key(
-                other, request.messages, request.temperature, request.max_tokens, request.extra
+            return (
+                self.key_for(replace(request, model=other))
+                if other != call.model
+                else (call.key, call.canonical)
             )
 
         try:
-            return await self.cache.find(key, model, rekey)
+            return await self.cache.find(call.key, call.model, rekey)
         except Exception as exc:
             # A broken cache must not stop the work: log it, count it, ask the upstream.
             self.stats.cache_errors += 1
-            _log_cache_error("read", exc)
+            log.error("cache read failed, asking the upstream: %s", exc)
             return None
 
     def _from_hit(
@@ -120,60 +211,136 @@ class OpenAIMinimaLlm:
             model=row.model,
         )
 
-    async def _coalesced(
-        self, request: MinimaLlmRequest, key: str, canonical: str, model: str, started: float
-    ) -> MinimaLlmResult:
+    async def _coalesced(self, call: _Call, started: float) -> MinimaLlmResult:
         inflight = self._inflight.get()
-        shared = inflight.get(key)
+        shared = inflight.get(call.key)
         if shared is not None:
             # An identical request is already on the wire: share its answer.
             self.stats.coalesced += 1
-            result = await asyncio.shield(shared)
-            return _for_request(result, request.request_id)
+            return _for_request(await asyncio.shield(shared), call.request.request_id)
         fut: asyncio.Future[MinimaLlmResult] = asyncio.get_running_loop().create_future()
-        inflight[key] = fut
+        inflight[call.key] = fut
         try:
-            result = await self._live(request, key, canonical, model, started)
+            result = await self._live(call, started)
         except BaseException as exc:
-            if not fut.done():
-                fut.set_exception(exc)
-                fut.exception()  # mark retrieved: joiners re-raise it, nobody else must
+            fut.set_exception(exc)
+            fut.exception()  # retrieved here: only joiners should re-raise it
             raise
         finally:
-            inflight.pop(key, None)
+            inflight.pop(call.key, None)
         fut.set_result(result)
         return result
 
-    async def _live(
-        self, request: MinimaLlmRequest, key: str, canonical: str, model: str, started: float
-    ) -> MinimaLlmResult:
-        outcome = await self.upstream.complete(
-            request.request_id, self._url, _payload(request, model)
-        )
+    async def _live(self, call: _Call, started: float) -> MinimaLlmResult:
+        url = f"{self.cfg.base_url}/{call.endpoint}"
+        payload = _payload(call.request, call.model, call.endpoint)
+        outcome = await self.upstream.complete(call.request.request_id, url, payload, call.endpoint)
         if isinstance(outcome, MinimaLlmFailure):
             return outcome
-        await self._store(key, canonical, model, outcome)
+        await self._store(call, outcome.text, outcome.body_text)
         latency = self._clock.monotonic() - started
         usage = Usage.from_body(outcome.body)
         self.stats.live(usage, latency)
-        return MinimaLlmResponse(
-            request_id=request.request_id,
-            text=outcome.text,
-            cached=False,
-            raw_text=outcome.body_text,
-            usage=usage,
-            latency_s=latency,
-            cache_source=None,
-            model=model,
-        )
+        return _response(call, outcome, usage, latency)
 
-    async def _store(self, key: str, canonical: str, model: str, outcome: Completion) -> None:
+    async def _store(self, call: _Call, text: str, raw: str) -> None:
+        if not call.store:
+            return
         try:
-            await self.cache.store(key, canonical, model, outcome.text, outcome.body_text)
+            await self.cache.store(call.key, call.canonical, call.model, text, raw)
         except Exception as exc:
             # The answer arrived and the caller gets it; losing it to a cache fault would be worse.
             self.stats.cache_errors += 1
-            _log_cache_error("write", exc)
+            log.error("cache write failed, answer returned uncached: %s", exc)
+
+    async def open_stream(
+        self,
+        request: MinimaLlmRequest,
+        *,
+        endpoint: str = CHAT,
+        force_refresh: bool = False,
+        store: bool = True,
+        key_extra: Mapping[str, Any] | None = None,
+    ) -> ChunkStream | MinimaLlmFailure:
+        """Start a streamed answer: from the cache, joined to an identical live stream, or live.
+
+        Retries happen before the first byte; a failure to open comes back as a
+        ``MinimaLlmFailure``. A stream that completes is cached whole; one cut off
+        raises ``StreamInterrupted`` to its readers and is not cached.
+        """
+        self.stats.requests += 1
+        started = self._clock.monotonic()
+        call = self._prepare(request, endpoint, key_extra, store)
+        hit = await self._lookup(call, self._refresh(force_refresh))
+        if hit is not None:
+            self._from_hit(request, hit, started)
+            chunks = _replay(hit.row, _kind(endpoint))
+            return ChunkStream(request.request_id, chunks, cached=True, cache_source=hit.source)
+        streams = self._streams.get()
+        flight = streams.get(call.key)
+        coalesced = flight is not None
+        if flight is None:
+            flight = streams[call.key] = Broadcast()
+            await self._launch(flight, call, started)
+        else:
+            self.stats.coalesced += 1
+        await flight.started()
+        if flight.done and not flight.chunks and isinstance(flight.error, StreamError):
+            return replace(flight.error.failure, request_id=request.request_id)
+        return ChunkStream(request.request_id, flight.follow(), coalesced=coalesced)
+
+    async def _launch(self, flight: Broadcast, call: _Call, started: float) -> None:
+        url = f"{self.cfg.base_url}/{call.endpoint}"
+        payload = _payload(call.request, call.model, call.endpoint)
+        payload["stream"] = True
+        payload["stream_options"] = {"include_usage": True}
+        try:
+            opened = await self.upstream.open_stream(call.request.request_id, url, payload)
+        except BaseException as exc:
+            self._streams.get().pop(call.key, None)
+            flight.finish(exc)
+            raise
+        if isinstance(opened, MinimaLlmFailure):
+            self._streams.get().pop(call.key, None)
+            flight.finish(StreamError(opened))
+            return
+        flight.producer = asyncio.ensure_future(self._produce(flight, opened, call, started))
+
+    async def _produce(
+        self, flight: Broadcast, upstream: UpstreamStream, call: _Call, started: float
+    ) -> None:
+        assembler = ChunkAssembler(_kind(call.endpoint))
+        streams = self._streams.get()
+        try:
+            async for chunk in upstream.events():
+                assembler.add(chunk)
+                flight.publish(chunk)
+            completion = assembler.completion()
+            await self._store(call, assembler.text(0), json.dumps(completion))
+            self.stats.live(Usage.from_body(completion), self._clock.monotonic() - started)
+            flight.finish()
+        except StreamInterrupted as exc:
+            self.stats.failures += 1
+            log.warning("%s: stream interrupted, not cached: %s", call.request.request_id, exc)
+            flight.finish(exc)
+        except asyncio.CancelledError:
+            flight.finish(StreamInterrupted("stream cancelled: every reader left"))
+            raise
+        finally:
+            if streams.get(call.key) is flight:
+                del streams[call.key]
+            await upstream.aclose()
+
+    async def stream(
+        self, request: MinimaLlmRequest, force_refresh: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Chat completion chunks as they arrive; raises ``StreamError`` if the stream cannot open."""
+        opened = await self.open_stream(request, force_refresh=force_refresh)
+        if isinstance(opened, MinimaLlmFailure):
+            raise StreamError(opened)
+        async with contextlib.aclosing(opened):
+            async for chunk in opened:
+                yield chunk
 
     async def run_batched(self, requests: Sequence[MinimaLlmRequest]) -> list[MinimaLlmResult]:
         """Answer many requests with the batch runner; results in input order."""
@@ -183,12 +350,8 @@ class OpenAIMinimaLlm:
         keys = {id(r): self.key_for(r) for r in requests}
         token = _batch_keys.set(keys)
         try:
-            if not (self.cfg.force_refresh or get_force_refresh()):
-                try:
-                    await self.cache.prefetch([k for k, _ in keys.values()])
-                except Exception as exc:
-                    self.stats.cache_errors += 1
-                    _log_cache_error("prefetch", exc)
+            if not self._refresh(False):
+                await self._prefetch([k for k, _ in keys.values()])
             results: list[Any] = await run_batched_callable(
                 requests, self.generate, self.cfg.batch, stats=self.snapshot
             )
@@ -196,6 +359,13 @@ class OpenAIMinimaLlm:
             _batch_keys.reset(token)
             self.cache.clear_prefetched()
         return results
+
+    async def _prefetch(self, keys: list[str]) -> None:
+        try:
+            await self.cache.prefetch(keys)
+        except Exception as exc:
+            self.stats.cache_errors += 1
+            log.error("cache prefetch failed, looking up one by one: %s", exc)
 
     async def aclose(self) -> None:
         """Close connections and the cache (pending writes are committed first)."""
@@ -209,13 +379,21 @@ class OpenAIMinimaLlm:
         await self.aclose()
 
     def __repr__(self) -> str:
-        return f"<OpenAIMinimaLlm {self._url} model={self.cfg.model!r} {self.stats!r} {self.upstream.pacer!r} {self.upstream.cooldown!r}>"
+        return (
+            f"<OpenAIMinimaLlm {self.cfg.base_url} model={self.cfg.model!r} {self.stats!r} "
+            f"{self.upstream.pacer!r} {self.upstream.cooldown!r}>"
+        )
 
 
-def _payload(request: MinimaLlmRequest, model: str) -> dict[str, Any]:
+def _kind(endpoint: str) -> str:
+    return "chat" if endpoint == CHAT else "text"
+
+
+def _payload(request: MinimaLlmRequest, model: str, endpoint: str) -> dict[str, Any]:
     payload: dict[str, Any] = dict(request.extra or {})
     payload["model"] = model
-    payload["messages"] = list(request.messages)
+    if endpoint == CHAT:
+        payload["messages"] = list(request.messages)
     if request.temperature is not None:
         payload["temperature"] = request.temperature
     if request.max_tokens is not None:
@@ -223,11 +401,50 @@ def _payload(request: MinimaLlmRequest, model: str) -> dict[str, Any]:
     return payload
 
 
+def _response(call: _Call, outcome: Completion, usage: Usage, latency: float) -> MinimaLlmResponse:
+    return MinimaLlmResponse(
+        request_id=call.request.request_id,
+        text=outcome.text,
+        cached=False,
+        raw_text=outcome.body_text,
+        usage=usage,
+        latency_s=latency,
+        cache_source=None,
+        model=call.model,
+    )
+
+
+async def _replay(row: CacheRow, kind: str) -> AsyncIterator[dict[str, Any]]:
+    completion = _completion_of(row, kind)
+    for chunk in replay_chunks(completion, kind):
+        yield chunk
+
+
+def _completion_of(row: CacheRow, kind: str) -> dict[str, Any]:
+    """The stored completion, or one rebuilt from the text for rows without a raw body."""
+    if row.response_raw:
+        try:
+            body = json.loads(row.response_raw)
+            if isinstance(body, dict) and body.get("choices"):
+                return body
+        except ValueError:
+            pass
+    message: dict[str, Any] = (
+        {"message": {"role": "assistant", "content": row.response_text}}
+        if kind == "chat"
+        else {"text": row.response_text}
+    )
+    return {
+        "id": f"cached-{row.key[:24]}",
+        "created": int(row.created_at),
+        "model": row.model or "",
+        "choices": [{"index": 0, **message, "finish_reason": "stop"}],
+    }
+
+
 def _usage_of(raw: str | None) -> Usage:
     if not raw:
         return Usage()
-    import json
-
     try:
         body = json.loads(raw)
     except ValueError:
@@ -236,14 +453,4 @@ def _usage_of(raw: str | None) -> Usage:
 
 
 def _for_request(result: MinimaLlmResult, request_id: str) -> MinimaLlmResult:
-    from dataclasses import replace
-
     return result if result.request_id == request_id else replace(result, request_id=request_id)
-
-
-def _log_cache_error(what: str, exc: BaseException) -> None:
-    import logging
-
-    logging.getLogger("minima_llm.cache").error(
-        "cache %s failed, continuing without it: %s", what, exc
-    )

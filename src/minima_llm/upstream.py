@@ -6,14 +6,14 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .clock import Clock
 from .config import MinimaLlmConfig
-from .errors import TransportError
-from .http import HttpResponse, Transport, encode_body
+from .errors import MinimaLlmError, TransportError
+from .http import HttpResponse, StreamingResponse, Transport, encode_body
 from .loopbound import LoopBound
 from .resilience import (
     Cooldown,
@@ -26,23 +26,25 @@ from .resilience import (
     parse_retry_after,
 )
 from .stats import LiveStats
+from .streaming import DONE, SseDecoder
 from .types import MinimaLlmFailure
 
 log = logging.getLogger("minima_llm")
 
 SNIPPET = 300
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Completion:
-    """A successful upstream answer: the raw body text and its parsed form."""
+    """A successful upstream answer: the raw body text, its parsed form, and the text to cache."""
 
     body_text: str
     body: dict[str, Any]
     text: str
 
 
-class _Problem(Exception):
+class Problem(Exception):
     """One failed attempt, described well enough to retry it or report it."""
 
     def __init__(
@@ -61,8 +63,103 @@ class _Problem(Exception):
         self.retry_after: float | None = None
 
 
+class StreamInterrupted(MinimaLlmError):
+    """A stream broke after it started; what arrived is not cached."""
+
+
+Parse = Callable[[HttpResponse], Completion]
+
+
+def _content_of(body: dict[str, Any]) -> str:
+    content = body["choices"][0]["message"].get("content")
+    return content if isinstance(content, str) else ""
+
+
+def _text_of(body: dict[str, Any]) -> str:
+    text = body["choices"][0].get("text")
+    return text if isinstance(text, str) else ""
+
+
+def _embeddings_of(body: dict[str, Any]) -> str:
+    if not isinstance(body["data"], list):
+        raise TypeError("embeddings 'data' is not a list")
+    return ""
+
+
+# What to keep as ``response_text`` for each endpoint; a body these cannot read is malformed.
+TEXT_OF: dict[str, Callable[[dict[str, Any]], str]] = {
+    "chat/completions": _content_of,
+    "completions": _text_of,
+    "embeddings": _embeddings_of,
+}
+
+
+def parse_completion(resp: HttpResponse, endpoint: str = "chat/completions") -> Completion:
+    """Read a 2xx body; an unreadable one is a retryable ``Problem``."""
+    try:
+        text = resp.body.decode("utf-8")
+        body = json.loads(text)
+        return Completion(text, body, TEXT_OF[endpoint](body))
+    except (UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        snippet = resp.body[:SNIPPET].decode("utf-8", "replace")
+        # A 200 with a body we cannot read is usually a proxy cutting the body; try again.
+        raise Problem(
+            "MalformedResponse", f"unreadable response body: {exc!r}", resp.status, snippet, True
+        ) from exc
+
+
+class UpstreamStream:
+    """An open upstream stream holding one ``max_outstanding`` slot until closed."""
+
+    def __init__(
+        self, resp: StreamingResponse, release: Callable[[], None], stats: LiveStats
+    ) -> None:
+        self.resp = resp
+        self._release: Callable[[], None] | None = release
+        self._stats = stats
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Parsed JSON chunks until ``[DONE]``; a stream that ends without it is interrupted."""
+        decoder = SseDecoder()
+        try:
+            async for line in self.resp.lines():
+                data = decoder.feed(line)
+                if data is None:
+                    continue
+                if data.strip() == DONE:
+                    return
+                yield _chunk(data)
+        except TransportError as exc:
+            raise StreamInterrupted(f"upstream stream broke: {exc}") from exc
+        tail = decoder.close()
+        if tail is not None and tail.strip() == DONE:
+            return
+        raise StreamInterrupted("upstream stream ended without [DONE]")
+
+    async def aclose(self) -> None:
+        """Release the connection and the slot (idempotent)."""
+        release, self._release = self._release, None
+        if release is not None:
+            try:
+                await self.resp.aclose()
+            finally:
+                release()
+
+
+def _chunk(data: str) -> dict[str, Any]:
+    try:
+        chunk = json.loads(data)
+    except ValueError as exc:
+        raise StreamInterrupted(f"unreadable stream chunk: {data[:SNIPPET]!r}") from exc
+    if not isinstance(chunk, dict):
+        raise StreamInterrupted(f"stream chunk is not an object: {data[:SNIPPET]!r}")
+    if "error" in chunk and "choices" not in chunk:
+        raise StreamInterrupted(f"upstream sent an error mid-stream: {data[:SNIPPET]}")
+    return chunk
+
+
 class UpstreamCaller:
-    """Sends one request body with every resilience rule applied; never raises for upstream trouble."""
+    """Sends request bodies with every resilience rule applied; never raises for upstream trouble."""
 
     def __init__(
         self,
@@ -88,10 +185,7 @@ class UpstreamCaller:
         self._slots: LoopBound[asyncio.Semaphore] = LoopBound(
             lambda: asyncio.Semaphore(config.max_outstanding)
         )
-        self.headers: dict[str, str] = {
-            "Content-Type": "application/json",
-            "Accept": "application/json",
-        }
+        self.headers: dict[str, str] = {"Content-Type": "application/json"}
         if config.api_key:
             self.headers["Authorization"] = f"Bearer {config.api_key}"
         # Retry-After can be long; every wait still needs a bound.
@@ -104,21 +198,78 @@ class UpstreamCaller:
         return body, headers
 
     async def complete(
-        self, request_id: str, url: str, payload: Mapping[str, Any]
+        self,
+        request_id: str,
+        url: str,
+        payload: Mapping[str, Any],
+        endpoint: str = "chat/completions",
     ) -> Completion | MinimaLlmFailure:
         """Send until success, a permanent error, or attempts run out."""
         body, headers = self.encode(payload)
-        stamps: list[float] = []
-        attempt = 0
-        while True:
-            attempt += 1
+
+        async def attempt(stamps: list[float]) -> Completion:
+            resp = await self._send(
+                stamps, lambda: self.transport.post(url, body, headers, self.cfg.timeout_s)
+            )
+            if 200 <= resp.status < 300:
+                return parse_completion(resp, endpoint)
+            raise self._status_problem(resp.status, resp.headers, resp.body)
+
+        return await self._retrying(request_id, attempt)
+
+    async def open_stream(
+        self, request_id: str, url: str, payload: Mapping[str, Any]
+    ) -> UpstreamStream | MinimaLlmFailure:
+        """Open a stream, retrying until the upstream answers 2xx; the slot is held until closed."""
+        body, headers = self.encode(payload)
+        headers["Accept"] = "text/event-stream"
+
+        async def attempt(stamps: list[float]) -> UpstreamStream:
+            await self._before_send()
+            slots = self._slots.get()
+            await slots.acquire()
             try:
-                return await self._attempt(url, body, headers, stamps)
-            except _Problem as problem:
-                if not problem.retryable or not attempts_left(attempt, self.cfg.max_attempts):
-                    return self._failure(request_id, problem, attempt, stamps)
+                stamps.append(self.clock.monotonic())
+                resp = await self.transport.open_stream(url, body, headers, self.cfg.timeout_s)
+            except TransportError as exc:
+                slots.release()
+                raise _transport_problem(exc, self.cfg.timeout_s) from exc
+            except BaseException:
+                slots.release()
+                raise
+            self.pacer.observe(parse_rate_limits(resp.headers))
+            if 200 <= resp.status < 300:
+                self.stats.in_flight += 1
+                return UpstreamStream(resp, lambda: self._release_stream(slots), self.stats)
+            try:
+                data = await asyncio.wait_for(resp.read(), self.cfg.timeout_s)
+            except (TransportError, asyncio.TimeoutError):
+                data = b""
+            finally:
+                await resp.aclose()
+                slots.release()
+            raise self._status_problem(resp.status, resp.headers, data)
+
+        return await self._retrying(request_id, attempt)
+
+    def _release_stream(self, slots: asyncio.Semaphore) -> None:
+        self.stats.in_flight -= 1
+        slots.release()
+
+    async def _retrying(
+        self, request_id: str, attempt: Callable[[list[float]], Awaitable[T]]
+    ) -> T | MinimaLlmFailure:
+        stamps: list[float] = []
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return await attempt(stamps)
+            except Problem as problem:
+                if not problem.retryable or not attempts_left(tries, self.cfg.max_attempts):
+                    return self._failure(request_id, problem, tries, stamps)
                 delay = backoff_delay(
-                    attempt,
+                    tries,
                     self.cfg.base_backoff_s,
                     self.cfg.max_backoff_s,
                     self.cfg.jitter,
@@ -128,40 +279,36 @@ class UpstreamCaller:
                     delay = max(delay, problem.retry_after)
                 self.stats.retries += 1
                 log.debug(
-                    "%s: attempt %d failed (%s), retrying in %.2fs",
-                    request_id,
-                    attempt,
-                    problem,
-                    delay,
+                    "%s: attempt %d failed (%s), retry in %.2fs", request_id, tries, problem, delay
                 )
                 await self.clock.sleep(min(delay, self.max_wait_s))
 
-    async def _attempt(
-        self, url: str, body: bytes, headers: dict[str, str], stamps: list[float]
-    ) -> Completion:
+    async def _before_send(self) -> None:
         await self.cooldown.wait()
         await self.pacer.acquire()
+
+    async def _send(
+        self, stamps: list[float], post: Callable[[], Awaitable[HttpResponse]]
+    ) -> HttpResponse:
+        await self._before_send()
         async with self._slots.get():
             stamps.append(self.clock.monotonic())
             self.stats.in_flight += 1
             try:
-                resp = await self.transport.post(url, body, headers, self.cfg.timeout_s)
+                resp = await post()
             except TransportError as exc:
                 raise _transport_problem(exc, self.cfg.timeout_s) from exc
             finally:
                 self.stats.in_flight -= 1
         self.pacer.observe(parse_rate_limits(resp.headers))
-        if 200 <= resp.status < 300:
-            return _parse_completion(resp)
-        raise self._status_problem(resp)
+        return resp
 
-    def _status_problem(self, resp: HttpResponse) -> _Problem:
-        status = resp.status
-        snippet = resp.body[:SNIPPET].decode("utf-8", "replace")
-        problem = _Problem(
+    def _status_problem(self, status: int, headers: Mapping[str, str], body: bytes) -> Problem:
+        snippet = body[:SNIPPET].decode("utf-8", "replace")
+        problem = Problem(
             "HTTPError", f"HTTP {status}", status, snippet, is_retryable_status(status)
         )
-        problem.retry_after = parse_retry_after(resp.headers)
+        problem.retry_after = parse_retry_after(headers)
         if status == 429:
             self.stats.rate_limited += 1
             self.pacer.penalize(problem.retry_after)
@@ -170,7 +317,7 @@ class UpstreamCaller:
         return problem
 
     def _failure(
-        self, request_id: str, problem: _Problem, attempts: int, stamps: list[float]
+        self, request_id: str, problem: Problem, attempts: int, stamps: list[float]
     ) -> MinimaLlmFailure:
         self.stats.failures += 1
         return MinimaLlmFailure(
@@ -185,24 +332,10 @@ class UpstreamCaller:
         )
 
 
-def _transport_problem(exc: TransportError, timeout_s: float) -> _Problem:
+def _transport_problem(exc: TransportError, timeout_s: float) -> Problem:
     if exc.kind == "timeout":
-        return _Problem("TimeoutError", f"timed out after {timeout_s}s", 408, str(exc), True)
+        return Problem("TimeoutError", f"timed out after {timeout_s}s", 408, str(exc), True)
     if exc.kind == "closed":
-        return _Problem("ClosedError", str(exc), None, None, False)
+        return Problem("ClosedError", str(exc), None, None, False)
     kind = "ConnectionResetError" if exc.kind == "reset" else "ConnectionError"
-    return _Problem(kind, str(exc), None, str(exc)[:SNIPPET], True)
-
-
-def _parse_completion(resp: HttpResponse) -> Completion:
-    try:
-        text = resp.body.decode("utf-8")
-        body = json.loads(text)
-        content = body["choices"][0]["message"].get("content")
-    except (UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-        snippet = resp.body[:SNIPPET].decode("utf-8", "replace")
-        # A 200 with a body we cannot read is usually a proxy cutting the body; try again.
-        raise _Problem(
-            "MalformedResponse", f"unreadable completion body: {exc!r}", resp.status, snippet, True
-        ) from exc
-    return Completion(text, body, content if isinstance(content, str) else "")
+    return Problem(kind, str(exc), None, str(exc)[:SNIPPET], True)

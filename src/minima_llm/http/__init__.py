@@ -5,12 +5,20 @@ from __future__ import annotations
 import importlib.util
 
 from ..errors import ConfigError
-from .base import HttpResponse, Transport, TransportError, decode_body, encode_body
+from .base import (
+    HttpResponse,
+    StreamingResponse,
+    Transport,
+    TransportError,
+    decode_body,
+    encode_body,
+)
 from .stdlib_transport import StdlibTransport
 
 __all__ = [
     "HttpResponse",
     "StdlibTransport",
+    "StreamingResponse",
     "Transport",
     "TransportError",
     "aiohttp_available",
