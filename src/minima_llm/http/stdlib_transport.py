@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
+import socket
 import ssl
 import threading
 from collections.abc import AsyncIterator, Mapping
@@ -170,6 +172,8 @@ class _StdlibStream:
         self._resp = resp
         self._timeout_s = timeout_s
         self._eof = False
+        # getresponse() may detach the socket from the connection; keep it to abort a stream.
+        self._sock = conn.sock
         self.status = resp.status
         self.headers = {k.lower(): v for k, v in resp.getheaders()}
 
@@ -200,8 +204,14 @@ class _StdlibStream:
         """Pool the connection if the body was read to the end, else close it."""
         if self._eof and not self._resp.will_close:
             self._owner._checkin(self._origin, self._conn)
-        else:
-            self._conn.close()
+            return
+        if self._sock is not None:
+            # close() alone does not wake a worker thread blocked reading this socket;
+            # shutdown() does, so an abandoned stream frees its thread at once.
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+        self._conn.close()
+        self._resp.close()
 
 
 def _split(url: str) -> tuple[_Origin, str]:
