@@ -61,6 +61,10 @@ class BatchConfig:
     keep_failure_summaries: int = 20
 
     def __setattr__(self, name: str, value: Any) -> None:
+        # A misspelt field (``config.batch.max_failure = 10``) would otherwise be
+        # stored and silently ignored by the runner.
+        if name not in _BATCH_FIELDS:
+            raise AttributeError(f"BatchConfig has no field {name!r}")
         _validate_batch_field(name, value)
         super().__setattr__(name, value)
 
@@ -78,6 +82,9 @@ class BatchConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> BatchConfig:
         """Build from a mapping of field names; unknown keys are an error."""
         return cls(**_known_keys(cls, data, "batch"))
+
+
+_BATCH_FIELDS = frozenset(f.name for f in fields(BatchConfig))
 
 
 def _validate_batch_field(name: str, value: Any) -> None:
@@ -230,15 +237,7 @@ class MinimaLlmConfig:
             f"one of {', '.join(TRANSPORTS)}",
         )
         object.__setattr__(self, "model_synonyms", synonym_groups(self.model_synonyms))
-        _check(
-            not isinstance(self.cache_lookup_dirs, (str, bytes)),
-            "cache_lookup_dirs",
-            self.cache_lookup_dirs,
-            "a list of directory paths",
-        )
-        object.__setattr__(
-            self, "cache_lookup_dirs", tuple(os.fspath(d) for d in self.cache_lookup_dirs)
-        )
+        object.__setattr__(self, "cache_lookup_dirs", _lookup_dirs(self.cache_lookup_dirs))
         if isinstance(self.batch, Mapping):
             object.__setattr__(self, "batch", BatchConfig.from_dict(self.batch))
         _check(isinstance(self.batch, BatchConfig), "batch", self.batch, "a BatchConfig")
@@ -300,7 +299,12 @@ class MinimaLlmConfig:
         return Path(self.cache_dir) / "minima_llm.db" if self.cache_dir else None
 
     def replace(self, **changes: Any) -> MinimaLlmConfig:
-        """A copy with some fields changed (validated like a new config)."""
+        """A copy with some fields changed (validated like a new config).
+
+        The mutable ``batch`` is copied too, so changing the copy's batch settings
+        does not change this config's.
+        """
+        changes.setdefault("batch", dataclasses.replace(self.batch))
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -346,6 +350,20 @@ class MinimaLlmConfig:
         return cls.from_dict(data)
 
 
+def _lookup_dirs(dirs: Any) -> tuple[str, ...]:
+    # None is what YAML gives for an empty "cache_lookup_dirs:" line.
+    dirs = () if dirs is None else dirs
+    ok = isinstance(dirs, Iterable) and not isinstance(dirs, (str, bytes))
+    items = tuple(dirs) if ok else ()
+    _check(
+        ok and all(isinstance(d, (str, os.PathLike)) for d in items),
+        "cache_lookup_dirs",
+        dirs,
+        "a list of directory paths",
+    )
+    return tuple(os.fspath(d) for d in items)
+
+
 def normalize_base_url(url: str) -> str:
     """Strip trailing slashes and add ``/v1`` unless the path already ends in a version."""
     url = url.rstrip("/")
@@ -371,7 +389,7 @@ def synonym_groups(spec: Mapping[str, Any] | str | None) -> dict[str, tuple[str,
         return x
 
     for name, aliases in spec.items():
-        alias_list = [aliases] if isinstance(aliases, str) else list(aliases or ())
+        alias_list = _alias_list(aliases)
         for alias in alias_list:
             _check(
                 isinstance(alias, str) and bool(alias),
@@ -390,6 +408,15 @@ def synonym_groups(spec: Mapping[str, Any] | str | None) -> dict[str, tuple[str,
         for name in members
         if len(members) > 1
     }
+
+
+def _alias_list(aliases: Any) -> list[Any]:
+    """One alias, several, or None; anything else is returned as is for the caller to reject."""
+    if aliases is None:
+        return []
+    if isinstance(aliases, str) or not isinstance(aliases, Iterable):
+        return [aliases]
+    return list(aliases)
 
 
 def _parse_synonym_string(text: str) -> Mapping[str, Any]:
@@ -417,9 +444,18 @@ def _known_keys(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any
     allowed = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - allowed)
     if unknown:
+        # The value is not echoed: a misspelt key ("openai_api_key") may hold a secret.
         raise ConfigError(
-            f"{where}.{unknown[0]}", data[unknown[0]], f"a known key ({', '.join(sorted(allowed))})"
+            f"{where}.{unknown[0]}", "<hidden>", f"a known key ({', '.join(sorted(allowed))})"
         )
+    required = [
+        f.name
+        for f in fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    for name in required:
+        if name not in data:
+            raise ConfigError(f"{where}.{name}", None, "a value (this key is required)")
     return dict(data)
 
 

@@ -1,0 +1,100 @@
+"""The public surface: ``__all__`` is pinned, documented names import, import stays light."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import minima_llm
+
+PINNED_ALL = [
+    "AsyncMinimaLlmBackend",
+    "BatchConfig",
+    "CacheError",
+    "ConfigError",
+    "MinimaLlmConfig",
+    "MinimaLlmError",
+    "MinimaLlmFailure",
+    "MinimaLlmRequest",
+    "MinimaLlmResponse",
+    "MinimaLlmResult",
+    "OpenAIMinimaLlm",
+    "ParasailBatchConfig",
+    "StatsSnapshot",
+    "TransportError",
+    "Usage",
+    "get_force_refresh",
+    "get_last_cached",
+    "reset_force_refresh",
+    "run_batched_callable",
+    "set_force_refresh",
+    "set_last_cached",
+]
+
+# Every name the reference documentation imports from the package.
+DOCUMENTED = [
+    "MinimaLlmConfig",
+    "BatchConfig",
+    "ParasailBatchConfig",
+    "OpenAIMinimaLlm",
+    "MinimaLlmRequest",
+    "MinimaLlmResponse",
+    "MinimaLlmFailure",
+    "MinimaLlmResult",
+    "AsyncMinimaLlmBackend",
+    "run_batched_callable",
+    "set_force_refresh",
+    "get_force_refresh",
+    "reset_force_refresh",
+    "set_last_cached",
+    "get_last_cached",
+]
+
+
+def test_all_is_pinned_and_sorted() -> None:
+    assert minima_llm.__all__ == PINNED_ALL
+    assert sorted(minima_llm.__all__) == minima_llm.__all__
+    assert len(set(minima_llm.__all__)) == len(minima_llm.__all__)
+
+
+@pytest.mark.parametrize("name", PINNED_ALL)
+def test_every_exported_name_exists(name: str) -> None:
+    assert getattr(minima_llm, name) is not None
+
+
+@pytest.mark.parametrize("name", DOCUMENTED)
+def test_documented_name_imports_from_package(name: str) -> None:
+    namespace: dict[str, object] = {}
+    exec(f"from minima_llm import {name}", namespace)
+    assert namespace[name] is getattr(minima_llm, name)
+    assert name in minima_llm.__all__
+
+
+def test_config_error_is_a_value_error() -> None:
+    assert issubclass(minima_llm.ConfigError, ValueError)
+    assert issubclass(minima_llm.ConfigError, minima_llm.MinimaLlmError)
+    assert issubclass(minima_llm.CacheError, minima_llm.MinimaLlmError)
+    assert issubclass(minima_llm.TransportError, minima_llm.MinimaLlmError)
+
+
+def test_version_is_a_string() -> None:
+    assert isinstance(minima_llm.__version__, str)
+    assert minima_llm.__version__
+
+
+HEAVY = ["aiohttp", "yaml", "prometheus_client", "multidict", "yarl"]
+
+
+def test_import_does_not_load_optional_dependencies() -> None:
+    code = (
+        "import json, sys\n"
+        "import minima_llm\n"
+        f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert json.loads(out.stdout) == []
