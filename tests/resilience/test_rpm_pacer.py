@@ -276,3 +276,15 @@ def test_repr_shows_state() -> None:
     assert "configured=600" in text
     assert "server=100" in text
     assert "rpm=97" in text
+
+
+async def test_cancelled_waiter_gives_its_slot_back() -> None:
+    pacer = RpmPacer(60)  # one start per second, real clock
+    await pacer.acquire()  # takes the first slot at once
+    waiter = asyncio.ensure_future(pacer.acquire())  # queued for +1 s
+    await asyncio.sleep(0.01)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    # Without the give-back the next start would be 2 s away.
+    assert pacer.reserve() == pytest.approx(1.0, abs=0.05)

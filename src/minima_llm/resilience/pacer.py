@@ -63,7 +63,15 @@ class RpmPacer:
         if delay > 0:
             self.waits += 1
             self.waited_s += delay
-            await self._clock.sleep(delay)
+            claimed = self._next_at
+            try:
+                await self._clock.sleep(delay)
+            except asyncio.CancelledError:
+                # Give the slot back if nobody queued behind it, so an aborted batch
+                # does not push the next one's start back by one interval per worker.
+                if self._next_at == claimed and self.rpm > 0:
+                    self._next_at -= 60.0 / self.rpm
+                raise
 
     async def _await_probe(self) -> None:
         loop = asyncio.get_running_loop()

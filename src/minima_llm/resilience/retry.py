@@ -28,13 +28,16 @@ def backoff_delay(
     jitter: float,
     rng: random.Random | None = None,
 ) -> float:
-    """Delay before retry number ``attempt`` (1-based): ``base * 2**(attempt-1)``, capped, ±jitter."""
+    """Delay before retry number ``attempt`` (1-based): ``base * 2**(attempt-1)`` ±jitter, never above ``cap_s``.
+
+    The cap is a ceiling: at the cap, jitter only shortens the wait, so workers
+    that failed together still spread out without anyone waiting past it.
+    """
     exp = min(attempt - 1, 62)
     delay = min(cap_s, base_s * (2.0**exp))
     if jitter > 0 and delay > 0:
-        r = (rng or random).uniform(-jitter, jitter)
-        delay = delay * (1.0 + r)
-    return max(0.0, min(delay, cap_s * (1.0 + jitter)))
+        delay *= 1.0 + (rng or random).uniform(-jitter, jitter)
+    return max(0.0, min(delay, cap_s))
 
 
 def attempts_left(attempt: int, max_attempts: int) -> bool:
