@@ -74,6 +74,7 @@ class _Call:
     canonical: str
     store: bool
     key_extra: Mapping[str, Any] | None = None
+    api_key: str | None = None
 
 
 class OpenAIMinimaLlm:
@@ -131,12 +132,13 @@ class OpenAIMinimaLlm:
         endpoint: str,
         key_extra: Mapping[str, Any] | None,
         store: bool,
+        api_key: str | None = None,
     ) -> _Call:
         keys = _batch_keys.get()
         known = keys.get(id(request)) if keys and not key_extra else None
         key, canonical = known or self.key_for(request, key_extra)
         model = request.model or self.cfg.model
-        return _Call(request, endpoint, model, key, canonical, store, key_extra)
+        return _Call(request, endpoint, model, key, canonical, store, key_extra, api_key)
 
     def _refresh(self, force_refresh: bool) -> bool:
         return force_refresh or self.cfg.force_refresh or get_force_refresh()
@@ -155,11 +157,16 @@ class OpenAIMinimaLlm:
         force_refresh: bool = False,
         store: bool = True,
         key_extra: Mapping[str, Any] | None = None,
+        api_key: str | None = None,
     ) -> MinimaLlmResult:
-        """``generate`` for any endpoint (``chat/completions``, ``completions``, ``embeddings``)."""
+        """``generate`` for any endpoint (``chat/completions``, ``completions``, ``embeddings``).
+
+        ``store=False`` answers without writing the cache; ``api_key`` replaces the
+        configured key for this call (a gateway passing its caller's key through).
+        """
         self.stats.requests += 1
         started = self._clock.monotonic()
-        call = self._prepare(request, endpoint, key_extra, store)
+        call = self._prepare(request, endpoint, key_extra, store, api_key)
         refresh = self._refresh(force_refresh)
         hit = await self._lookup(call, refresh)
         if hit is not None:
@@ -217,7 +224,7 @@ class OpenAIMinimaLlm:
         if shared is not None:
             # An identical request is already on the wire: share its answer.
             self.stats.coalesced += 1
-            return _for_request(await asyncio.shield(shared), call.request.request_id)
+            return _joined(await asyncio.shield(shared), call.request.request_id)
         fut: asyncio.Future[MinimaLlmResult] = asyncio.get_running_loop().create_future()
         inflight[call.key] = fut
         try:
@@ -234,7 +241,9 @@ class OpenAIMinimaLlm:
     async def _live(self, call: _Call, started: float) -> MinimaLlmResult:
         url = f"{self.cfg.base_url}/{call.endpoint}"
         payload = _payload(call.request, call.model, call.endpoint)
-        outcome = await self.upstream.complete(call.request.request_id, url, payload, call.endpoint)
+        outcome = await self.upstream.complete(
+            call.request.request_id, url, payload, call.endpoint, call.api_key
+        )
         if isinstance(outcome, MinimaLlmFailure):
             return outcome
         await self._store(call, outcome.text, outcome.body_text)
@@ -261,6 +270,7 @@ class OpenAIMinimaLlm:
         force_refresh: bool = False,
         store: bool = True,
         key_extra: Mapping[str, Any] | None = None,
+        api_key: str | None = None,
     ) -> ChunkStream | MinimaLlmFailure:
         """Start a streamed answer: from the cache, joined to an identical live stream, or live.
 
@@ -270,7 +280,7 @@ class OpenAIMinimaLlm:
         """
         self.stats.requests += 1
         started = self._clock.monotonic()
-        call = self._prepare(request, endpoint, key_extra, store)
+        call = self._prepare(request, endpoint, key_extra, store, api_key)
         hit = await self._lookup(call, self._refresh(force_refresh))
         if hit is not None:
             self._from_hit(request, hit, started)
@@ -295,7 +305,9 @@ class OpenAIMinimaLlm:
         payload["stream"] = True
         payload["stream_options"] = {"include_usage": True}
         try:
-            opened = await self.upstream.open_stream(call.request.request_id, url, payload)
+            opened = await self.upstream.open_stream(
+                call.request.request_id, url, payload, call.api_key
+            )
         except BaseException as exc:
             self._streams.get().pop(call.key, None)
             flight.finish(exc)
@@ -452,5 +464,8 @@ def _usage_of(raw: str | None) -> Usage:
     return Usage.from_body(body)
 
 
-def _for_request(result: MinimaLlmResult, request_id: str) -> MinimaLlmResult:
-    return result if result.request_id == request_id else replace(result, request_id=request_id)
+def _joined(result: MinimaLlmResult, request_id: str) -> MinimaLlmResult:
+    """A shared answer for one of the requests that joined it (marked ``cache_source="inflight"``)."""
+    if isinstance(result, MinimaLlmResponse):
+        return replace(result, request_id=request_id, cache_source="inflight")
+    return replace(result, request_id=request_id)

@@ -331,23 +331,33 @@ class MinimaLlmConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> MinimaLlmConfig:
-        """Load a YAML file; ``api_key`` falls back to ``OPENAI_API_KEY`` / ``OPENAI_TOKEN``."""
-        try:
-            import yaml
-        except ImportError as exc:
-            raise ImportError("YAML config needs PyYAML: pip install 'minima-llm[yaml]'") from exc
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(
-                "yaml", os.fspath(path), "a mapping of config fields at the top level"
-            )
-        data = dict(data)
+        """Load a YAML file; ``api_key`` falls back to ``OPENAI_API_KEY`` / ``OPENAI_TOKEN``.
+
+        A top-level ``proxy:`` section belongs to the gateway and is skipped here.
+        """
+        data = {k: v for k, v in read_yaml(path).items() if k not in _OTHER_SECTIONS}
         if not data.get("api_key"):
             data["api_key"] = (
                 os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_TOKEN") or None
             )
         return cls.from_dict(data)
+
+
+# Sections of a config file that other parts of the package read.
+_OTHER_SECTIONS = ("proxy",)
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file."""
+    try:
+        import yaml
+    except ImportError as exc:
+        raise ImportError("YAML config needs PyYAML: pip install 'minima-llm[yaml]'") from exc
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError("yaml", os.fspath(path), "a mapping of config fields at the top level")
+    return dict(data)
 
 
 def _lookup_dirs(dirs: Any) -> tuple[str, ...]:

@@ -191,9 +191,13 @@ class UpstreamCaller:
         # Retry-After can be long; every wait still needs a bound.
         self.max_wait_s = max(config.max_backoff_s, config.cooldown_cap_s)
 
-    def encode(self, payload: Mapping[str, Any]) -> tuple[bytes, dict[str, str]]:
-        """The request body and headers for a JSON payload."""
+    def encode(
+        self, payload: Mapping[str, Any], api_key: str | None = None
+    ) -> tuple[bytes, dict[str, str]]:
+        """The request body and headers for a JSON payload (``api_key`` overrides the configured one)."""
         headers = dict(self.headers)
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
         body = encode_body(json.dumps(payload).encode("utf-8"), headers, self.cfg.compress_gzip)
         return body, headers
 
@@ -203,9 +207,10 @@ class UpstreamCaller:
         url: str,
         payload: Mapping[str, Any],
         endpoint: str = "chat/completions",
+        api_key: str | None = None,
     ) -> Completion | MinimaLlmFailure:
         """Send until success, a permanent error, or attempts run out."""
-        body, headers = self.encode(payload)
+        body, headers = self.encode(payload, api_key)
 
         async def attempt(stamps: list[float]) -> Completion:
             resp = await self._send(
@@ -218,10 +223,10 @@ class UpstreamCaller:
         return await self._retrying(request_id, attempt)
 
     async def open_stream(
-        self, request_id: str, url: str, payload: Mapping[str, Any]
+        self, request_id: str, url: str, payload: Mapping[str, Any], api_key: str | None = None
     ) -> UpstreamStream | MinimaLlmFailure:
         """Open a stream, retrying until the upstream answers 2xx; the slot is held until closed."""
-        body, headers = self.encode(payload)
+        body, headers = self.encode(payload, api_key)
         headers["Accept"] = "text/event-stream"
 
         async def attempt(stamps: list[float]) -> UpstreamStream:

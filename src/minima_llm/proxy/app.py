@@ -1,0 +1,115 @@
+"""The aiohttp application: middlewares for metrics, error shaping and auth, then the routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from ..backend import OpenAIMinimaLlm
+from .errors import RequestError, error_response
+from .gateway import Gateway
+from .handlers import GATEWAY, add_routes
+from .log import ProxyLog
+from .metrics import GatewayMetrics
+from .settings import ProxySettings
+
+log = logging.getLogger("minima_llm.proxy")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_OPEN_PATHS = frozenset({"/health"})
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count every request by route and final status; track requests in flight."""
+    gw = request.app[GATEWAY]
+    gw.metrics.in_flight.inc()
+    status = 500
+    try:
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    finally:
+        gw.metrics.in_flight.dec()
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        gw.metrics.count_request(route, status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error as OpenAI-shaped JSON; never a stack trace to the client."""
+    try:
+        return await handler(request)
+    except RequestError as exc:
+        return error_response(exc.status, str(exc), exc.param, exc.code)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        code = "not_found" if exc.status == 404 else None
+        return error_response(
+            exc.status, f"{message} ({request.method} {request.path})", code=code, headers=headers
+        )
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error answering %s %s", request.method, request.path)
+        return error_response(
+            500, "internal error in the gateway; see its log", kind="server_error"
+        )
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Require one of the configured keys; remember the caller's key for pass-through and partitioning."""
+    gw = request.app[GATEWAY]
+    presented = _presented_key(request)
+    if presented:
+        request["client_key"] = presented
+    if gw.settings.auth_enabled and request.path not in _OPEN_PATHS:
+        if not presented:
+            return error_response(
+                401,
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+                code="missing_api_key",
+            )
+        if not gw.key_is_valid(presented):
+            return error_response(401, "Incorrect API key provided.", code="invalid_api_key")
+        if gw.settings.partition_cache_by_key:
+            request["tenant"] = gw.tenant_of(presented)
+    return await handler(request)
+
+
+def _presented_key(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("x-api-key") or request.headers.get("api-key") or None
+
+
+def build_app(
+    backend: OpenAIMinimaLlm,
+    settings: ProxySettings | None = None,
+    metrics: GatewayMetrics | None = None,
+    proxy_log: ProxyLog | None = None,
+) -> web.Application:
+    """The gateway app in front of ``backend``; closing the app closes the backend."""
+    settings = settings or ProxySettings()
+    gateway = Gateway(backend, settings, metrics, proxy_log)
+    app = web.Application(
+        middlewares=[metrics_middleware, error_middleware, auth_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[GATEWAY] = gateway
+    add_routes(app)
+
+    async def close(_: web.Application) -> None:
+        await gateway.aclose()
+
+    app.on_cleanup.append(close)
+    return app

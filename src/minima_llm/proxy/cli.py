@@ -1,0 +1,108 @@
+"""``minimallm-proxy``: run the gateway."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+
+from ..backend import OpenAIMinimaLlm
+from ..config import MinimaLlmConfig, read_yaml
+from ..errors import MinimaLlmError
+from .app import build_app
+from .settings import DEFAULT_PORT, ProxySettings
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="minimallm-proxy",
+        description="OpenAI-compatible gateway with minima-llm's prompt cache, pacing and retries.",
+    )
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help=f"listen port (default {DEFAULT_PORT})")
+    p.add_argument(
+        "--config", "-c", default=None, help="YAML config file (default: environment variables)"
+    )
+    p.add_argument(
+        "--force-model",
+        action="store_true",
+        help="ignore the client's model, use the configured one",
+    )
+    p.add_argument("--verbose", "-v", action="store_true", help="log a line for every request")
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="allow listening beyond loopback without API keys",
+    )
+    return p
+
+
+def load(args: argparse.Namespace) -> tuple[MinimaLlmConfig, ProxySettings]:
+    """Upstream config and gateway settings from the YAML file or the environment, then the flags."""
+    section: dict[str, Any] = {}
+    if args.config:
+        config = MinimaLlmConfig.from_yaml(args.config)
+        proxy = read_yaml(args.config).get("proxy") or {}
+        if not isinstance(proxy, dict):
+            raise MinimaLlmError(f"{args.config}: 'proxy' must be a mapping")
+        section.update(proxy)
+    else:
+        config = MinimaLlmConfig.from_env()
+    section.update(ProxySettings.env_overrides())
+    for flag in ("host", "port"):
+        if getattr(args, flag) is not None:
+            section[flag] = getattr(args, flag)
+    for flag in ("force_model", "verbose", "allow_unauthenticated"):
+        if getattr(args, flag):
+            section[flag] = True
+    settings = ProxySettings.from_mapping(section)
+    settings.check_exposure()
+    return config, settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``minimallm-proxy`` until SIGINT or SIGTERM."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config, settings = load(args)
+        backend = OpenAIMinimaLlm(config)
+    except (MinimaLlmError, ValueError, OSError, ImportError) as exc:
+        print(f"minimallm-proxy: {exc}", file=sys.stderr)
+        return 2
+    app = build_app(backend, settings)
+    cache = config.cache_path or "off (set CACHE_DIR)"
+    auth = f"{len(settings.api_keys)} API key(s)" if settings.auth_enabled else "no auth"
+
+    def announce(_: str) -> None:
+        print(
+            f"minimallm-proxy listening on http://{settings.host}:{settings.port}/v1\n"
+            f"  upstream {config.base_url} model {config.model}{' (forced)' if settings.force_model else ''}\n"
+            f"  cache    {cache}\n  auth     {auth}",
+            flush=True,
+        )
+
+    # run_app stops on SIGINT/SIGTERM: it stops accepting, then waits up to
+    # shutdown_timeout for requests in flight before cleanup closes the backend.
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        shutdown_timeout=settings.shutdown_timeout_s,
+        access_log=None,
+        print=announce,
+        handle_signals=True,
+        loop=asyncio.new_event_loop(),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

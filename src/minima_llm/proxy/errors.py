@@ -1,0 +1,104 @@
+"""Errors in OpenAI's JSON shape, and the mapping from upstream failures to HTTP statuses."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from ..types import MinimaLlmFailure
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+class RequestError(Exception):
+    """A request the gateway refuses, with the status and OpenAI error fields to answer."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.param = param
+        self.code = code
+
+
+def error_body(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    kind: str | None = None,
+) -> dict[str, Any]:
+    """``{"error": {"message", "type", "param", "code"}}``."""
+    return {
+        "error": {
+            "message": message,
+            "type": kind or _TYPES.get(status, "api_error"),
+            "param": param,
+            "code": code,
+        }
+    }
+
+
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    kind: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """An OpenAI-shaped JSON error response."""
+    return web.json_response(
+        error_body(status, message, param, code, kind), status=status, headers=headers
+    )
+
+
+def failure_status(failure: MinimaLlmFailure) -> int:
+    """The status to answer when the upstream could not produce an answer."""
+    status = failure.status
+    if failure.error_type == "TimeoutError":
+        return 504
+    if status is None:
+        return 502
+    if status == 429 or (400 <= status < 500 and status not in (408, 409, 425)):
+        return status  # the caller's own problem (or limit), reported as the upstream said it
+    if status in (503, 504):
+        return status
+    return 502
+
+
+def failure_response(failure: MinimaLlmFailure) -> web.Response:
+    """The upstream's own error body where it sent one, else one describing the failure."""
+    status = failure_status(failure)
+    upstream_error = _upstream_error(failure.body_snippet)
+    message = (
+        f"upstream {failure.error_type} after {failure.attempts} attempt(s)"
+        + (f" (HTTP {failure.status})" if failure.status else "")
+        + f": {upstream_error or failure.message}"
+    )
+    return error_response(
+        status, message, code="upstream_error", kind="upstream_error" if status >= 500 else None
+    )
+
+
+def _upstream_error(snippet: str | None) -> str | None:
+    if not snippet:
+        return None
+    try:
+        body = json.loads(snippet)
+    except ValueError:
+        return snippet[:200]
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return str(body["error"].get("message") or "")[:500] or None
+    return snippet[:200]

@@ -1,0 +1,246 @@
+"""Request handlers: translate HTTP to the backend's request path and back."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+from ..backend import ChunkStream
+from ..streaming import encode_event
+from ..types import MinimaLlmFailure, MinimaLlmResponse, Usage
+from ..upstream import StreamInterrupted
+from .errors import RequestError, error_body, failure_response
+from .gateway import Gateway
+from .normalize import CHAT, COMPLETIONS, EMBEDDINGS, Parsed, key_extra, parse_body
+
+GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
+_DONE = b"data: [DONE]\n\n"
+# What clients may disconnect with while we write to them.
+_GONE = (ConnectionResetError, ConnectionError)
+
+
+async def _json_body(request: web.Request) -> Any:
+    raw = await request.read()  # aiohttp raises 413 past client_max_size
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"request body is not valid JSON: {exc}") from exc
+
+
+def _inference(endpoint: str) -> Any:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        gw = request.app[GATEWAY]
+        started = time.monotonic()
+        body = await _json_body(request)
+        parsed = parse_body(
+            endpoint,
+            body,
+            gw.config.model,
+            gw.settings.force_model,
+            gw.settings.strict_params,
+            request.headers,
+        )
+        options: dict[str, Any] = {
+            "endpoint": endpoint,
+            "force_refresh": parsed.no_cache,
+            "store": not parsed.no_store,
+            "key_extra": key_extra(endpoint, request.get("tenant")),
+            "api_key": request.get("client_key") if gw.settings.pass_through_client_key else None,
+        }
+        if parsed.stream:
+            return await _stream(request, gw, parsed, options, started)
+        result = await gw.backend.call(parsed.request, **options)
+        return _answer(gw, parsed, result, started, request.path)
+
+    return handler
+
+
+def _label(parsed: Parsed, cached: bool, coalesced: bool) -> str:
+    if cached:
+        return "hit"
+    if coalesced:
+        return "coalesced"
+    return "refresh" if parsed.no_cache else "miss"
+
+
+def _answer(
+    gw: Gateway,
+    parsed: Parsed,
+    result: MinimaLlmResponse | MinimaLlmFailure,
+    started: float,
+    route: str,
+) -> web.Response:
+    latency = time.monotonic() - started
+    if isinstance(result, MinimaLlmFailure):
+        resp = failure_response(result)
+        gw.log.answered(
+            "failed",
+            route,
+            parsed.model,
+            resp.status,
+            latency,
+            f"{result.error_type}: {result.message}",
+        )
+        return resp
+    label = _label(parsed, result.cached, result.cache_source == "inflight")
+    gw.metrics.count_answer(
+        label, result.usage, _token_source(label), None if result.cached else result.latency_s
+    )
+    gw.log.answered(
+        label,
+        route,
+        parsed.model,
+        200,
+        latency,
+        f"tokens={result.usage.prompt_tokens}+{result.usage.completion_tokens}",
+    )
+    body = (
+        result.raw_text.encode("utf-8")
+        if result.raw_text
+        else json.dumps({"text": result.text}).encode()
+    )
+    return web.Response(
+        body=body, content_type="application/json", headers={"x-minima-cache": _header(label)}
+    )
+
+
+def _token_source(label: str) -> str:
+    return {"hit": "cache", "coalesced": "coalesced"}.get(label, "upstream")
+
+
+def _header(label: str) -> str:
+    return "miss" if label == "coalesced" else label
+
+
+async def _stream(
+    request: web.Request, gw: Gateway, parsed: Parsed, options: dict[str, Any], started: float
+) -> web.StreamResponse:
+    opened = await gw.backend.open_stream(parsed.request, **options)
+    if isinstance(opened, MinimaLlmFailure):
+        return _answer(gw, parsed, opened, started, request.path)
+    label = _label(parsed, opened.cached, opened.coalesced)
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "x-minima-cache": _header(label),
+        }
+    )
+    usage = Usage()
+    try:
+        await resp.prepare(request)
+        usage = await _pump(resp, opened, parsed.include_usage)
+        await resp.write(_DONE)
+    except StreamInterrupted as exc:
+        gw.metrics.streams_interrupted.inc()
+        gw.log.answered(
+            "failed",
+            request.path,
+            parsed.model,
+            502,
+            time.monotonic() - started,
+            f"stream interrupted: {exc}",
+        )
+        await _try_write(
+            resp,
+            encode_event(
+                error_body(
+                    502,
+                    f"upstream stream interrupted: {exc}",
+                    code="upstream_error",
+                    kind="upstream_error",
+                )
+            ),
+        )
+        return resp
+    except _GONE:
+        # The client left: stop reading so the upstream stream is cancelled unless others follow it.
+        gw.metrics.client_disconnects.inc()
+        return resp
+    finally:
+        await opened.aclose()
+    gw.metrics.count_answer(
+        label, usage, _token_source(label), None if opened.cached else time.monotonic() - started
+    )
+    gw.log.answered(
+        label,
+        request.path,
+        parsed.model,
+        200,
+        time.monotonic() - started,
+        f"stream tokens={usage.prompt_tokens}+{usage.completion_tokens}",
+    )
+    return resp
+
+
+async def _pump(resp: web.StreamResponse, opened: ChunkStream, include_usage: bool) -> Usage:
+    usage = Usage()
+    async for chunk in opened:
+        if isinstance(chunk.get("usage"), dict):
+            usage = Usage.from_body(chunk)
+        if not include_usage:
+            if not chunk.get("choices") and "usage" in chunk:
+                continue
+            if "usage" in chunk:
+                chunk = {k: v for k, v in chunk.items() if k != "usage"}
+        await resp.write(encode_event(chunk))
+    return usage
+
+
+async def _try_write(resp: web.StreamResponse, data: bytes) -> None:
+    with contextlib.suppress(*_GONE):
+        await resp.write(data)
+
+
+async def models(request: web.Request) -> web.Response:
+    """The configured model and its synonyms."""
+    gw = request.app[GATEWAY]
+    names = [gw.config.model, *gw.config.model_synonyms.get(gw.config.model, ())]
+    data = [
+        {"id": name, "object": "model", "created": 0, "owned_by": "minima-llm"} for name in names
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness, and whether the upstream answers."""
+    gw = request.app[GATEWAY]
+    upstream = await gw.upstream_health()
+    return web.json_response(
+        {
+            "status": "ok" if upstream["reachable"] else "degraded",
+            "upstream": upstream,
+            "cache": str(gw.config.cache_path) if gw.config.cache_path else None,
+            "model": gw.config.model,
+        }
+    )
+
+
+async def metrics_json(request: web.Request) -> web.Response:
+    """Counters as JSON."""
+    gw = request.app[GATEWAY]
+    return web.json_response(gw.metrics.snapshot(gw.backend.snapshot()))
+
+
+async def metrics_prometheus(request: web.Request) -> web.Response:
+    """Counters in Prometheus text format."""
+    gw = request.app[GATEWAY]
+    return web.Response(
+        body=gw.metrics.exposition(), headers={"Content-Type": gw.metrics.content_type}
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    """Every route with and without the ``/v1`` prefix."""
+    for prefix in ("/v1", ""):
+        app.router.add_post(f"{prefix}/chat/completions", _inference(CHAT))
+        app.router.add_post(f"{prefix}/completions", _inference(COMPLETIONS))
+        app.router.add_post(f"{prefix}/embeddings", _inference(EMBEDDINGS))
+        app.router.add_get(f"{prefix}/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics_json)
+    app.router.add_get("/metrics/prometheus", metrics_prometheus)

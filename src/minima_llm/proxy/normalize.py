@@ -1,0 +1,260 @@
+"""OpenAI request bodies to backend requests: validation and cache-key normalisation. No I/O.
+
+Fields that cannot change the answer (``stream``, ``stream_options``, ``user``,
+the ``cache`` directive) and parameters left at OpenAI's documented defaults are
+kept out of the key, so the same question asked by the OpenAI SDK, LangChain or
+a minima-llm batch run is one cache entry.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..types import MinimaLlmRequest
+from .errors import RequestError
+
+CHAT = "chat/completions"
+COMPLETIONS = "completions"
+EMBEDDINGS = "embeddings"
+
+# Never part of the key and never forwarded as given: the backend sets its own stream flags.
+_TRANSPORT_FIELDS = {"stream", "stream_options", "cache"}
+_NOT_IN_KEY = {"user"}
+# OpenAI's defaults: sending them or not asks the same question.
+_DEFAULTS: dict[str, Any] = {
+    "n": 1,
+    "top_p": 1,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "logprobs": False,
+    "echo": False,
+    "best_of": 1,
+    "stop": None,
+    "logit_bias": None,
+    "seed": None,
+    "response_format": {"type": "text"},
+    "parallel_tool_calls": True,
+    "encoding_format": "float",
+}
+_KNOWN = {
+    CHAT: {
+        "model",
+        "messages",
+        "temperature",
+        "max_tokens",
+        "max_completion_tokens",
+        "n",
+        "top_p",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+        "seed",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "functions",
+        "function_call",
+        "user",
+        "stream",
+        "stream_options",
+        "cache",
+        "service_tier",
+        "store",
+        "metadata",
+        "reasoning_effort",
+        "modalities",
+        "audio",
+        "prediction",
+    },
+    COMPLETIONS: {
+        "model",
+        "prompt",
+        "temperature",
+        "max_tokens",
+        "n",
+        "top_p",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "logprobs",
+        "seed",
+        "echo",
+        "best_of",
+        "suffix",
+        "user",
+        "stream",
+        "stream_options",
+        "cache",
+    },
+    EMBEDDINGS: {"model", "input", "encoding_format", "dimensions", "user", "cache"},
+}
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A validated request and what the caller asked of the gateway."""
+
+    endpoint: str
+    request: MinimaLlmRequest
+    stream: bool
+    include_usage: bool
+    no_cache: bool
+    no_store: bool
+    model: str
+
+
+def parse_body(
+    endpoint: str,
+    body: Any,
+    default_model: str,
+    force_model: bool,
+    strict: bool,
+    headers: Mapping[str, str],
+) -> Parsed:
+    """Validate an OpenAI request body and turn it into a backend request."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "request body must be a JSON object")
+    if strict:
+        unknown = sorted(set(body) - _KNOWN[endpoint])
+        if unknown:
+            raise RequestError(
+                400, f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0]
+            )
+    model = _model(body, default_model, force_model)
+    stream = _bool(body, "stream", False)
+    if stream and endpoint == EMBEDDINGS:
+        raise RequestError(400, "embeddings cannot be streamed", param="stream")
+    include_usage = _include_usage(body) if stream else True
+    no_cache, no_store = _cache_directives(body, headers)
+    temperature = _number(body, "temperature", 0, 2)
+    max_tokens = _max_tokens(body)
+    messages: list[Any] = _messages(body) if endpoint == CHAT else []
+    extra = _extra(endpoint, body)
+    request = MinimaLlmRequest(
+        request_id=f"gw-{next(_ids)}",
+        messages=messages,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        extra=extra,
+        model=model,
+    )
+    return Parsed(endpoint, request, stream, include_usage, no_cache, no_store, model)
+
+
+def _model(body: dict[str, Any], default_model: str, force_model: bool) -> str:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError(400, "'model' must be a string", param="model")
+    return default_model if force_model or not model else model
+
+
+def _bool(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise RequestError(400, f"'{name}' must be a boolean", param=name)
+    return value
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise RequestError(400, "'stream_options' must be an object", param="stream_options")
+    return bool(options.get("include_usage", False))
+
+
+def _cache_directives(body: dict[str, Any], headers: Mapping[str, str]) -> tuple[bool, bool]:
+    control = {part.strip().lower() for part in headers.get("cache-control", "").split(",")}
+    no_cache, no_store = "no-cache" in control, "no-store" in control
+    directive = body.get("cache")
+    if directive is not None:
+        if not isinstance(directive, dict):
+            raise RequestError(
+                400, "'cache' must be an object such as {\"no-cache\": true}", param="cache"
+            )
+        no_cache = no_cache or bool(directive.get("no-cache") or directive.get("no_cache"))
+        no_store = no_store or bool(directive.get("no-store") or directive.get("no_store"))
+    return no_cache, no_store
+
+
+def _number(body: dict[str, Any], name: str, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+        raise RequestError(400, f"'{name}' must be a number from {low} to {high}", param=name)
+    return value
+
+
+def _max_tokens(body: dict[str, Any]) -> int | None:
+    # max_completion_tokens is the newer name for the same limit; one key for both.
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise RequestError(400, f"'{name}' must be a positive integer", param=name)
+        return value
+    return None
+
+
+def _messages(body: dict[str, Any]) -> list[Any]:
+    messages = body.get("messages")
+    if messages is None:
+        raise RequestError(400, "'messages' is a required property", param="messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "'messages' must be a non-empty array", param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise RequestError(
+                400, f"messages[{i}] must be an object with a string 'role'", param=f"messages[{i}]"
+            )
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise RequestError(
+                400,
+                f"messages[{i}].content must be a string or an array",
+                param=f"messages[{i}].content",
+            )
+    return messages
+
+
+def _extra(endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+    required = {COMPLETIONS: "prompt", EMBEDDINGS: "input"}.get(endpoint)
+    if required is not None and body.get(required) in (None, "", []):
+        raise RequestError(400, f"'{required}' is a required property", param=required)
+    skip = (
+        {"model", "messages", "temperature", "max_tokens", "max_completion_tokens"}
+        | _TRANSPORT_FIELDS
+        | _NOT_IN_KEY
+    )
+    extra = {}
+    for name, value in body.items():
+        if name in skip or value is None:
+            continue
+        if name in _DEFAULTS and value == _DEFAULTS[name]:
+            continue
+        extra[name] = value
+    return extra
+
+
+def key_extra(endpoint: str, tenant: str | None) -> dict[str, str] | None:
+    """Key-only fields: the endpoint (chat keys stay the client library's) and the tenant."""
+    extra: dict[str, str] = {}
+    if endpoint != CHAT:
+        extra["endpoint"] = endpoint
+    if tenant:
+        extra["tenant"] = tenant
+    return extra or None

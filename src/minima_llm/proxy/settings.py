@@ -1,0 +1,130 @@
+"""Gateway settings: where to listen, who may call, and how requests are limited."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ..errors import ConfigError
+
+DEFAULT_PORT = 8990
+DEFAULT_MAX_BODY = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """Settings for ``minimallm-proxy``; the upstream side is a ``MinimaLlmConfig``."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    allow_unauthenticated: bool = False
+    partition_cache_by_key: bool = False
+    pass_through_client_key: bool = False
+    force_model: bool = False
+    strict_params: bool = False
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    log_every: int = 100
+    verbose: bool = False
+    shutdown_timeout_s: float = 30.0
+    health_check_timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.api_keys, str):
+            object.__setattr__(self, "api_keys", _split_keys(self.api_keys))
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))
+        if not all(isinstance(k, str) and k for k in self.api_keys):
+            raise ConfigError("proxy.api_keys", "<hidden>", "non-empty strings")
+        _check_int("proxy.port", self.port, 0, 65535)
+        _check_int("proxy.max_body_bytes", self.max_body_bytes, 1024, 2**31)
+        _check_int("proxy.log_every", self.log_every, 0, 2**31)
+        for name in ("shutdown_timeout_s", "health_check_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"proxy.{name}", value, "a number > 0")
+        if self.partition_cache_by_key and not self.api_keys:
+            raise ConfigError(
+                "proxy.partition_cache_by_key", True, "needs proxy.api_keys to partition by"
+            )
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether callers must present one of ``api_keys``."""
+        return bool(self.api_keys)
+
+    def check_exposure(self) -> None:
+        """Refuse to listen beyond loopback without API keys unless explicitly allowed."""
+        if self.auth_enabled or self.allow_unauthenticated or is_loopback(self.host):
+            return
+        raise ConfigError(
+            "proxy.host",
+            self.host,
+            "a loopback address unless API keys are configured (MINIMA_PROXY_API_KEYS) "
+            "or --allow-unauthenticated is given",
+        )
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name != "api_keys"
+        )
+        return f"ProxySettings({shown}, api_keys=<{len(self.api_keys)} keys>)"
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> ProxySettings:
+        """Build from a YAML ``proxy:`` section; unknown keys are an error."""
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ConfigError(
+                f"proxy.{unknown[0]}",
+                data[unknown[0]],
+                f"a known key ({', '.join(sorted(allowed))})",
+            )
+        return cls(**dict(data))
+
+    @staticmethod
+    def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Settings given by ``MINIMA_PROXY_*`` environment variables."""
+        env = os.environ if environ is None else environ
+        out: dict[str, Any] = {}
+        if env.get("MINIMA_PROXY_API_KEYS"):
+            out["api_keys"] = _split_keys(env["MINIMA_PROXY_API_KEYS"])
+        for var, name in (
+            ("MINIMA_PROXY_MAX_BODY_BYTES", "max_body_bytes"),
+            ("MINIMA_PROXY_LOG_EVERY", "log_every"),
+        ):
+            if env.get(var):
+                try:
+                    out[name] = int(env[var])
+                except ValueError as exc:
+                    raise ConfigError(var, env[var], "an integer") from exc
+        for var, name in (
+            ("MINIMA_PROXY_PARTITION_CACHE", "partition_cache_by_key"),
+            ("MINIMA_PROXY_PASS_THROUGH_KEY", "pass_through_client_key"),
+            ("MINIMA_PROXY_STRICT_PARAMS", "strict_params"),
+        ):
+            if env.get(var):
+                out[name] = env[var].strip().lower() in ("1", "true", "yes", "on")
+        return out
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts local connections."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _split_keys(text: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in text.split(",") if k.strip())
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ConfigError(name, value, f"an integer from {low} to {high}")
