@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import CacheError
+
 log = logging.getLogger("minima_llm.cache")
 
 Handler = Callable[[sqlite3.Connection, list[Any]], list[Any]]
@@ -47,6 +49,9 @@ class ConnectionWorker:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._ready = threading.Event()
         self._open_error: BaseException | None = None
+        # Guards _stopped against a racing put: a job queued after _STOP would never be answered.
+        self._lock = threading.Lock()
+        self._stopped = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.batches = 0
         self.jobs = 0
@@ -63,25 +68,34 @@ class ConnectionWorker:
         """Queue a payload; the future resolves with its result on the caller's loop."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        self._queue.put(_Job(payload, fut, loop))
+        self._put(_Job(payload, fut, loop))
         return fut
 
     def call_sync(self, payload: Any, timeout: float = 60.0) -> Any:
         """Run one payload from synchronous code and wait for its result."""
         done = threading.Event()
         box: list[Any] = []
-        self._queue.put(_SyncJob(payload, done, box))
+        self._put(_SyncJob(payload, done, box))
         if not done.wait(timeout):
             raise TimeoutError(f"{self._thread.name}: no answer within {timeout}s")
         if isinstance(box[0], BaseException):
             raise box[0]
         return box[0]
 
+    def _put(self, job: Any) -> None:
+        with self._lock:
+            if self._stopped:
+                raise CacheError(f"{self._thread.name}: used after close")
+            self._queue.put(job)
+
     def stop(self, timeout: float = 30.0) -> None:
         """Finish queued work, close the connection and end the thread."""
-        if self._thread.is_alive():
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
             self._queue.put(_STOP)
-            self._thread.join(timeout)
+        self._thread.join(timeout)
 
     def _run(self) -> None:
         try:

@@ -27,7 +27,8 @@ _SCHEMA = (
     "key TEXT PRIMARY KEY, response_text TEXT NOT NULL, response_raw TEXT, "
     "created_at REAL NOT NULL, model TEXT, canonical TEXT)"
 )
-_COLUMNS = "key, response_text, response_raw, created_at, model, canonical"
+_COLUMN_NAMES = ("key", "response_text", "response_raw", "created_at", "model", "canonical")
+_COLUMNS = ", ".join(_COLUMN_NAMES)
 # Well under SQLite's bound-parameter limit on every build we support.
 _CHUNK = 500
 # Other processes may hold the write lock; wait this long before giving up on a write.
@@ -42,6 +43,8 @@ class SqliteStore:
         self.readonly = readonly
         self.rows_written = 0
         self.commits = 0
+        # What the reader selects; a read-only file from before 0.2.7 lacks model and canonical.
+        self._select = _COLUMNS
         self._writer: ConnectionWorker | None = None
         try:
             if not readonly:
@@ -51,7 +54,7 @@ class SqliteStore:
                 )
                 self._writer.wait_ready(BUSY_TIMEOUT_S)
             self._reader = ConnectionWorker(
-                f"minima-cache-reader:{self.path.name}", self._connect_reader, _read_batch
+                f"minima-cache-reader:{self.path.name}", self._connect_reader, self._read
             )
             self._reader.wait_ready(BUSY_TIMEOUT_S)
         except (OSError, sqlite3.Error, TimeoutError) as exc:
@@ -67,11 +70,15 @@ class SqliteStore:
         conn = sqlite3.connect(
             self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
-        _retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
-        # NORMAL in WAL mode survives a killed process; only power loss can drop the last commits.
-        conn.execute("PRAGMA synchronous=NORMAL")
-        _retry_locked(lambda: conn.execute(_SCHEMA))
-        _migrate(conn)
+        try:
+            _retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
+            # NORMAL in WAL mode survives a killed process; only power loss can drop the last commits.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            _retry_locked(lambda: conn.execute(_SCHEMA))
+            _migrate(conn)
+        except BaseException:
+            conn.close()  # else Python 3.13 warns about an unclosed database
+            raise
         return conn
 
     def _connect_reader(self) -> sqlite3.Connection:
@@ -82,8 +89,23 @@ class SqliteStore:
             conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
         else:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
-        conn.execute("PRAGMA query_only=1")
+        try:
+            conn.execute("PRAGMA query_only=1")
+            # Checked here so a lookup dir holding some other file fails at open, not at every read.
+            have = {row[1] for row in conn.execute("PRAGMA table_info(cache)")}
+            if not have:
+                raise sqlite3.DatabaseError("no cache table")
+        except BaseException:
+            conn.close()
+            raise
+        self._select = ", ".join(c if c in have else f"NULL AS {c}" for c in _COLUMN_NAMES)
         return conn
+
+    def _read(self, conn: sqlite3.Connection, requests: list[list[str]]) -> list[Any]:
+        try:
+            return _read_batch(conn, requests, self._select)
+        except sqlite3.Error as exc:
+            raise CacheError(f"cache read from {self.path} failed: {exc}") from exc
 
     def _write_batch(self, conn: sqlite3.Connection, batches: list[list[CacheRow]]) -> list[Any]:
         rows = [row for batch in batches for row in batch]
@@ -98,10 +120,13 @@ class SqliteStore:
                 conn.executemany(
                     f"INSERT OR REPLACE INTO cache ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", values
                 )
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # A failed COMMIT (disk full, I/O error) leaves the transaction open;
+                # without the rollback every later write fails as a nested BEGIN.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
 
         try:
             _retry_locked(commit)
@@ -134,9 +159,12 @@ class SqliteStore:
 
     def put_many_sync(self, rows: Iterable[CacheRow]) -> None:
         """``put_many`` for synchronous callers."""
+        batch = list(rows)
+        if not batch:
+            return
         if self._writer is None:
             raise CacheError(f"cache {self.path} is read-only")
-        self._writer.call_sync(list(rows))
+        self._writer.call_sync(batch)
 
     async def aclose(self) -> None:
         """Finish pending writes and close the connections."""
@@ -158,13 +186,13 @@ class SqliteStore:
         return f"<SqliteStore {self.path} {mode} rows_written={self.rows_written} commits={self.commits}>"
 
 
-def _read_batch(conn: sqlite3.Connection, requests: list[list[str]]) -> list[Any]:
+def _read_batch(conn: sqlite3.Connection, requests: list[list[str]], select: str) -> list[Any]:
     wanted = list(dict.fromkeys(k for keys in requests for k in keys))
     found: dict[str, CacheRow] = {}
     for start in range(0, len(wanted), _CHUNK):
         chunk = wanted[start : start + _CHUNK]
         marks = ",".join("?" * len(chunk))
-        for row in conn.execute(f"SELECT {_COLUMNS} FROM cache WHERE key IN ({marks})", chunk):
+        for row in conn.execute(f"SELECT {select} FROM cache WHERE key IN ({marks})", chunk):
             found[row[0]] = CacheRow(*row)
     return [{k: found[k] for k in keys if k in found} for keys in requests]
 
