@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import IO
 
 from .sqlite import SqliteStore
@@ -142,7 +142,7 @@ class PromptCache:
         self, row: CacheRow, key: str, model: str, rekey: Rekey, source: str
     ) -> CacheHit:
         if self.primary is not None:
-            copy = replace(row, key=key, model=model, canonical=rekey(model)[1])
+            copy = row._replace(key=key, model=model, canonical=rekey(model)[1])
             try:
                 await self.primary.put_many([copy])
             except Exception as exc:

@@ -193,7 +193,7 @@ def _read_batch(conn: sqlite3.Connection, requests: list[list[str]], select: str
         chunk = wanted[start : start + _CHUNK]
         marks = ",".join("?" * len(chunk))
         for row in conn.execute(f"SELECT {select} FROM cache WHERE key IN ({marks})", chunk):
-            found[row[0]] = CacheRow(*row)
+            found[row[0]] = CacheRow._make(row)
     return [{k: found[k] for k in keys if k in found} for keys in requests]
 
 
