@@ -293,3 +293,15 @@ async def test_without_cache_dir_nothing_is_cached(mock: MockServer, transport: 
         await backend.aclose()
     assert not again.cached  # type: ignore[union-attr]
     assert mock.stats()["requests"] == 2
+
+
+async def test_repeat_within_one_batch_is_a_hit_after_the_prefetch(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    from minima_llm import BatchConfig
+
+    backend = make_backend(batch=BatchConfig(num_workers=1, heartbeat_s=0, stall_s=0))
+    results = await backend.run_batched([req(1), req(2), req(1, text="question 1")])
+    assert mock.stats()["requests"] == 2
+    assert isinstance(results[2], MinimaLlmResponse) and results[2].cached
+    assert results[2].request_id == "r1"

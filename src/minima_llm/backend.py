@@ -28,11 +28,18 @@ from .upstream import Completion, StreamInterrupted, UpstreamCaller, UpstreamStr
 log = logging.getLogger("minima_llm")
 CHAT = "chat/completions"
 
-# Keys computed while a batch prefetched its cache rows, by request identity, so
-# each request's canonical JSON is built once per batch, not twice.
-_batch_keys: ContextVar[dict[int, tuple[str, str]] | None] = ContextVar(
-    "minima_llm_batch_keys", default=None
-)
+
+@dataclass
+class _Batch:
+    """What ``run_batched`` learned up front: each request's key, and the primary rows for them."""
+
+    keys: dict[int, tuple[str, str]]
+    known: dict[str, CacheRow | None]
+
+
+# Set while a batch runs, so each request's canonical JSON is built once and the
+# primary cache is read once for the whole batch, not once per request.
+_batch: ContextVar[_Batch | None] = ContextVar("minima_llm_batch", default=None)
 
 
 class StreamError(MinimaLlmError):
@@ -134,9 +141,9 @@ class OpenAIMinimaLlm:
         store: bool,
         api_key: str | None = None,
     ) -> _Call:
-        keys = _batch_keys.get()
-        known = keys.get(id(request)) if keys and not key_extra else None
-        key, canonical = known or self.key_for(request, key_extra)
+        batch = _batch.get()
+        computed = batch.keys.get(id(request)) if batch is not None and not key_extra else None
+        key, canonical = computed or self.key_for(request, key_extra)
         model = request.model or self.cfg.model
         return _Call(request, endpoint, model, key, canonical, store, key_extra, api_key)
 
@@ -194,7 +201,9 @@ class OpenAIMinimaLlm:
             )
 
         try:
-            return await self.cache.find(call.key, call.model, rekey)
+            batch = _batch.get()
+            known = batch.known if batch is not None else None
+            return await self.cache.find(call.key, call.model, rekey, known)
         except Exception as exc:
             # A broken cache must not stop the work: log it, count it, ask the upstream.
             self.stats.cache_errors += 1
@@ -256,7 +265,10 @@ class OpenAIMinimaLlm:
         if not call.store:
             return
         try:
-            await self.cache.store(call.key, call.canonical, call.model, text, raw)
+            row = await self.cache.store(call.key, call.canonical, call.model, text, raw)
+            batch = _batch.get()
+            if batch is not None and row is not None and call.key in batch.known:
+                batch.known[call.key] = row  # a repeat later in the batch is a hit
         except Exception as exc:
             # The answer arrived and the caller gets it; losing it to a cache fault would be worse.
             self.stats.cache_errors += 1
@@ -359,25 +371,25 @@ class OpenAIMinimaLlm:
         from .runner import run_batched_callable
 
         requests = list(requests)
-        keys = {id(r): self.key_for(r) for r in requests}
-        token = _batch_keys.set(keys)
+        batch = _Batch({id(r): self.key_for(r) for r in requests}, {})
+        if not self._refresh(False):
+            batch.known = await self._prefetch([k for k, _ in batch.keys.values()])
+        token = _batch.set(batch)
         try:
-            if not self._refresh(False):
-                await self._prefetch([k for k, _ in keys.values()])
             results: list[Any] = await run_batched_callable(
                 requests, self.generate, self.cfg.batch, stats=self.snapshot
             )
         finally:
-            _batch_keys.reset(token)
-            self.cache.clear_prefetched()
+            _batch.reset(token)
         return results
 
-    async def _prefetch(self, keys: list[str]) -> None:
+    async def _prefetch(self, keys: list[str]) -> dict[str, CacheRow | None]:
         try:
-            await self.cache.prefetch(keys)
+            return await self.cache.prefetch(keys)
         except Exception as exc:
             self.stats.cache_errors += 1
             log.error("cache prefetch failed, looking up one by one: %s", exc)
+            return {}
 
     async def aclose(self) -> None:
         """Close connections and the cache (pending writes are committed first)."""

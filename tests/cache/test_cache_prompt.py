@@ -287,26 +287,32 @@ async def test_prefetch_serves_finds_without_io(cache: PromptCache, tmp_path: Pa
         key, canonical = cache_key("model-a", [{"role": "user", "content": str(i)}])
         keys.append(key)
         await cache.store(key, canonical, "model-a", f"answer {i}", None)
-    assert await cache.prefetch([*keys, "missing"]) == 5
-    assert cache.prefetched(keys[2]) is not None
-    assert cache.prefetched("missing") is None
+    known = await cache.prefetch([*keys, "missing"])
+    assert sum(row is not None for row in known.values()) == 5
+    assert known[keys[2]] is not None
+    assert "missing" in known and known["missing"] is None
     # Rows gone from the file are still served from the prefetch, which proves no read happened.
     with closing(sqlite3.connect(tmp_path / "primary" / "minima_llm.db")) as conn:
         conn.execute("DELETE FROM cache")
         conn.commit()
-    hit = await cache.find(keys[3], "model-a", rekey)
+    hit = await cache.find(keys[3], "model-a", rekey, known)
     assert hit is not None
     assert (hit.source, hit.row.response_text) == ("primary", "answer 3")
-    cache.clear_prefetched()
-    assert cache.prefetched(keys[3]) is None
-    assert await cache.find(keys[3], "model-a", rekey) is None
-    assert await cache.prefetch([]) == 0
+    assert await cache.find(keys[3], "model-a", rekey) is None  # without it, the file is read
+    assert await cache.prefetch([]) == {}
+
+
+async def test_prefetched_miss_skips_the_primary_read(cache: PromptCache) -> None:
+    key, canonical = cache_key("model-a", [{"role": "user", "content": "late"}])
+    known = await cache.prefetch([key])
+    await cache.store(key, canonical, "model-a", "written after the prefetch", None)
+    assert await cache.find(key, "model-a", rekey, known) is None
+    assert await cache.find(key, "model-a", rekey) is not None
 
 
 async def test_prefetch_without_primary_is_a_no_op() -> None:
     cache = PromptCache(None)
-    assert await cache.prefetch([KEY_A]) == 0
-    assert cache.prefetched(KEY_A) is None
+    assert await cache.prefetch([KEY_A]) == {}
 
 
 async def test_aclose_closes_every_store(tmp_path: Path) -> None:

@@ -69,7 +69,6 @@ class PromptCache:
         self.lookups = list(lookups)
         self.synonyms = dict(synonyms or {})
         self.trace = TraceWriter(trace_file) if trace_file else None
-        self._prefetched: dict[str, CacheRow] = {}
 
     @classmethod
     def open(
@@ -99,27 +98,25 @@ class PromptCache:
         if self.trace is not None:
             self.trace.write(key, canonical, source)
 
-    def prefetched(self, key: str) -> CacheRow | None:
-        """A primary row loaded by ``prefetch`` (no I/O)."""
-        return self._prefetched.get(key)
+    async def prefetch(self, keys: Sequence[str]) -> dict[str, CacheRow | None]:
+        """Primary rows for many keys in one go: every key maps to its row, or None if absent.
 
-    async def prefetch(self, keys: Sequence[str]) -> int:
-        """Load the primary rows for many keys at once; returns how many were found."""
+        Pass the result to ``find`` as ``known``: a key it holds needs no further
+        primary read, whether it was found or not.
+        """
         if self.primary is None or not keys:
-            return 0
+            return {}
         found = await self.primary.get_many(keys)
-        self._prefetched.update(found)
-        return len(found)
+        return {key: found.get(key) for key in keys}
 
-    def clear_prefetched(self) -> None:
-        """Forget prefetched rows (end of a batch)."""
-        self._prefetched.clear()
-
-    async def find(self, key: str, model: str, rekey: Rekey) -> CacheHit | None:
+    async def find(
+        self, key: str, model: str, rekey: Rekey, known: Mapping[str, CacheRow | None] | None = None
+    ) -> CacheHit | None:
         """Look ``key`` up everywhere; ``rekey(model)`` gives the key under another model."""
         if self.primary is not None:
-            row = self._prefetched.get(key)
-            if row is None:
+            if known is not None and key in known:
+                row = known[key]
+            else:
                 row = (await self.primary.get_many([key])).get(key)
             if row is not None:
                 return CacheHit(row, "primary")
@@ -151,12 +148,15 @@ class PromptCache:
                 )
         return CacheHit(row, source)
 
-    async def store(self, key: str, canonical: str, model: str, text: str, raw: str | None) -> None:
-        """Write a completion to the primary store; returns once it is committed."""
+    async def store(
+        self, key: str, canonical: str, model: str, text: str, raw: str | None
+    ) -> CacheRow | None:
+        """Write a completion to the primary store; returns the row once it is committed."""
         if self.primary is None:
-            return
+            return None
         row = CacheRow(key, text, raw, time.time(), model, canonical)
         await self.primary.put_many([row])
+        return row
 
     async def aclose(self) -> None:
         """Close every store and the trace file."""
