@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from minima_llm import BatchConfig, MinimaLlmConfig, MinimaLlmRequest, OpenAIMinimaLlm
+from backend_support import FAST, BackendFactory
+from minima_llm import BatchConfig, MinimaLlmConfig, OpenAIMinimaLlm
 from minima_llm.testing import MockConfig, MockServer
-
-# Fast retry settings so fault tests take milliseconds, not the production seconds.
-FAST = {
-    "base_backoff_s": 0.01,
-    "max_backoff_s": 0.05,
-    "cooldown_floor_s": 0.0,
-    "cooldown_cap_s": 0.05,
-    "cooldown_halflife_s": 1.0,
-    "timeout_s": 5.0,
-    "rpm": 0,
-}
 
 
 @pytest.fixture
@@ -34,9 +24,6 @@ async def mock() -> AsyncIterator[MockServer]:
 def transport(request: pytest.FixtureRequest) -> str:
     """Every backend test runs over both transports."""
     return str(request.param)
-
-
-BackendFactory = Callable[..., OpenAIMinimaLlm]
 
 
 @pytest.fixture
@@ -63,12 +50,3 @@ async def make_backend(
     yield factory
     for backend in made:
         await backend.aclose()
-
-
-def req(i: int | str = 0, text: str | None = None, **kwargs: Any) -> MinimaLlmRequest:
-    """A one-message request."""
-    return MinimaLlmRequest(
-        request_id=f"r{i}",
-        messages=[{"role": "user", "content": text if text is not None else f"question {i}"}],
-        **kwargs,
-    )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BackendFactory, req
+from backend_support import BackendFactory, req
 from minima_llm import (
     MinimaLlmFailure,
     MinimaLlmResponse,

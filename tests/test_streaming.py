@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 
-from conftest import BackendFactory, req
+from backend_support import BackendFactory, req
 from minima_llm import MinimaLlmFailure, MinimaLlmResponse
 from minima_llm.backend import ChunkStream, StreamError
 from minima_llm.streaming import ChunkAssembler, SseDecoder, encode_event, replay_chunks

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 
@@ -39,24 +38,15 @@ class Broadcast:
         while not self.chunks and not self.done:
             await self._wait()
 
-    async def follow(self) -> AsyncIterator[dict[str, Any]]:
-        """Every chunk from the first, then the rest as they come."""
-        self.followers += 1
-        index = 0
-        try:
-            while True:
-                while index < len(self.chunks):
-                    yield self.chunks[index]
-                    index += 1
-                if self.done:
-                    if self.error is not None:
-                        raise self.error
-                    return
-                await self._wait()
-        finally:
-            self.followers -= 1
-            if self.followers == 0 and not self.done and self.producer is not None:
-                self.producer.cancel()
+    def follow(self) -> Follower:
+        """A reader of every chunk from the first; it counts as following from this call on."""
+        return Follower(self)
+
+    def leave(self) -> None:
+        """A follower stopped reading; the last one to leave cancels an unfinished producer."""
+        self.followers -= 1
+        if self.followers == 0 and not self.done and self.producer is not None:
+            self.producer.cancel()
 
     async def _wait(self) -> None:
         fut = asyncio.get_running_loop().create_future()
@@ -72,3 +62,50 @@ class Broadcast:
     def __repr__(self) -> str:
         state = "done" if self.done else "live"
         return f"<Broadcast {state} chunks={len(self.chunks)} followers={self.followers}>"
+
+
+class Follower:
+    """One reader of a ``Broadcast``.
+
+    A class rather than an async generator: a generator that was never started
+    runs no cleanup on ``aclose()``, so a client that left before the first chunk
+    would keep the upstream stream (and its slot) alive to the end.
+    """
+
+    def __init__(self, flight: Broadcast) -> None:
+        self._flight = flight
+        self._index = 0
+        self._left = False
+        flight.followers += 1
+
+    def __aiter__(self) -> Follower:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        flight = self._flight
+        while True:
+            if self._left:
+                raise StopAsyncIteration
+            if self._index < len(flight.chunks):
+                self._index += 1
+                return flight.chunks[self._index - 1]
+            if flight.done:
+                self.close()
+                if flight.error is not None:
+                    raise flight.error
+                raise StopAsyncIteration
+            try:
+                await flight._wait()
+            except BaseException:
+                self.close()
+                raise
+
+    def close(self) -> None:
+        """Stop following (idempotent)."""
+        if not self._left:
+            self._left = True
+            self._flight.leave()
+
+    async def aclose(self) -> None:
+        """Stop following (idempotent)."""
+        self.close()

@@ -11,7 +11,7 @@ from aiohttp import web
 from ..backend import OpenAIMinimaLlm
 from .errors import RequestError, error_response
 from .gateway import Gateway
-from .handlers import GATEWAY, add_routes
+from .handlers import CLIENT_KEY, GATEWAY, TENANT, add_routes
 from .log import ProxyLog
 from .metrics import GatewayMetrics
 from .settings import ProxySettings
@@ -69,7 +69,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     gw = request.app[GATEWAY]
     presented = _presented_key(request)
     if presented:
-        request["client_key"] = presented
+        request[CLIENT_KEY] = presented
     if gw.settings.auth_enabled and request.path not in _OPEN_PATHS:
         if not presented:
             return error_response(
@@ -80,7 +80,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if not gw.key_is_valid(presented):
             return error_response(401, "Incorrect API key provided.", code="invalid_api_key")
         if gw.settings.partition_cache_by_key:
-            request["tenant"] = gw.tenant_of(presented)
+            request[TENANT] = gw.tenant_of(presented)
     return await handler(request)
 
 

@@ -39,7 +39,9 @@ class Gateway:
 
     def key_is_valid(self, presented: str) -> bool:
         """Constant-time comparison against every configured key."""
-        candidate = presented.encode("utf-8")
+        # aiohttp decodes header bytes that are not UTF-8 as surrogates; such a key is
+        # wrong (401), not a reason to fail the request with a 500.
+        candidate = presented.encode("utf-8", "surrogateescape")
         ok = False
         for key in self._keys:
             ok |= hmac.compare_digest(key, candidate)

@@ -18,6 +18,18 @@ from .gateway import Gateway
 from .normalize import CHAT, COMPLETIONS, EMBEDDINGS, Parsed, key_extra, parse_body
 
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
+
+
+def _request_key(name: str) -> Any:
+    # aiohttp >= 3.13 warns (NotAppKeyWarning) on str keys in request storage, which
+    # is an error under -W error; older versions have no RequestKey and no warning.
+    maker = getattr(web, "RequestKey", None)
+    return maker(name, str) if maker is not None else name
+
+
+CLIENT_KEY = _request_key("client_key")  # the caller's API key, for pass-through
+TENANT = _request_key("tenant")  # the caller's cache partition
+
 _DONE = b"data: [DONE]\n\n"
 # What clients may disconnect with while we write to them.
 _GONE = (ConnectionResetError, ConnectionError)
@@ -48,8 +60,8 @@ def _inference(endpoint: str) -> Any:
             "endpoint": endpoint,
             "force_refresh": parsed.no_cache,
             "store": not parsed.no_store,
-            "key_extra": key_extra(endpoint, request.get("tenant")),
-            "api_key": request.get("client_key") if gw.settings.pass_through_client_key else None,
+            "key_extra": key_extra(endpoint, request.get(TENANT)),
+            "api_key": request.get(CLIENT_KEY) if gw.settings.pass_through_client_key else None,
         }
         if parsed.stream:
             return await _stream(request, gw, parsed, options, started)
@@ -98,14 +110,30 @@ def _answer(
         latency,
         f"tokens={result.usage.prompt_tokens}+{result.usage.completion_tokens}",
     )
-    body = (
-        result.raw_text.encode("utf-8")
-        if result.raw_text
-        else json.dumps({"text": result.text}).encode()
-    )
     return web.Response(
-        body=body, content_type="application/json", headers={"x-minima-cache": _header(label)}
+        body=_body(result, parsed.endpoint),
+        content_type="application/json",
+        headers={"x-minima-cache": _header(label)},
     )
+
+
+def _body(result: MinimaLlmResponse, endpoint: str) -> bytes:
+    if result.raw_text:
+        return result.raw_text.encode("utf-8")
+    # A row from an older cache may hold only the text; clients still need OpenAI's shape.
+    choice: dict[str, Any] = (
+        {"message": {"role": "assistant", "content": result.text}}
+        if endpoint == CHAT
+        else {"text": result.text}
+    )
+    completion = {
+        "id": f"cached-{result.request_id}",
+        "object": "chat.completion" if endpoint == CHAT else "text_completion",
+        "created": int(time.time()),
+        "model": result.model or "",
+        "choices": [{"index": 0, **choice, "finish_reason": "stop"}],
+    }
+    return json.dumps(completion).encode("utf-8")
 
 
 def _token_source(label: str) -> str:

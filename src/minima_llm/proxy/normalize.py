@@ -195,7 +195,8 @@ def _number(body: dict[str, Any], name: str, low: float, high: float) -> float |
         return None
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
         raise RequestError(400, f"'{name}' must be a number from {low} to {high}", param=name)
-    return value
+    # JSON clients send 0 where the client library has 0.0; both are one cache key.
+    return float(value)
 
 
 def _max_tokens(body: dict[str, Any]) -> int | None:

@@ -12,6 +12,14 @@ from ..errors import ConfigError
 
 DEFAULT_PORT = 8990
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
+_FLAGS = (
+    "allow_unauthenticated",
+    "partition_cache_by_key",
+    "pass_through_client_key",
+    "force_model",
+    "strict_params",
+    "verbose",
+)
 
 
 @dataclass(frozen=True)
@@ -33,11 +41,13 @@ class ProxySettings:
     health_check_timeout_s: float = 2.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.api_keys, str):
-            object.__setattr__(self, "api_keys", _split_keys(self.api_keys))
-        object.__setattr__(self, "api_keys", tuple(self.api_keys))
-        if not all(isinstance(k, str) and k for k in self.api_keys):
-            raise ConfigError("proxy.api_keys", "<hidden>", "non-empty strings")
+        object.__setattr__(self, "api_keys", _keys(self.api_keys))
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError("proxy.host", self.host, "a host name or IP address")
+        for name in _FLAGS:
+            # A quoted YAML "false" is a truthy string; allow_unauthenticated must not guess.
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"proxy.{name}", getattr(self, name), "true or false")
         _check_int("proxy.port", self.port, 0, 65535)
         _check_int("proxy.max_body_bytes", self.max_body_bytes, 1024, 2**31)
         _check_int("proxy.log_every", self.log_every, 0, 2**31)
@@ -119,6 +129,17 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _keys(value: Any) -> tuple[str, ...]:
+    if value is None:  # what YAML gives for an empty "api_keys:" line
+        return ()
+    if isinstance(value, str):
+        return _split_keys(value)
+    keys = tuple(value) if isinstance(value, (list, tuple, set, frozenset)) else None
+    if keys is None or not all(isinstance(k, str) and k for k in keys):
+        raise ConfigError("proxy.api_keys", "<hidden>", "a list of non-empty strings")
+    return keys
 
 
 def _split_keys(text: str) -> tuple[str, ...]:

@@ -1,0 +1,129 @@
+"""``minimallm-proxy`` configuration: environment, YAML ``proxy:`` section, flags, exposure check."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import pytest
+
+from minima_llm.errors import ConfigError, MinimaLlmError
+from minima_llm.proxy import cli
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No stray configuration from the machine running the tests."""
+    for name in list(os.environ):
+        if name.startswith(("MINIMA_PROXY_", "OPENAI_")) or name in ("CACHE_DIR", "RPM"):
+            monkeypatch.delenv(name)
+
+
+def args(*argv: str) -> argparse.Namespace:
+    return cli._parser().parse_args(list(argv))
+
+
+def write_yaml(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://upstream.test/v1")
+    monkeypatch.setenv("OPENAI_MODEL", "env-model")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-upstream")
+    monkeypatch.setenv("CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("MINIMA_PROXY_API_KEYS", "k1, k2")
+    monkeypatch.setenv("MINIMA_PROXY_LOG_EVERY", "7")
+    monkeypatch.setenv("MINIMA_PROXY_PARTITION_CACHE", "true")
+    config, settings = cli.load(args())
+    assert (config.model, config.api_key, config.cache_dir) == (
+        "env-model",
+        "sk-upstream",
+        str(tmp_path),
+    )
+    assert config.base_url.startswith("http://upstream.test")
+    assert settings.api_keys == ("k1", "k2") and settings.log_every == 7
+    assert settings.partition_cache_by_key
+    assert (settings.host, settings.port) == ("127.0.0.1", 8990)
+
+
+def test_environment_must_name_the_upstream() -> None:
+    with pytest.raises(ConfigError) as info:
+        cli.load(args())
+    assert info.value.field == "OPENAI_BASE_URL"
+
+
+YAML = """\
+base_url: http://yaml-upstream.test/v1
+model: yaml-model
+rpm: 0
+proxy:
+  port: 9001
+  api_keys: [ya, yb]
+  verbose: true
+  strict_params: true
+"""
+
+
+def test_from_yaml_with_a_proxy_section(tmp_path: Path) -> None:
+    config, settings = cli.load(args("--config", write_yaml(tmp_path, YAML)))
+    assert config.model == "yaml-model" and config.rpm == 0
+    assert settings.port == 9001 and settings.api_keys == ("ya", "yb")
+    assert settings.verbose and settings.strict_params and not settings.force_model
+
+
+def test_flags_override(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, YAML)
+    _, settings = cli.load(args("-c", path, "--host", "0.0.0.0", "--port", "9100", "--force-model"))
+    assert (settings.host, settings.port, settings.force_model) == ("0.0.0.0", 9100, True)
+    assert settings.api_keys == ("ya", "yb")  # keys configured, so 0.0.0.0 is allowed
+
+
+def test_environment_keys_apply_over_yaml(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MINIMA_PROXY_API_KEYS", "from-env")
+    _, settings = cli.load(args("-c", write_yaml(tmp_path, YAML)))
+    assert settings.api_keys == ("from-env",)
+
+
+def test_open_host_without_keys_is_refused(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "base_url: http://u.test/v1\nmodel: m\n")
+    with pytest.raises(ConfigError) as info:
+        cli.load(args("-c", path, "--host", "0.0.0.0"))
+    assert info.value.field == "proxy.host" and "0.0.0.0" in str(info.value)
+    _, settings = cli.load(args("-c", path, "--host", "0.0.0.0", "--allow-unauthenticated"))
+    assert settings.allow_unauthenticated
+    _, settings = cli.load(args("-c", path, "--host", "::1"))
+    assert settings.host == "::1"
+
+
+@pytest.mark.parametrize(
+    ("proxy", "error"),
+    [
+        ("proxy:\n  bogus: 1\n", ConfigError),
+        ("proxy: [1, 2]\n", MinimaLlmError),
+        ("proxy:\n  port: nine\n", ConfigError),
+        ("proxy:\n  api_keys: 12345\n", ConfigError),
+        ('proxy:\n  host: 0.0.0.0\n  allow_unauthenticated: "false"\n', ConfigError),
+    ],
+)
+def test_bad_proxy_section(tmp_path: Path, proxy: str, error: type[Exception]) -> None:
+    path = write_yaml(tmp_path, "base_url: http://u.test/v1\nmodel: m\n" + proxy)
+    with pytest.raises(error):
+        cli.load(args("-c", path))
+
+
+def test_main_reports_bad_config_without_starting(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = write_yaml(tmp_path, "base_url: http://u.test/v1\nmodel: m\n")
+    assert cli.main(["-c", path, "--host", "0.0.0.0"]) == 2
+    assert "proxy.host" in capsys.readouterr().err
+
+
+def test_empty_keys_line_means_no_keys(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "base_url: http://u.test/v1\nmodel: m\nproxy:\n  api_keys:\n")
+    _, settings = cli.load(args("-c", path))
+    assert settings.api_keys == () and not settings.auth_enabled

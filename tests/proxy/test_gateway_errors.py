@@ -1,0 +1,138 @@
+"""Bad requests and upstream trouble come back as OpenAI-shaped JSON errors, never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from gateway_harness import Reply, chat_body, closed_port_url, serve
+
+from minima_llm.proxy import ProxySettings
+from minima_llm.testing import MockServer
+
+
+def error_of(reply: Reply, status: int) -> dict[str, object]:
+    """The ``error`` object of an OpenAI-shaped error answer with ``status``."""
+    assert reply.status == status, reply.text
+    assert reply.headers["Content-Type"].startswith("application/json")
+    assert "Traceback" not in reply.text and 'File "' not in reply.text
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    return dict(error)
+
+
+async def test_malformed_json(mock: MockServer, tmp_path: Path) -> None:
+    async with serve(mock.url, tmp_path) as gw:
+        reply = await gw.request(
+            "POST", "/v1/chat/completions", data=b'{"model": "m", "messages": [', headers={}
+        )
+        error = error_of(reply, 400)
+        assert error["type"] == "invalid_request_error"
+        assert "JSON" in str(error["message"])
+        error_of(await gw.request("POST", "/v1/chat/completions", data=b"\xff\xfe"), 400)
+
+
+async def test_validation_error_over_http(mock: MockServer, tmp_path: Path) -> None:
+    async with serve(mock.url, tmp_path) as gw:
+        error = error_of(await gw.chat("hi", temperature=5), 400)
+        assert error["param"] == "temperature"
+        error = error_of(await gw.post("/v1/embeddings", {"input": "x", "stream": True}), 400)
+        assert error["param"] == "stream"
+        strict = ProxySettings(port=0, strict_params=True)
+    async with serve(mock.url, tmp_path, strict) as gw:
+        assert error_of(await gw.chat("hi", top_k=3), 400)["param"] == "top_k"
+    assert mock.stats()["requests"] == 0
+
+
+async def test_body_too_large(mock: MockServer, tmp_path: Path) -> None:
+    async with serve(mock.url, tmp_path, ProxySettings(port=0, max_body_bytes=2048)) as gw:
+        error = error_of(await gw.chat("x" * 4000), 413)
+        assert error["type"] == "invalid_request_error"
+        assert (await gw.chat("x" * 100)).status == 200
+
+
+async def test_unknown_route_and_wrong_method(mock: MockServer, tmp_path: Path) -> None:
+    async with serve(mock.url, tmp_path) as gw:
+        missing = error_of(await gw.post("/v1/nothing/here", {}), 404)
+        assert missing["code"] == "not_found" and "/v1/nothing/here" in str(missing["message"])
+        error_of(await gw.get("/v2/models"), 404)
+        wrong = await gw.get("/v1/chat/completions")
+        error_of(wrong, 405)
+        assert "POST" in wrong.headers["Allow"]
+        error_of(await gw.post("/health", {}), 405)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_upstream_down(tmp_path: Path, stream: bool) -> None:
+    async with serve(closed_port_url(), tmp_path, max_attempts=2) as gw:
+        error = error_of(await gw.chat("anyone there", stream=stream), 502)
+        assert error["type"] == "upstream_error" and error["code"] == "upstream_error"
+        assert "ConnectionError" in str(error["message"])
+        assert "2 attempt(s)" in str(error["message"])
+
+
+async def test_upstream_stopped(mock: MockServer, tmp_path: Path) -> None:
+    async with serve(mock.url, tmp_path, max_attempts=1) as gw:
+        assert (await gw.chat("before")).status == 200
+        await mock.stop()
+        error_of(await gw.chat("after"), 502)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_upstream_503_storm(mock: MockServer, tmp_path: Path, stream: bool) -> None:
+    mock.fail_next(10, status=503)
+    async with serve(mock.url, tmp_path, max_attempts=3) as gw:
+        error = error_of(await gw.chat("busy", stream=stream), 503)
+        assert "HTTP 503" in str(error["message"])
+        assert mock.stats()["requests"] == 3
+
+
+async def test_upstream_500_is_a_bad_gateway(mock: MockServer, tmp_path: Path) -> None:
+    mock.fail_next(10, status=500)
+    async with serve(mock.url, tmp_path, max_attempts=2) as gw:
+        error_of(await gw.chat("broken"), 502)
+
+
+async def test_upstream_429_storm(mock: MockServer, tmp_path: Path) -> None:
+    mock.fail_next(10, status=429, headers={"Retry-After": "0"})
+    async with serve(mock.url, tmp_path, max_attempts=2) as gw:
+        assert error_of(await gw.chat("limited"), 429)["type"] == "rate_limit_error"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_upstream_timeout(mock: MockServer, tmp_path: Path, stream: bool) -> None:
+    mock.fail_next(10, mode="timeout", sleep_s=2.0)
+    async with serve(mock.url, tmp_path, timeout_s=0.2, max_attempts=2) as gw:
+        error = error_of(await gw.chat("slow", stream=stream), 504)
+        assert "TimeoutError" in str(error["message"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_upstream_400_keeps_its_message(
+    mock: MockServer, tmp_path: Path, stream: bool
+) -> None:
+    upstream_error = {
+        "error": {
+            "message": "This model's maximum context length is 8 tokens",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
+    }
+    mock.fail_next(1, status=400, body=upstream_error)
+    async with serve(mock.url, tmp_path) as gw:
+        error = error_of(await gw.chat("too long", stream=stream), 400)
+        assert "maximum context length is 8 tokens" in str(error["message"])
+        assert error["type"] == "invalid_request_error"
+        assert mock.stats()["requests"] == 1  # a 400 is not retried
+        assert (await gw.chat("too long", stream=stream)).status == 200  # and not cached
+
+
+async def test_errors_are_counted_by_status(mock: MockServer, tmp_path: Path) -> None:
+    async with serve(mock.url, tmp_path) as gw:
+        await gw.post("/nope", {})
+        await gw.request("POST", "/v1/completions", data=b"{")
+        await gw.post("/v1/completions", chat_body("no prompt"))
+        by_status = (await gw.get("/metrics")).json()["by_status"]
+        assert by_status == {"400": 2, "404": 1}

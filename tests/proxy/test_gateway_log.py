@@ -1,0 +1,93 @@
+"""The operator's log: a line per live call and per failure, a summary every N requests."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from gateway_harness import serve
+
+from minima_llm.proxy import ProxySettings
+from minima_llm.proxy.log import ProxyLog
+from minima_llm.testing import MockServer
+
+LOGGER = "minima_llm.proxy"
+
+
+def lines(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
+    return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == LOGGER]
+
+
+@pytest.mark.parametrize(
+    ("verbose", "expected"),
+    [
+        (
+            False,
+            [
+                (logging.INFO, "/r model=m miss 200 10ms a"),
+                (logging.WARNING, "/r model=m failed 502 30ms boom"),
+                (logging.INFO, "/r model=m refresh 200 10ms"),
+                (logging.INFO, "4 requests: 1 cache hits, 2 llm calls, 1 failed"),
+            ],
+        ),
+        (
+            True,
+            [
+                (logging.INFO, "/r model=m miss 200 10ms a"),
+                (logging.INFO, "/r model=m hit 200 20ms"),
+                (logging.WARNING, "/r model=m failed 502 30ms boom"),
+                (logging.INFO, "/r model=m refresh 200 10ms"),
+                (logging.INFO, "4 requests: 1 cache hits, 2 llm calls, 1 failed"),
+                (logging.INFO, "/r model=m coalesced 200 10ms"),
+            ],
+        ),
+    ],
+)
+def test_proxy_log_lines(
+    caplog: pytest.LogCaptureFixture, verbose: bool, expected: list[tuple[int, str]]
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    log = ProxyLog(every=4, verbose=verbose)
+    log.answered("miss", "/r", "m", 200, 0.01, "a")
+    log.answered("hit", "/r", "m", 200, 0.02)
+    log.answered("failed", "/r", "m", 502, 0.03, "boom")
+    log.answered("refresh", "/r", "m", 200, 0.01)
+    log.answered("coalesced", "/r", "m", 200, 0.01)
+    assert lines(caplog) == expected
+
+
+def test_summary_can_be_turned_off(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    log = ProxyLog(every=0)
+    for _ in range(5):
+        log.answered("hit", "/r", "m", 200, 0.0)
+    assert lines(caplog) == []
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+async def test_gateway_log(
+    mock: MockServer, tmp_path: Path, caplog: pytest.LogCaptureFixture, verbose: bool
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    settings = ProxySettings(port=0, log_every=5, verbose=verbose)
+    async with serve(mock.url, tmp_path, settings, max_attempts=1) as gw:
+        await gw.chat("logged")  # live
+        await gw.chat("logged")  # hit
+        await gw.chat("logged", stream=True)  # hit, replayed
+        mock.fail_next(1, status=500)
+        await gw.chat("fails")  # failed
+        mock.fail_next(1, mode="truncate_stream")
+        await gw.chat("cut short on the way", stream=True)  # failed mid-stream
+        await gw.get("/health")  # not an answer: not counted
+    got = [text for _, text in lines(caplog)]
+    live = [t for t in got if " miss " in t]
+    assert len(live) == 1 and live[0].startswith("/v1/chat/completions model=mock-model miss 200")
+    failed = [t for t in got if " failed " in t]
+    assert len(failed) == 2
+    assert "HTTPError" in failed[0] and " 502 " in failed[0]
+    assert "stream interrupted" in failed[1]
+    hits = [t for t in got if " hit " in t]
+    assert len(hits) == (2 if verbose else 0)
+    assert got[-1] == "5 requests: 2 cache hits, 1 llm calls, 2 failed"
+    assert len(got) == len(live) + len(failed) + len(hits) + 1

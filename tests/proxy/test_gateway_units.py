@@ -1,0 +1,356 @@
+"""Pure decisions of the gateway: request normalisation, failure statuses, settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from multidict import CIMultiDict
+
+from minima_llm import MinimaLlmFailure
+from minima_llm.cache import cache_key
+from minima_llm.errors import ConfigError
+from minima_llm.proxy import ProxySettings
+from minima_llm.proxy.errors import RequestError, failure_response, failure_status
+from minima_llm.proxy.normalize import CHAT, COMPLETIONS, EMBEDDINGS, Parsed, parse_body
+
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+def parse(
+    body: Any,
+    endpoint: str = CHAT,
+    *,
+    strict: bool = False,
+    force_model: bool = False,
+    headers: dict[str, str] | None = None,
+) -> Parsed:
+    return parse_body(
+        endpoint, body, "default-model", force_model, strict, CIMultiDict(headers or {})
+    )
+
+
+def key(parsed: Parsed) -> str:
+    r = parsed.request
+    return cache_key(r.model or "", r.messages, r.temperature, r.max_tokens, r.extra)[0]
+
+
+# Pairs of bodies that ask the same question, so must share one cache key.
+SAME_KEY = [
+    pytest.param(
+        {"model": "m", "messages": MSGS, "temperature": 0.5, "seed": 7, "stop": ["x"]},
+        {"stop": ["x"], "seed": 7, "temperature": 0.5, "messages": MSGS, "model": "m"},
+        id="json-key-order",
+    ),
+    pytest.param(
+        {"model": "m", "messages": MSGS, "response_format": {"type": "json_object", "a": 1}},
+        {"messages": MSGS, "response_format": {"a": 1, "type": "json_object"}, "model": "m"},
+        id="nested-key-order",
+    ),
+    pytest.param(
+        {"model": "m", "messages": MSGS},
+        {"model": "m", "messages": MSGS, "stream": True},
+        id="stream",
+    ),
+    pytest.param(
+        {"model": "m", "messages": MSGS},
+        {"model": "m", "messages": MSGS, "stream": True, "stream_options": {"include_usage": True}},
+        id="stream_options",
+    ),
+    pytest.param(
+        {"model": "m", "messages": MSGS},
+        {"model": "m", "messages": MSGS, "user": "alice"},
+        id="user",
+    ),
+    pytest.param(
+        {"model": "m", "messages": MSGS},
+        {"model": "m", "messages": MSGS, "cache": {"no-store": True}},
+        id="cache-directive",
+    ),
+    pytest.param(
+        {"model": "m", "messages": MSGS},
+        {
+            "model": "m",
+            "messages": MSGS,
+            "n": 1,
+            "top_p": 1,
+            "presence_penalty": 0,
+            "frequency_penalty": 0.0,
+            "logprobs": False,
+            "seed": None,
+            "stop": None,
+            "response_format": {"type": "text"},
+            "parallel_tool_calls": True,
+        },
+        id="openai-defaults",
+    ),
+    pytest.param(
+        {"model": "m", "messages": MSGS, "max_tokens": 64},
+        {"model": "m", "messages": MSGS, "max_completion_tokens": 64},
+        id="max_completion_tokens",
+    ),
+    pytest.param(
+        {"model": "m", "messages": MSGS, "temperature": 0},
+        {"model": "m", "messages": MSGS, "temperature": 0.0},
+        id="temperature-int-or-float",
+    ),
+    pytest.param(
+        {"messages": MSGS}, {"model": "default-model", "messages": MSGS}, id="default-model"
+    ),
+]
+
+
+@pytest.mark.parametrize(("a", "b"), SAME_KEY)
+def test_same_question_same_key(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert key(parse(a)) == key(parse(b))
+
+
+DIFFERENT_KEY = [
+    pytest.param({"temperature": 0.5}, {"temperature": 0.7}, id="temperature"),
+    pytest.param({}, {"n": 2}, id="n"),
+    pytest.param({}, {"top_p": 0.9}, id="top_p"),
+    pytest.param({}, {"seed": 1}, id="seed"),
+    pytest.param({}, {"model": "other"}, id="model"),
+    pytest.param({"max_tokens": 5}, {"max_tokens": 6}, id="max_tokens"),
+]
+
+
+@pytest.mark.parametrize(("a", "b"), DIFFERENT_KEY)
+def test_different_question_different_key(a: dict[str, Any], b: dict[str, Any]) -> None:
+    base = {"model": "m", "messages": MSGS}
+    assert key(parse({**base, **a})) != key(parse({**base, **b}))
+
+
+def test_client_library_key_matches() -> None:
+    """A chat body keys exactly like the client's own request with the same fields."""
+    parsed = parse({"model": "m", "messages": MSGS, "temperature": 0, "max_tokens": 9, "user": "u"})
+    assert parsed.request.extra == {}
+    assert key(parsed) == cache_key("m", MSGS, 0.0, 9, None)[0]
+
+
+def test_parameters_kept_for_the_upstream() -> None:
+    parsed = parse({"model": "m", "messages": MSGS, "top_p": 0.5, "n": 1, "tools": [{"x": 1}]})
+    assert parsed.request.extra == {"top_p": 0.5, "tools": [{"x": 1}]}
+    assert parsed.request.max_tokens is None and parsed.request.temperature is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "stream", "include_usage"),
+    [
+        ({}, False, True),
+        ({"stream": False}, False, True),
+        ({"stream": True}, True, False),
+        ({"stream": True, "stream_options": {"include_usage": True}}, True, True),
+        ({"stream": True, "stream_options": {"include_usage": False}}, True, False),
+        ({"stream": None}, False, True),
+    ],
+)
+def test_stream_flags(extra: dict[str, Any], stream: bool, include_usage: bool) -> None:
+    parsed = parse({"model": "m", "messages": MSGS, **extra})
+    assert (parsed.stream, parsed.include_usage) == (stream, include_usage)
+
+
+@pytest.mark.parametrize(
+    ("headers", "cache", "no_cache", "no_store"),
+    [
+        ({}, None, False, False),
+        ({"Cache-Control": "no-cache"}, None, True, False),
+        ({"cache-control": "no-store"}, None, False, True),
+        ({"Cache-Control": "No-Cache, no-store"}, None, True, True),
+        ({"Cache-Control": "max-age=0"}, None, False, False),
+        ({}, {"no-cache": True}, True, False),
+        ({}, {"no_store": True}, False, True),
+        ({}, {"no-cache": False}, False, False),
+    ],
+)
+def test_cache_directives(
+    headers: dict[str, str], cache: Any, no_cache: bool, no_store: bool
+) -> None:
+    body: dict[str, Any] = {"model": "m", "messages": MSGS}
+    if cache is not None:
+        body["cache"] = cache
+    parsed = parse(body, headers=headers)
+    assert (parsed.no_cache, parsed.no_store) == (no_cache, no_store)
+
+
+def test_force_model_and_default_model() -> None:
+    assert parse({"model": "x", "messages": MSGS}, force_model=True).model == "default-model"
+    assert parse({"messages": MSGS}).request.model == "default-model"
+    assert parse({"model": "x", "messages": MSGS}).request.model == "x"
+
+
+INVALID = [
+    (CHAT, [1, 2], None),
+    (CHAT, {"model": "m"}, "messages"),
+    (CHAT, {"messages": "hi"}, "messages"),
+    (CHAT, {"messages": []}, "messages"),
+    (CHAT, {"messages": ["hi"]}, "messages[0]"),
+    (CHAT, {"messages": [{"content": "no role"}]}, "messages[0]"),
+    (CHAT, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    (CHAT, {"messages": MSGS, "model": 5}, "model"),
+    (CHAT, {"messages": MSGS, "temperature": 2.5}, "temperature"),
+    (CHAT, {"messages": MSGS, "temperature": -0.1}, "temperature"),
+    (CHAT, {"messages": MSGS, "temperature": "hot"}, "temperature"),
+    (CHAT, {"messages": MSGS, "temperature": True}, "temperature"),
+    (CHAT, {"messages": MSGS, "max_tokens": 0}, "max_tokens"),
+    (CHAT, {"messages": MSGS, "max_tokens": "10"}, "max_tokens"),
+    (CHAT, {"messages": MSGS, "max_tokens": 1.5}, "max_tokens"),
+    (CHAT, {"messages": MSGS, "max_completion_tokens": 0}, "max_completion_tokens"),
+    (CHAT, {"messages": MSGS, "stream": "yes"}, "stream"),
+    (CHAT, {"messages": MSGS, "stream": True, "stream_options": "x"}, "stream_options"),
+    (CHAT, {"messages": MSGS, "cache": "no-cache"}, "cache"),
+    (COMPLETIONS, {"model": "m"}, "prompt"),
+    (COMPLETIONS, {"model": "m", "prompt": ""}, "prompt"),
+    (EMBEDDINGS, {"model": "m"}, "input"),
+    (EMBEDDINGS, {"model": "m", "input": []}, "input"),
+    (EMBEDDINGS, {"model": "m", "input": "x", "stream": True}, "stream"),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "body", "param"), INVALID)
+def test_invalid_bodies(endpoint: str, body: Any, param: str | None) -> None:
+    with pytest.raises(RequestError) as info:
+        parse(body, endpoint)
+    assert info.value.status == 400
+    assert info.value.param == param
+    assert str(info.value)
+
+
+def test_valid_completions_and_embeddings() -> None:
+    text = parse({"model": "m", "prompt": "p", "echo": False, "stream": True}, COMPLETIONS)
+    assert text.request.messages == [] and text.request.extra == {"prompt": "p"} and text.stream
+    emb = parse({"model": "m", "input": ["a"], "encoding_format": "float"}, EMBEDDINGS)
+    assert emb.request.extra == {"input": ["a"]}
+
+
+def test_strict_mode_rejects_unknown_parameters() -> None:
+    body = {"model": "m", "messages": MSGS, "top_k": 5}
+    assert parse(body).request.extra == {"top_k": 5}  # lenient: passed to the upstream
+    with pytest.raises(RequestError) as info:
+        parse(body, strict=True)
+    assert (info.value.status, info.value.param) == (400, "top_k")
+    known = {"model": "m", "messages": MSGS, "user": "u", "seed": 1, "stream": False}
+    assert parse(known, strict=True).request.extra == {"seed": 1}
+    with pytest.raises(RequestError) as info:
+        parse({"model": "m", "input": "x", "messages": MSGS}, EMBEDDINGS, strict=True)
+    assert info.value.param == "messages"
+
+
+def _failure(error_type: str, status: int | None, snippet: str | None = None) -> MinimaLlmFailure:
+    return MinimaLlmFailure("r", error_type, "msg", 3, status=status, body_snippet=snippet)
+
+
+@pytest.mark.parametrize(
+    ("error_type", "status", "answer"),
+    [
+        ("TimeoutError", 408, 504),
+        ("TimeoutError", None, 504),
+        ("ConnectionError", None, 502),
+        ("ConnectionResetError", None, 502),
+        ("HTTPError", 503, 503),
+        ("HTTPError", 504, 504),
+        ("HTTPError", 500, 502),
+        ("HTTPError", 502, 502),
+        ("HTTPError", 429, 429),
+        ("HTTPError", 400, 400),
+        ("HTTPError", 401, 401),
+        ("HTTPError", 404, 404),
+        ("MalformedResponse", 200, 502),
+    ],
+)
+def test_failure_status(error_type: str, status: int | None, answer: int) -> None:
+    assert failure_status(_failure(error_type, status)) == answer
+
+
+def test_failure_response_carries_the_upstream_message() -> None:
+    snippet = '{"error": {"message": "context length exceeded", "type": "x"}}'
+    resp = failure_response(_failure("HTTPError", 400, snippet))
+    assert resp.status == 400
+    assert resp.text is not None and "context length exceeded" in resp.text
+    assert '"invalid_request_error"' in resp.text
+    down = failure_response(_failure("ConnectionError", None))
+    assert down.status == 502 and down.text is not None and '"upstream_error"' in down.text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"port": -1}, "proxy.port"),
+        ({"port": 70000}, "proxy.port"),
+        ({"port": "80"}, "proxy.port"),
+        ({"port": True}, "proxy.port"),
+        ({"max_body_bytes": 10}, "proxy.max_body_bytes"),
+        ({"log_every": -1}, "proxy.log_every"),
+        ({"shutdown_timeout_s": 0}, "proxy.shutdown_timeout_s"),
+        ({"health_check_timeout_s": -1}, "proxy.health_check_timeout_s"),
+        ({"api_keys": ("good-secret-1", "")}, "proxy.api_keys"),
+        ({"partition_cache_by_key": True}, "proxy.partition_cache_by_key"),
+        ({"api_keys": 123}, "proxy.api_keys"),
+        ({"api_keys": ("good-secret-1", 5)}, "proxy.api_keys"),
+        ({"allow_unauthenticated": "false"}, "proxy.allow_unauthenticated"),
+        ({"verbose": 1}, "proxy.verbose"),
+        ({"host": ""}, "proxy.host"),
+        ({"host": None}, "proxy.host"),
+    ],
+)
+def test_settings_validation(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        ProxySettings(**kwargs)
+    assert info.value.field == field
+    assert "good-secret-1" not in str(info.value)
+
+
+def test_settings_values() -> None:
+    assert ProxySettings(api_keys="a, b,,c ").api_keys == ("a", "b", "c")  # type: ignore[arg-type]
+    assert ProxySettings(api_keys=["x"]).api_keys == ("x",)  # type: ignore[arg-type]
+    assert ProxySettings(api_keys=None).api_keys == ()  # type: ignore[arg-type]
+    assert not ProxySettings().auth_enabled and ProxySettings(api_keys=("k",)).auth_enabled
+    with pytest.raises(ConfigError) as info:
+        ProxySettings.from_mapping({"port": 1, "bogus": 2})
+    assert info.value.field == "proxy.bogus"
+    env = {
+        "MINIMA_PROXY_API_KEYS": "k1,k2",
+        "MINIMA_PROXY_LOG_EVERY": "7",
+        "MINIMA_PROXY_STRICT_PARAMS": "yes",
+        "MINIMA_PROXY_PASS_THROUGH_KEY": "0",
+    }
+    assert ProxySettings.env_overrides(env) == {
+        "api_keys": ("k1", "k2"),
+        "log_every": 7,
+        "strict_params": True,
+        "pass_through_client_key": False,
+    }
+    with pytest.raises(ConfigError):
+        ProxySettings.env_overrides({"MINIMA_PROXY_MAX_BODY_BYTES": "lots"})
+
+
+def test_repr_hides_keys() -> None:
+    settings = ProxySettings(api_keys=("sk-secret-one", "sk-secret-two"), port=9000)
+    text = repr(settings)
+    assert "sk-secret" not in text and "<2 keys>" in text and "port=9000" in text
+    assert "sk-secret" not in str(settings)
+
+
+@pytest.mark.parametrize(
+    ("host", "keys", "allow", "refused"),
+    [
+        ("0.0.0.0", (), False, True),
+        ("0.0.0.0", ("k",), False, False),
+        ("0.0.0.0", (), True, False),
+        ("::", (), False, True),
+        ("192.168.1.5", (), False, True),
+        ("example.com", (), False, True),
+        ("127.0.0.1", (), False, False),
+        ("127.0.0.2", (), False, False),
+        ("::1", (), False, False),
+        ("localhost", (), False, False),
+    ],
+)
+def test_check_exposure(host: str, keys: tuple[str, ...], allow: bool, refused: bool) -> None:
+    settings = ProxySettings(host=host, api_keys=keys, allow_unauthenticated=allow)
+    if not refused:
+        settings.check_exposure()
+        return
+    with pytest.raises(ConfigError) as info:
+        settings.check_exposure()
+    assert info.value.field == "proxy.host"
