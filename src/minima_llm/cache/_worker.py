@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CacheError
+from ..loopbound import LoopBound
 
 log = logging.getLogger("minima_llm.cache")
 
@@ -52,6 +53,7 @@ class ConnectionWorker:
         # Guards _stopped against a racing put: a job queued after _STOP would never be answered.
         self._lock = threading.Lock()
         self._stopped = False
+        self._outbox: LoopBound[list[_Job]] = LoopBound(list)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.batches = 0
         self.jobs = 0
@@ -65,11 +67,41 @@ class ConnectionWorker:
             raise self._open_error
 
     def submit(self, payload: Any) -> asyncio.Future[Any]:
-        """Queue a payload; the future resolves with its result on the caller's loop."""
+        """Queue a payload; the future resolves with its result on the caller's loop.
+
+        Payloads submitted during one pass of the event loop go to the thread
+        together, so a burst of lookups or writes costs one wake-up, not one each.
+        """
+        if self._stopped:
+            raise CacheError(f"{self._thread.name}: used after close")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        self._put(_Job(payload, fut, loop))
+        outbox = self._outbox.get()
+        outbox.append(_Job(payload, fut, loop))
+        if len(outbox) == 1:
+            loop.call_soon(self._flush, outbox)
         return fut
+
+    @property
+    def stopped(self) -> bool:
+        """Whether ``stop`` has been called."""
+        return self._stopped
+
+    def flush_pending(self) -> None:
+        """Hand this loop's not-yet-sent payloads to the thread now (before a stop)."""
+        outbox = self._outbox.get()
+        if outbox:
+            self._flush(outbox)
+
+    def _flush(self, outbox: list[_Job]) -> None:
+        jobs = outbox[:]
+        outbox.clear()
+        try:
+            self._put(jobs)
+        except CacheError as exc:
+            for job in jobs:
+                if job.future is not None and not job.future.done():
+                    job.future.set_exception(exc)
 
     def call_sync(self, payload: Any, timeout: float = 60.0) -> Any:
         """Run one payload from synchronous code and wait for its result."""
@@ -119,6 +151,8 @@ class ConnectionWorker:
         while True:
             if item is _STOP:
                 running = False
+            elif isinstance(item, list):
+                jobs.extend(item)
             else:
                 jobs.append(item)
             if len(jobs) >= self._max_batch:

@@ -7,6 +7,7 @@ processes may share the file.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sqlite3
@@ -31,6 +32,9 @@ _COLUMN_NAMES = ("key", "response_text", "response_raw", "created_at", "model", 
 _COLUMNS = ", ".join(_COLUMN_NAMES)
 # Well under SQLite's bound-parameter limit on every build we support.
 _CHUNK = 500
+_WRITE_CHUNK = _CHUNK // 6  # six parameters a row
+_INSERT = f"INSERT OR REPLACE INTO cache ({_COLUMNS}) VALUES"
+_ROW_MARKS = "(?, ?, ?, ?, ?, ?)"
 # Other processes may hold the write lock; wait this long before giving up on a write.
 BUSY_TIMEOUT_S = 60.0
 
@@ -109,17 +113,17 @@ class SqliteStore:
 
     def _write_batch(self, conn: sqlite3.Connection, batches: list[list[CacheRow]]) -> list[Any]:
         rows = [row for batch in batches for row in batch]
-        values = [
-            (r.key, r.response_text, r.response_raw, r.created_at, r.model, r.canonical)
-            for r in rows
-        ]
 
         def commit() -> None:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(
-                    f"INSERT OR REPLACE INTO cache ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", values
-                )
+                # One multi-row statement per chunk rather than executemany: the sqlite3
+                # module releases the GIL around every step, and each release lets the
+                # busy event-loop thread in, costing a thread switch per row.
+                for start in range(0, len(rows), _WRITE_CHUNK):
+                    chunk = rows[start : start + _WRITE_CHUNK]
+                    marks = ",".join([_ROW_MARKS] * len(chunk))
+                    conn.execute(f"{_INSERT} {marks}", [v for row in chunk for v in row])
                 conn.execute("COMMIT")
             except BaseException:
                 # A failed COMMIT (disk full, I/O error) leaves the transaction open;
@@ -168,8 +172,9 @@ class SqliteStore:
 
     async def aclose(self) -> None:
         """Finish pending writes and close the connections."""
-        import asyncio
-
+        for worker in (self._writer, self._reader):
+            if worker is not None and not worker.stopped:
+                worker.flush_pending()
         await asyncio.to_thread(self.close)
 
     def close(self) -> None:
