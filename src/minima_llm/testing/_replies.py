@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -19,6 +20,10 @@ _PER_MESSAGE_TOKENS = 3
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 # Split after whitespace and before a word, so the pieces concatenate to the exact text.
 _WORD_BOUNDARY = re.compile(r"(?<=\s)(?=\S)")
+
+# Answers a chat in a special format (DSPy's, say) from its (role, content) messages
+# and the request payload, or returns None to leave it to ``reply_text``.
+Responder = Callable[[Sequence[tuple[str, str]], Mapping[str, Any]], str | None]
 
 
 class RequestError(ValueError):
@@ -109,8 +114,8 @@ def load_object(raw: bytes) -> dict[str, Any]:
     return payload
 
 
-def parse_chat(raw: bytes, default_model: str) -> Reply:
-    """Build the reply to a ``/chat/completions`` body."""
+def parse_chat(raw: bytes, default_model: str, responder: Responder | None = None) -> Reply:
+    """Build the reply to a ``/chat/completions`` body; ``responder`` may answer it instead."""
     payload = load_object(raw)
     messages = payload.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -120,7 +125,12 @@ def parse_chat(raw: bytes, default_model: str) -> Reply:
     users = [
         text for message, text in zip(messages, contents, strict=True) if message["role"] == "user"
     ]
-    choice = truncate_words(reply_text(users[-1] if users else contents[-1]), _max_tokens(payload))
+    text = None
+    if responder is not None:
+        text = responder([(m["role"], c) for m, c in zip(messages, contents, strict=True)], payload)
+    if text is None:
+        text = reply_text(users[-1] if users else contents[-1])
+    choice = truncate_words(text, _max_tokens(payload))
     return Reply(
         kind="chat",
         id="chatcmpl-" + _short_hash(raw),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
@@ -12,6 +13,7 @@ from aiohttp import web
 
 from ._config import MockConfig
 from ._control import add_control_routes
+from ._dspy_replies import DSPyReplies
 from ._embeddings import render_embeddings
 from ._faults import Fault, FaultQueue, draw_fault
 from ._ratelimit import TokenBucket
@@ -55,6 +57,7 @@ class MockServer:
     def __init__(self, config: MockConfig | None = None, *, shutdown_timeout: float = 1.0) -> None:
         self._stats = MockStats()
         self._faults = FaultQueue()
+        self._dspy = DSPyReplies()
         self._shutdown_timeout = shutdown_timeout
         self._runner: web.AppRunner | None = None
         self.host = "127.0.0.1"
@@ -101,6 +104,7 @@ class MockServer:
         """Zero the counters, drop scripted faults and restart rate limit and random draws."""
         self._stats.reset()
         self._faults.clear()
+        self._dspy.reset()
         self._install(self._config)
 
     def fail_next(self, count: int = 1, **fault: Any) -> int:
@@ -117,7 +121,7 @@ class MockServer:
         """The aiohttp application, for callers that run it themselves."""
         app = web.Application(client_max_size=_MAX_BODY_BYTES)
         for path, build in (
-            ("/chat/completions", parse_chat),
+            ("/chat/completions", functools.partial(parse_chat, responder=self._dspy.reply)),
             ("/completions", parse_completion),
             ("/embeddings", render_embeddings),
         ):

@@ -1,0 +1,202 @@
+"""DSPy adapter overhead: a ``dspy.Predict`` batch against the mock, next to raw ``generate``.
+
+``python -m benchmarks.dspy_overhead [--quick]`` prints JSON. The mock runs in its own
+process (``python -m minima_llm.testing --port 0``) at 0 latency, so the client's own
+work is what is measured. Three timed runs of the same N prompts, each a whole batch
+through ``run_batched_callable`` with 64 workers:
+
+- ``direct``: ``backend.generate`` on the exact messages DSPy would send (fresh cache);
+- ``dspy_cold``: ``run_dspy_batch(sig, items, ..., dspy.Predict)`` (fresh cache);
+- ``dspy_cached``: the same batch again on a new backend over ``dspy_cold``'s cache;
+- ``direct_cached``: ``direct`` again on a new backend over its cache.
+
+Per-item overhead is the difference between ``dspy_cold`` and ``direct``, in wall time
+and in this process's CPU time; ``direct_cached`` (``direct`` again on a new backend
+over its cache) is the floor a replay pays for cache lookups alone. The target: the
+cached replay takes < 15% of the cold run's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import dspy
+from pydantic import BaseModel
+
+from minima_llm import BatchConfig, MinimaLlmConfig, MinimaLlmRequest, OpenAIMinimaLlm
+from minima_llm.dspy_adapter import DSPyRetryConfig, TolerantChatAdapter, run_dspy_batch
+from minima_llm.runner import run_batched_callable
+
+REPLAY_TARGET = 0.15
+_LISTENING = re.compile(r"mock server listening on (\S+)")
+_START_TIMEOUT_S = 20.0
+
+
+class Grade(dspy.Signature):
+    """Grade how well the passage answers the question."""
+
+    question: str = dspy.InputField()
+    passage: str = dspy.InputField()
+    score: int = dspy.OutputField(desc="0 to 5")
+    relevant: bool = dspy.OutputField()
+
+
+class Item(BaseModel):
+    question: str
+    passage: str
+    score: int | None = None
+    relevant: bool | None = None
+
+
+def convert(prediction: Any, item: Item) -> None:
+    item.score = prediction.score
+    item.relevant = prediction.relevant
+
+
+@contextmanager
+def mock_process() -> Iterator[str]:
+    """The mock server in a child process; yields its base URL, stops it afterwards."""
+    cmd = [sys.executable, "-m", "minima_llm.testing", "--port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        # readline blocks, but the server prints its line right after binding.
+        line = proc.stdout.readline()
+        match = _LISTENING.search(line)
+        if match is None or time.monotonic() > deadline:
+            raise RuntimeError(f"mock server did not start: {line!r}")
+        yield match.group(1)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def backend(url: str, cache_dir: str) -> OpenAIMinimaLlm:
+    batch = BatchConfig(num_workers=64, heartbeat_s=0, stall_s=0)
+    config = MinimaLlmConfig(
+        base_url=url,
+        model="mock-model",
+        cache_dir=cache_dir,
+        rpm=0,
+        max_outstanding=64,
+        batch=batch,
+    )
+    return OpenAIMinimaLlm(config)
+
+
+def items(n: int) -> list[Item]:
+    return [Item(question=f"question {i}?", passage=f"passage number {i}.") for i in range(n)]
+
+
+def dspy_messages(batch: list[Item]) -> list[list[dict[str, Any]]]:
+    """The messages DSPy's Predict sends for each item (same adapter, same format)."""
+    adapter = TolerantChatAdapter()
+    return [
+        adapter.format(Grade, demos=[], inputs=item.model_dump(include={"question", "passage"}))
+        for item in batch
+    ]
+
+
+async def timed(run: Callable[[], Awaitable[Any]]) -> dict[str, float]:
+    cpu, wall = time.process_time(), time.perf_counter()
+    await run()
+    return {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+
+
+async def measure(url: str, n: int) -> dict[str, Any]:
+    batch = items(n)
+    messages = dspy_messages(batch)
+    requests = [MinimaLlmRequest(request_id=f"r{i}", messages=m) for i, m in enumerate(messages)]
+    retry = DSPyRetryConfig(parse_retries=0)
+    with tempfile.TemporaryDirectory() as direct_dir, tempfile.TemporaryDirectory() as dspy_dir:
+
+        async def direct_run() -> None:
+            async with backend(url, direct_dir) as raw:
+                await run_batched_callable(requests, raw.generate, raw.cfg.batch, progress=False)
+
+        direct = await timed(direct_run)
+        direct_cached = await timed(direct_run)
+        results: dict[str, Any] = {}
+
+        async def dspy_run(cache_dir: str, key: str) -> None:
+            fresh = items(n)
+            async with backend(url, cache_dir) as be:
+                results[key] = await run_dspy_batch(
+                    Grade, fresh, convert, dspy.Predict, be, retry=retry, progress=False
+                )
+                results[key + "_stats"] = be.snapshot()
+
+        cold = await timed(lambda: dspy_run(dspy_dir, "cold"))
+        cached = await timed(lambda: dspy_run(dspy_dir, "cached"))
+    ok = sum(isinstance(r, Item) and r.score is not None for r in results["cold"])
+    replayed = sum(isinstance(r, Item) and r.score is not None for r in results["cached"])
+    runs = {
+        "direct": direct,
+        "direct_cached": direct_cached,
+        "dspy_cold": cold,
+        "dspy_cached": cached,
+    }
+    return report(n, runs, ok, replayed, results["cached_stats"])
+
+
+def report(
+    n: int, runs: dict[str, dict[str, float]], ok: int, replayed: int, cached_stats: Any
+) -> dict[str, Any]:
+    per = 1e6 / n
+    out: dict[str, Any] = {"items": n}
+    for name, run in runs.items():
+        out[f"{name}_wall_s"] = round(run["wall_s"], 3)
+        out[f"{name}_us_per_item"] = round(run["wall_s"] * per, 1)
+        out[f"{name}_cpu_us_per_item"] = round(run["cpu_s"] * per, 1)
+    cold, cached, direct = runs["dspy_cold"], runs["dspy_cached"], runs["direct"]
+    ratio = cached["wall_s"] / cold["wall_s"]
+    out.update(
+        {
+            "overhead_wall_us_per_item": round((cold["wall_s"] - direct["wall_s"]) * per, 1),
+            "overhead_cpu_us_per_item": round((cold["cpu_s"] - direct["cpu_s"]) * per, 1),
+            "replay_overhead_cpu_us_per_item": round(
+                (cached["cpu_s"] - runs["direct_cached"]["cpu_s"]) * per, 1
+            ),
+            "cached_over_cold": round(ratio, 3),
+            "cached_over_cold_cpu": round(cached["cpu_s"] / cold["cpu_s"], 3),
+            "cached_over_cold_target": REPLAY_TARGET,
+            "meets_target": ratio < REPLAY_TARGET,
+            "parsed_cold": ok,
+            "parsed_cached": replayed,
+            "cached_upstream_calls": getattr(cached_stats, "live_calls", None),
+        }
+    )
+    return out
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """Measure against a fresh mock process; 2,000 items (300 with ``quick``)."""
+    n = 300 if quick else 2000
+    with mock_process() as url:
+        return asyncio.run(measure(url, n))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.dspy_overhead")
+    parser.add_argument("--quick", action="store_true", help="300 items instead of 2,000")
+    args = parser.parse_args(argv)
+    print(json.dumps(run(args.quick), indent=2))
+
+
+if __name__ == "__main__":
+    main()
