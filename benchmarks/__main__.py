@@ -13,6 +13,13 @@ from pathlib import Path
 from ._context import Context
 from ._mock import pin_cores
 from ._report import Row, error_row, machine, notes, text_table, write_markdown
+from .gateway import (
+    gateway_cache_hits,
+    gateway_latency,
+    gateway_streams,
+    gateway_throughput,
+    gateway_ttft,
+)
 from .live import latency_bound, throughput_aiohttp, throughput_stdlib
 from .memory import memory_100k
 from .ratelimit import rate_limit_goodput
@@ -27,6 +34,11 @@ BENCHMARKS: dict[str, Benchmark] = {
     "cached_replay": cached_replay,
     "rate_limit_goodput": rate_limit_goodput,
     "memory_100k": memory_100k,
+    "gateway_throughput": gateway_throughput,
+    "gateway_cache_hits": gateway_cache_hits,
+    "gateway_latency": gateway_latency,
+    "gateway_ttft": gateway_ttft,
+    "gateway_streams": gateway_streams,
 }
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 

@@ -100,7 +100,11 @@ class OpenAIMinimaLlm:
         self.stats = LiveStats()
         self.transport = transport or make_transport(config.transport, config.max_outstanding)
         self.cache = cache or PromptCache.open(
-            config.cache_dir, config.cache_lookup_dirs, config.model_synonyms, config.trace_file
+            config.cache_dir,
+            config.cache_lookup_dirs,
+            config.model_synonyms,
+            config.trace_file,
+            config.memory_cache_entries,
         )
         self.upstream = UpstreamCaller(config, self.transport, clock, self.stats, rng)
         self._clock = clock

@@ -153,6 +153,7 @@ class MinimaLlmConfig:
     trace_file: str | None = None
     model_synonyms: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     cache_lookup_dirs: tuple[str, ...] = ()
+    memory_cache_entries: int = 0
     transport: str = "auto"
     batch: BatchConfig = field(default_factory=BatchConfig)
     parasail: ParasailBatchConfig = field(default_factory=ParasailBatchConfig)
@@ -192,6 +193,7 @@ class MinimaLlmConfig:
         if self.cache_dir is not None:
             object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
         _check_int("max_outstanding", self.max_outstanding, 1)
+        _check_int("memory_cache_entries", self.memory_cache_entries, 0)
         _check_int("rpm", self.rpm, 0)
         _check_float("timeout_s", self.timeout_s, 0.0, strict=True)
         _check_int("max_attempts", self.max_attempts, 0)
@@ -526,6 +528,7 @@ _CLIENT_ENV = (
     ("MINIMA_TRACE_FILE", "trace_file", _env_opt_str),
     ("MODEL_SYNONYMS", "model_synonyms", _env_str),
     ("CACHE_LOOKUP_DIRS", "cache_lookup_dirs", _env_dirs),
+    ("MEMORY_CACHE_ENTRIES", "memory_cache_entries", _env_int),
     ("MINIMA_TRANSPORT", "transport", _env_str),
 )
 

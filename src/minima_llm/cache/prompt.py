@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO
 
+from .memory import MemoryStore
 from .sqlite import SqliteStore
 from .store import CacheRow, CacheStore, newest
 
@@ -56,6 +57,11 @@ class PromptCache:
     Lookup order: primary; the same request under a synonym model in the primary;
     then every lookup cache (under any of those models), newest ``created_at``
     winning. A hit found anywhere but the primary is copied into the primary.
+
+    An optional in-memory LRU (``memory``) answers repeat hits without a trip to
+    the SQLite thread. It only ever holds rows this process read or wrote, so a
+    row another process later replaces (a force refresh elsewhere) may be served
+    from memory until evicted.
     """
 
     def __init__(
@@ -64,8 +70,10 @@ class PromptCache:
         lookups: Sequence[tuple[str, CacheStore]] = (),
         synonyms: Mapping[str, tuple[str, ...]] | None = None,
         trace_file: str | None = None,
+        memory: MemoryStore | None = None,
     ) -> None:
         self.primary = primary
+        self.memory = memory if primary is not None else None
         self.lookups = list(lookups)
         self.synonyms = dict(synonyms or {})
         self.trace = TraceWriter(trace_file) if trace_file else None
@@ -77,6 +85,7 @@ class PromptCache:
         lookup_dirs: Iterable[str] = (),
         synonyms: Mapping[str, tuple[str, ...]] | None = None,
         trace_file: str | None = None,
+        memory_entries: int = 0,
     ) -> PromptCache:
         """Open the SQLite primary in ``cache_dir`` (if any) and each lookup dir read-only."""
         primary = SqliteStore.in_dir(cache_dir) if cache_dir else None
@@ -86,7 +95,8 @@ class PromptCache:
                 lookups.append((directory, SqliteStore.in_dir(directory, readonly=True)))
             except Exception as exc:
                 log.warning("cache lookup dir %s skipped: %s", directory, exc)
-        return cls(primary, lookups, synonyms, trace_file)
+        memory = MemoryStore(memory_entries) if memory_entries > 0 else None
+        return cls(primary, lookups, synonyms, trace_file, memory)
 
     @property
     def enabled(self) -> bool:
@@ -114,10 +124,14 @@ class PromptCache:
     ) -> CacheHit | None:
         """Look ``key`` up everywhere; ``rekey(model)`` gives the key under another model."""
         if self.primary is not None:
-            if known is not None and key in known:
-                row = known[key]
-            else:
-                row = (await self.primary.get_many([key])).get(key)
+            row = self.memory.get_now(key) if self.memory is not None else None
+            if row is None:
+                if known is not None and key in known:
+                    row = known[key]
+                else:
+                    row = (await self.primary.get_many([key])).get(key)
+                if row is not None and self.memory is not None:
+                    self.memory.put_now(row)
             if row is not None:
                 return CacheHit(row, "primary")
         other_keys = [rekey(m)[0] for m in self.synonyms.get(model, ())]
@@ -142,6 +156,8 @@ class PromptCache:
             copy = row._replace(key=key, model=model, canonical=rekey(model)[1])
             try:
                 await self.primary.put_many([copy])
+                if self.memory is not None:
+                    self.memory.put_now(copy)
             except Exception as exc:
                 log.warning(
                     "cache: could not copy a %s hit into the primary cache: %s", source, exc
@@ -156,6 +172,8 @@ class PromptCache:
             return None
         row = CacheRow(key, text, raw, time.time(), model, canonical)
         await self.primary.put_many([row])
+        if self.memory is not None:
+            self.memory.put_now(row)
         return row
 
     async def aclose(self) -> None:

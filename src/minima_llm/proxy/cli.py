@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +17,8 @@ from ..config import MinimaLlmConfig, read_yaml
 from ..errors import MinimaLlmError
 from .app import build_app
 from .settings import DEFAULT_PORT, ProxySettings
+
+GATEWAY_MEMORY_ENTRIES = 10_000
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,6 +56,10 @@ def load(args: argparse.Namespace) -> tuple[MinimaLlmConfig, ProxySettings]:
         section.update(proxy)
     else:
         config = MinimaLlmConfig.from_env()
+    if config.memory_cache_entries == 0 and "MEMORY_CACHE_ENTRIES" not in os.environ:
+        # A long-running gateway answers the same questions again and again: keep
+        # recent answers in memory unless told otherwise.
+        config = config.replace(memory_cache_entries=GATEWAY_MEMORY_ENTRIES)
     section.update(ProxySettings.env_overrides())
     for flag in ("host", "port"):
         if getattr(args, flag) is not None:
