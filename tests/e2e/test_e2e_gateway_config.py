@@ -1,0 +1,60 @@
+"""Gateway configuration: the console script with a YAML file, and per-key cache partitions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import openai
+import pytest
+from _e2e_support import API_KEY, MODEL, MockControl, Service, user
+
+
+def test_yaml_config_with_proxy_section(
+    launch_gateway: Callable[..., Service],
+    mock: MockControl,
+    unique: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    cache_dir = tmp_path / "yaml-cache"
+    config = tmp_path / "gateway.yml"
+    config.write_text(
+        f'base_url: "{mock.url}"\n'
+        f'model: "{MODEL}"\n'
+        f'api_key: "{API_KEY}"\n'
+        f'cache_dir: "{cache_dir}"\n'
+        "rpm: 0\n"
+        "proxy:\n"
+        '  api_keys: ["k-yaml"]\n'
+        "  force_model: true\n",
+        encoding="utf-8",
+    )
+    gw = launch_gateway("--config", str(config), script=True)
+    assert "(forced)" in gw.output() and str(cache_dir) in gw.output()
+    prompt = unique("configured by yaml")
+    with openai.OpenAI(base_url=gw.url, api_key="k-yaml", max_retries=0) as client:
+        resp = client.chat.completions.create(model="some-other-model", messages=user(prompt))
+    assert resp.model == MODEL  # the mock names the model it was asked for: the forced one
+    assert mock.stats()["by_route"] == {"/v1/chat/completions": 1}
+    assert (cache_dir / "minima_llm.db").exists()
+    with (
+        openai.OpenAI(base_url=gw.url, api_key=API_KEY, max_retries=0) as client,
+        pytest.raises(openai.AuthenticationError),
+    ):
+        client.models.list()
+
+
+def test_cache_partitioned_by_api_key(
+    launch_gateway: Callable[..., Service], mock: MockControl, unique: Callable[[str], str]
+) -> None:
+    gw = launch_gateway(MINIMA_PROXY_API_KEYS="k1,k2", MINIMA_PROXY_PARTITION_CACHE="1")
+    prompt = unique("whose answer is this")
+    labels = []
+    for key in ("k1", "k2", "k1", "k2"):
+        with openai.OpenAI(base_url=gw.url, api_key=key, max_retries=0) as client:
+            raw = client.chat.completions.with_raw_response.create(
+                model=MODEL, messages=user(prompt)
+            )
+        labels.append(raw.headers["x-minima-cache"])
+    assert labels == ["miss", "miss", "hit", "hit"]
+    assert mock.requests() == 2

@@ -1,0 +1,71 @@
+"""SIGTERM to the gateway: stop taking connections, finish what is in flight, exit 0."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import openai
+from _e2e_support import API_KEY, MODEL, MockControl, Service, expected_reply, user
+
+EXIT_BOUND_S = 10.0
+
+
+def _sdk(service: Service) -> openai.OpenAI:
+    return openai.OpenAI(base_url=service.url, api_key=API_KEY, max_retries=0, timeout=15.0)
+
+
+def _refuses_connections(service: Service, until: Future[Any], bound: float = 2.0) -> bool:
+    """Whether the port stops accepting before ``until`` completes (or ``bound`` passes)."""
+    port = int(service.root_url.rsplit(":", 1)[1])
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline and not until.done():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                pass
+        except OSError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_sigterm_finishes_the_request_in_flight(
+    launch_gateway: Callable[..., Service], mock: MockControl, unique: Callable[[str], str]
+) -> None:
+    gw = launch_gateway()
+    mock.configure(latency_s=1.0)
+    prompt = unique("finish me")
+    with _sdk(gw) as client, ThreadPoolExecutor(1) as pool:
+        future = pool.submit(
+            client.chat.completions.with_raw_response.create, model=MODEL, messages=user(prompt)
+        )
+        mock.wait_in_flight(1)
+        gw.signal(signal.SIGTERM)
+        refused = _refuses_connections(gw, future)
+        raw = future.result(timeout=EXIT_BOUND_S)
+    assert raw.status_code == 200
+    assert raw.parse().choices[0].message.content == expected_reply(prompt)
+    assert refused, "the gateway kept accepting connections after SIGTERM"
+    assert gw.proc.wait(timeout=EXIT_BOUND_S) == 0, gw.output()
+
+
+def test_sigterm_finishes_the_stream_in_flight(
+    launch_gateway: Callable[..., Service], mock: MockControl, unique: Callable[[str], str]
+) -> None:
+    gw = launch_gateway()
+    mock.configure(stream_chunk_delay_s=0.1)
+    prompt = unique("a slow stream of several words")
+    with (
+        _sdk(gw) as client,
+        client.chat.completions.create(model=MODEL, messages=user(prompt), stream=True) as stream,
+    ):
+        chunks = [next(stream)]
+        gw.signal(signal.SIGTERM)
+        chunks.extend(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected_reply(prompt)
+    assert gw.proc.wait(timeout=EXIT_BOUND_S) == 0, gw.output()
