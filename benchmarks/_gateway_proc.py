@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import os
 import re
-import selectors
 import socket
-import subprocess
 import sys
 import tempfile
-import time
-from types import TracebackType
 
-_LISTENING = re.compile(r"minimallm-proxy listening on (\S+)")
-_START_TIMEOUT_S = 30.0
-_STOP_TIMEOUT_S = 10.0
+from ._mock import ServerProcess
 
 
 def free_port() -> int:
@@ -25,60 +19,30 @@ def free_port() -> int:
         return port
 
 
-class GatewayProcess:
-    """The gateway as a child process; a context manager that starts and stops it (bounded)."""
+class GatewayProcess(ServerProcess):
+    """The gateway with its own temporary cache, pointed at ``upstream``."""
+
+    listening = re.compile(r"minimallm-proxy listening on (\S+)")
+    name = "gateway"
 
     def __init__(self, upstream: str, max_outstanding: int = 64, cache: bool = True) -> None:
-        self.upstream = upstream
-        self.max_outstanding = max_outstanding
-        self.cache = cache
-        self.url = ""
-        self.pid = 0
-        self._proc: subprocess.Popen[str] | None = None
         self._dir = tempfile.TemporaryDirectory(prefix="minima-gw-bench-")
-        self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in stop()
-
-    def start(self) -> GatewayProcess:
-        """Start and wait for the listening line."""
         env = {
             **os.environ,
-            "OPENAI_BASE_URL": self.upstream,
+            "OPENAI_BASE_URL": upstream,
             "OPENAI_MODEL": "mock-model",
             "OPENAI_API_KEY": "sk-bench",
             "RPM": "0",
-            "MAX_OUTSTANDING": str(self.max_outstanding),
+            "MAX_OUTSTANDING": str(max_outstanding),
             "MINIMA_PROXY_LOG_EVERY": "0",
         }
-        if self.cache:
+        if cache:
             env["CACHE_DIR"] = self._dir.name
-        cmd = [sys.executable, "-m", "minima_llm.proxy.cli", "--port", str(free_port())]
-        self._proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1, env=env
-        )
-        self.pid = self._proc.pid
-        try:
-            self.url = self._wait_listening(self._proc)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        super().__init__(env=env)
 
-    def _wait_listening(self, proc: subprocess.Popen[str]) -> str:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            while (left := deadline - time.monotonic()) > 0:
-                if not sel.select(left):
-                    break
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                match = _LISTENING.search(line)
-                if match:
-                    return match.group(1)
-        self._stderr.seek(0)
-        raise RuntimeError(f"gateway did not start: {self._stderr.read()[-2000:]}")
+    def command(self) -> list[str]:
+        """The gateway on a free port."""
+        return [sys.executable, "-m", "minima_llm.proxy.cli", "--port", str(free_port())]
 
     def peak_rss_mb(self) -> float:
         """The gateway's peak resident memory so far (VmHWM)."""
@@ -89,28 +53,6 @@ class GatewayProcess:
         raise RuntimeError("VmHWM not found")
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it lingers."""
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(_STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(_STOP_TIMEOUT_S)
-            if proc.stdout is not None:
-                proc.stdout.close()
-        self._stderr.close()
+        """Stop the process and remove its cache."""
+        super().stop()
         self._dir.cleanup()
-
-    def __enter__(self) -> GatewayProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

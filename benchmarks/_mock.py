@@ -14,6 +14,11 @@ import urllib.request
 from types import TracebackType
 from typing import Any
 
+if sys.version_info >= (3, 11):
+    from typing import Self
+else:  # pragma: no cover
+    from typing_extensions import Self
+
 _LISTENING = re.compile(r"mock server listening on (\S+)")
 _START_TIMEOUT_S = 20.0
 _STOP_TIMEOUT_S = 5.0
@@ -31,35 +36,47 @@ def pin_cores() -> tuple[set[int], set[int]] | None:
     return set(cpus[:-1]), {cpus[-1]}
 
 
-class MockProcess:
-    """``python -m minima_llm.testing --port 0 ...`` as a child process; a context manager.
+class ServerProcess:
+    """A server as a child process; a context manager.
 
-    Entering starts it and reads its ``listening on`` line (bounded wait); leaving
-    terminates it, then kills it if it does not stop in time.
+    Entering starts ``command()`` and reads the URL from its ``listening`` line
+    (bounded wait); leaving terminates it, then kills it if it does not stop in time.
     """
 
-    def __init__(self, *args: str, cpus: set[int] | None = None) -> None:
-        self.args = args
+    listening = _LISTENING
+    name = "server"
+
+    def __init__(self, cpus: set[int] | None = None, env: dict[str, str] | None = None) -> None:
         self.cpus = cpus
+        self.env = env
         self.url = ""
+        self.pid = 0
         self._proc: subprocess.Popen[str] | None = None
         self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in stop()
 
+    def command(self) -> list[str]:
+        """The command line to start."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
-        pid = self._proc.pid if self._proc else None
-        return f"<MockProcess pid={pid} url={self.url or '-'} args={' '.join(self.args)}>"
+        return f"<{type(self).__name__} pid={self.pid or None} url={self.url or '-'}>"
 
     @property
     def root_url(self) -> str:
         """``http://host:port`` without ``/v1``."""
         return self.url.removesuffix("/v1")
 
-    def start(self) -> MockProcess:
+    def start(self) -> ServerProcess:
         """Start the server and wait for its listening line."""
-        cmd = [sys.executable, "-m", "minima_llm.testing", "--port", "0", *self.args]
         self._proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1
+            self.command(),
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            bufsize=1,
+            env=self.env,
         )
+        self.pid = self._proc.pid
         if self.cpus:
             os.sched_setaffinity(self._proc.pid, self.cpus)
         try:
@@ -80,12 +97,12 @@ class MockProcess:
                 line = proc.stdout.readline()
                 if not line:  # EOF: the process died before listening
                     break
-                match = _LISTENING.search(line)
+                match = self.listening.search(line)
                 if match:
                     return match.group(1)
         self._stderr.seek(0)
         raise RuntimeError(
-            f"mock server did not report listening within {_START_TIMEOUT_S}s: "
+            f"{self.name} did not report listening within {_START_TIMEOUT_S}s: "
             f"{self._stderr.read()[-2000:]}"
         )
 
@@ -104,6 +121,32 @@ class MockProcess:
                 proc.stdout.close()
         self._stderr.close()
 
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class MockProcess(ServerProcess):
+    """``python -m minima_llm.testing --port 0 ...``."""
+
+    name = "mock server"
+
+    def __init__(self, *args: str, cpus: set[int] | None = None) -> None:
+        super().__init__(cpus)
+        self.args = args
+
+    def command(self) -> list[str]:
+        """The mock on a free port with the given flags."""
+        return [sys.executable, "-m", "minima_llm.testing", "--port", "0", *self.args]
+
     def stats(self) -> dict[str, Any]:
         """``GET /_mock/stats``."""
         return self._call("GET", "/_mock/stats")
@@ -118,14 +161,3 @@ class MockProcess:
         with urllib.request.urlopen(req, timeout=_CONTROL_TIMEOUT_S) as resp:
             result: dict[str, Any] = json.loads(resp.read())
         return result
-
-    def __enter__(self) -> MockProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from backend_support import FAST
 from minima_llm import MinimaLlmConfig, OpenAIMinimaLlm
 from minima_llm.proxy import ProxySettings, build_app
 from minima_llm.proxy.gateway import Gateway
@@ -25,16 +26,6 @@ from minima_llm.proxy.handlers import GATEWAY
 from minima_llm.proxy.log import ProxyLog
 from minima_llm.streaming import ChunkAssembler
 
-# Fast retries so fault tests take milliseconds (the values of tests/conftest.py FAST).
-FAST: dict[str, Any] = {
-    "base_backoff_s": 0.01,
-    "max_backoff_s": 0.05,
-    "cooldown_floor_s": 0.0,
-    "cooldown_cap_s": 0.05,
-    "cooldown_halflife_s": 1.0,
-    "timeout_s": 5.0,
-    "rpm": 0,
-}
 MODEL = "mock-model"
 
 
