@@ -305,3 +305,17 @@ async def test_repeat_within_one_batch_is_a_hit_after_the_prefetch(
     assert mock.stats()["requests"] == 2
     assert isinstance(results[2], MinimaLlmResponse) and results[2].cached
     assert results[2].request_id == "r1"
+
+
+async def test_run_batched_progress_goes_where_the_caller_says(
+    make_backend: BackendFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from minima_llm import BatchConfig
+
+    backend = make_backend(batch=BatchConfig(num_workers=4, heartbeat_s=0, stall_s=0))
+    logger = logging.getLogger("test.progress")
+    with caplog.at_level(logging.INFO, logger="test.progress"):
+        await backend.run_batched([req(i) for i in range(5)], progress=logger)
+    assert any(r.getMessage().startswith("[batch] finished 5") for r in caplog.records)

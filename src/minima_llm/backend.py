@@ -20,6 +20,7 @@ from .errors import MinimaLlmError
 from .flight import Broadcast
 from .http import Transport, make_transport
 from .loopbound import LoopBound
+from .progress import ProgressTarget
 from .stats import LiveStats, StatsSnapshot
 from .streaming import ChunkAssembler, replay_chunks
 from .types import MinimaLlmFailure, MinimaLlmRequest, MinimaLlmResponse, MinimaLlmResult, Usage
@@ -370,8 +371,14 @@ class OpenAIMinimaLlm:
             async for chunk in opened:
                 yield chunk
 
-    async def run_batched(self, requests: Sequence[MinimaLlmRequest]) -> list[MinimaLlmResult]:
-        """Answer many requests with the batch runner; results in input order."""
+    async def run_batched(
+        self, requests: Sequence[MinimaLlmRequest], *, progress: ProgressTarget = None
+    ) -> list[MinimaLlmResult]:
+        """Answer many requests with the batch runner; results in input order.
+
+        ``progress`` is where heartbeats and failures go: a logger, a stream,
+        ``False`` for silence, or stderr by default.
+        """
         from .runner import run_batched_callable
 
         requests = list(requests)
@@ -381,7 +388,7 @@ class OpenAIMinimaLlm:
         token = _batch.set(batch)
         try:
             results: list[Any] = await run_batched_callable(
-                requests, self.generate, self.cfg.batch, stats=self.snapshot
+                requests, self.generate, self.cfg.batch, progress=progress, stats=self.snapshot
             )
         finally:
             _batch.reset(token)
