@@ -83,9 +83,11 @@ async def test_upstream_stopped(mock: MockServer, tmp_path: Path) -> None:
 async def test_upstream_503_storm(mock: MockServer, tmp_path: Path, stream: bool) -> None:
     mock.fail_next(10, status=503)
     async with serve(mock.url, tmp_path, max_attempts=3) as gw:
-        error = error_of(await gw.chat("busy", stream=stream), 503)
+        reply = await gw.chat("busy", stream=stream)
+        error = error_of(reply, 503)
         assert "HTTP 503" in str(error["message"])
         assert mock.stats()["requests"] == 3
+        assert int(reply.headers["Retry-After"]) >= 1  # clients are told to back off
 
 
 async def test_upstream_500_is_a_bad_gateway(mock: MockServer, tmp_path: Path) -> None:
@@ -97,7 +99,9 @@ async def test_upstream_500_is_a_bad_gateway(mock: MockServer, tmp_path: Path) -
 async def test_upstream_429_storm(mock: MockServer, tmp_path: Path) -> None:
     mock.fail_next(10, status=429, headers={"Retry-After": "0"})
     async with serve(mock.url, tmp_path, max_attempts=2) as gw:
-        assert error_of(await gw.chat("limited"), 429)["type"] == "rate_limit_error"
+        reply = await gw.chat("limited")
+        assert error_of(reply, 429)["type"] == "rate_limit_error"
+        assert int(reply.headers["Retry-After"]) >= 1
 
 
 @pytest.mark.parametrize("stream", [False, True])

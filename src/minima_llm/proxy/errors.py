@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from aiohttp import web
@@ -78,9 +79,16 @@ def failure_status(failure: MinimaLlmFailure) -> int:
     return 502
 
 
-def failure_response(failure: MinimaLlmFailure) -> web.Response:
-    """The upstream's own error body where it sent one, else one describing the failure."""
+def failure_response(failure: MinimaLlmFailure, retry_after_s: float = 0.0) -> web.Response:
+    """The upstream's own error body where it sent one, else one describing the failure.
+
+    A 429 or 503 carries ``Retry-After``: the gateway's own cooldown (at least one
+    second), so well-behaved clients back off instead of hammering a saturated upstream.
+    """
     status = failure_status(failure)
+    headers = (
+        {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if status in (429, 503) else None
+    )
     upstream_error = _upstream_error(failure.body_snippet)
     message = (
         f"upstream {failure.error_type} after {failure.attempts} attempt(s)"
@@ -88,7 +96,11 @@ def failure_response(failure: MinimaLlmFailure) -> web.Response:
         + f": {upstream_error or failure.message}"
     )
     return error_response(
-        status, message, code="upstream_error", kind="upstream_error" if status >= 500 else None
+        status,
+        message,
+        code="upstream_error",
+        kind="upstream_error" if status >= 500 else None,
+        headers=headers,
     )
 
 

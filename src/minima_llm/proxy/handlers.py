@@ -88,7 +88,7 @@ def _answer(
 ) -> web.Response:
     latency = time.monotonic() - started
     if isinstance(result, MinimaLlmFailure):
-        resp = failure_response(result)
+        resp = failure_response(result, gw.backend.upstream.cooldown.remaining())
         gw.log.answered(
             "failed",
             route,
