@@ -13,6 +13,7 @@ from pathlib import Path
 from ._context import Context
 from ._mock import pin_cores
 from ._report import Row, error_row, machine, notes, text_table, write_markdown
+from .dspy_rows import dspy_batch
 from .gateway import (
     gateway_cache_hits,
     gateway_latency,
@@ -39,6 +40,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "gateway_latency": gateway_latency,
     "gateway_ttft": gateway_ttft,
     "gateway_streams": gateway_streams,
+    "dspy_batch": dspy_batch,
 }
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
