@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,23 +19,6 @@ from minima_llm.dspy_adapter import (
     run_dspy_batch_sync,
 )
 from minima_llm.testing import MockServer
-
-
-@pytest.fixture
-async def backends(mock: MockServer, tmp_path: Path) -> AsyncIterator[Backends]:
-    made = Backends(mock.url, tmp_path / "cache")
-    yield made
-    await made.aclose()
-
-
-@pytest.fixture
-def backend(backends: Backends) -> OpenAIMinimaLlm:
-    return backends()
-
-
-@pytest.fixture
-def fake() -> FakeBackend:
-    return FakeBackend()
 
 
 class Judge(dspy.Signature):

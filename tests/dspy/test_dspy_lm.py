@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,23 +26,6 @@ from minima_llm.dspy_adapter import (
     set_retry_seed,
 )
 from minima_llm.testing import MockServer, run_mock_server_in_thread
-
-
-@pytest.fixture
-async def backends(mock: MockServer, tmp_path: Path) -> AsyncIterator[Backends]:
-    made = Backends(mock.url, tmp_path / "cache")
-    yield made
-    await made.aclose()
-
-
-@pytest.fixture
-def backend(backends: Backends) -> OpenAIMinimaLlm:
-    return backends()
-
-
-@pytest.fixture
-def fake() -> FakeBackend:
-    return FakeBackend()
 
 
 class Rate(dspy.Signature):
