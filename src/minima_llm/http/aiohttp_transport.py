@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import TransportError
 from ..loopbound import LoopBound
-from .base import HttpResponse
+from .base import HttpResponse, LowerHeaders
 
 try:
     import aiohttp
@@ -48,6 +48,8 @@ class AiohttpTransport:
         self.max_connections = max_connections
         self._sessions: LoopBound[_LoopSession] = LoopBound(lambda: _LoopSession(max_connections))
         self._closed = False
+        # One immutable timeout object per value, not one per request on the hot path.
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     async def _session(self) -> aiohttp.ClientSession:
         entry = self._sessions.get()
@@ -63,7 +65,9 @@ class AiohttpTransport:
         if self._closed:
             raise TransportError("closed", "transport is closed")
         session = await self._session()
-        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        timeout = self._timeouts.get(timeout_s)
+        if timeout is None:
+            timeout = self._timeouts[timeout_s] = aiohttp.ClientTimeout(total=timeout_s)
         try:
             async with session.post(url, data=body, headers=headers, timeout=timeout) as resp:
                 data = await resp.read()
@@ -144,5 +148,5 @@ def _translate(exc: Exception, timeout_s: float) -> Exception:
     return exc
 
 
-def _lower(headers: Any) -> dict[str, str]:
-    return {k.lower(): v for k, v in headers.items()}
+def _lower(headers: Any) -> LowerHeaders:
+    return LowerHeaders.of(headers)

@@ -5,18 +5,31 @@ from __future__ import annotations
 import gzip
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..errors import TransportError
 
 __all__ = [
     "HttpResponse",
+    "LowerHeaders",
     "StreamingResponse",
     "Transport",
     "TransportError",
     "decode_body",
     "encode_body",
 ]
+
+
+class LowerHeaders(dict[str, str]):
+    """Response headers whose names are already lower-case, so lookups need no scan."""
+
+    lowercase = True
+
+    @classmethod
+    def of(cls, pairs: Any) -> LowerHeaders:
+        """Lower-case the names of a mapping or an iterable of pairs."""
+        items = pairs.items() if hasattr(pairs, "items") else pairs
+        return cls((str(k).lower(), v) for k, v in items)
 
 
 @dataclass(frozen=True)

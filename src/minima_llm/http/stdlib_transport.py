@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 from ..errors import TransportError
-from .base import HttpResponse, decode_body
+from .base import HttpResponse, LowerHeaders, decode_body
 
 _Origin = tuple[str, str, int]
 # A connection the server closed while it sat idle fails like this on reuse; one
@@ -97,7 +97,7 @@ class StdlibTransport:
         except Exception as exc:
             conn.close()
             raise _translate(exc, timeout_s) from exc
-        resp_headers = {k.lower(): v for k, v in resp.getheaders()}
+        resp_headers = LowerHeaders.of(resp.getheaders())
         if resp.will_close:
             conn.close()
         else:
@@ -175,7 +175,7 @@ class _StdlibStream:
         # getresponse() may detach the socket from the connection; keep it to abort a stream.
         self._sock = conn.sock
         self.status = resp.status
-        self.headers = {k.lower(): v for k, v in resp.getheaders()}
+        self.headers = LowerHeaders.of(resp.getheaders())
 
     async def lines(self) -> AsyncIterator[bytes]:
         """Body lines as they arrive."""

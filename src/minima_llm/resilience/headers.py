@@ -101,7 +101,8 @@ def parse_rate_limits(headers: Mapping[str, str]) -> RateLimitInfo:
 
 def _get(headers: Mapping[str, str], name: str) -> str | None:
     value = headers.get(name)
-    if value is None and not isinstance(headers, _CaseInsensitive):
+    # Transports hand over lower-cased names (marked ``lowercase``): no scan needed.
+    if value is None and not getattr(headers, "lowercase", False):
         for key, val in headers.items():
             if key.lower() == name:
                 return val
@@ -110,6 +111,8 @@ def _get(headers: Mapping[str, str], name: str) -> str | None:
 
 class _CaseInsensitive(dict[str, str]):
     """Marker: a dict whose keys are already lower-case."""
+
+    lowercase = True
 
 
 def lower_headers(items: object) -> dict[str, str]:
