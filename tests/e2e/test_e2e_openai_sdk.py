@@ -173,6 +173,12 @@ def test_models_list(client: openai.OpenAI) -> None:
     assert MODEL in ids
 
 
+def test_models_retrieve(client: openai.OpenAI) -> None:
+    assert client.models.retrieve("mock-model").id == "mock-model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
 @pytest.mark.parametrize(
     ("upstream_status", "gateway_status", "error_class"),
     [

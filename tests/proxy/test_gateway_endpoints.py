@@ -101,6 +101,16 @@ async def test_models(mock: MockServer, tmp_path: Path, prefix: str) -> None:
         assert [m["id"] for m in reply.json()["data"]] == [MODEL]
 
 
+@pytest.mark.parametrize("prefix", PREFIXES)
+async def test_one_model_by_id(mock: MockServer, tmp_path: Path, prefix: str) -> None:
+    async with serve(mock.url, tmp_path) as gw:
+        reply = await gw.get(f"{prefix}/models/{MODEL}")
+        assert reply.status == 200 and reply.json()["id"] == MODEL
+        missing = await gw.get(f"{prefix}/models/org/unknown-model")
+        assert missing.status == 404
+        assert missing.json()["error"]["code"] == "model_not_found"
+
+
 async def test_health(mock: MockServer, tmp_path: Path) -> None:
     async with serve(mock.url, tmp_path) as gw:
         reply = await gw.get("/health")

@@ -224,14 +224,27 @@ async def _try_write(resp: web.StreamResponse, data: bytes) -> None:
         await resp.write(data)
 
 
-async def models(request: web.Request) -> web.Response:
-    """The configured model and its synonyms."""
-    gw = request.app[GATEWAY]
+def _model_cards(gw: Gateway) -> list[dict[str, Any]]:
     names = [gw.config.model, *gw.config.model_synonyms.get(gw.config.model, ())]
-    data = [
+    return [
         {"id": name, "object": "model", "created": 0, "owned_by": "minima-llm"} for name in names
     ]
-    return web.json_response({"object": "list", "data": data})
+
+
+async def models(request: web.Request) -> web.Response:
+    """The configured model and its synonyms."""
+    return web.json_response({"object": "list", "data": _model_cards(request.app[GATEWAY])})
+
+
+async def model(request: web.Request) -> web.Response:
+    """One model by id (what the OpenAI SDK's ``models.retrieve`` asks for)."""
+    wanted = request.match_info["model"]
+    for card in _model_cards(request.app[GATEWAY]):
+        if card["id"] == wanted:
+            return web.json_response(card)
+    raise RequestError(
+        404, f"The model '{wanted}' does not exist", param="model", code="model_not_found"
+    )
 
 
 async def health(request: web.Request) -> web.Response:
@@ -269,6 +282,7 @@ def add_routes(app: web.Application) -> None:
         app.router.add_post(f"{prefix}/completions", _inference(COMPLETIONS))
         app.router.add_post(f"{prefix}/embeddings", _inference(EMBEDDINGS))
         app.router.add_get(f"{prefix}/models", models)
+        app.router.add_get(f"{prefix}/models/{{model:.+}}", model)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_json)
     app.router.add_get("/metrics/prometheus", metrics_prometheus)
