@@ -169,14 +169,13 @@ class MinimaLlmDSPyLM(BaseLM):  # type: ignore[misc]
         """The backend every call goes through."""
         return self._minimallm
 
-    async def aforward(
+    def request_for(
         self,
-        prompt: str | None = None,
-        messages: Sequence[Mapping[str, Any]] | None = None,
-        force_refresh: bool = False,
-        **kwargs: Any,
-    ) -> ChatCompletion:
-        """One backend call; returns an OpenAI-style completion or raises ``MinimaLlmDSPyError``."""
+        prompt: str | None,
+        messages: Sequence[Mapping[str, Any]] | None,
+        kwargs: Mapping[str, Any],
+    ) -> tuple[MinimaLlmRequest, Any]:
+        """The backend request one call with these arguments sends, and DSPy's rollout id."""
         params = request_params({**self.kwargs, **kwargs})
         request = MinimaLlmRequest(
             request_id=f"dspy-{next(self._ids)}",
@@ -186,8 +185,14 @@ class MinimaLlmDSPyLM(BaseLM):  # type: ignore[misc]
             extra=params.extra or None,
             model=self._request_model,
         )
+        return request, params.rollout_id
+
+    async def send(
+        self, request: MinimaLlmRequest, *, force_refresh: bool = False, rollout_id: Any = None
+    ) -> ChatCompletion:
+        """Send a request from :meth:`request_for`; raises ``MinimaLlmDSPyError`` or ``PendingCall``."""
         refresh = force_refresh or get_force_refresh()
-        result = await self._generate(request, refresh, params.rollout_id)
+        result = await self._generate(request, refresh, rollout_id)
         if is_pending(result):
             set_last_cached(False)
             raise PendingCall(result)
@@ -196,6 +201,17 @@ class MinimaLlmDSPyLM(BaseLM):  # type: ignore[misc]
             raise MinimaLlmDSPyError(result, str(self.model))
         set_last_cached(result.cached)
         return ChatCompletion.from_response(result, str(self.model))
+
+    async def aforward(
+        self,
+        prompt: str | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        force_refresh: bool = False,
+        **kwargs: Any,
+    ) -> ChatCompletion:
+        """One backend call; returns an OpenAI-style completion or raises ``MinimaLlmDSPyError``."""
+        request, rollout_id = self.request_for(prompt, messages, kwargs)
+        return await self.send(request, force_refresh=force_refresh, rollout_id=rollout_id)
 
     async def _generate(self, request: MinimaLlmRequest, refresh: bool, rollout_id: Any) -> Any:
         backend = self._minimallm
@@ -219,6 +235,12 @@ class MinimaLlmDSPyLM(BaseLM):  # type: ignore[misc]
         self, prompt: str | None, messages: Any, kwargs: dict[str, Any]
     ) -> list[Any]:
         response = await self.aforward(prompt, messages, **kwargs)
+        return self.outputs(response, prompt, messages, kwargs)
+
+    def outputs(
+        self, response: ChatCompletion, prompt: str | None, messages: Any, kwargs: Mapping[str, Any]
+    ) -> list[Any]:
+        """What ``acall`` returns for ``response``: DSPy's outputs, recorded in DSPy's history."""
         process = getattr(self, "_process_lm_response", None)
         if process is None:  # a DSPy without the 3.x helper: plain texts, no history
             return [choice["message"]["content"] for choice in response.choices]
