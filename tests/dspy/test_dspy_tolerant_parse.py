@@ -206,6 +206,17 @@ class Mixed(dspy.Signature):
     relevant: bool = dspy.OutputField()
 
 
+class Chat(dspy.Signature):
+    history: dspy.History = dspy.InputField()
+    question: str = dspy.InputField()
+    answer: str = dspy.OutputField()
+
+
+class Caption(dspy.Signature):
+    picture: dspy.Image = dspy.InputField()
+    caption: str = dspy.OutputField()
+
+
 PROMPTS: list[tuple[type, dict[str, Any], list[dict[str, Any]]]] = [
     (Answer, {"question": "Where?"}, []),
     (Answer, {"question": "multi\nline [[ ## x ## ]] text"}, []),
@@ -213,6 +224,8 @@ PROMPTS: list[tuple[type, dict[str, Any], list[dict[str, Any]]]] = [
     (Mixed, {"question": "q", "passage": ["a", "b"], "top_k": 1}, []),
     (Judged, {}, [{"reasoning": "r", "score": 2}]),
     (Answer, {"question": "q"}, [{"question": "demo q", "answer": "demo a"}]),
+    (Chat, {"history": dspy.History(messages=[{"question": "hi", "answer": "hello"}])}, []),
+    (Caption, {"picture": dspy.Image("https://example.com/cat.png")}, []),  # content blocks
 ]
 
 

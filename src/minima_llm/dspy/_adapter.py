@@ -14,7 +14,7 @@ import weakref
 from typing import Any
 
 from ._coerce import allows_none, parse_field
-from ._compat import AdapterParseError, ChatAdapter
+from ._compat import AdapterParseError, ChatAdapter, History, expand_markers
 
 _NAME = r"([A-Za-z_][\w \-]*?)"
 # [[ ## name ## ]] with any spacing, any number of #, and markdown around it.
@@ -27,6 +27,7 @@ _COMPLETED = "completed"
 _CLOSED = ""  # a header whose section nobody reads
 
 _dspy_parse = getattr(ChatAdapter.parse, "__wrapped__", ChatAdapter.parse)
+_dspy_format = getattr(ChatAdapter.format, "__wrapped__", ChatAdapter.format)
 # DSPy's own header pattern, for the fast path that must split exactly as DSPy does.
 _DSPY_HEADER = re.compile(r"\[\[ ## (\w+) ## \]\]")
 _INT = re.compile(r"-?(?:0|[1-9]\d*)")
@@ -134,6 +135,30 @@ class TolerantChatAdapter(ChatAdapter):  # type: ignore[misc]
     def __init__(self, *, use_json_adapter_fallback: bool = False, **kwargs: Any) -> None:
         super().__init__(use_json_adapter_fallback=use_json_adapter_fallback, **kwargs)
         self._system: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
+        self._requirements: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        self._plain: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+    def format(self, signature: Any, demos: list[dict[str, Any]], inputs: dict[str, Any]) -> Any:
+        """DSPy's messages; without demos or a conversation history, built without its per-call scans.
+
+        The messages are DSPy's (a test holds the two side by side), so both
+        adapters share cache keys.
+        """
+        if demos or expand_markers is None or not self._plain_inputs(signature):
+            return _dspy_format(self, signature, demos, inputs)
+        messages = [{"role": "system", "content": self.format_system_message(signature)}]
+        content = self.format_user_message_content(signature, dict(inputs), main_request=True)
+        if content:
+            messages.append(expand_markers({"role": "user", "content": content}))
+        return messages
+
+    def _plain_inputs(self, signature: Any) -> bool:
+        """Whether no input field is a DSPy ``History`` (which DSPy turns into extra turns)."""
+        known = self._plain.get(signature)
+        if known is None:
+            fields = signature.input_fields.values()
+            known = self._plain[signature] = all(info.annotation != History for info in fields)
+        return known
 
     def format_system_message(self, signature: Any) -> str:
         """DSPy's system message, built once per signature and instructions.
@@ -148,6 +173,18 @@ class TolerantChatAdapter(ChatAdapter):  # type: ignore[misc]
         message = str(super().format_system_message(signature))
         self._system[signature] = (instructions, message)
         return message
+
+    def user_message_output_requirements(self, signature: Any) -> str:
+        """DSPy's reminder of the output format, built once per signature.
+
+        It depends on the output fields alone, which a signature class never
+        changes (DSPy derives a new class instead), yet DSPy rebuilds it per call.
+        """
+        known = self._requirements.get(signature)
+        if known is None:
+            known = str(super().user_message_output_requirements(signature))
+            self._requirements[signature] = known
+        return known
 
     def format_user_message_content(
         self,

@@ -63,9 +63,23 @@ AdapterParseError: Any = require(
 ChainOfThought: Any = require(
     "ChainOfThought", ("dspy:ChainOfThought", "dspy.predict.chain_of_thought:ChainOfThought")
 )
+Predict: Any = require("Predict", ("dspy:Predict", "dspy.predict.predict:Predict"))
+# DSPy's custom field types (tools, citations, reasoning, decisions); None where DSPy has none.
+DSPyType: Any = locate("Type", ("dspy:Type", "dspy.adapters.types.base_type:Type"))
+# The check behind DSPy's input type-mismatch warning; the cached replay leaves to
+# DSPy any input it would warn about.
+input_type_fits: Callable[[Any, Any], bool] | None = locate(
+    "_is_value_compatible_with_type", ("dspy.predict.predict:_is_value_compatible_with_type",)
+)
 # DSPy's provider error, so DSPy-aware code that catches LM errors sees ours too.
 LMProviderError: Any = locate(
     "LMProviderError", ("dspy:LMProviderError", "dspy.utils.exceptions:LMProviderError")
+)
+History: Any = locate("History", ("dspy:History", "dspy.adapters.types.history:History"))
+# DSPy's last formatting step for each message (expands custom-type markers in user turns).
+expand_markers: Callable[[dict[str, Any]], dict[str, Any]] | None = locate(
+    "_expand_legacy_custom_type_markers_in_chat_message",
+    ("dspy.adapters._legacy_type_markers:_expand_legacy_custom_type_markers_in_chat_message",),
 )
 parse_value: Callable[[Any, Any], Any] | None = locate(
     "parse_value", ("dspy.adapters.utils:parse_value",)
@@ -80,6 +94,11 @@ def _identity(fn: Any) -> Any:
 with_callbacks: Callable[[Any], Any] = (
     locate("with_callbacks", ("dspy.utils.callback:with_callbacks",)) or _identity
 )
+
+
+def settings() -> Any:
+    """DSPy's settings as the current task sees them."""
+    return dspy.settings
 
 
 def context(**overrides: Any) -> Any:
