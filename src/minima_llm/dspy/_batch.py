@@ -16,8 +16,10 @@ from ..runner import run_batched_callable
 from ..types import AsyncMinimaLlmBackend, MinimaLlmFailure
 from ._adapter import TolerantChatAdapter
 from ._compat import AdapterParseError, ChainOfThought, context, locate
+from ._inputs import input_values
 from ._lm import MinimaLlmDSPyError, MinimaLlmDSPyLM
 from ._pending import PendingCall, PendingResult, is_pending
+from ._replay import CachedReplay, replay_plan
 from ._retry import DSPyRetryConfig, reset_retry_seed, set_retry_seed
 
 log = logging.getLogger("minima_llm.dspy")
@@ -35,17 +37,19 @@ class _ItemRunner:
         input_names: Sequence[str],
         convert_output: Callable[[Any, Any], Any],
         retry: DSPyRetryConfig,
+        replay: CachedReplay | None = None,
     ) -> None:
         self.predictor = predictor
         self.input_names = tuple(input_names)
         self.convert_output = convert_output
         self.retry = retry
+        self.replay = replay
 
     async def __call__(self, item: tuple[int, Any]) -> Any:
         index, obj = item
         inputs = input_values(obj, self.input_names)
         try:
-            prediction = await self._predict(inputs)
+            prediction = await self._replay_or_predict(index, inputs)
         except MinimaLlmDSPyError as exc:
             return replace(exc.failure, request_id=_item_id(index, obj))
         except PendingCall as exc:
@@ -55,9 +59,25 @@ class _ItemRunner:
         self.convert_output(prediction, obj)
         return obj
 
-    async def _predict(self, inputs: dict[str, Any]) -> Any:
+    async def _replay_or_predict(self, index: int, inputs: dict[str, Any]) -> Any:
+        first = 0
+        if self.replay is not None:
+            try:
+                prediction = await self.replay(index, inputs)
+            except AdapterParseError:
+                if self.retry.parse_retries == 0:
+                    raise
+                # The replay was attempt 0 (its hit is counted): DSPy's path takes the retries.
+                log.debug("unparseable cached answer, retry 1 of %d", self.retry.parse_retries)
+                first = 1
+            else:
+                if prediction is not None:
+                    return prediction
+        return await self._predict(inputs, first)
+
+    async def _predict(self, inputs: dict[str, Any], first: int = 0) -> Any:
         attempts = self.retry.parse_retries + 1
-        for attempt in range(attempts):
+        for attempt in range(first, attempts):
             sample = self.retry.sample(attempt)
             seed_token = set_retry_seed(sample.seed, sample.temperature) if sample else None
             # A seeded retry has a cache key of its own, so a rerun replays it; without
@@ -91,15 +111,6 @@ def _item_id(index: int, obj: Any) -> str:
     return str(getattr(obj, "request_id", None) or f"item-{index}")
 
 
-def input_values(obj: Any, names: Sequence[str]) -> dict[str, Any]:
-    """The signature's input fields taken from ``obj`` by name."""
-    if hasattr(obj, "model_dump"):
-        return dict(obj.model_dump(include=set(names)))
-    if isinstance(obj, Mapping):
-        return {name: obj[name] for name in names if name in obj}
-    return {name: getattr(obj, name) for name in names if hasattr(obj, name)}
-
-
 async def run_dspy_batch(
     signature: Any,
     annotations: Sequence[ItemT],
@@ -112,6 +123,7 @@ async def run_dspy_batch(
     batch_config: BatchConfig | None = None,
     progress: ProgressTarget = None,
     lm_kwargs: Mapping[str, Any] | None = None,
+    fast_replay: bool = True,
 ) -> list[ItemT | MinimaLlmFailure | PendingResult]:
     """Run ``predictor_class(signature)`` on every object; results in input order.
 
@@ -122,27 +134,44 @@ async def run_dspy_batch(
     gets its ``PendingResult``. Without ``backend`` one is made from the
     environment and closed afterwards. ``adapter`` defaults to
     :class:`TolerantChatAdapter`, ``retry`` to ``DSPyRetryConfig.from_env()``.
+
+    ``fast_replay`` (on by default) answers items whose request is already in
+    the backend's cache without DSPy's call machinery, with the same
+    predictions, hit counts and retries; only predictors it can reproduce
+    exactly qualify (see ``minima_llm.dspy._replay``), the rest always take
+    DSPy's path.
     """
     owned = backend is None
     backend = backend if backend is not None else OpenAIMinimaLlm.from_env()
+    replay: CachedReplay | None = None
     try:
         signature = _ensure_signature(signature) if _ensure_signature else signature
-        runner = _ItemRunner(
-            predictor_class(signature),
-            list(signature.input_fields),
-            convert_output,
-            retry or DSPyRetryConfig.from_env(),
-        )
+        predictor = predictor_class(signature)
         lm = MinimaLlmDSPyLM(backend, **dict(lm_kwargs or {}))
-        with context(lm=lm, adapter=adapter if adapter is not None else TolerantChatAdapter()):
+        adapter = adapter if adapter is not None else TolerantChatAdapter()
+        items = list(annotations)
+        with context(lm=lm, adapter=adapter):
+            plan = replay_plan(predictor, adapter, lm, backend) if fast_replay else None
+            if plan is not None and isinstance(backend, OpenAIMinimaLlm):
+                replay = CachedReplay(plan, lm, adapter, backend, items)
+            runner = _ItemRunner(
+                predictor,
+                list(signature.input_fields),
+                convert_output,
+                retry or DSPyRetryConfig.from_env(),
+                replay,
+            )
             results = await run_batched_callable(
-                list(enumerate(annotations)),
+                list(enumerate(items)),
                 runner,
                 batch_config or _batch_config(backend),
                 progress=progress,
                 stats=getattr(backend, "snapshot", None),
             )
     finally:
+        if replay is not None:
+            replay.close()
+            log.debug("%r", replay)
         if owned:
             await backend.aclose()
     pending = sum(1 for result in results if is_pending(result))

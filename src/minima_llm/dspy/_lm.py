@@ -192,7 +192,13 @@ class MinimaLlmDSPyLM(BaseLM):  # type: ignore[misc]
     ) -> ChatCompletion:
         """Send a request from :meth:`request_for`; raises ``MinimaLlmDSPyError`` or ``PendingCall``."""
         refresh = force_refresh or get_force_refresh()
-        result = await self._generate(request, refresh, rollout_id)
+        return self.completion_of(await self._generate(request, refresh, rollout_id))
+
+    def completion_of(self, result: Any) -> ChatCompletion:
+        """The completion for one backend result, noted in ``get_last_cached()``.
+
+        Raises ``PendingCall`` for a placeholder and ``MinimaLlmDSPyError`` for a failure.
+        """
         if is_pending(result):
             set_last_cached(False)
             raise PendingCall(result)

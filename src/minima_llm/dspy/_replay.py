@@ -1,0 +1,315 @@
+"""Cached replay without DSPy's call machinery, for the items of a batch the cache already holds.
+
+On a cached answer, a ``dspy.Predict`` call spends most of its time in DSPy's
+plumbing (callbacks, settings contexts, capability planning, input checks), not
+in formatting or parsing. For a predictor whose call can be reproduced exactly,
+``run_dspy_batch`` takes the same steps itself: the adapter formats the prompt,
+the LM builds its request and, when the backend's primary cache holds that
+request, sends it through the backend (so the hit is counted, traced and seen by
+``get_last_cached()`` as usual); the answer then goes through the same DSPy steps
+that turn it into a ``Prediction``: the LM's output shaping and history, the
+adapter's ``_call_postprocess`` and the predictor's ``_forward_postprocess``.
+
+Everything else takes DSPy's own path: a miss, an unparseable answer (its
+retries follow as usual), force refresh, a predictor other than a plain
+``dspy.Predict`` or ``dspy.ChainOfThought``, demos, callbacks, usage tracking,
+streaming, an adapter with a JSON fallback or native function calling, custom
+DSPy field types, inputs DSPy would warn about, and ``n``, ``rollout_id`` or
+tools in the LM kwargs. Not reproduced: the history DSPy keeps on the predictor
+module itself, which ``run_dspy_batch`` builds and never hands out.
+
+The cache is probed a window of items at a time with one prefetch. While windows
+come back without a hit the probing backs off, so a cold batch probes only a
+logarithmic number of windows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, get_args
+
+from ..backend import OpenAIMinimaLlm
+from ..context import get_force_refresh
+from ..types import MinimaLlmRequest
+from ._compat import ChainOfThought, ChatAdapter, DSPyType, Predict, input_type_fits, settings
+from ._inputs import input_values
+
+log = logging.getLogger("minima_llm.dspy")
+
+WINDOW = 64
+# LM kwargs handled in the code the replay skips: several samples, rollouts, tools.
+_UNREPLAYABLE_KWARGS = (
+    "n",
+    "num_generations",
+    "rollout_id",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "force_refresh",
+)
+# Adapter steps the replay stands in for; an override of either could do anything.
+_ADAPTER_STEPS = ("acall", "_call_preprocess")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayPlan:
+    """How to stand in for a predictor: the ``Predict`` that calls the LM, and its LM kwargs."""
+
+    predict: Any
+    lm_kwargs: Mapping[str, Any]
+    warn_on_type_mismatch: bool
+
+    @property
+    def signature(self) -> Any:
+        """The signature the LM call is formatted and parsed with."""
+        return self.predict.signature
+
+
+def replay_plan(predictor: Any, adapter: Any, lm: Any, backend: Any) -> ReplayPlan | None:
+    """The plan for ``predictor`` in the current DSPy context, or None where a replay would not be exact."""
+    predict = _inner_predict(predictor)
+    if predict is None:
+        reason: str | None = (
+            f"{type(predictor).__name__} is not dspy.Predict or dspy.ChainOfThought"
+        )
+    else:
+        reason = next(_obstacles(predict, adapter, lm, backend), None)
+    if reason is not None:
+        log.debug("cached replay fast path off: %s", reason)
+        return None
+    current = settings()
+    kwargs = dict(predict.config)
+    return ReplayPlan(predict, kwargs, bool(current.warn_on_type_mismatch))
+
+
+def _inner_predict(predictor: Any) -> Any:
+    # Exact types only: a subclass may change forward/aforward in ways we cannot see.
+    if type(predictor) is Predict:
+        return predictor
+    if type(predictor) is ChainOfThought and not predictor.callbacks:
+        inner = getattr(predictor, "predict", None)
+        return inner if type(inner) is Predict else None
+    return None
+
+
+def _obstacles(predict: Any, adapter: Any, lm: Any, backend: Any) -> Iterator[str]:
+    if not isinstance(backend, OpenAIMinimaLlm) or backend.cache.primary is None:
+        yield "the backend has no primary cache to probe"
+    elif backend.cfg.force_refresh:
+        yield "force refresh is configured"
+    if (
+        predict.demos
+        or predict.lm is not None
+        or predict.callbacks
+        or getattr(predict, "fields", None)
+    ):
+        yield "the predictor has demos, its own LM, callbacks or decision criteria"
+    current = settings()
+    if current.lm is not lm or current.adapter is not adapter:
+        yield "the DSPy context has another LM or adapter"
+    if current.callbacks or getattr(lm, "callbacks", None) or getattr(adapter, "callbacks", None):
+        yield "DSPy callbacks are configured"
+    if current.track_usage or current.usage_tracker is not None or current.send_stream is not None:
+        yield "DSPy tracks usage or streams"
+    if not isinstance(adapter, ChatAdapter) or any(
+        getattr(type(adapter), step, None) is not getattr(ChatAdapter, step, None)
+        for step in _ADAPTER_STEPS
+    ):
+        yield "the adapter is not a ChatAdapter with DSPy's own call steps"
+    elif adapter.use_json_adapter_fallback or adapter.use_native_function_calling:
+        yield "the adapter falls back to JSON or calls functions natively"
+    if not (hasattr(adapter, "_call_postprocess") and hasattr(predict, "_forward_postprocess")):
+        yield "this DSPy lacks the post-processing steps the replay reuses"
+    if any(_custom_type(info.annotation) for info in predict.signature.output_fields.values()):
+        yield "an output field has a custom DSPy type"
+    kwargs = {**lm.kwargs, **predict.config}
+    if any(kwargs.get(name) is not None for name in _UNREPLAYABLE_KWARGS):
+        yield "the LM kwargs ask for several samples, a rollout or tools"
+
+
+def _custom_type(annotation: Any) -> bool:
+    """Whether ``annotation`` is or contains a DSPy ``Type`` (tool calls, citations, reasoning, ...)."""
+    if DSPyType is None:
+        return False
+    try:
+        if isinstance(annotation, type) and issubclass(annotation, DSPyType):
+            return True
+    except TypeError:
+        pass  # a generic alias posing as a class: its arguments are checked below
+    return any(_custom_type(arg) for arg in get_args(annotation))
+
+
+def _fallback(info: Any) -> Any:
+    return None if info.is_required() else info.get_default(call_default_factory=True)
+
+
+def _isinstance_fits(value: Any, annotation: Any) -> bool:
+    return isinstance(annotation, type) and isinstance(value, annotation)
+
+
+@dataclass(slots=True)
+class _Hit:
+    inputs: dict[str, Any]
+    messages: list[dict[str, Any]]
+    request: MinimaLlmRequest
+    result: Any = None
+
+
+class CachedReplay:
+    """Predicts the batch's cached items the way DSPy would, without DSPy's call wrappers."""
+
+    def __init__(
+        self,
+        plan: ReplayPlan,
+        lm: Any,
+        adapter: Any,
+        backend: OpenAIMinimaLlm,
+        items: Sequence[Any],
+        window: int = WINDOW,
+    ) -> None:
+        self.plan = plan
+        self.lm = lm
+        self.adapter = adapter
+        self.backend = backend
+        self.items = items
+        self.window = window
+        self.replayed = 0
+        self.probed = 0
+        self._inputs = {name: info.annotation for name, info in plan.signature.input_fields.items()}
+        self._outputs = tuple(plan.signature.output_fields.items())
+        self._fits = input_type_fits or _isinstance_fits
+        self._windows: dict[int, asyncio.Future[dict[int, _Hit]]] = {}
+        self._empty_in_a_row = 0
+        self._skip_through = -1  # windows up to this number are not probed
+
+    async def __call__(self, index: int, inputs: dict[str, Any]) -> Any | None:
+        """Item ``index``'s prediction from the cache, or None when DSPy must make the call.
+
+        Raises what DSPy's call would: ``AdapterParseError`` for an answer that
+        cannot be parsed, ``MinimaLlmDSPyError`` or ``PendingCall`` from the LM.
+        The backend answered the hit when its window was probed (and counted it
+        then); the item's ``get_last_cached()`` is set here, as the LM would.
+        """
+        if get_force_refresh():
+            return None
+        hit = await self._hit(index)
+        if hit is None or hit.inputs != inputs:
+            return None
+        plan, lm = self.plan, self.lm
+        completion = lm.completion_of(hit.result)
+        kwargs = dict(plan.lm_kwargs)
+        outputs = lm.outputs(completion, None, hit.messages, kwargs)
+        signature = plan.signature
+        if all(type(output) is str and output for output in outputs):
+            # What DSPy's _call_postprocess does with plain answers, minus its per-call field scans.
+            values = [self._filled(self.adapter.parse(signature, output)) for output in outputs]
+        else:
+            values = self.adapter._call_postprocess(signature, signature, outputs, lm, kwargs)
+        self.replayed += 1
+        return plan.predict._forward_postprocess(values, signature, **inputs)
+
+    def _filled(self, parsed: Mapping[str, Any]) -> dict[str, Any]:
+        """Every output field in signature order: parsed, else its default, else None (as DSPy fills them)."""
+        return {
+            name: parsed[name] if name in parsed else _fallback(info)
+            for name, info in self._outputs
+        }
+
+    async def _hit(self, index: int) -> _Hit | None:
+        number = index // self.window
+        probe = self._windows.get(number)
+        if probe is None:
+            probe = self._windows[number] = asyncio.ensure_future(self._probe(number))
+        # Shielded: a worker cancelled while waiting must not cancel its window's probe.
+        hits = await asyncio.shield(probe)
+        return hits.pop(index, None)
+
+    async def _probe(self, number: int) -> dict[int, _Hit]:
+        if number <= self._skip_through:
+            return {}
+        self.probed += 1
+        start = number * self.window
+        found: dict[int, tuple[_Hit, str]] = {}
+        for index in range(start, min(start + self.window, len(self.items))):
+            prepared = self._prepare(index)
+            if prepared is not None:
+                found[index] = prepared
+        rows = await self._prefetch(sorted({key for _, key in found.values()}))
+        hits = {index: hit for index, (hit, key) in found.items() if rows.get(key) is not None}
+        self._learn(number, bool(hits))
+        return await self._answer(hits)
+
+    async def _answer(self, hits: dict[int, _Hit]) -> dict[int, _Hit]:
+        """The backend's answers to the hits, read as one batch (one cache read, keys built once)."""
+        if not hits:
+            return hits
+        try:
+            results = await self.backend.run_batched(
+                [hit.request for hit in hits.values()], progress=False
+            )
+        except Exception as exc:
+            # Only a batch aborted on failures gets here; DSPy's path retries these items.
+            log.warning(
+                "cached replay of %d items failed, DSPy makes the calls: %s", len(hits), exc
+            )
+            return {}
+        for hit, result in zip(hits.values(), results, strict=True):
+            hit.result = result
+        return hits
+
+    def _prepare(self, index: int) -> tuple[_Hit, str] | None:
+        """Item ``index``'s request and cache key, as DSPy's call would build them."""
+        inputs = input_values(self.items[index], tuple(self._inputs))
+        if not self._takes(inputs):
+            return None
+        try:
+            messages = self.adapter.format(self.plan.signature, [], inputs)
+            request, _ = self.lm.request_for(None, messages, self.plan.lm_kwargs)
+            key, _ = self.backend.key_for(request)
+        except Exception as exc:
+            # DSPy's own call will meet the same problem and report it for this item.
+            log.debug("item %d left to DSPy, its prompt could not be built: %s", index, exc)
+            return None
+        return _Hit(inputs, messages, request), key
+
+    def _takes(self, inputs: Mapping[str, Any]) -> bool:
+        """Whether DSPy would take ``inputs`` as they are: all present, none it would warn about."""
+        if len(inputs) != len(self._inputs):
+            return False
+        if not self.plan.warn_on_type_mismatch:
+            return True
+        annotations, fits = self._inputs, self._fits
+        return all(
+            v is None or type(v) is annotations[k] or fits(v, annotations[k])
+            for k, v in inputs.items()
+        )
+
+    async def _prefetch(self, keys: list[str]) -> Mapping[str, Any]:
+        try:
+            return await self.backend.cache.prefetch(keys)
+        except Exception as exc:
+            log.warning("cache prefetch failed, these items take DSPy's path: %s", exc)
+            return {}
+
+    def _learn(self, number: int, hit: bool) -> None:
+        if hit:
+            self._empty_in_a_row = 0
+            return
+        # Skip 1, 3, 7, ... windows after each empty one: a cold batch probes O(log n) windows.
+        self._empty_in_a_row += 1
+        skip = 2**self._empty_in_a_row - 1
+        self._skip_through = max(self._skip_through, number + skip)
+
+    def close(self) -> None:
+        """Cancel probes nobody waits for any more (a batch that stopped early)."""
+        for probe in self._windows.values():
+            probe.cancel()
+
+    def __repr__(self) -> str:
+        return (
+            f"<CachedReplay replayed={self.replayed} windows probed={self.probed}"
+            f" of {-(-len(self.items) // self.window)}>"
+        )
