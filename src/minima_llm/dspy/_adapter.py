@@ -49,7 +49,9 @@ def _plain(text: str, annotation: Any) -> Any:
     return _SKIP
 
 
-def fast_parse(signature: Any, completion: str) -> dict[str, Any] | None:
+def fast_parse(
+    signature: Any, completion: str, fields: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
     """DSPy's parse for the common case, without its per-field pydantic adapters.
 
     Only canonical completions whose fields are all plain ``str``/``int``/
@@ -67,7 +69,8 @@ def fast_parse(signature: Any, completion: str) -> dict[str, Any] | None:
         name = match.group(1)
         rest = line[match.end() :].strip()
         current = None if name in sections else sections.setdefault(name, [rest] if rest else [])
-    fields = signature.output_fields
+    if fields is None:
+        fields = signature.output_fields
     values: dict[str, Any] = {}
     for name, info in fields.items():
         lines = sections.get(name)
@@ -137,6 +140,21 @@ class TolerantChatAdapter(ChatAdapter):  # type: ignore[misc]
         self._system: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
         self._requirements: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._plain: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+        self._fields: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+
+    def fields_of(self, signature: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A signature's input and output fields, read once per signature.
+
+        DSPy rebuilds both mappings from pydantic on every access, several times
+        per call; a signature class never changes them (DSPy derives a new class).
+        """
+        known = self._fields.get(signature)
+        if known is None:
+            known = self._fields[signature] = (
+                dict(signature.input_fields),
+                dict(signature.output_fields),
+            )
+        return known
 
     def format(self, signature: Any, demos: list[dict[str, Any]], inputs: dict[str, Any]) -> Any:
         """DSPy's messages; without demos or a conversation history, built without its per-call scans.
@@ -199,7 +217,7 @@ class TolerantChatAdapter(ChatAdapter):  # type: ignore[misc]
         The text is the same as DSPy's (a test holds the two side by side), so
         both adapters share cache keys.
         """
-        names = [name for name in signature.input_fields if name in inputs]
+        names = [name for name in self.fields_of(signature)[0] if name in inputs]
         if not all(type(inputs[name]) is str for name in names):
             return str(
                 super().format_user_message_content(signature, inputs, prefix, suffix, main_request)
@@ -214,7 +232,7 @@ class TolerantChatAdapter(ChatAdapter):  # type: ignore[misc]
 
     def parse(self, signature: Any, completion: str) -> dict[str, Any]:
         """DSPy's reading when it succeeds (its common case done without pydantic), else the tolerant one."""
-        fast = fast_parse(signature, completion)
+        fast = fast_parse(signature, completion, self.fields_of(signature)[1])
         if fast is not None:
             return fast
         try:
