@@ -64,6 +64,9 @@ ChainOfThought: Any = require(
     "ChainOfThought", ("dspy:ChainOfThought", "dspy.predict.chain_of_thought:ChainOfThought")
 )
 Predict: Any = require("Predict", ("dspy:Predict", "dspy.predict.predict:Predict"))
+Prediction: Any = require(
+    "Prediction", ("dspy:Prediction", "dspy.primitives.prediction:Prediction")
+)
 # DSPy's custom field types (tools, citations, reasoning, decisions); None where DSPy has none.
 DSPyType: Any = locate("Type", ("dspy:Type", "dspy.adapters.types.base_type:Type"))
 # The check behind DSPy's input type-mismatch warning; the cached replay leaves to

@@ -18,14 +18,17 @@ DSPy field types, inputs DSPy would warn about, and ``n``, ``rollout_id`` or
 tools in the LM kwargs. Not reproduced: the history DSPy keeps on the predictor
 module itself, which ``run_dspy_batch`` builds and never hands out.
 
-The cache is probed a window of items at a time with one prefetch. While windows
-come back without a hit the probing backs off, so a cold batch probes only a
-logarithmic number of windows.
+The cache is probed a window of items at a time: one prefetch, then one
+``backend.run_batched`` for the window's hits, so the backend reads the cache
+once and counts each hit as ``generate`` does. Windows grow while they find
+answers; while they come back empty the probing backs off, so a cold batch
+probes only a logarithmic number of small windows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,12 +37,21 @@ from typing import Any, get_args
 from ..backend import OpenAIMinimaLlm
 from ..context import get_force_refresh
 from ..types import MinimaLlmRequest
-from ._compat import ChainOfThought, ChatAdapter, DSPyType, Predict, input_type_fits, settings
+from ._compat import (
+    ChainOfThought,
+    ChatAdapter,
+    DSPyType,
+    Predict,
+    Prediction,
+    input_type_fits,
+    settings,
+)
 from ._inputs import input_values
 
 log = logging.getLogger("minima_llm.dspy")
 
-WINDOW = 64
+MIN_WINDOW = 64
+MAX_WINDOW = 512
 # LM kwargs handled in the code the replay skips: several samples, rollouts, tools.
 _UNREPLAYABLE_KWARGS = (
     "n",
@@ -121,8 +133,8 @@ def _obstacles(predict: Any, adapter: Any, lm: Any, backend: Any) -> Iterator[st
         yield "the adapter is not a ChatAdapter with DSPy's own call steps"
     elif adapter.use_json_adapter_fallback or adapter.use_native_function_calling:
         yield "the adapter falls back to JSON or calls functions natively"
-    if not (hasattr(adapter, "_call_postprocess") and hasattr(predict, "_forward_postprocess")):
-        yield "this DSPy lacks the post-processing steps the replay reuses"
+    if not (hasattr(adapter, "_call_postprocess") and hasattr(lm, "_process_completion")):
+        yield "this DSPy lacks the answer-shaping steps the replay reuses"
     if any(_custom_type(info.annotation) for info in predict.signature.output_fields.values()):
         yield "an output field has a custom DSPy type"
     kwargs = {**lm.kwargs, **predict.config}
@@ -168,22 +180,23 @@ class CachedReplay:
         adapter: Any,
         backend: OpenAIMinimaLlm,
         items: Sequence[Any],
-        window: int = WINDOW,
     ) -> None:
         self.plan = plan
         self.lm = lm
         self.adapter = adapter
         self.backend = backend
         self.items = items
-        self.window = window
         self.replayed = 0
         self.probed = 0
         self._inputs = {name: info.annotation for name, info in plan.signature.input_fields.items()}
         self._outputs = tuple(plan.signature.output_fields.items())
         self._fits = input_type_fits or _isinstance_fits
-        self._windows: dict[int, asyncio.Future[dict[int, _Hit]]] = {}
+        self._starts: list[int] = []  # first item of each window, ascending
+        self._probes: list[asyncio.Future[dict[int, _Hit]]] = []
+        self._next = 0  # first item no window covers yet
+        self._size = MIN_WINDOW
+        self._skip = 0  # items the next window leaves to DSPy unprobed
         self._empty_in_a_row = 0
-        self._skip_through = -1  # windows up to this number are not probed
 
     async def __call__(self, index: int, inputs: dict[str, Any]) -> Any | None:
         """Item ``index``'s prediction from the cache, or None when DSPy must make the call.
@@ -198,18 +211,18 @@ class CachedReplay:
         hit = await self._hit(index)
         if hit is None or hit.inputs != inputs:
             return None
-        plan, lm = self.plan, self.lm
+        lm, signature = self.lm, self.plan.signature
         completion = lm.completion_of(hit.result)
-        kwargs = dict(plan.lm_kwargs)
-        outputs = lm.outputs(completion, None, hit.messages, kwargs)
-        signature = plan.signature
+        kwargs = dict(self.plan.lm_kwargs)
+        # DSPy's own shaping of the answer into outputs, without the history entry.
+        outputs = lm._process_completion(completion, {**lm.kwargs, **kwargs})
         if all(type(output) is str and output for output in outputs):
             # What DSPy's _call_postprocess does with plain answers, minus its per-call field scans.
             values = [self._filled(self.adapter.parse(signature, output)) for output in outputs]
         else:
             values = self.adapter._call_postprocess(signature, signature, outputs, lm, kwargs)
         self.replayed += 1
-        return plan.predict._forward_postprocess(values, signature, **inputs)
+        return Prediction.from_completions(values, signature=signature)
 
     def _filled(self, parsed: Mapping[str, Any]) -> dict[str, Any]:
         """Every output field in signature order: parsed, else its default, else None (as DSPy fills them)."""
@@ -219,27 +232,37 @@ class CachedReplay:
         }
 
     async def _hit(self, index: int) -> _Hit | None:
-        number = index // self.window
-        probe = self._windows.get(number)
-        if probe is None:
-            probe = self._windows[number] = asyncio.ensure_future(self._probe(number))
+        if index >= self._next:
+            self._open(index)
+        probe = self._probes[bisect.bisect_right(self._starts, index) - 1]
         # Shielded: a worker cancelled while waiting must not cancel its window's probe.
-        hits = await asyncio.shield(probe)
+        hits = probe.result() if probe.done() else await asyncio.shield(probe)
         return hits.pop(index, None)
 
-    async def _probe(self, number: int) -> dict[int, _Hit]:
-        if number <= self._skip_through:
-            return {}
+    def _open(self, start: int) -> None:
+        """The window of items from ``start``: probed, or left to DSPy while the cache has been cold."""
+        probe: asyncio.Future[dict[int, _Hit]]
+        if self._skip:
+            size, self._skip = self._skip, 0
+            probe = asyncio.get_running_loop().create_future()
+            probe.set_result({})
+        else:
+            size = self._size
+            probe = asyncio.ensure_future(self._probe(start, min(start + size, len(self.items))))
+        self._starts.append(start)
+        self._probes.append(probe)
+        self._next = start + size
+
+    async def _probe(self, start: int, stop: int) -> dict[int, _Hit]:
         self.probed += 1
-        start = number * self.window
         found: dict[int, tuple[_Hit, str]] = {}
-        for index in range(start, min(start + self.window, len(self.items))):
+        for index in range(start, stop):
             prepared = self._prepare(index)
             if prepared is not None:
                 found[index] = prepared
         rows = await self._prefetch(sorted({key for _, key in found.values()}))
         hits = {index: hit for index, (hit, key) in found.items() if rows.get(key) is not None}
-        self._learn(number, bool(hits))
+        self._learn(bool(hits))
         return await self._answer(hits)
 
     async def _answer(self, hits: dict[int, _Hit]) -> dict[int, _Hit]:
@@ -294,22 +317,26 @@ class CachedReplay:
             log.warning("cache prefetch failed, these items take DSPy's path: %s", exc)
             return {}
 
-    def _learn(self, number: int, hit: bool) -> None:
+    def _learn(self, hit: bool) -> None:
+        # Each batch read and the runner behind it cost the same for 64 items or 512,
+        # so windows grow while they find answers. A window without any answer points
+        # at a cold cache: after k of them in a row, the next 2**k - 1 minimum windows'
+        # worth of items go straight to DSPy, so a cold batch probes only O(log n) windows.
         if hit:
             self._empty_in_a_row = 0
+            self._size = min(self._size * 2, MAX_WINDOW)
             return
-        # Skip 1, 3, 7, ... windows after each empty one: a cold batch probes O(log n) windows.
         self._empty_in_a_row += 1
-        skip = 2**self._empty_in_a_row - 1
-        self._skip_through = max(self._skip_through, number + skip)
+        self._size = MIN_WINDOW
+        self._skip = MIN_WINDOW * (2**self._empty_in_a_row - 1)
 
     def close(self) -> None:
         """Cancel probes nobody waits for any more (a batch that stopped early)."""
-        for probe in self._windows.values():
+        for probe in self._probes:
             probe.cancel()
 
     def __repr__(self) -> str:
         return (
-            f"<CachedReplay replayed={self.replayed} windows probed={self.probed}"
-            f" of {-(-len(self.items) // self.window)}>"
+            f"<CachedReplay replayed={self.replayed} of {len(self.items)}"
+            f" windows probed={self.probed} of {len(self._probes)}>"
         )
