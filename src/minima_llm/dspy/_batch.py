@@ -47,9 +47,8 @@ class _ItemRunner:
 
     async def __call__(self, item: tuple[int, Any]) -> Any:
         index, obj = item
-        inputs = input_values(obj, self.input_names)
         try:
-            prediction = await self._replay_or_predict(index, inputs)
+            prediction = await self._replay_or_predict(index, obj)
         except MinimaLlmDSPyError as exc:
             return replace(exc.failure, request_id=_item_id(index, obj))
         except PendingCall as exc:
@@ -59,11 +58,11 @@ class _ItemRunner:
         self.convert_output(prediction, obj)
         return obj
 
-    async def _replay_or_predict(self, index: int, inputs: dict[str, Any]) -> Any:
+    async def _replay_or_predict(self, index: int, obj: Any) -> Any:
         first = 0
         if self.replay is not None:
             try:
-                prediction = await self.replay(index, inputs)
+                prediction = await self.replay(index)
             except AdapterParseError:
                 if self.retry.parse_retries == 0:
                     raise
@@ -73,7 +72,7 @@ class _ItemRunner:
             else:
                 if prediction is not None:
                     return prediction
-        return await self._predict(inputs, first)
+        return await self._predict(input_values(obj, self.input_names), first)
 
     async def _predict(self, inputs: dict[str, Any], first: int = 0) -> Any:
         attempts = self.retry.parse_retries + 1
@@ -174,7 +173,12 @@ async def run_dspy_batch(
             log.debug("%r", replay)
         if owned:
             await backend.aclose()
-    pending = sum(1 for result in results if is_pending(result))
+    # An item's own object is no placeholder; skipping it spares pydantic's slow missing-attribute path.
+    pending = sum(
+        1
+        for obj, result in zip(items, results, strict=True)
+        if result is not obj and is_pending(result)
+    )
     if pending:
         log.info("%d of %d items queued for a provider batch (pending)", pending, len(results))
     return results

@@ -154,6 +154,10 @@ def _custom_type(annotation: Any) -> bool:
     return any(_custom_type(arg) for arg in get_args(annotation))
 
 
+def _unwrapped(method: Any) -> Any:
+    return getattr(method, "__wrapped__", method)
+
+
 def _fallback(info: Any) -> Any:
     return None if info.is_required() else info.get_default(call_default_factory=True)
 
@@ -164,8 +168,6 @@ def _isinstance_fits(value: Any, annotation: Any) -> bool:
 
 @dataclass(slots=True)
 class _Hit:
-    inputs: dict[str, Any]
-    messages: list[dict[str, Any]]
     request: MinimaLlmRequest
     result: Any = None
 
@@ -191,6 +193,10 @@ class CachedReplay:
         self._inputs = {name: info.annotation for name, info in plan.signature.input_fields.items()}
         self._outputs = tuple(plan.signature.output_fields.items())
         self._fits = input_type_fits or _isinstance_fits
+        self._merged_kwargs = {**lm.kwargs, **plan.lm_kwargs}
+        # The plan rules out callbacks, so DSPy's callback wrappers would only pass the call on.
+        self._format = _unwrapped(type(adapter).format)
+        self._parse = _unwrapped(type(adapter).parse)
         self._starts: list[int] = []  # first item of each window, ascending
         self._probes: list[asyncio.Future[dict[int, _Hit]]] = []
         self._next = 0  # first item no window covers yet
@@ -198,8 +204,10 @@ class CachedReplay:
         self._skip = 0  # items the next window leaves to DSPy unprobed
         self._empty_in_a_row = 0
 
-    async def __call__(self, index: int, inputs: dict[str, Any]) -> Any | None:
+    async def __call__(self, index: int) -> Any | None:
         """Item ``index``'s prediction from the cache, or None when DSPy must make the call.
+
+        The item's inputs are read when its window is probed, shortly before its turn.
 
         Raises what DSPy's call would: ``AdapterParseError`` for an answer that
         cannot be parsed, ``MinimaLlmDSPyError`` or ``PendingCall`` from the LM.
@@ -209,17 +217,18 @@ class CachedReplay:
         if get_force_refresh():
             return None
         hit = await self._hit(index)
-        if hit is None or hit.inputs != inputs:
+        if hit is None:
             return None
         lm, signature = self.lm, self.plan.signature
         completion = lm.completion_of(hit.result)
-        kwargs = dict(self.plan.lm_kwargs)
         # DSPy's own shaping of the answer into outputs, without the history entry.
-        outputs = lm._process_completion(completion, {**lm.kwargs, **kwargs})
+        outputs = lm._process_completion(completion, self._merged_kwargs)
         if all(type(output) is str and output for output in outputs):
             # What DSPy's _call_postprocess does with plain answers, minus its per-call field scans.
-            values = [self._filled(self.adapter.parse(signature, output)) for output in outputs]
+            parse = self._parse
+            values = [self._filled(parse(self.adapter, signature, output)) for output in outputs]
         else:
+            kwargs = dict(self.plan.lm_kwargs)
             values = self.adapter._call_postprocess(signature, signature, outputs, lm, kwargs)
         self.replayed += 1
         return Prediction.from_completions(values, signature=signature)
@@ -289,14 +298,14 @@ class CachedReplay:
         if not self._takes(inputs):
             return None
         try:
-            messages = self.adapter.format(self.plan.signature, [], inputs)
+            messages = self._format(self.adapter, self.plan.signature, [], inputs)
             request, _ = self.lm.request_for(None, messages, self.plan.lm_kwargs)
             key, _ = self.backend.key_for(request)
         except Exception as exc:
             # DSPy's own call will meet the same problem and report it for this item.
             log.debug("item %d left to DSPy, its prompt could not be built: %s", index, exc)
             return None
-        return _Hit(inputs, messages, request), key
+        return _Hit(request), key
 
     def _takes(self, inputs: Mapping[str, Any]) -> bool:
         """Whether DSPy would take ``inputs`` as they are: all present, none it would warn about."""
