@@ -24,12 +24,12 @@ def quiet_batch() -> BatchConfig:
     return BatchConfig(num_workers=8, heartbeat_s=0, stall_s=0, print_first_failures=0)
 
 
-def backend_config(url: str, cache_dir: Path, **overrides: Any) -> MinimaLlmConfig:
+def backend_config(url: str, cache_dir: Path | None, **overrides: Any) -> MinimaLlmConfig:
     """A config for the mock: fast retries, no pacing, quiet batches."""
     fields: dict[str, Any] = {
         "base_url": url,
         "model": "mock-model",
-        "cache_dir": str(cache_dir),
+        "cache_dir": str(cache_dir) if cache_dir is not None else None,
         "rpm": 0,
         "base_backoff_s": 0.01,
         "max_backoff_s": 0.05,
@@ -75,7 +75,8 @@ class Backends:
         self.made: list[OpenAIMinimaLlm] = []
 
     def __call__(self, **overrides: Any) -> OpenAIMinimaLlm:
-        self.made.append(OpenAIMinimaLlm(backend_config(self.url, self.cache_dir, **overrides)))
+        cache_dir = overrides.pop("cache_dir", self.cache_dir)  # None: no cache at all
+        self.made.append(OpenAIMinimaLlm(backend_config(self.url, cache_dir, **overrides)))
         return self.made[-1]
 
     async def aclose(self) -> None:
