@@ -10,6 +10,7 @@ from typing import Any
 
 import dspy
 import pytest
+from dspy.clients.base_lm import GLOBAL_HISTORY
 from dspy_helpers import Backends, FakeBackend
 from pydantic import BaseModel
 
@@ -84,6 +85,14 @@ def replayed(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith("<CachedReplay")]
 
 
+def traced(trace: list[Any]) -> list[Any]:
+    """What DSPy's trace says about each call: which predictor, its inputs, its outputs."""
+    return sorted(
+        (type(predictor).__name__, sorted(inputs.items()), sorted(prediction.toDict().items()))
+        for predictor, inputs, prediction in trace
+    )
+
+
 def dump(results: list[Any]) -> list[Any]:
     return [
         r.model_dump()
@@ -108,11 +117,16 @@ async def test_a_replay_predicts_what_dspys_path_predicts(
 ) -> None:
     await replay(backends(), QUESTIONS, predictor, retry=NO_RETRY)
     assert mock.stats()["requests"] == len(QUESTIONS)
-    slow, slow_results = await replay(backends(), QUESTIONS, predictor, fast_replay=False)
+    with dspy.context(trace=[]):
+        slow, slow_results = await replay(backends(), QUESTIONS, predictor, fast_replay=False)
+        slow_trace = traced(dspy.settings.trace)
     fast_backend = backends()
-    fast, fast_results = await replay(fast_backend, QUESTIONS, predictor)
+    with dspy.context(trace=[]):
+        fast, fast_results = await replay(fast_backend, QUESTIONS, predictor)
+        fast_trace = traced(dspy.settings.trace)
     assert fast.predictions == slow.predictions
     assert dump(fast_results) == dump(slow_results)
+    assert fast_trace == slow_trace and len(fast_trace) == len(QUESTIONS)
     if predictor is dspy.ChainOfThought:
         assert all(p["fields"]["reasoning"] for p in fast.predictions)
     assert replayed(debug_log)[-1].startswith(f"<CachedReplay replayed=3 of {len(QUESTIONS)}")
@@ -142,9 +156,9 @@ async def test_switched_off_every_item_takes_dspys_path(
 ) -> None:
     await replay(backends(), QUESTIONS, retry=NO_RETRY)
     debug_log.clear()
-    with dspy.context(trace=[]):  # DSPy's path records each call in the trace
-        run, _ = await replay(backends(), QUESTIONS, fast_replay=False)
-        assert len(dspy.settings.trace) == len(QUESTIONS)
+    before = len(GLOBAL_HISTORY)
+    run, _ = await replay(backends(), QUESTIONS, fast_replay=False)
+    assert len(GLOBAL_HISTORY) == before + len(QUESTIONS)  # DSPy's path keeps its LM history
     assert replayed(debug_log) == []
     assert run.cached == [True, True, True] and mock.stats()["requests"] == len(QUESTIONS)
 

@@ -1,28 +1,33 @@
 """Cached replay without DSPy's call machinery, for the items of a batch the cache already holds.
 
 On a cached answer, a ``dspy.Predict`` call spends most of its time in DSPy's
-plumbing (callbacks, settings contexts, capability planning, input checks), not
-in formatting or parsing. For a predictor whose call can be reproduced exactly,
-``run_dspy_batch`` takes the same steps itself: the adapter formats the prompt,
-the LM builds its request and, when the backend's primary cache holds that
-request, sends it through the backend (so the hit is counted, traced and seen by
-``get_last_cached()`` as usual); the answer then goes through the same DSPy steps
-that turn it into a ``Prediction``: the LM's output shaping and history, the
-adapter's ``_call_postprocess`` and the predictor's ``_forward_postprocess``.
+plumbing (callbacks, settings contexts, capability planning, input checks,
+history), not in formatting or parsing. For a predictor whose call can be
+reproduced exactly, ``run_dspy_batch`` takes the steps that decide the answer
+itself: the adapter formats the prompt, the LM builds its request, and when the
+backend's primary cache holds that request the backend answers it (counting and
+tracing the hit as ``generate`` always does; the item's ``get_last_cached()`` is
+set as the LM sets it). The answer then goes through DSPy's own pieces: the
+LM's ``_process_completion``, the adapter's ``parse`` (filled in as
+``_call_postprocess`` fills it; anything but plain text goes through
+``_call_postprocess`` itself) and the predictor's ``_forward_postprocess``,
+which builds the ``Prediction`` and records it in ``dspy.settings.trace``.
 
 Everything else takes DSPy's own path: a miss, an unparseable answer (its
 retries follow as usual), force refresh, a predictor other than a plain
 ``dspy.Predict`` or ``dspy.ChainOfThought``, demos, callbacks, usage tracking,
 streaming, an adapter with a JSON fallback or native function calling, custom
 DSPy field types, inputs DSPy would warn about, and ``n``, ``rollout_id`` or
-tools in the LM kwargs. Not reproduced: the history DSPy keeps on the predictor
-module itself, which ``run_dspy_batch`` builds and never hands out.
+tools in the LM kwargs. Not reproduced, by design: DSPy's LM history
+(``dspy.inspect_history()``) has no entry for a replayed item, and neither has
+the history of the predictor module, which ``run_dspy_batch`` never hands out;
+``fast_replay=False`` keeps both.
 
 The cache is probed a window of items at a time: one prefetch, then one
 ``backend.run_batched`` for the window's hits, so the backend reads the cache
-once and counts each hit as ``generate`` does. Windows grow while they find
-answers; while they come back empty the probing backs off, so a cold batch
-probes only a logarithmic number of small windows.
+once for them. Windows grow while they find answers; while they come back empty
+the probing backs off, so a cold batch probes only a logarithmic number of small
+windows.
 """
 
 from __future__ import annotations
@@ -42,7 +47,6 @@ from ._compat import (
     ChatAdapter,
     DSPyType,
     Predict,
-    Prediction,
     input_type_fits,
     settings,
 )
@@ -110,8 +114,8 @@ def _inner_predict(predictor: Any) -> Any:
 def _obstacles(predict: Any, adapter: Any, lm: Any, backend: Any) -> Iterator[str]:
     if not isinstance(backend, OpenAIMinimaLlm) or backend.cache.primary is None:
         yield "the backend has no primary cache to probe"
-    elif backend.cfg.force_refresh:
-        yield "force refresh is configured"
+    elif backend.cfg.force_refresh or get_force_refresh():
+        yield "force refresh is on"
     if (
         predict.demos
         or predict.lm is not None
@@ -133,7 +137,12 @@ def _obstacles(predict: Any, adapter: Any, lm: Any, backend: Any) -> Iterator[st
         yield "the adapter is not a ChatAdapter with DSPy's own call steps"
     elif adapter.use_json_adapter_fallback or adapter.use_native_function_calling:
         yield "the adapter falls back to JSON or calls functions natively"
-    if not (hasattr(adapter, "_call_postprocess") and hasattr(lm, "_process_completion")):
+    steps = (
+        (adapter, "_call_postprocess"),
+        (lm, "_process_completion"),
+        (predict, "_forward_postprocess"),
+    )
+    if not all(hasattr(owner, step) for owner, step in steps):
         yield "this DSPy lacks the answer-shaping steps the replay reuses"
     if any(_custom_type(info.annotation) for info in predict.signature.output_fields.values()):
         yield "an output field has a custom DSPy type"
@@ -168,6 +177,7 @@ def _isinstance_fits(value: Any, annotation: Any) -> bool:
 
 @dataclass(slots=True)
 class _Hit:
+    inputs: dict[str, Any]
     request: MinimaLlmRequest
     result: Any = None
 
@@ -231,7 +241,8 @@ class CachedReplay:
             kwargs = dict(self.plan.lm_kwargs)
             values = self.adapter._call_postprocess(signature, signature, outputs, lm, kwargs)
         self.replayed += 1
-        return Prediction.from_completions(values, signature=signature)
+        # DSPy's own last step: the Prediction, and its entry in dspy.settings.trace.
+        return self.plan.predict._forward_postprocess(values, signature, **hit.inputs)
 
     def _filled(self, parsed: Mapping[str, Any]) -> dict[str, Any]:
         """Every output field in signature order: parsed, else its default, else None (as DSPy fills them)."""
@@ -305,7 +316,7 @@ class CachedReplay:
             # DSPy's own call will meet the same problem and report it for this item.
             log.debug("item %d left to DSPy, its prompt could not be built: %s", index, exc)
             return None
-        return _Hit(request), key
+        return _Hit(inputs, request), key
 
     def _takes(self, inputs: Mapping[str, Any]) -> bool:
         """Whether DSPy would take ``inputs`` as they are: all present, none it would warn about."""
