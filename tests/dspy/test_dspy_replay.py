@@ -209,6 +209,11 @@ class Reasoned(dspy.Signature):
     answer: dspy.Reasoning = dspy.OutputField()
 
 
+class Configured(dspy.Signature):
+    config: str = dspy.InputField()  # dspy.Predict takes config= for itself
+    answer: str = dspy.OutputField()
+
+
 def _with_callback(signature: Any) -> Any:
     return dspy.Predict(signature, callbacks=[dspy.utils.callback.BaseCallback()])
 
@@ -260,6 +265,7 @@ async def test_custom_types_tracking_and_other_backends_are_not_replayed(
     lm = MinimaLlmDSPyLM(backend)
     with dspy.context(lm=lm, adapter=adapter):
         assert replay_plan(dspy.Predict(Reasoned), adapter, lm, backend) is None
+        assert replay_plan(dspy.Predict(Configured), adapter, lm, backend) is None
         with dspy.context(track_usage=True):
             assert replay_plan(dspy.Predict(Judge), adapter, lm, backend) is None
         refreshing = backends(force_refresh=True)

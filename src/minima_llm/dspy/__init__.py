@@ -7,6 +7,10 @@ Retries of unparseable answers (``run_dspy_batch``) re-sample reproducibly: retr
 ``n`` sends seed ``n`` and temperature ``retry_temperature(n)``, so each retry
 has its own cache key and a rerun replays every attempt from the cache.
 
+Cached replay: ``run_dspy_batch`` answers items already in the backend's cache
+without DSPy's call machinery when it can reproduce the call exactly (see
+``_replay``); ``fast_replay=False`` turns that off.
+
 Provider-batch seam: a backend in collection mode may return, instead of a
 response, any object with ``pending = True`` (see :class:`PendingResult`). The
 LM raises :class:`PendingCall` for it, which unwinds DSPy before any parsing,

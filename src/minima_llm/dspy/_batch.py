@@ -135,10 +135,12 @@ async def run_dspy_batch(
     :class:`TolerantChatAdapter`, ``retry`` to ``DSPyRetryConfig.from_env()``.
 
     ``fast_replay`` (on by default) answers items whose request is already in
-    the backend's cache without DSPy's call machinery, with the same
-    predictions, hit counts and retries; only predictors it can reproduce
-    exactly qualify (see ``minima_llm.dspy._replay``), the rest always take
-    DSPy's path.
+    the backend's cache without DSPy's call machinery: same predictions, trace,
+    hit counts and retries, several times faster. Only calls it can reproduce
+    exactly qualify (plain ``dspy.Predict``/``dspy.ChainOfThought``, no demos
+    or callbacks; see ``minima_llm.dspy._replay``); the rest take DSPy's path.
+    Replayed items leave no entry in DSPy's LM history (``dspy.inspect_history``);
+    pass ``fast_replay=False`` to keep one.
     """
     owned = backend is None
     backend = backend if backend is not None else OpenAIMinimaLlm.from_env()
@@ -151,7 +153,7 @@ async def run_dspy_batch(
         items = list(annotations)
         with context(lm=lm, adapter=adapter):
             plan = replay_plan(predictor, adapter, lm, backend) if fast_replay else None
-            if plan is not None and isinstance(backend, OpenAIMinimaLlm):
+            if plan is not None and isinstance(backend, OpenAIMinimaLlm):  # as the plan checked
                 replay = CachedReplay(plan, lm, adapter, backend, items)
             runner = _ItemRunner(
                 predictor,

@@ -68,6 +68,8 @@ _UNREPLAYABLE_KWARGS = (
 )
 # Adapter steps the replay stands in for; an override of either could do anything.
 _ADAPTER_STEPS = ("acall", "_call_preprocess")
+# Call arguments dspy.Predict takes for itself: an input field so named never reaches the prompt.
+_PREDICT_ARGUMENTS = frozenset({"signature", "demos", "config", "lm", "prediction", "_trace"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +148,8 @@ def _obstacles(predict: Any, adapter: Any, lm: Any, backend: Any) -> Iterator[st
         yield "this DSPy lacks the answer-shaping steps the replay reuses"
     if any(_custom_type(info.annotation) for info in predict.signature.output_fields.values()):
         yield "an output field has a custom DSPy type"
+    if _PREDICT_ARGUMENTS.intersection(predict.signature.input_fields):
+        yield "an input field is named like one of dspy.Predict's own arguments"
     kwargs = {**lm.kwargs, **predict.config}
     if any(kwargs.get(name) is not None for name in _UNREPLAYABLE_KWARGS):
         yield "the LM kwargs ask for several samples, a rollout or tools"
