@@ -247,6 +247,16 @@ def test_system_message_memo_follows_the_instructions() -> None:
     assert "French" in adapter.format_system_message(other)
     assert "French" not in adapter.format_system_message(Answer)
 
+    class Local(dspy.Signature):
+        """Answer."""
+
+        question: str = dspy.InputField()
+        answer: str = dspy.OutputField()
+
+    assert "German" not in adapter.format_system_message(Local)
+    Local.instructions = "Answer in German."  # DSPy rewrites the class's docstring in place
+    assert "German" in adapter.format_system_message(Local)
+
 
 CANONICAL = [
     (Mixed, {"reasoning": "two\nlines", "score": 4, "weight": 0.25, "relevant": True}),

@@ -137,7 +137,7 @@ class TolerantChatAdapter(ChatAdapter):  # type: ignore[misc]
 
     def __init__(self, *, use_json_adapter_fallback: bool = False, **kwargs: Any) -> None:
         super().__init__(use_json_adapter_fallback=use_json_adapter_fallback, **kwargs)
-        self._system: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
+        self._system: weakref.WeakKeyDictionary[Any, tuple[Any, str]] = weakref.WeakKeyDictionary()
         self._requirements: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._plain: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
         self._fields: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = weakref.WeakKeyDictionary()
@@ -184,12 +184,14 @@ class TolerantChatAdapter(ChatAdapter):  # type: ignore[misc]
         DSPy rebuilds it on every call (pydantic JSON schemas for each field), which
         costs more than a cached answer does.
         """
-        instructions = str(signature.instructions)
+        # DSPy's instructions are the cleaned-up docstring: the raw one tells a change
+        # apart without cleaning it up on every call.
+        doc = getattr(signature, "__doc__", None)
         known = self._system.get(signature)
-        if known is not None and known[0] == instructions:
+        if known is not None and known[0] == doc:
             return known[1]
         message = str(super().format_system_message(signature))
-        self._system[signature] = (instructions, message)
+        self._system[signature] = (doc, message)
         return message
 
     def user_message_output_requirements(self, signature: Any) -> str:
