@@ -100,7 +100,7 @@ def replay_plan(predictor: Any, adapter: Any, lm: Any, backend: Any) -> ReplayPl
         return None
     current = settings()
     kwargs = dict(predict.config)
-    return ReplayPlan(predict, kwargs, bool(current.warn_on_type_mismatch))
+    return ReplayPlan(predict, kwargs, bool(getattr(current, "warn_on_type_mismatch", True)))
 
 
 def _inner_predict(predictor: Any) -> Any:
@@ -128,16 +128,19 @@ def _obstacles(predict: Any, adapter: Any, lm: Any, backend: Any) -> Iterator[st
     current = settings()
     if current.lm is not lm or current.adapter is not adapter:
         yield "the DSPy context has another LM or adapter"
-    if current.callbacks or getattr(lm, "callbacks", None) or getattr(adapter, "callbacks", None):
+    if any(getattr(owner, "callbacks", None) for owner in (current, lm, adapter)):
         yield "DSPy callbacks are configured"
-    if current.track_usage or current.usage_tracker is not None or current.send_stream is not None:
+    watched = (getattr(current, name, None) for name in ("usage_tracker", "send_stream"))
+    if getattr(current, "track_usage", False) or any(w is not None for w in watched):
         yield "DSPy tracks usage or streams"
     if not isinstance(adapter, ChatAdapter) or any(
         getattr(type(adapter), step, None) is not getattr(ChatAdapter, step, None)
         for step in _ADAPTER_STEPS
     ):
         yield "the adapter is not a ChatAdapter with DSPy's own call steps"
-    elif adapter.use_json_adapter_fallback or adapter.use_native_function_calling:
+    elif getattr(adapter, "use_json_adapter_fallback", True) or getattr(
+        adapter, "use_native_function_calling", True
+    ):
         yield "the adapter falls back to JSON or calls functions natively"
     steps = (
         (adapter, "_call_postprocess"),
