@@ -11,6 +11,7 @@ from typing import Any
 import dspy
 import pytest
 from dspy.clients.base_lm import GLOBAL_HISTORY
+from dspy.utils.usage_tracker import track_usage
 from dspy_helpers import Backends, FakeBackend
 from pydantic import BaseModel
 
@@ -267,6 +268,8 @@ async def test_custom_types_tracking_and_other_backends_are_not_replayed(
         assert replay_plan(dspy.Predict(Reasoned), adapter, lm, backend) is None
         assert replay_plan(dspy.Predict(Configured), adapter, lm, backend) is None
         with dspy.context(track_usage=True):
+            assert replay_plan(dspy.Predict(Judge), adapter, lm, backend) is None
+        with track_usage():
             assert replay_plan(dspy.Predict(Judge), adapter, lm, backend) is None
         refreshing = backends(force_refresh=True)
         assert replay_plan(dspy.Predict(Judge), adapter, lm, refreshing) is None
