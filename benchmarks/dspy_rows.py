@@ -32,6 +32,7 @@ def dspy_batch(ctx: Context) -> list[Row]:
             "ratio < 0.15",
             bool(got["meets_target"]) and ok,
             f"{items:,} items replayed with {upstream} upstream calls; "
-            f"replay CPU {got['dspy_cached_cpu_us_per_item']:.0f} us/item",
+            f"replay CPU {got['dspy_cached_cpu_us_per_item']:.0f} us/item "
+            f"(DSPy's own path: {got['dspy_cached_slow_path_cpu_us_per_item']:.0f})",
         ),
     ]
