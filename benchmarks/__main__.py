@@ -138,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     split = None if args.no_pin else pin_cores()
     if split is not None:
         client_cpus, ctx.mock_cpus = split
+        ctx.all_cpus = client_cpus | ctx.mock_cpus
         os.sched_setaffinity(0, client_cpus)
     rows = run(names, ctx)
     print()

@@ -9,7 +9,8 @@ from ._mock import MockProcess
 from ._report import Row
 
 TIMEOUT_S = 180.0
-# The load generator, the gateway and the mock share two cores here, so none is pinned.
+# The load generator, the gateway and the mock share two cores here, so none is pinned:
+# each benchmark runs unpinned, as do the servers it starts.
 
 
 def _best(loads: list[Load]) -> Load:
@@ -21,7 +22,7 @@ def gateway_throughput(ctx: Context) -> list[Row]:
     count, reps = (1_500, 2) if ctx.quick else (4_000, 3)
     direct: list[Load] = []
     through: list[Load] = []
-    with MockProcess() as mock, GatewayProcess(mock.url) as gateway:
+    with ctx.unpinned(), MockProcess() as mock, GatewayProcess(mock.url) as gateway:
         run(mock.url, payloads(256), 64, TIMEOUT_S)
         run(gateway.url, payloads(256), 64, TIMEOUT_S)
         for _ in range(reps):
@@ -50,7 +51,7 @@ def gateway_cache_hits(ctx: Context) -> list[Row]:
     """Requests per second answered from the gateway's cache."""
     count, reps = (2_000, 2) if ctx.quick else (5_000, 3)
     bodies = payloads(count)
-    with MockProcess() as mock, GatewayProcess(mock.url) as gateway:
+    with ctx.unpinned(), MockProcess() as mock, GatewayProcess(mock.url) as gateway:
         run(gateway.url, bodies, 64, TIMEOUT_S)  # fills the cache
         before = mock.stats()["requests"]
         loads = [run(gateway.url, bodies, 64, TIMEOUT_S) for _ in range(reps)]
@@ -74,7 +75,7 @@ def gateway_cache_hits(ctx: Context) -> list[Row]:
 def gateway_latency(ctx: Context) -> list[Row]:
     """Latency added by the gateway at concurrency 1 (cache misses), p50 and p99."""
     count = 500 if ctx.quick else 2_000
-    with MockProcess() as mock, GatewayProcess(mock.url) as gateway:
+    with ctx.unpinned(), MockProcess() as mock, GatewayProcess(mock.url) as gateway:
         run(mock.url, payloads(100), 1, TIMEOUT_S)
         run(gateway.url, payloads(100), 1, TIMEOUT_S)
         direct = run(mock.url, payloads(count), 1, TIMEOUT_S)
@@ -99,7 +100,7 @@ def gateway_latency(ctx: Context) -> list[Row]:
 def gateway_ttft(ctx: Context) -> list[Row]:
     """Time to the first content chunk of a stream, through the gateway minus direct."""
     count = 200 if ctx.quick else 1_000
-    with MockProcess() as mock, GatewayProcess(mock.url) as gateway:
+    with ctx.unpinned(), MockProcess() as mock, GatewayProcess(mock.url) as gateway:
         run(mock.url, payloads(50, stream=True), 1, TIMEOUT_S)
         run(gateway.url, payloads(50, stream=True), 1, TIMEOUT_S)
         direct = run(mock.url, payloads(count, stream=True), 1, TIMEOUT_S)
@@ -123,6 +124,7 @@ def gateway_streams(ctx: Context) -> list[Row]:
     count = 300 if ctx.quick else 1_000
     # 40 chunks 50 ms apart: every stream stays open about two seconds, so they overlap.
     with (
+        ctx.unpinned(),
         MockProcess("--stream-chunk-delay-s", "0.05") as mock,
         GatewayProcess(mock.url, max_outstanding=count + 24) as gateway,
     ):
