@@ -114,17 +114,21 @@ def _inner_predict(predictor: Any) -> Any:
 
 
 def _obstacles(predict: Any, adapter: Any, lm: Any, backend: Any) -> Iterator[str]:
+    """Why a replay of ``predict``'s call would not be exact, most basic reason first."""
+    yield from _backend_obstacles(backend)
+    yield from _context_obstacles(adapter, lm)
+    yield from _adapter_obstacles(adapter)
+    yield from _call_obstacles(predict, adapter, lm)
+
+
+def _backend_obstacles(backend: Any) -> Iterator[str]:
     if not isinstance(backend, OpenAIMinimaLlm) or backend.cache.primary is None:
         yield "the backend has no primary cache to probe"
     elif backend.cfg.force_refresh or get_force_refresh():
         yield "force refresh is on"
-    if (
-        predict.demos
-        or predict.lm is not None
-        or predict.callbacks
-        or getattr(predict, "fields", None)
-    ):
-        yield "the predictor has demos, its own LM, callbacks or decision criteria"
+
+
+def _context_obstacles(adapter: Any, lm: Any) -> Iterator[str]:
     current = settings()
     if current.lm is not lm or current.adapter is not adapter:
         yield "the DSPy context has another LM or adapter"
@@ -133,6 +137,9 @@ def _obstacles(predict: Any, adapter: Any, lm: Any, backend: Any) -> Iterator[st
     watched = (getattr(current, name, None) for name in ("usage_tracker", "send_stream"))
     if getattr(current, "track_usage", False) or any(w is not None for w in watched):
         yield "DSPy tracks usage or streams"
+
+
+def _adapter_obstacles(adapter: Any) -> Iterator[str]:
     if not isinstance(adapter, ChatAdapter) or any(
         getattr(type(adapter), step, None) is not getattr(ChatAdapter, step, None)
         for step in _ADAPTER_STEPS
@@ -142,6 +149,16 @@ def _obstacles(predict: Any, adapter: Any, lm: Any, backend: Any) -> Iterator[st
         adapter, "use_native_function_calling", True
     ):
         yield "the adapter falls back to JSON or calls functions natively"
+
+
+def _call_obstacles(predict: Any, adapter: Any, lm: Any) -> Iterator[str]:
+    if (
+        predict.demos
+        or predict.lm is not None
+        or predict.callbacks
+        or getattr(predict, "fields", None)
+    ):
+        yield "the predictor has demos, its own LM, callbacks or decision criteria"
     steps = (
         (adapter, "_call_postprocess"),
         (lm, "_process_completion"),
@@ -149,9 +166,10 @@ def _obstacles(predict: Any, adapter: Any, lm: Any, backend: Any) -> Iterator[st
     )
     if not all(hasattr(owner, step) for owner, step in steps):
         yield "this DSPy lacks the answer-shaping steps the replay reuses"
-    if any(_custom_type(info.annotation) for info in predict.signature.output_fields.values()):
+    signature = predict.signature
+    if any(_custom_type(info.annotation) for info in signature.output_fields.values()):
         yield "an output field has a custom DSPy type"
-    if _PREDICT_ARGUMENTS.intersection(predict.signature.input_fields):
+    if _PREDICT_ARGUMENTS.intersection(signature.input_fields):
         yield "an input field is named like one of dspy.Predict's own arguments"
     kwargs = {**lm.kwargs, **predict.config}
     if any(kwargs.get(name) is not None for name in _UNREPLAYABLE_KWARGS):
