@@ -194,12 +194,18 @@ class UpstreamCaller:
     def encode(
         self, payload: Mapping[str, Any], api_key: str | None = None
     ) -> tuple[bytes, dict[str, str]]:
-        """The request body and headers for a JSON payload (``api_key`` overrides the configured one)."""
+        """The request body and headers for a JSON payload (``api_key`` overrides the configured one).
+
+        The configured headers are shared, not copied, unless this call changes them:
+        callers must copy before adding their own.
+        """
+        body = json.dumps(payload).encode("utf-8")
+        if not api_key and not self.cfg.compress_gzip:
+            return body, self.headers
         headers = dict(self.headers)
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        body = encode_body(json.dumps(payload).encode("utf-8"), headers, self.cfg.compress_gzip)
-        return body, headers
+        return encode_body(body, headers, self.cfg.compress_gzip), headers
 
     async def complete(
         self,
@@ -220,14 +226,20 @@ class UpstreamCaller:
                 return parse_completion(resp, endpoint)
             raise self._status_problem(resp.status, resp.headers, resp.body)
 
-        return await self._retrying(request_id, attempt)
+        stamps: list[float] = []
+        # The first attempt runs inline: most calls succeed at once, and the retry
+        # loop's extra coroutine and closure cost several microseconds a request.
+        try:
+            return await attempt(stamps)
+        except Problem as problem:
+            return await self._retrying(request_id, attempt, stamps, problem)
 
     async def open_stream(
         self, request_id: str, url: str, payload: Mapping[str, Any], api_key: str | None = None
     ) -> UpstreamStream | MinimaLlmFailure:
         """Open a stream, retrying until the upstream answers 2xx; the slot is held until closed."""
-        body, headers = self.encode(payload, api_key)
-        headers["Accept"] = "text/event-stream"
+        body, shared = self.encode(payload, api_key)
+        headers = {**shared, "Accept": "text/event-stream"}
 
         async def attempt(stamps: list[float]) -> UpstreamStream:
             await self._before_send()
@@ -262,35 +274,43 @@ class UpstreamCaller:
         slots.release()
 
     async def _retrying(
-        self, request_id: str, attempt: Callable[[list[float]], Awaitable[T]]
+        self,
+        request_id: str,
+        attempt: Callable[[list[float]], Awaitable[T]],
+        stamps: list[float] | None = None,
+        problem: Problem | None = None,
     ) -> T | MinimaLlmFailure:
-        stamps: list[float] = []
-        tries = 0
+        """Run ``attempt`` until it succeeds or must stop; ``problem`` is a first attempt's failure."""
+        stamps = [] if stamps is None else stamps
+        tries = 0 if problem is None else 1
         while True:
+            if problem is not None:
+                if not problem.retryable or not attempts_left(tries, self.cfg.max_attempts):
+                    return self._failure(request_id, problem, tries, stamps)
+                await self._back_off(request_id, tries, problem)
             tries += 1
             try:
                 return await attempt(stamps)
-            except Problem as problem:
-                if not problem.retryable or not attempts_left(tries, self.cfg.max_attempts):
-                    return self._failure(request_id, problem, tries, stamps)
-                delay = backoff_delay(
-                    tries,
-                    self.cfg.base_backoff_s,
-                    self.cfg.max_backoff_s,
-                    self.cfg.jitter,
-                    self.rng,
-                )
-                if problem.retry_after is not None:
-                    delay = max(delay, problem.retry_after)
-                self.stats.retries += 1
-                log.debug(
-                    "%s: attempt %d failed (%s), retry in %.2fs", request_id, tries, problem, delay
-                )
-                await self.clock.sleep(min(delay, self.max_wait_s))
+            except Problem as failed:
+                problem = failed
+
+    async def _back_off(self, request_id: str, tries: int, problem: Problem) -> None:
+        delay = backoff_delay(
+            tries, self.cfg.base_backoff_s, self.cfg.max_backoff_s, self.cfg.jitter, self.rng
+        )
+        if problem.retry_after is not None:
+            delay = max(delay, problem.retry_after)
+        self.stats.retries += 1
+        log.debug("%s: attempt %d failed (%s), retry in %.2fs", request_id, tries, problem, delay)
+        await self.clock.sleep(min(delay, self.max_wait_s))
 
     async def _before_send(self) -> None:
-        await self.cooldown.wait()
-        await self.pacer.acquire()
+        # Checked before awaiting: with no cooldown and no pacing there is nothing
+        # to wait for, and two coroutines a request are measurable at full speed.
+        if self.cooldown.remaining() > 0:
+            await self.cooldown.wait()
+        if not self.pacer.ready():
+            await self.pacer.acquire()
 
     async def _send(
         self, stamps: list[float], post: Callable[[], Awaitable[HttpResponse]]

@@ -288,3 +288,18 @@ async def test_cancelled_waiter_gives_its_slot_back() -> None:
         await waiter
     # Without the give-back the next start would be 2 s away.
     assert pacer.reserve() == pytest.approx(1.0, abs=0.05)
+
+
+def test_ready_only_when_nothing_could_make_a_start_wait() -> None:
+    unpaced, clock = make(0)
+    assert not unpaced.ready()  # the probe has not answered: others must wait for it
+    unpaced.observe(RateLimitInfo())
+    assert unpaced.ready()
+    unpaced.penalize(2.0)
+    assert not unpaced.ready()
+    clock.advance(2.0)
+    assert unpaced.ready()
+    learned, _ = make(0)
+    learned.observe(RateLimitInfo(limit_requests=600, remaining_requests=0, reset_requests_s=1))
+    assert not learned.ready()  # the server set a limit: every start is paced
+    assert not make(600)[0].ready()

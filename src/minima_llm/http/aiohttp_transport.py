@@ -12,10 +12,14 @@ from .base import HttpResponse, LowerHeaders
 
 try:
     import aiohttp
+    import yarl
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "the aiohttp transport needs aiohttp: pip install 'minima-llm[proxy]'"
     ) from exc
+
+
+_MAX_URLS = 256
 
 
 class _LoopSession:
@@ -50,6 +54,16 @@ class AiohttpTransport:
         self._closed = False
         # One immutable timeout object per value, not one per request on the hot path.
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+        # Parsed once: aiohttp parses a string URL on every request otherwise.
+        self._urls: dict[str, yarl.URL] = {}
+
+    def _url(self, url: str) -> yarl.URL:
+        parsed = self._urls.get(url)
+        if parsed is None:
+            if len(self._urls) >= _MAX_URLS:
+                self._urls.clear()
+            parsed = self._urls[url] = yarl.URL(url)
+        return parsed
 
     async def _session(self) -> aiohttp.ClientSession:
         entry = self._sessions.get()
@@ -69,7 +83,9 @@ class AiohttpTransport:
         if timeout is None:
             timeout = self._timeouts[timeout_s] = aiohttp.ClientTimeout(total=timeout_s)
         try:
-            async with session.post(url, data=body, headers=headers, timeout=timeout) as resp:
+            async with session.post(
+                self._url(url), data=body, headers=headers, timeout=timeout
+            ) as resp:
                 data = await resp.read()
                 return HttpResponse(resp.status, _lower(resp.headers), data)
         except Exception as exc:

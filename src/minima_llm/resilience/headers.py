@@ -85,6 +85,13 @@ _EMPTY = RateLimitInfo()
 def parse_rate_limits(headers: Mapping[str, str]) -> RateLimitInfo:
     """Read the ``x-ratelimit-*`` headers; absent or unreadable ones are None."""
     if (
+        getattr(headers, "lowercase", False)
+        and "x-ratelimit-limit-requests" not in headers
+        and "x-ratelimit-limit-tokens" not in headers
+        and "x-ratelimit-remaining-requests" not in headers
+    ):
+        return _EMPTY  # most servers send none of them: answer without the scans below
+    if (
         _get(headers, "x-ratelimit-limit-requests") is None
         and _get(headers, "x-ratelimit-limit-tokens") is None
     ) and _get(headers, "x-ratelimit-remaining-requests") is None:

@@ -55,6 +55,10 @@ class RpmPacer:
                 self._next_at = start + 60.0 / rate
         return start - now
 
+    def ready(self) -> bool:
+        """Whether a request may start now with nothing to wait for or claim (unpaced, no hold)."""
+        return self._learned and self.rpm <= 0 and self._clock.monotonic() >= self._hold_until
+
     async def acquire(self) -> None:
         """Wait for a start slot (and for the probe, before anything is learned)."""
         if not self._learned:

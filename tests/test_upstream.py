@@ -1,0 +1,81 @@
+"""UpstreamCaller through the transport seam: the headers each call sends."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from minima_llm import MinimaLlmConfig, MinimaLlmFailure
+from minima_llm.clock import FakeClock
+from minima_llm.http import HttpResponse
+from minima_llm.stats import LiveStats
+from minima_llm.upstream import Completion, UpstreamCaller
+
+BODY = json.dumps({"choices": [{"message": {"content": "ok"}}]}).encode()
+
+
+class RecordingTransport:
+    """Answers every POST with one completion and keeps a copy of the headers it was given."""
+
+    def __init__(self, statuses: list[int] | None = None) -> None:
+        self.sent: list[dict[str, str]] = []
+        self.statuses = statuses or []
+
+    async def post(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
+    ) -> HttpResponse:
+        self.sent.append(dict(headers))
+        status = self.statuses.pop(0) if self.statuses else 200
+        return HttpResponse(status, {}, BODY if status == 200 else b"{}")
+
+    async def open_stream(self, *args: Any) -> Any:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        pass
+
+
+def caller(transport: RecordingTransport, **config: Any) -> UpstreamCaller:
+    cfg = MinimaLlmConfig(base_url="http://127.0.0.1:9/v1", model="m", rpm=0, **config)
+    return UpstreamCaller(cfg, transport, FakeClock(), LiveStats())
+
+
+async def test_a_per_call_key_does_not_leak_into_later_calls() -> None:
+    transport = RecordingTransport()
+    up = caller(transport, api_key="sk-configured")
+    await up.complete("r1", "http://x/v1/chat/completions", {"model": "m"}, api_key="sk-caller")
+    await up.complete("r2", "http://x/v1/chat/completions", {"model": "m"})
+    assert [h["Authorization"] for h in transport.sent] == [
+        "Bearer sk-caller",
+        "Bearer sk-configured",
+    ]
+
+
+async def test_gzip_marks_only_the_compressed_call() -> None:
+    transport = RecordingTransport()
+    up = caller(transport, compress_gzip=True)
+    await up.complete("r1", "http://x/v1/chat/completions", {"model": "m"})
+    assert transport.sent[0]["Content-Encoding"] == "gzip"
+    assert "Content-Encoding" not in up.headers
+
+
+async def test_a_retry_after_a_first_failure_counts_both_attempts() -> None:
+    transport = RecordingTransport(statuses=[503, 200])
+    up = caller(transport, max_attempts=3, base_backoff_s=0.01, cooldown_floor_s=0.0)
+    outcome = await up.complete("r1", "http://x/v1/chat/completions", {"model": "m"})
+    assert isinstance(outcome, Completion) and outcome.text == "ok"
+    assert len(transport.sent) == 2 and up.stats.retries == 1
+
+
+async def test_attempts_and_timestamps_count_the_inline_first_attempt() -> None:
+    transport = RecordingTransport(statuses=[503, 503, 503])
+    up = caller(transport, max_attempts=2, base_backoff_s=0.01, cooldown_floor_s=0.0)
+    failure = await up.complete("r1", "http://x/v1/chat/completions", {"model": "m"})
+    assert isinstance(failure, MinimaLlmFailure)
+    assert failure.attempts == 2 and len(failure.attempt_timestamps) == 2
+    assert failure.status == 503 and len(transport.sent) == 2
+    permanent = await caller(RecordingTransport(statuses=[400])).complete(
+        "r2", "http://x/v1/chat/completions", {"model": "m"}
+    )
+    assert isinstance(permanent, MinimaLlmFailure) and permanent.attempts == 1
