@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Generator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any
@@ -185,11 +185,25 @@ class OpenAIMinimaLlm:
             return self._from_hit(request, hit, started)
         return await self._coalesced(call, started)
 
-    async def _lookup(self, call: _Call, refresh: bool) -> CacheHit | None:
-        """A cache hit (noted in the trace and the context variable), or None."""
-        hit = None
-        if self.cache.enabled and not refresh:
-            hit = await self._find(call)
+    def _lookup(self, call: _Call, refresh: bool) -> Awaitable[CacheHit | None]:
+        """A cache hit (noted in the trace and the context variable), or None.
+
+        A plain function returning an awaitable: when the answer is known without
+        I/O (memory, batch prefetch, no cache) no coroutine is made for it.
+        """
+        if refresh or not self.cache.enabled:
+            return _ready(self._noted(call, None, refresh))
+        batch = _batch.get()
+        known = batch.known if batch is not None else None
+        found = self.cache.find_now(call.key, call.model, known)
+        if found is not ...:
+            return _ready(self._noted(call, found, refresh))
+        return self._lookup_slow(call, refresh)
+
+    async def _lookup_slow(self, call: _Call, refresh: bool) -> CacheHit | None:
+        return self._noted(call, await self._find(call), refresh)
+
+    def _noted(self, call: _Call, hit: CacheHit | None, refresh: bool) -> CacheHit | None:
         source = hit.source if hit else ("refresh" if refresh else "miss")
         self.cache.note(call.key, call.canonical, source)
         set_last_cached(hit is not None)
@@ -503,6 +517,19 @@ def _usage_of(raw: str | None) -> Usage:
     except ValueError:
         return Usage()
     return Usage.from_body(body)
+
+
+class _ready(Awaitable[Any]):
+    """An awaitable that is already done: awaiting it never suspends and makes no coroutine."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self.value
+        yield  # pragma: no cover - makes this a generator without suspending
 
 
 def _joined(result: MinimaLlmResult, request_id: str) -> MinimaLlmResult:

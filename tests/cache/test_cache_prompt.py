@@ -326,3 +326,25 @@ async def test_aclose_closes_every_store(tmp_path: Path) -> None:
         await asyncio.wait_for(cache.primary.get_many([KEY_A]), 5)
     with pytest.raises(CacheError):
         await asyncio.wait_for(cache.lookups[0][1].get_many([KEY_A]), 5)
+
+
+async def test_find_now_decides_without_io_only_when_it_can(tmp_path: Path) -> None:
+    cache = PromptCache.open(str(tmp_path / "p"), synonyms=SYNONYMS, memory_entries=8)
+    try:
+        row = row_for("model-a", "7", 1.0)
+        assert cache.find_now(KEY_A, "model-a") is ...  # not prefetched: must read
+        hit = cache.find_now(KEY_A, "model-a", {KEY_A: row})
+        assert hit is not None and hit is not ... and hit.row == row
+        # The prefetched row now sits in memory: no batch needed any more.
+        again = cache.find_now(KEY_A, "model-a")
+        assert again is not None and again is not ... and again.row == row
+        # A prefetched miss under a model with synonyms still has to look further.
+        assert cache.find_now(KEY_B, "model-b", {KEY_B: None}) is ...
+    finally:
+        await cache.aclose()
+    plain = PromptCache.open(str(tmp_path / "q"))
+    try:
+        assert plain.find_now(KEY_A, "model-a", {KEY_A: None}) is None
+    finally:
+        await plain.aclose()
+    assert PromptCache(None).find_now(KEY_A, "model-a") is None

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import EllipsisType
 from typing import IO
 
 from .memory import MemoryStore
@@ -118,6 +119,28 @@ class PromptCache:
             return {}
         found = await self.primary.get_many(keys)
         return {key: found.get(key) for key in keys}
+
+    def find_now(
+        self, key: str, model: str, known: Mapping[str, CacheRow | None] | None = None
+    ) -> CacheHit | EllipsisType | None:
+        """``find``'s answer when it needs no I/O (memory, or a prefetched batch); ``...`` otherwise.
+
+        A cached replay or a batch of misses decides every request here, without
+        a coroutine and a trip to the SQLite thread each.
+        """
+        if self.primary is None:
+            return ... if self.lookups else None
+        row = self.memory.get_now(key) if self.memory is not None else None
+        if row is not None:
+            return CacheHit(row, "primary")
+        if known is None or key not in known:
+            return ...
+        row = known[key]
+        if row is not None:
+            if self.memory is not None:
+                self.memory.put_now(row)
+            return CacheHit(row, "primary")
+        return ... if self.lookups or self.synonyms.get(model) else None
 
     async def find(
         self, key: str, model: str, rekey: Rekey, known: Mapping[str, CacheRow | None] | None = None

@@ -115,6 +115,11 @@ class SqliteStore:
         rows = [row for batch in batches for row in batch]
 
         def commit() -> None:
+            if len(rows) <= _WRITE_CHUNK:
+                # One statement in autocommit mode is its own transaction: one call into
+                # SQLite instead of three, and each call is a GIL hand-off with the loop.
+                conn.execute(f"{_INSERT} {','.join([_ROW_MARKS] * len(rows))}", _flat(rows))
+                return
             conn.execute("BEGIN IMMEDIATE")
             try:
                 # One multi-row statement per chunk rather than executemany: the sqlite3
@@ -123,7 +128,7 @@ class SqliteStore:
                 for start in range(0, len(rows), _WRITE_CHUNK):
                     chunk = rows[start : start + _WRITE_CHUNK]
                     marks = ",".join([_ROW_MARKS] * len(chunk))
-                    conn.execute(f"{_INSERT} {marks}", [v for row in chunk for v in row])
+                    conn.execute(f"{_INSERT} {marks}", _flat(chunk))
                 conn.execute("COMMIT")
             except BaseException:
                 # A failed COMMIT (disk full, I/O error) leaves the transaction open;
@@ -189,6 +194,10 @@ class SqliteStore:
     def __repr__(self) -> str:
         mode = "ro" if self.readonly else "rw"
         return f"<SqliteStore {self.path} {mode} rows_written={self.rows_written} commits={self.commits}>"
+
+
+def _flat(rows: list[CacheRow]) -> list[Any]:
+    return [v for row in rows for v in row]
 
 
 def _read_batch(conn: sqlite3.Connection, requests: list[list[str]], select: str) -> list[Any]:
