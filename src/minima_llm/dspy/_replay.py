@@ -23,11 +23,12 @@ tools in the LM kwargs. Not reproduced, by design: DSPy's LM history
 the history of the predictor module, which ``run_dspy_batch`` never hands out;
 ``fast_replay=False`` keeps both.
 
-The cache is probed a window of items at a time: one prefetch, then one
-``backend.run_batched`` for the window's hits, so the backend reads the cache
-once for them. Windows grow while they find answers; while they come back empty
-the probing backs off, so a cold batch probes only a logarithmic number of small
-windows.
+The cache is probed a window of items at a time with one prefetch; the hits are
+then answered by ``generate`` inside the scope ``run_batched`` uses, so the
+backend neither rebuilds their keys nor reads the cache again (see
+:func:`_batch_scope`). Windows grow while they find answers; while they come
+back empty the probing backs off, so a cold batch probes only a logarithmic
+number of small windows.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, get_args
 
+from .. import backend as _backend
 from ..backend import OpenAIMinimaLlm
 from ..context import get_force_refresh
 from ..types import MinimaLlmRequest
@@ -188,6 +190,26 @@ def _custom_type(annotation: Any) -> bool:
     return any(_custom_type(arg) for arg in get_args(annotation))
 
 
+def _batch_scope(hits: Sequence[_Hit], rows: Mapping[str, Any]) -> Any:
+    """The scope ``run_batched`` gives its own requests, holding these hits' keys and rows.
+
+    Within it ``generate`` takes each request's key and primary row from the
+    scope instead of computing and reading them again, and otherwise answers and
+    counts exactly as always. ``run_batched`` itself would rebuild every key,
+    read the cache a second time and start a worker pool per window: a quarter of
+    a replayed item's cost. This reaches into the backend's private scope until it
+    offers a public one; should its shape change, the replay falls back to
+    ``run_batched`` (None here).
+    """
+    scope_type = getattr(_backend, "_Batch", None)
+    if scope_type is None or not hasattr(_backend, "_batch"):
+        return None
+    try:
+        return scope_type(keys={id(hit.request): hit.key for hit in hits}, known=dict(rows))
+    except TypeError:
+        return None
+
+
 def _unwrapped(method: Any) -> Any:
     return getattr(method, "__wrapped__", method)
 
@@ -204,7 +226,9 @@ def _isinstance_fits(value: Any, annotation: Any) -> bool:
 class _Hit:
     inputs: dict[str, Any]
     request: MinimaLlmRequest
+    key: tuple[str, str]  # (key, canonical), as the backend computes them
     result: Any = None
+    error: Exception | None = None  # what generate raised, re-raised in the item's turn
 
 
 class CachedReplay:
@@ -254,6 +278,8 @@ class CachedReplay:
         hit = await self._hit(index)
         if hit is None:
             return None
+        if hit.error is not None:
+            raise hit.error
         lm, signature = self.lm, self.plan.signature
         completion = lm.completion_of(hit.result)
         # DSPy's own shaping of the answer into outputs, without the history entry.
@@ -300,35 +326,47 @@ class CachedReplay:
 
     async def _probe(self, start: int, stop: int) -> dict[int, _Hit]:
         self.probed += 1
-        found: dict[int, tuple[_Hit, str]] = {}
+        found: dict[int, _Hit] = {}
         for index in range(start, stop):
             prepared = self._prepare(index)
             if prepared is not None:
                 found[index] = prepared
-        rows = await self._prefetch(sorted({key for _, key in found.values()}))
-        hits = {index: hit for index, (hit, key) in found.items() if rows.get(key) is not None}
+        rows = await self._prefetch(sorted({hit.key[0] for hit in found.values()}))
+        hits = {index: hit for index, hit in found.items() if rows.get(hit.key[0]) is not None}
         self._learn(bool(hits))
-        return await self._answer(hits)
+        return hits if not hits or await self._answer(list(hits.values()), rows) else {}
 
-    async def _answer(self, hits: dict[int, _Hit]) -> dict[int, _Hit]:
-        """The backend's answers to the hits, read as one batch (one cache read, keys built once)."""
-        if not hits:
-            return hits
+    async def _answer(self, hits: list[_Hit], rows: Mapping[str, Any]) -> bool:
+        """The backend's answers to the hits, each counted and traced as ``generate`` does."""
+        scope = _batch_scope(hits, rows)
+        if scope is None:
+            return await self._answer_batched(hits)
+        token = _backend._batch.set(scope)
         try:
-            results = await self.backend.run_batched(
-                [hit.request for hit in hits.values()], progress=False
-            )
+            for hit in hits:
+                try:
+                    hit.result = await self.backend.generate(hit.request)
+                except Exception as exc:
+                    hit.error = exc  # DSPy's path would raise it in the item's own call
+        finally:
+            _backend._batch.reset(token)
+        return True
+
+    async def _answer_batched(self, hits: list[_Hit]) -> bool:
+        """The same through the public ``run_batched``: keys built again, a second read, a worker pool."""
+        try:
+            results = await self.backend.run_batched([hit.request for hit in hits], progress=False)
         except Exception as exc:
             # Only a batch aborted on failures gets here; DSPy's path retries these items.
             log.warning(
                 "cached replay of %d items failed, DSPy makes the calls: %s", len(hits), exc
             )
-            return {}
-        for hit, result in zip(hits.values(), results, strict=True):
+            return False
+        for hit, result in zip(hits, results, strict=True):
             hit.result = result
-        return hits
+        return True
 
-    def _prepare(self, index: int) -> tuple[_Hit, str] | None:
+    def _prepare(self, index: int) -> _Hit | None:
         """Item ``index``'s request and cache key, as DSPy's call would build them."""
         inputs = input_values(self.items[index], tuple(self._inputs))
         if not self._takes(inputs):
@@ -336,12 +374,12 @@ class CachedReplay:
         try:
             messages = self._format(self.adapter, self.plan.signature, [], inputs)
             request, _ = self.lm.request_for(None, messages, self.plan.lm_kwargs)
-            key, _ = self.backend.key_for(request)
+            key = self.backend.key_for(request)
         except Exception as exc:
             # DSPy's own call will meet the same problem and report it for this item.
             log.debug("item %d left to DSPy, its prompt could not be built: %s", index, exc)
             return None
-        return _Hit(inputs, request), key
+        return _Hit(inputs, request, key)
 
     def _takes(self, inputs: Mapping[str, Any]) -> bool:
         """Whether DSPy would take ``inputs`` as they are: all present, none it would warn about."""
