@@ -136,7 +136,7 @@ async def run_dspy_batch(
 
     ``fast_replay`` (on by default) answers items whose request is already in
     the backend's cache without DSPy's call machinery: same predictions, trace,
-    hit counts and retries, several times faster. Only calls it can reproduce
+    hit counts and retries in well under half the time. Only calls it can reproduce
     exactly qualify (plain ``dspy.Predict``/``dspy.ChainOfThought``, no demos
     or callbacks; see ``minima_llm.dspy._replay``); the rest take DSPy's path.
     Replayed items leave no entry in DSPy's LM history (``dspy.inspect_history``);
