@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -319,3 +320,29 @@ async def test_run_batched_progress_goes_where_the_caller_says(
     with caplog.at_level(logging.INFO, logger="test.progress"):
         await backend.run_batched([req(i) for i in range(5)], progress=logger)
     assert any(r.getMessage().startswith("[batch] finished 5") for r in caplog.records)
+
+
+async def test_lookup_many_answers_hits_like_generate_and_leaves_misses_alone(
+    make_backend: BackendFactory, mock: MockServer, tmp_path: Path
+) -> None:
+    trace = tmp_path / "trace.jsonl"
+    backend = make_backend(trace_file=str(trace))
+    first = await backend.generate(req(1))
+    assert isinstance(first, MinimaLlmResponse)
+    before = backend.snapshot()
+    answers = await backend.lookup_many([req(1), req(2)])
+    hit, miss = answers
+    assert isinstance(hit, MinimaLlmResponse) and hit.cached and hit.text == first.text
+    assert hit.cache_source == "primary" and hit.usage == first.usage
+    assert miss is None
+    after = backend.snapshot()
+    # The hit is counted as generate counts one; the miss is not counted at all.
+    assert after.requests == before.requests + 1 and after.hits == before.hits + 1
+    assert mock.stats()["requests"] == 1
+    sources = [json.loads(line)["source"] for line in trace.read_text().splitlines()]
+    assert sources == ["miss", "primary"]  # the miss looked up here left no line
+    token = set_force_refresh(True)
+    try:
+        assert await backend.lookup_many([req(1)]) == [None]
+    finally:
+        reset_force_refresh(token)

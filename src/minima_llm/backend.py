@@ -209,7 +209,9 @@ class OpenAIMinimaLlm:
         set_last_cached(hit is not None)
         return hit
 
-    async def _find(self, call: _Call) -> CacheHit | None:
+    async def _find(
+        self, call: _Call, known: Mapping[str, CacheRow | None] | None = None
+    ) -> CacheHit | None:
         request = call.request
 
         def rekey(other: str) -> tuple[str, str]:
@@ -220,8 +222,9 @@ class OpenAIMinimaLlm:
             )
 
         try:
-            batch = _batch.get()
-            known = batch.known if batch is not None else None
+            if known is None:
+                batch = _batch.get()
+                known = batch.known if batch is not None else None
             return await self.cache.find(call.key, call.model, rekey, known)
         except Exception as exc:
             # A broken cache must not stop the work: log it, count it, ask the upstream.
@@ -407,6 +410,33 @@ class OpenAIMinimaLlm:
         finally:
             _batch.reset(token)
         return results
+
+    async def lookup_many(
+        self, requests: Sequence[MinimaLlmRequest]
+    ) -> list[MinimaLlmResponse | None]:
+        """Cached answers to many requests, read together; None where the cache has none.
+
+        A hit is answered, counted and traced exactly as ``generate`` would answer
+        it; a miss has no effect at all (nothing counted, traced or sent), so the
+        caller can hand it to ``generate`` or to anything else afterwards.
+        Force refresh (config or context) makes every request a miss.
+        """
+        if self._refresh(False) or not self.cache.enabled:
+            return [None] * len(requests)
+        calls = [self._prepare(request, CHAT, None, True) for request in requests]
+        known = await self._prefetch([call.key for call in calls])
+        answers: list[MinimaLlmResponse | None] = []
+        for call in calls:
+            started = self._clock.monotonic()
+            found = self.cache.find_now(call.key, call.model, known)
+            hit = await self._find(call, known) if found is ... else found
+            if hit is None:
+                answers.append(None)
+                continue
+            self.stats.requests += 1
+            self.cache.note(call.key, call.canonical, hit.source)
+            answers.append(self._from_hit(call.request, hit, started))
+        return answers
 
     async def _prefetch(self, keys: list[str]) -> dict[str, CacheRow | None]:
         try:

@@ -15,8 +15,8 @@ from dspy.utils.usage_tracker import track_usage
 from dspy_helpers import Backends, FakeBackend
 from pydantic import BaseModel
 
-from minima_llm import MinimaLlmFailure, OpenAIMinimaLlm, get_last_cached
-from minima_llm.dspy._replay import CachedReplay, _batch_scope, replay_plan
+from minima_llm import MinimaLlmFailure, MinimaLlmResponse, OpenAIMinimaLlm, get_last_cached
+from minima_llm.dspy._replay import CachedReplay, replay_plan
 from minima_llm.dspy_adapter import (
     DSPyRetryConfig,
     MinimaLlmDSPyLM,
@@ -279,9 +279,7 @@ async def test_custom_types_tracking_and_other_backends_are_not_replayed(
         assert replay_plan(dspy.Predict(Judge), adapter, fake_lm, fake) is None
 
 
-async def test_the_backends_batch_scope_answers_as_run_batched_does(
-    backends: Backends, mock: MockServer
-) -> None:
+async def test_probing_answers_hits_as_generate_does(backends: Backends, mock: MockServer) -> None:
     await replay(backends(), QUESTIONS, retry=NO_RETRY)
     backend = backends()
     adapter, lm = TolerantChatAdapter(), MinimaLlmDSPyLM(backend)
@@ -289,17 +287,11 @@ async def test_the_backends_batch_scope_answers_as_run_batched_does(
         plan = replay_plan(dspy.Predict(Judge), adapter, lm, backend)
         assert plan is not None
         cached = CachedReplay(plan, lm, adapter, backend, annotations(*QUESTIONS))
-        hits = [cached._prepare(index) for index in range(len(QUESTIONS))]
-        assert all(hit is not None for hit in hits)
-        ready = [hit for hit in hits if hit is not None]
-        rows = await backend.cache.prefetch([hit.key[0] for hit in ready])
-        # The replay relies on the backend's private batch scope; this fails if it changes shape.
-        assert _batch_scope(ready, rows) is not None
-        assert await cached._answer_batched(ready)
-        through_run_batched = [(hit.result.text, hit.result.cached) for hit in ready]
-        assert await cached._answer(ready, rows)
-        through_scope = [(hit.result.text, hit.result.cached) for hit in ready]
-    assert through_scope == through_run_batched
-    assert all(cached for _, cached in through_scope)
+        probed = await cached._probe(0, len(QUESTIONS))
+        through_generate = [await backend.generate(hit.request) for hit in probed.values()]
+    assert sorted(probed) == list(range(len(QUESTIONS)))
+    assert [(h.result.text, h.result.cached) for h in probed.values()] == [
+        (r.text, r.cached) for r in through_generate if isinstance(r, MinimaLlmResponse)
+    ]
     assert backend.snapshot().cache_hits == {"primary": 2 * len(QUESTIONS)}
     assert mock.stats()["requests"] == len(QUESTIONS)

@@ -23,11 +23,10 @@ tools in the LM kwargs. Not reproduced, by design: DSPy's LM history
 the history of the predictor module, which ``run_dspy_batch`` never hands out;
 ``fast_replay=False`` keeps both.
 
-The cache is probed a window of items at a time with one prefetch; the hits are
-then answered by ``generate`` inside the scope ``run_batched`` uses, so the
-backend neither rebuilds their keys nor reads the cache again (see
-:func:`_batch_scope`). Windows grow while they find answers; while they come
-back empty the probing backs off, so a cold batch probes only a logarithmic
+The cache is probed a window of items at a time with the backend's
+``lookup_many`` (one read per window; hits answered and counted as ``generate``
+would, misses left untouched). Windows grow while they find answers; while they
+come back empty the probing backs off, so a cold batch probes only a logarithmic
 number of small windows.
 """
 
@@ -40,7 +39,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, get_args
 
-from .. import backend as _backend
 from ..backend import OpenAIMinimaLlm
 from ..context import get_force_refresh
 from ..types import MinimaLlmRequest
@@ -190,26 +188,6 @@ def _custom_type(annotation: Any) -> bool:
     return any(_custom_type(arg) for arg in get_args(annotation))
 
 
-def _batch_scope(hits: Sequence[_Hit], rows: Mapping[str, Any]) -> Any:
-    """The scope ``run_batched`` gives its own requests, holding these hits' keys and rows.
-
-    Within it ``generate`` takes each request's key and primary row from the
-    scope instead of computing and reading them again, and otherwise answers and
-    counts exactly as always. ``run_batched`` itself would rebuild every key,
-    read the cache a second time and start a worker pool per window: a quarter of
-    a replayed item's cost. This reaches into the backend's private scope until it
-    offers a public one; should its shape change, the replay falls back to
-    ``run_batched`` (None here).
-    """
-    scope_type = getattr(_backend, "_Batch", None)
-    if scope_type is None or not hasattr(_backend, "_batch"):
-        return None
-    try:
-        return scope_type(keys={id(hit.request): hit.key for hit in hits}, known=dict(rows))
-    except TypeError:
-        return None
-
-
 def _unwrapped(method: Any) -> Any:
     return getattr(method, "__wrapped__", method)
 
@@ -226,9 +204,7 @@ def _isinstance_fits(value: Any, annotation: Any) -> bool:
 class _Hit:
     inputs: dict[str, Any]
     request: MinimaLlmRequest
-    key: tuple[str, str]  # (key, canonical), as the backend computes them
     result: Any = None
-    error: Exception | None = None  # what generate raised, re-raised in the item's turn
 
 
 class CachedReplay:
@@ -278,8 +254,6 @@ class CachedReplay:
         hit = await self._hit(index)
         if hit is None:
             return None
-        if hit.error is not None:
-            raise hit.error
         lm, signature = self.lm, self.plan.signature
         completion = lm.completion_of(hit.result)
         # DSPy's own shaping of the answer into outputs, without the history entry.
@@ -331,40 +305,24 @@ class CachedReplay:
             prepared = self._prepare(index)
             if prepared is not None:
                 found[index] = prepared
-        rows = await self._prefetch(sorted({hit.key[0] for hit in found.values()}))
-        hits = {index: hit for index, hit in found.items() if rows.get(hit.key[0]) is not None}
+        answers = await self._lookup([hit.request for hit in found.values()])
+        hits: dict[int, _Hit] = {}
+        for (index, hit), answer in zip(found.items(), answers, strict=True):
+            if answer is not None:
+                hit.result = answer
+                hits[index] = hit
         self._learn(bool(hits))
-        return hits if not hits or await self._answer(list(hits.values()), rows) else {}
+        return hits
 
-    async def _answer(self, hits: list[_Hit], rows: Mapping[str, Any]) -> bool:
-        """The backend's answers to the hits, each counted and traced as ``generate`` does."""
-        scope = _batch_scope(hits, rows)
-        if scope is None:
-            return await self._answer_batched(hits)
-        token = _backend._batch.set(scope)
+    async def _lookup(self, requests: list[MinimaLlmRequest]) -> list[Any]:
+        """The backend's cached answers, each hit counted and traced as ``generate`` does."""
+        if not requests:
+            return []
         try:
-            for hit in hits:
-                try:
-                    hit.result = await self.backend.generate(hit.request)
-                except Exception as exc:
-                    hit.error = exc  # DSPy's path would raise it in the item's own call
-        finally:
-            _backend._batch.reset(token)
-        return True
-
-    async def _answer_batched(self, hits: list[_Hit]) -> bool:
-        """The same through the public ``run_batched``: keys built again, a second read, a worker pool."""
-        try:
-            results = await self.backend.run_batched([hit.request for hit in hits], progress=False)
+            return await self.backend.lookup_many(requests)
         except Exception as exc:
-            # Only a batch aborted on failures gets here; DSPy's path retries these items.
-            log.warning(
-                "cached replay of %d items failed, DSPy makes the calls: %s", len(hits), exc
-            )
-            return False
-        for hit, result in zip(hits, results, strict=True):
-            hit.result = result
-        return True
+            log.warning("cache lookup failed, these items take DSPy's path: %s", exc)
+            return [None] * len(requests)
 
     def _prepare(self, index: int) -> _Hit | None:
         """Item ``index``'s request and cache key, as DSPy's call would build them."""
@@ -374,12 +332,11 @@ class CachedReplay:
         try:
             messages = self._format(self.adapter, self.plan.signature, [], inputs)
             request, _ = self.lm.request_for(None, messages, self.plan.lm_kwargs)
-            key = self.backend.key_for(request)
         except Exception as exc:
             # DSPy's own call will meet the same problem and report it for this item.
             log.debug("item %d left to DSPy, its prompt could not be built: %s", index, exc)
             return None
-        return _Hit(inputs, request, key)
+        return _Hit(inputs, request)
 
     def _takes(self, inputs: Mapping[str, Any]) -> bool:
         """Whether DSPy would take ``inputs`` as they are: all present, none it would warn about."""
@@ -392,13 +349,6 @@ class CachedReplay:
             v is None or type(v) is annotations[k] or fits(v, annotations[k])
             for k, v in inputs.items()
         )
-
-    async def _prefetch(self, keys: list[str]) -> Mapping[str, Any]:
-        try:
-            return await self.backend.cache.prefetch(keys)
-        except Exception as exc:
-            log.warning("cache prefetch failed, these items take DSPy's path: %s", exc)
-            return {}
 
     def _learn(self, hit: bool) -> None:
         # Each batch read and the runner behind it cost the same for 64 items or 512,
