@@ -346,3 +346,15 @@ async def test_lookup_many_answers_hits_like_generate_and_leaves_misses_alone(
         assert await backend.lookup_many([req(1)]) == [None]
     finally:
         reset_force_refresh(token)
+
+
+async def test_non_ascii_questions_reach_the_upstream_intact(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    # The request body is the key's canonical JSON, which escapes non-ASCII text.
+    backend = make_backend()
+    question = "Größe von 東京 — «naïve» 🙂?"
+    answer = await backend.generate(req(1, text=question, temperature=0.5, max_tokens=64))
+    assert isinstance(answer, MinimaLlmResponse)
+    assert answer.text == f"mock reply: {question}"
+    assert mock.stats()["requests"] == 1

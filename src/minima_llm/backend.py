@@ -24,7 +24,13 @@ from .progress import ProgressTarget
 from .stats import LiveStats, StatsSnapshot
 from .streaming import ChunkAssembler, replay_chunks
 from .types import MinimaLlmFailure, MinimaLlmRequest, MinimaLlmResponse, MinimaLlmResult, Usage
-from .upstream import Completion, StreamInterrupted, UpstreamCaller, UpstreamStream
+from .upstream import (
+    Completion,
+    StreamInterrupted,
+    UpstreamCaller,
+    UpstreamStream,
+    request_headers,
+)
 
 log = logging.getLogger("minima_llm")
 CHAT = "chat/completions"
@@ -99,7 +105,11 @@ class OpenAIMinimaLlm:
     ) -> None:
         self.cfg = config
         self.stats = LiveStats()
-        self.transport = transport or make_transport(config.transport, config.max_outstanding)
+        headers = request_headers(config)
+        # The transport learns the headers most requests carry, so it need not merge them each time.
+        self.transport = transport or make_transport(
+            config.transport, config.max_outstanding, headers
+        )
         self.cache = cache or PromptCache.open(
             config.cache_dir,
             config.cache_lookup_dirs,
@@ -107,7 +117,7 @@ class OpenAIMinimaLlm:
             config.trace_file,
             config.memory_cache_entries,
         )
-        self.upstream = UpstreamCaller(config, self.transport, clock, self.stats, rng)
+        self.upstream = UpstreamCaller(config, self.transport, clock, self.stats, rng, headers)
         self._clock = clock
         self._inflight: LoopBound[dict[str, asyncio.Future[MinimaLlmResult]]] = LoopBound(dict)
         self._streams: LoopBound[dict[str, Broadcast]] = LoopBound(dict)
@@ -270,14 +280,23 @@ class OpenAIMinimaLlm:
         return result
 
     async def _live(self, call: _Call, started: float) -> MinimaLlmResult:
+        request = call.request
         url = f"{self.cfg.base_url}/{call.endpoint}"
-        payload = _payload(call.request, call.model, call.endpoint)
+        payload = _payload(request, call.model, call.endpoint)
+        # Without extra fields the canonical JSON of the key is itself a valid chat
+        # body for the same question: send it rather than encode the request twice.
+        body = (
+            call.canonical.encode("ascii")
+            if call.endpoint == CHAT and not request.extra and not call.key_extra
+            else None
+        )
         outcome = await self.upstream.complete(
-            call.request.request_id, url, payload, call.endpoint, call.api_key
+            request.request_id, url, payload, call.endpoint, call.api_key, body
         )
         if isinstance(outcome, MinimaLlmFailure):
             return outcome
-        await self._store(call, outcome.text, outcome.body_text)
+        if call.store:
+            await self._store(call, outcome.text, outcome.body_text)
         latency = self._clock.monotonic() - started
         usage = Usage.from_body(outcome.body)
         self.stats.live(usage, latency)

@@ -158,6 +158,14 @@ def _chunk(data: str) -> dict[str, Any]:
     return chunk
 
 
+def request_headers(config: MinimaLlmConfig) -> dict[str, str]:
+    """The headers every upstream request carries: JSON, and the configured key if any."""
+    headers = {"Content-Type": "application/json"}
+    if config.api_key:
+        headers["Authorization"] = f"Bearer {config.api_key}"
+    return headers
+
+
 class UpstreamCaller:
     """Sends request bodies with every resilience rule applied; never raises for upstream trouble."""
 
@@ -168,6 +176,7 @@ class UpstreamCaller:
         clock: Clock,
         stats: LiveStats,
         rng: random.Random | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.cfg = config
         self.transport = transport
@@ -185,21 +194,21 @@ class UpstreamCaller:
         self._slots: LoopBound[asyncio.Semaphore] = LoopBound(
             lambda: asyncio.Semaphore(config.max_outstanding)
         )
-        self.headers: dict[str, str] = {"Content-Type": "application/json"}
-        if config.api_key:
-            self.headers["Authorization"] = f"Bearer {config.api_key}"
+        self.headers = headers if headers is not None else request_headers(config)
         # Retry-After can be long; every wait still needs a bound.
         self.max_wait_s = max(config.max_backoff_s, config.cooldown_cap_s)
 
     def encode(
-        self, payload: Mapping[str, Any], api_key: str | None = None
+        self, payload: Mapping[str, Any], api_key: str | None = None, body: bytes | None = None
     ) -> tuple[bytes, dict[str, str]]:
         """The request body and headers for a JSON payload (``api_key`` overrides the configured one).
 
-        The configured headers are shared, not copied, unless this call changes them:
+        ``body`` is the payload already encoded, when the caller has it. The
+        configured headers are shared, not copied, unless this call changes them:
         callers must copy before adding their own.
         """
-        body = json.dumps(payload).encode("utf-8")
+        if body is None:
+            body = json.dumps(payload).encode("utf-8")
         if not api_key and not self.cfg.compress_gzip:
             return body, self.headers
         headers = dict(self.headers)
@@ -214,24 +223,20 @@ class UpstreamCaller:
         payload: Mapping[str, Any],
         endpoint: str = "chat/completions",
         api_key: str | None = None,
+        body: bytes | None = None,
     ) -> Completion | MinimaLlmFailure:
-        """Send until success, a permanent error, or attempts run out."""
-        body, headers = self.encode(payload, api_key)
-
-        async def attempt(stamps: list[float]) -> Completion:
-            resp = await self._send(
-                stamps, lambda: self.transport.post(url, body, headers, self.cfg.timeout_s)
-            )
-            if 200 <= resp.status < 300:
-                return parse_completion(resp, endpoint)
-            raise self._status_problem(resp.status, resp.headers, resp.body)
-
+        """Send until success, a permanent error, or attempts run out (``body``: ``payload`` encoded)."""
+        data, headers = self.encode(payload, api_key, body)
         stamps: list[float] = []
         # The first attempt runs inline: most calls succeed at once, and the retry
-        # loop's extra coroutine and closure cost several microseconds a request.
+        # loop's extra coroutines and closure cost several microseconds a request.
         try:
-            return await attempt(stamps)
+            return await self._post_once(url, data, headers, endpoint, stamps)
         except Problem as problem:
+
+            def attempt(stamps: list[float]) -> Awaitable[Completion]:
+                return self._post_once(url, data, headers, endpoint, stamps)
+
             return await self._retrying(request_id, attempt, stamps, problem)
 
     async def open_stream(
@@ -305,28 +310,34 @@ class UpstreamCaller:
         await self.clock.sleep(min(delay, self.max_wait_s))
 
     async def _before_send(self) -> None:
-        # Checked before awaiting: with no cooldown and no pacing there is nothing
-        # to wait for, and two coroutines a request are measurable at full speed.
+        # Callers check before awaiting: with no cooldown and no pacing there is
+        # nothing to wait for, and two coroutines a request are measurable.
         if self.cooldown.remaining() > 0:
             await self.cooldown.wait()
         if not self.pacer.ready():
             await self.pacer.acquire()
 
-    async def _send(
-        self, stamps: list[float], post: Callable[[], Awaitable[HttpResponse]]
-    ) -> HttpResponse:
-        await self._before_send()
-        async with self._slots.get():
-            stamps.append(self.clock.monotonic())
-            self.stats.in_flight += 1
-            try:
-                resp = await post()
-            except TransportError as exc:
-                raise _transport_problem(exc, self.cfg.timeout_s) from exc
-            finally:
-                self.stats.in_flight -= 1
+    async def _post_once(
+        self, url: str, body: bytes, headers: dict[str, str], endpoint: str, stamps: list[float]
+    ) -> Completion:
+        """One attempt: wait for a turn and a slot, POST, read the answer or raise a ``Problem``."""
+        if self.cooldown.remaining() > 0 or not self.pacer.ready():
+            await self._before_send()
+        slots = self._slots.get()
+        await slots.acquire()
+        stamps.append(self.clock.monotonic())
+        self.stats.in_flight += 1
+        try:
+            resp = await self.transport.post(url, body, headers, self.cfg.timeout_s)
+        except TransportError as exc:
+            raise _transport_problem(exc, self.cfg.timeout_s) from exc
+        finally:
+            self.stats.in_flight -= 1
+            slots.release()
         self.pacer.observe(parse_rate_limits(resp.headers))
-        return resp
+        if 200 <= resp.status < 300:
+            return parse_completion(resp, endpoint)
+        raise self._status_problem(resp.status, resp.headers, resp.body)
 
     def _status_problem(self, status: int, headers: Mapping[str, str], body: bytes) -> Problem:
         snippet = body[:SNIPPET].decode("utf-8", "replace")

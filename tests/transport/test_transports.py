@@ -30,7 +30,29 @@ async def test_post_returns_status_lowercase_headers_and_body(
     resp = await client.post(mock.url + "/chat/completions", BODY, JSON, 5.0)
     assert resp.status == 200
     assert resp.headers["content-type"].startswith("application/json")
+    assert "content-length" in resp.headers and "x-absent" not in resp.headers
+    assert resp.headers.get("x-absent") is None
+    names = list(resp.headers)
+    assert names == [n.lower() for n in names] and len(names) == len(set(names))
+    assert dict(resp.headers)["content-type"] == resp.headers["content-type"]
     assert json.loads(resp.body)["choices"][0]["message"]["content"] == "mock reply: hi"
+
+
+async def test_default_headers_are_sent_when_a_request_passes_them(
+    transport: str, mock: MockServer
+) -> None:
+    # A transport may hold the usual headers itself; passing that very mapping or an
+    # equal copy must send the same request either way.
+    usual = {**JSON, "Authorization": "Bearer sk-usual"}
+    t = make_transport(transport, 2, usual)
+    try:
+        for headers in (usual, dict(usual), {**usual, "Authorization": "Bearer sk-other"}):
+            resp = await t.post(mock.url + "/chat/completions", BODY, headers, 5.0)
+            assert resp.status == 200
+            assert mock.last_headers["authorization"] == headers["Authorization"]
+            assert mock.last_headers["content-type"] == "application/json"
+    finally:
+        await t.aclose()
 
 
 async def test_error_status_is_a_response_not_an_exception(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 
 from ..errors import ConfigError
 from .base import (
@@ -33,8 +34,14 @@ def aiohttp_available() -> bool:
     return importlib.util.find_spec("aiohttp") is not None
 
 
-def make_transport(kind: str, max_connections: int) -> Transport:
-    """Build the transport named by config: ``auto`` prefers aiohttp when it is installed."""
+def make_transport(
+    kind: str, max_connections: int, default_headers: Mapping[str, str] | None = None
+) -> Transport:
+    """Build the transport named by config: ``auto`` prefers aiohttp when it is installed.
+
+    ``default_headers`` are the headers most requests will carry; a transport may
+    prepare them once (requests must still pass them).
+    """
     if kind == "auto":
         kind = "aiohttp" if aiohttp_available() else "stdlib"
     if kind == "stdlib":
@@ -48,5 +55,5 @@ def make_transport(kind: str, max_connections: int) -> Transport:
             )
         from .aiohttp_transport import AiohttpTransport
 
-        return AiohttpTransport(max_connections)
+        return AiohttpTransport(max_connections, default_headers)
     raise ConfigError("transport", kind, "one of auto, stdlib, aiohttp")

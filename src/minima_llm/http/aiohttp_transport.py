@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 from ..errors import TransportError
 from ..loopbound import LoopBound
-from .base import HttpResponse, LowerHeaders
+from .base import HttpResponse
 
 try:
     import aiohttp
@@ -25,12 +25,15 @@ _MAX_URLS = 256
 class _LoopSession:
     """A session and the async generator that closes it when its loop shuts down."""
 
-    def __init__(self, max_connections: int) -> None:
+    def __init__(self, max_connections: int, headers: Mapping[str, str] | None) -> None:
         connector = aiohttp.TCPConnector(
             limit=max_connections, limit_per_host=max_connections, enable_cleanup_closed=True
         )
         self.session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",)
+            connector=connector,
+            auto_decompress=True,
+            skip_auto_headers=("User-Agent",),
+            headers=headers,
         )
         self.keeper: AsyncIterator[None] | None = None
 
@@ -48,14 +51,22 @@ async def _close_at_loop_shutdown(session: aiohttp.ClientSession) -> AsyncIterat
 class AiohttpTransport:
     """Sends requests with aiohttp over keep-alive connections, one session per loop."""
 
-    def __init__(self, max_connections: int = 32) -> None:
+    def __init__(
+        self, max_connections: int = 32, default_headers: Mapping[str, str] | None = None
+    ) -> None:
         self.max_connections = max_connections
-        self._sessions: LoopBound[_LoopSession] = LoopBound(lambda: _LoopSession(max_connections))
+        # The session sends these itself; a request passing this very mapping sends
+        # nothing extra, saving aiohttp a merge of header dicts on every request.
+        self._default_headers = default_headers
+        self._sessions: LoopBound[_LoopSession] = LoopBound(self._new_session)
         self._closed = False
         # One immutable timeout object per value, not one per request on the hot path.
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
         # Parsed once: aiohttp parses a string URL on every request otherwise.
         self._urls: dict[str, yarl.URL] = {}
+
+    def _new_session(self) -> _LoopSession:
+        return _LoopSession(self.max_connections, self._default_headers)
 
     def _url(self, url: str) -> yarl.URL:
         parsed = self._urls.get(url)
@@ -83,11 +94,12 @@ class AiohttpTransport:
         if timeout is None:
             timeout = self._timeouts[timeout_s] = aiohttp.ClientTimeout(total=timeout_s)
         try:
+            extra = None if headers is self._default_headers else headers
             async with session.post(
-                self._url(url), data=body, headers=headers, timeout=timeout
+                self._url(url), data=body, headers=extra, timeout=timeout
             ) as resp:
                 data = await resp.read()
-                return HttpResponse(resp.status, _lower(resp.headers), data)
+                return HttpResponse(resp.status, _Headers(resp.headers), data)
         except Exception as exc:
             raise _translate(exc, timeout_s) from exc
 
@@ -113,7 +125,7 @@ class AiohttpTransport:
             await keeper.aclose()  # type: ignore[attr-defined]
         elif not entry.session.closed:
             await entry.session.close()
-        self._sessions = LoopBound(lambda: _LoopSession(self.max_connections))
+        self._sessions = LoopBound(self._new_session)
 
     def __repr__(self) -> str:
         return f"<AiohttpTransport max_connections={self.max_connections}>"
@@ -126,7 +138,7 @@ class _AiohttpStream:
         self._resp = resp
         self._timeout_s = timeout_s
         self.status = resp.status
-        self.headers = _lower(resp.headers)
+        self.headers = _Headers(resp.headers)
 
     async def lines(self) -> AsyncIterator[bytes]:
         """Body lines as they arrive."""
@@ -164,5 +176,35 @@ def _translate(exc: Exception, timeout_s: float) -> Exception:
     return exc
 
 
-def _lower(headers: Any) -> LowerHeaders:
-    return LowerHeaders.of(headers)
+class _Headers(Mapping[str, str]):
+    """aiohttp's case-insensitive response headers under the transport's lower-case contract.
+
+    A view, not a copy: lookups go to aiohttp's multidict, which ignores case
+    already; iteration gives each name once, lower-cased.
+    """
+
+    lowercase = True
+    __slots__ = ("_headers",)
+
+    def __init__(self, headers: Any) -> None:
+        self._headers = headers
+
+    def __getitem__(self, name: str) -> str:
+        value: str = self._headers[name]
+        return value
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The header's (first) value, or ``default``."""
+        return self._headers.get(name, default)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._headers
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(dict.fromkeys(name.lower() for name in self._headers))
+
+    def __len__(self) -> int:
+        return len(dict.fromkeys(name.lower() for name in self._headers))
+
+    def __repr__(self) -> str:
+        return f"<headers {dict(self.items())!r}>"

@@ -62,6 +62,8 @@ class MockServer:
         self._runner: web.AppRunner | None = None
         self.host = "127.0.0.1"
         self.port: int | None = None
+        # The last inference request's headers, kept as aiohttp's view (no copy per request).
+        self._last_headers: Mapping[str, str] = {}
         self._install(config or MockConfig())
 
     def __repr__(self) -> str:
@@ -95,6 +97,11 @@ class MockServer:
         """Replace only the named fields of the configuration and return the result."""
         self._install(self._config.merge(changes))
         return self._config
+
+    @property
+    def last_headers(self) -> dict[str, str]:
+        """The headers of the last inference request, names lower-cased (what a client sent)."""
+        return {name.lower(): value for name, value in self._last_headers.items()}
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of the request counters."""
@@ -220,6 +227,7 @@ class MockServer:
     ) -> web.StreamResponse:
         stats, config = self._stats, self._config
         stats.request(route)
+        self._last_headers = request.headers
         try:
             result = build(await request.read(), config.model)
         except RequestError as exc:
