@@ -60,10 +60,19 @@ class GatewayMetrics:
         )
         self._requests_total = 0
         self._by_status: dict[int, int] = {}
+        # labels() validates and locks on every call; each labelled series is looked up once.
+        self._series: dict[tuple[Any, ...], Any] = {}
+
+    def _labelled(self, metric: Any, *labels: str) -> Any:
+        key = (metric, *labels)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = metric.labels(*labels)
+        return series
 
     def count_request(self, route: str, status: int) -> None:
         """One HTTP request finished."""
-        self.requests.labels(route, str(status)).inc()
+        self._labelled(self.requests, route, str(status)).inc()
         self._requests_total += 1
         self._by_status[status] = self._by_status.get(status, 0) + 1
 
@@ -71,11 +80,11 @@ class GatewayMetrics:
         self, result: str, usage: Usage, source: str, latency_s: float | None = None
     ) -> None:
         """One answer: ``result`` is hit, miss or refresh; ``source`` where its tokens were spent or saved."""
-        self.cache.labels(result).inc()
+        self._labelled(self.cache, result).inc()
         if usage.prompt_tokens:
-            self.tokens.labels("prompt", source).inc(usage.prompt_tokens)
+            self._labelled(self.tokens, "prompt", source).inc(usage.prompt_tokens)
         if usage.completion_tokens:
-            self.tokens.labels("completion", source).inc(usage.completion_tokens)
+            self._labelled(self.tokens, "completion", source).inc(usage.completion_tokens)
         if source == "coalesced":
             self.coalesced.inc()
         if latency_s is not None and source == "upstream":
