@@ -37,8 +37,9 @@ class Usage:
     @classmethod
     def from_body(cls, body: Mapping[str, Any] | None) -> Usage:
         """Read the ``usage`` object of an OpenAI response body; missing counts are 0."""
-        usage = body.get("usage") if isinstance(body, Mapping) else None
-        if not isinstance(usage, Mapping):
+        # ``type(...) is dict`` first: JSON bodies are dicts, and the ABC check costs more.
+        usage = body.get("usage") if type(body) is dict or isinstance(body, Mapping) else None
+        if type(usage) is not dict and not isinstance(usage, Mapping):
             return _NO_USAGE
         return cls(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")))
 

@@ -7,8 +7,7 @@ import json
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from .clock import Clock
 from .config import MinimaLlmConfig
@@ -35,8 +34,7 @@ SNIPPET = 300
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class Completion:
+class Completion(NamedTuple):
     """A successful upstream answer: the raw body text, its parsed form, and the text to cache."""
 
     body_text: str
