@@ -95,6 +95,35 @@ class _Call(NamedTuple):
     api_key: str | None = None
 
 
+class _Flight:
+    """A live call others may join; its future exists only once someone does.
+
+    Most calls are never joined, so they skip making and resolving a future.
+    """
+
+    __slots__ = ("future",)
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[MinimaLlmResult] | None = None
+
+    def joined(self) -> asyncio.Future[MinimaLlmResult]:
+        """The future a joiner waits on."""
+        if self.future is None:
+            self.future = asyncio.get_running_loop().create_future()
+        return self.future
+
+    def succeed(self, result: MinimaLlmResult) -> None:
+        """Hand the answer to every joiner."""
+        if self.future is not None and not self.future.done():
+            self.future.set_result(result)
+
+    def fail(self, exc: BaseException) -> None:
+        """Hand the error to every joiner (retrieved here: only joiners re-raise it)."""
+        if self.future is not None and not self.future.done():
+            self.future.set_exception(exc)
+            self.future.exception()
+
+
 class OpenAIMinimaLlm:
     """Async client for an OpenAI-compatible endpoint."""
 
@@ -123,7 +152,7 @@ class OpenAIMinimaLlm:
         )
         self.upstream = UpstreamCaller(config, self.transport, clock, self.stats, rng, headers)
         self._clock = clock
-        self._inflight: LoopBound[dict[str, asyncio.Future[MinimaLlmResult]]] = LoopBound(dict)
+        self._inflight: LoopBound[dict[str, _Flight]] = LoopBound(dict)
         self._streams: LoopBound[dict[str, Broadcast]] = LoopBound(dict)
 
     @property
@@ -265,22 +294,20 @@ class OpenAIMinimaLlm:
 
     async def _coalesced(self, call: _Call, started: float) -> MinimaLlmResult:
         inflight = self._inflight.get()
-        shared = inflight.get(call.key)
-        if shared is not None:
+        flight = inflight.get(call.key)
+        if flight is not None:
             # An identical request is already on the wire: share its answer.
             self.stats.coalesced += 1
-            return _joined(await asyncio.shield(shared), call.request.request_id)
-        fut: asyncio.Future[MinimaLlmResult] = asyncio.get_running_loop().create_future()
-        inflight[call.key] = fut
+            return _joined(await asyncio.shield(flight.joined()), call.request.request_id)
+        flight = inflight[call.key] = _Flight()
         try:
             result = await self._live(call, started)
         except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()  # retrieved here: only joiners should re-raise it
+            flight.fail(exc)
             raise
         finally:
             inflight.pop(call.key, None)
-        fut.set_result(result)
+        flight.succeed(result)
         return result
 
     async def _live(self, call: _Call, started: float) -> MinimaLlmResult:

@@ -79,7 +79,9 @@ class RateLimitInfo:
         return self == _EMPTY
 
 
-_EMPTY = RateLimitInfo()
+# What parse_rate_limits returns for a response without rate-limit headers (always this object).
+NO_RATE_LIMITS = RateLimitInfo()
+_EMPTY = NO_RATE_LIMITS
 
 
 def parse_rate_limits(headers: Mapping[str, str]) -> RateLimitInfo:

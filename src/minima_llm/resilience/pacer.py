@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 
 from ..clock import SYSTEM_CLOCK, Clock
-from .headers import RateLimitInfo
+from .headers import NO_RATE_LIMITS, RateLimitInfo
 
 # Pace a little under the advertised limit: responses arrive out of order and the
 # server's clock is not ours, so running exactly at the limit meets 429s.
@@ -95,6 +95,8 @@ class RpmPacer:
 
     def observe(self, info: RateLimitInfo) -> None:
         """Learn from one response's rate-limit headers (or their absence)."""
+        if self._learned and info is NO_RATE_LIMITS:
+            return  # nothing to learn, and no probe left to finish (learning finished it)
         now = self._clock.monotonic()
         limit = info.limit_requests
         if limit:
