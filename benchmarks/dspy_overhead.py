@@ -23,13 +23,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import dspy
@@ -39,9 +35,9 @@ from minima_llm import BatchConfig, MinimaLlmConfig, MinimaLlmRequest, OpenAIMin
 from minima_llm.dspy_adapter import DSPyRetryConfig, TolerantChatAdapter, run_dspy_batch
 from minima_llm.runner import run_batched_callable
 
+from ._mock import MockProcess
+
 REPLAY_TARGET = 0.15
-_LISTENING = re.compile(r"mock server listening on (\S+)")
-_START_TIMEOUT_S = 20.0
 
 
 class Grade(dspy.Signature):
@@ -63,29 +59,6 @@ class Item(BaseModel):
 def convert(prediction: Any, item: Item) -> None:
     item.score = prediction.score
     item.relevant = prediction.relevant
-
-
-@contextmanager
-def mock_process() -> Iterator[str]:
-    """The mock server in a child process; yields its base URL, stops it afterwards."""
-    cmd = [sys.executable, "-m", "minima_llm.testing", "--port", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        # readline blocks, but the server prints its line right after binding.
-        line = proc.stdout.readline()
-        match = _LISTENING.search(line)
-        if match is None or time.monotonic() > deadline:
-            raise RuntimeError(f"mock server did not start: {line!r}")
-        yield match.group(1)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def backend(url: str, cache_dir: str) -> OpenAIMinimaLlm:
@@ -198,11 +171,11 @@ def report(
     return out
 
 
-def run(quick: bool) -> dict[str, Any]:
-    """Measure against a fresh mock process; 2,000 items (300 with ``quick``)."""
+def run(quick: bool, mock_cpus: set[int] | None = None) -> dict[str, Any]:
+    """Measure against a fresh mock process (on ``mock_cpus``); 2,000 items (300 with ``quick``)."""
     n = 300 if quick else 2000
-    with mock_process() as url:
-        return asyncio.run(measure(url, n))
+    with MockProcess(cpus=mock_cpus) as mock:
+        return asyncio.run(measure(mock.url, n))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,7 @@ from ._report import Row
 
 def dspy_batch(ctx: Context) -> list[Row]:
     """A ``dspy.Predict`` batch: adapter overhead per item, and cached replay against cold."""
-    got = dspy_overhead.run(ctx.quick)
+    got = dspy_overhead.run(ctx.quick, ctx.mock_cpus)
     items = got["items"]
     upstream = got["cached_upstream_calls"]
     ok = got["parsed_cold"] == items and got["parsed_cached"] == items and upstream == 0
