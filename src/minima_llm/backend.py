@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from types import EllipsisType
@@ -223,19 +223,15 @@ class OpenAIMinimaLlm:
         started = self._clock.monotonic()
         call = self._prepare(request, endpoint, key_extra, store, api_key)
         refresh = self._refresh(force_refresh)
+        # Decided without a coroutine when no I/O is needed (memory, batch prefetch, no cache).
         found = self._lookup_now(call, refresh)
         hit = await self._lookup_slow(call, refresh) if found is ... else found
         if hit is not None:
             return self._from_hit(request, hit, started)
         return await self._coalesced(call, started)
 
-    def _lookup(self, call: _Call, refresh: bool) -> Awaitable[CacheHit | None]:
-        """A cache hit (noted in the trace and the context variable), or None."""
-        found = self._lookup_now(call, refresh)
-        return self._lookup_slow(call, refresh) if found is ... else _ready(found)
-
     def _lookup_now(self, call: _Call, refresh: bool) -> CacheHit | EllipsisType | None:
-        """The lookup's answer when it needs no I/O (memory, batch prefetch, no cache), else ``...``."""
+        """The hit or None (traced, context variable set) when no I/O is needed; else ``...``."""
         if refresh or not self.cache.enabled:
             return self._noted(call, None, refresh)
         batch = _batch.get()
@@ -365,7 +361,9 @@ class OpenAIMinimaLlm:
         self.stats.requests += 1
         started = self._clock.monotonic()
         call = self._prepare(request, endpoint, key_extra, store, api_key)
-        hit = await self._lookup(call, self._refresh(force_refresh))
+        refresh = self._refresh(force_refresh)
+        found = self._lookup_now(call, refresh)
+        hit = await self._lookup_slow(call, refresh) if found is ... else found
         if hit is not None:
             self._from_hit(request, hit, started)
             chunks = _replay(hit.row, _kind(endpoint))
@@ -597,19 +595,6 @@ def _usage_of(raw: str | None) -> Usage:
     except ValueError:
         return Usage()
     return Usage.from_body(body)
-
-
-class _ready(Awaitable[Any]):
-    """An awaitable that is already done: awaiting it never suspends and makes no coroutine."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        return self.value
-        yield  # pragma: no cover - makes this a generator without suspending
 
 
 def _joined(result: MinimaLlmResult, request_id: str) -> MinimaLlmResult:

@@ -76,12 +76,11 @@ class RateLimitInfo:
     @property
     def empty(self) -> bool:
         """No rate-limit header was present."""
-        return self == _EMPTY
+        return self == NO_RATE_LIMITS
 
 
 # What parse_rate_limits returns for a response without rate-limit headers (always this object).
 NO_RATE_LIMITS = RateLimitInfo()
-_EMPTY = NO_RATE_LIMITS
 
 
 def parse_rate_limits(headers: Mapping[str, str]) -> RateLimitInfo:
@@ -92,12 +91,12 @@ def parse_rate_limits(headers: Mapping[str, str]) -> RateLimitInfo:
         and "x-ratelimit-limit-tokens" not in headers
         and "x-ratelimit-remaining-requests" not in headers
     ):
-        return _EMPTY  # most servers send none of them: answer without the scans below
+        return NO_RATE_LIMITS  # most servers send none of them: answer without the scans below
     if (
         _get(headers, "x-ratelimit-limit-requests") is None
         and _get(headers, "x-ratelimit-limit-tokens") is None
     ) and _get(headers, "x-ratelimit-remaining-requests") is None:
-        return _EMPTY
+        return NO_RATE_LIMITS
     return RateLimitInfo(
         limit_requests=_int(_get(headers, "x-ratelimit-limit-requests")),
         remaining_requests=_int(_get(headers, "x-ratelimit-remaining-requests")),
