@@ -163,3 +163,20 @@ async def test_key_that_is_not_utf8_is_refused(mock: MockServer, tmp_path: Path)
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 401 "), raw
     assert json.loads(body)["error"]["code"] == "invalid_api_key"
+
+
+async def test_passed_through_keys_never_share_cached_answers(tmp_path: Path) -> None:
+    # Without gateway keys only the upstream judges a passed-through key; a cache
+    # shared across keys would answer a caller the upstream never saw.
+    seen: list[str | None] = []
+    settings = ProxySettings(port=0, pass_through_client_key=True)
+    async with (
+        recording_upstream(seen) as upstream,
+        serve(upstream, tmp_path, settings, api_key="sk-upstream-own") as gw,
+    ):
+        first = await gw.chat("same", headers={"Authorization": "Bearer sk-caller-1"})
+        again = await gw.chat("same", headers={"Authorization": "Bearer sk-caller-1"})
+        other = await gw.chat("same", headers={"Authorization": "Bearer sk-caller-2"})
+        keyless = await gw.chat("same")
+    assert [first.cache, again.cache, other.cache, keyless.cache] == ["miss", "hit", "miss", "miss"]
+    assert seen == ["Bearer sk-caller-1", "Bearer sk-caller-2", "Bearer sk-upstream-own"]

@@ -67,10 +67,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Require one of the configured keys; remember the caller's key for pass-through and partitioning."""
     gw = request.app[GATEWAY]
+    settings = gw.settings
     presented = _presented_key(request)
-    if presented:
-        request[CLIENT_KEY] = presented
-    if gw.settings.auth_enabled and request.path not in _OPEN_PATHS:
+    if settings.auth_enabled and request.path not in _OPEN_PATHS:
         if not presented:
             return error_response(
                 401,
@@ -79,7 +78,12 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             )
         if not gw.key_is_valid(presented):
             return error_response(401, "Incorrect API key provided.", code="invalid_api_key")
-        if gw.settings.partition_cache_by_key:
+    if presented:
+        request[CLIENT_KEY] = presented
+        # A key passed through is the upstream's to judge: a shared cache would hand
+        # answers to a caller whose key the upstream never saw (or would refuse), so
+        # every passed-through key gets a partition of its own.
+        if settings.partition_cache_by_key or settings.pass_through_client_key:
             request[TENANT] = gw.tenant_of(presented)
     return await handler(request)
 
