@@ -57,6 +57,18 @@ def test_proxy_log_lines(
     assert lines(caplog) == expected
 
 
+def test_summary_counts_add_up_with_joined_answers(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    log = ProxyLog(every=3)
+    log.answered("miss", "/r", "m", 200, 0.01)
+    log.answered("coalesced", "/r", "m", 200, 0.01)
+    log.answered("coalesced", "/r", "m", 200, 0.01)
+    assert lines(caplog)[-1] == (
+        logging.INFO,
+        "3 requests: 0 cache hits, 1 llm calls, 0 failed, 2 joined a call in flight",
+    )
+
+
 def test_summary_can_be_turned_off(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger=LOGGER)
     log = ProxyLog(every=0)
