@@ -130,29 +130,35 @@ class PromptCache:
         """
         if self.primary is None:
             return ... if self.lookups else None
-        row = self.memory.get_now(key) if self.memory is not None else None
+        row = self._primary_now(key, known)
+        if row is ...:
+            return ...
         if row is not None:
             return CacheHit(row, "primary")
+        return ... if self.lookups or self.synonyms.get(model) else None
+
+    def _primary_now(
+        self, key: str, known: Mapping[str, CacheRow | None] | None
+    ) -> CacheRow | EllipsisType | None:
+        """The primary's row from memory or ``known`` (None: known absent); ``...``: read it."""
+        row = self.memory.get_now(key) if self.memory is not None else None
+        if row is not None:
+            return row
         if known is None or key not in known:
             return ...
         row = known[key]
-        if row is not None:
-            if self.memory is not None:
-                self.memory.put_now(row)
-            return CacheHit(row, "primary")
-        return ... if self.lookups or self.synonyms.get(model) else None
+        if row is not None and self.memory is not None:
+            self.memory.put_now(row)
+        return row
 
     async def find(
         self, key: str, model: str, rekey: Rekey, known: Mapping[str, CacheRow | None] | None = None
     ) -> CacheHit | None:
         """Look ``key`` up everywhere; ``rekey(model)`` gives the key under another model."""
         if self.primary is not None:
-            row = self.memory.get_now(key) if self.memory is not None else None
-            if row is None:
-                if known is not None and key in known:
-                    row = known[key]
-                else:
-                    row = (await self.primary.get_many([key])).get(key)
+            row = self._primary_now(key, known)
+            if row is ...:
+                row = (await self.primary.get_many([key])).get(key)
                 if row is not None and self.memory is not None:
                     self.memory.put_now(row)
             if row is not None:
