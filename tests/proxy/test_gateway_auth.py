@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -130,14 +131,23 @@ async def recording_upstream(seen: list[str | None]) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-@pytest.mark.parametrize("pass_through", [True, False])
-async def test_client_key_pass_through(tmp_path: Path, pass_through: bool) -> None:
-    seen: list[str | None] = []
+@asynccontextmanager
+async def gateway_over_recorder(
+    tmp_path: Path, seen: list[str | None], pass_through: bool
+) -> AsyncIterator[Any]:
+    """A gateway (own upstream key ``sk-upstream-own``) in front of an upstream recording keys."""
     settings = ProxySettings(port=0, pass_through_client_key=pass_through)
     async with (
         recording_upstream(seen) as upstream,
         serve(upstream, tmp_path, settings, api_key="sk-upstream-own") as gw,
     ):
+        yield gw
+
+
+@pytest.mark.parametrize("pass_through", [True, False])
+async def test_client_key_pass_through(tmp_path: Path, pass_through: bool) -> None:
+    seen: list[str | None] = []
+    async with gateway_over_recorder(tmp_path, seen, pass_through) as gw:
         one = await gw.chat("a", headers={"Authorization": "Bearer sk-caller-1"})
         two = await gw.chat("b", headers={"x-api-key": "sk-caller-2"}, stream=True)
         three = await gw.chat("c")
@@ -169,11 +179,7 @@ async def test_passed_through_keys_never_share_cached_answers(tmp_path: Path) ->
     # Without gateway keys only the upstream judges a passed-through key; a cache
     # shared across keys would answer a caller the upstream never saw.
     seen: list[str | None] = []
-    settings = ProxySettings(port=0, pass_through_client_key=True)
-    async with (
-        recording_upstream(seen) as upstream,
-        serve(upstream, tmp_path, settings, api_key="sk-upstream-own") as gw,
-    ):
+    async with gateway_over_recorder(tmp_path, seen, pass_through=True) as gw:
         first = await gw.chat("same", headers={"Authorization": "Bearer sk-caller-1"})
         again = await gw.chat("same", headers={"Authorization": "Bearer sk-caller-1"})
         other = await gw.chat("same", headers={"Authorization": "Bearer sk-caller-2"})
