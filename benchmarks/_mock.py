@@ -45,6 +45,7 @@ class ServerProcess:
 
     listening = _LISTENING
     name = "server"
+    start_timeout_s = _START_TIMEOUT_S
 
     def __init__(self, cpus: set[int] | None = None, env: dict[str, str] | None = None) -> None:
         self.cpus = cpus
@@ -88,7 +89,7 @@ class ServerProcess:
 
     def _read_listening_line(self, proc: subprocess.Popen[str]) -> str:
         assert proc.stdout is not None
-        deadline = time.monotonic() + _START_TIMEOUT_S
+        deadline = time.monotonic() + self.start_timeout_s
         with selectors.DefaultSelector() as sel:
             sel.register(proc.stdout, selectors.EVENT_READ)
             while (left := deadline - time.monotonic()) > 0:
@@ -102,7 +103,7 @@ class ServerProcess:
                     return match.group(1)
         self._stderr.seek(0)
         raise RuntimeError(
-            f"{self.name} did not report listening within {_START_TIMEOUT_S}s: "
+            f"{self.name} did not report listening within {self.start_timeout_s}s: "
             f"{self._stderr.read()[-2000:]}"
         )
 

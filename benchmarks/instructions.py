@@ -5,7 +5,10 @@
 cache; ``nocache``: the same without a cache) under ``valgrind --tool=callgrind``
 against a mock running natively, once with ``--small`` and once with ``--large``
 requests, and reports the difference divided by the difference in requests: start-up
-and imports cancel out. Wall-clock ratios on a shared two-core machine move by 10-20%
+and imports cancel out. The ``gateway`` and ``gateway-hit`` sides count the gateway
+process instead (cache misses, then the same requests again as hits), driven by the
+benchmarks' load generator at concurrency 64; ``callgrind_control`` zeroes and dumps
+the counters around each run, so start-up is left out there too. Wall-clock ratios on a shared two-core machine move by 10-20%
 from run to run; these counts repeat to within about 1%.
 
 Counts are user-space instructions of the client process (all threads); time spent in
@@ -31,9 +34,15 @@ from ._clients import (
     run_bounded,
     subject_batch,
 )
+from ._gateway_proc import GatewayProcess
+from ._loadgen import payloads, run
 from ._mock import MockProcess
 
-SIDES = ("bare", "client", "nocache")
+SIDES = ("bare", "client", "nocache", "gateway", "gateway-hit")
+GATEWAY_SIDES = ("gateway", "gateway-hit")
+GATEWAY_CONCURRENCY = 64
+# Under callgrind the gateway runs some 50 times slower: imports alone take seconds.
+GATEWAY_START_TIMEOUT_S = 180.0
 WARMUP = 64
 RUN_TIMEOUT_S = 900.0
 
@@ -73,6 +82,69 @@ def counted(kind: str, url: str, count: int) -> int:
         return total
 
 
+class _CountedGateway(GatewayProcess):
+    """The gateway under callgrind, counters zeroed and dumped on request."""
+
+    name = "gateway under callgrind"
+    start_timeout_s = GATEWAY_START_TIMEOUT_S
+
+    def __init__(self, upstream: str, out: str) -> None:
+        super().__init__(upstream)
+        self._out = out
+        self._dumps = 0
+
+    def command(self) -> list[str]:
+        """``valgrind --tool=callgrind`` around the usual gateway command."""
+        return [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={self._out}/cg.%p",
+            *super().command(),
+        ]
+
+    def zero(self) -> None:
+        """Forget everything counted so far."""
+        subprocess.run(
+            ["callgrind_control", "--zero", str(self.pid)],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+    def dump(self) -> int:
+        """Instructions counted since the last ``zero``."""
+        subprocess.run(
+            ["callgrind_control", "--dump", str(self.pid)],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        self._dumps += 1
+        total = 0
+        for path in glob.glob(f"{self._out}/cg.{self.pid}.{self._dumps}*"):
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                total += sum(int(line.split()[1]) for line in fh if line.startswith("totals:"))
+        return total
+
+
+def gateway_counts(kind: str, url: str, small: int, large: int) -> float:
+    """Gateway instructions per request: misses, or (``gateway-hit``) the same requests again."""
+    counts: dict[int, int] = {}
+    with (
+        tempfile.TemporaryDirectory(prefix="minima-callgrind-") as out,
+        _CountedGateway(url, out) as gateway,
+    ):
+        run(gateway.url, payloads(WARMUP), GATEWAY_CONCURRENCY, RUN_TIMEOUT_S)
+        for count in (small, large):
+            bodies = payloads(count)
+            if kind == "gateway-hit":
+                run(gateway.url, bodies, GATEWAY_CONCURRENCY, RUN_TIMEOUT_S)
+            gateway.zero()
+            run(gateway.url, bodies, GATEWAY_CONCURRENCY, RUN_TIMEOUT_S)
+            counts[count] = gateway.dump()
+    return (counts[large] - counts[small]) / (large - small)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print instructions per request for each side, and each side against ``bare``."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.instructions")
@@ -96,9 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     per: dict[str, float] = {}
     with MockProcess() as mock:
         for kind in args.sides or SIDES:
-            extra = counted(kind, mock.url, args.large) - counted(kind, mock.url, args.small)
-            per[kind] = extra / (args.large - args.small)
-            ratio = f"  ({per[kind] / per['bare']:.3f} x bare)" if "bare" in per else ""
+            if kind in GATEWAY_SIDES:
+                per[kind] = gateway_counts(kind, mock.url, args.small, args.large)
+            else:
+                extra = counted(kind, mock.url, args.large) - counted(kind, mock.url, args.small)
+                per[kind] = extra / (args.large - args.small)
+            compared = "bare" in per and kind not in GATEWAY_SIDES
+            ratio = f"  ({per[kind] / per['bare']:.3f} x bare)" if compared else ""
             print(f"{kind:8} {per[kind]:>11,.0f} instructions/request{ratio}", flush=True)
     return 0
 
