@@ -75,11 +75,16 @@ def counted(kind: str, url: str, count: int) -> int:
             str(count),
         ]
         subprocess.run(cmd, check=True, capture_output=True, timeout=RUN_TIMEOUT_S)
-        total = 0
-        for path in glob.glob(f"{out}/cg.*"):
-            with open(path, encoding="utf-8", errors="replace") as fh:
-                total += sum(int(line.split()[1]) for line in fh if line.startswith("totals:"))
-        return total
+        return _totals(glob.glob(f"{out}/cg.*"))
+
+
+def _totals(paths: list[str]) -> int:
+    """The instructions recorded in callgrind output files."""
+    total = 0
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            total += sum(int(line.split()[1]) for line in fh if line.startswith("totals:"))
+    return total
 
 
 class _CountedGateway(GatewayProcess):
@@ -102,29 +107,19 @@ class _CountedGateway(GatewayProcess):
             *super().command(),
         ]
 
+    def _control(self, flag: str) -> None:
+        cmd = ["callgrind_control", flag, str(self.pid)]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+
     def zero(self) -> None:
         """Forget everything counted so far."""
-        subprocess.run(
-            ["callgrind_control", "--zero", str(self.pid)],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
+        self._control("--zero")
 
     def dump(self) -> int:
         """Instructions counted since the last ``zero``."""
-        subprocess.run(
-            ["callgrind_control", "--dump", str(self.pid)],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
+        self._control("--dump")
         self._dumps += 1
-        total = 0
-        for path in glob.glob(f"{self._out}/cg.{self.pid}.{self._dumps}*"):
-            with open(path, encoding="utf-8", errors="replace") as fh:
-                total += sum(int(line.split()[1]) for line in fh if line.startswith("totals:"))
-        return total
+        return _totals(glob.glob(f"{self._out}/cg.{self.pid}.{self._dumps}*"))
 
 
 def gateway_counts(kind: str, url: str, small: int, large: int) -> float:
