@@ -1,4 +1,4 @@
-"""The aiohttp application: middlewares for metrics, error shaping and auth, then the routes."""
+"""The aiohttp application: one middleware for metrics, auth and error shaping, then the routes."""
 
 from __future__ import annotations
 
@@ -22,13 +22,17 @@ _OPEN_PATHS = frozenset({"/health"})
 
 
 @web.middleware
-async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count every request by route and final status; track requests in flight."""
+async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Metrics, auth and OpenAI-shaped errors around every route.
+
+    One layer, not three: each middleware costs a coroutine and a call per request.
+    """
     gw = request.app[GATEWAY]
     gw.metrics.in_flight.inc()
     status = 500
     try:
-        resp = await handler(request)
+        refused = _authenticate(request, gw)
+        resp = refused if refused is not None else await _shaped(request, handler)
         status = resp.status
         return resp
     finally:
@@ -38,8 +42,7 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         gw.metrics.count_request(route, status)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _shaped(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error as OpenAI-shaped JSON; never a stack trace to the client."""
     try:
         return await handler(request)
@@ -63,10 +66,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
 
 
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Require one of the configured keys; remember the caller's key for pass-through and partitioning."""
-    gw = request.app[GATEWAY]
+def _authenticate(request: web.Request, gw: Gateway) -> web.Response | None:
+    """A 401 unless the request carries one of the configured keys; remembers the caller's key."""
     settings = gw.settings
     presented = _presented_key(request)
     if settings.auth_enabled and request.path not in _OPEN_PATHS:
@@ -85,7 +86,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         # every passed-through key gets a partition of its own.
         if settings.partition_cache_by_key or settings.pass_through_client_key:
             request[TENANT] = gw.tenant_of(presented)
-    return await handler(request)
+    return None
 
 
 def _presented_key(request: web.Request) -> str | None:
@@ -106,7 +107,7 @@ def build_app(
     settings = settings or ProxySettings()
     gateway = Gateway(backend, settings, metrics, proxy_log)
     app = web.Application(
-        middlewares=[metrics_middleware, error_middleware, auth_middleware],
+        middlewares=[gateway_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[GATEWAY] = gateway

@@ -16,6 +16,7 @@ from ..backend import OpenAIMinimaLlm
 from ..config import MinimaLlmConfig, read_yaml
 from ..errors import MinimaLlmError
 from .app import build_app
+from .log import LineFormatter
 from .settings import DEFAULT_PORT, ProxySettings
 
 GATEWAY_MEMORY_ENTRIES = 10_000
@@ -90,9 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``minimallm-proxy`` until SIGINT or SIGTERM."""
     args = _parser().parse_args(argv)
     _lean_log_records()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(LineFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     try:
         config, settings = load(args)
         backend = OpenAIMinimaLlm(config)
