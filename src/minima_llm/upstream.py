@@ -17,6 +17,7 @@ from .loopbound import LoopBound
 from .resilience import (
     Cooldown,
     RpmPacer,
+    Slots,
     attempts_left,
     backoff_delay,
     is_overload_status,
@@ -189,9 +190,7 @@ class UpstreamCaller:
             clock,
         )
         self.pacer = RpmPacer(config.rpm, clock)
-        self._slots: LoopBound[asyncio.Semaphore] = LoopBound(
-            lambda: asyncio.Semaphore(config.max_outstanding)
-        )
+        self._slots: LoopBound[Slots] = LoopBound(lambda: Slots(config.max_outstanding))
         self.headers = headers if headers is not None else request_headers(config)
         # Retry-After can be long; every wait still needs a bound.
         self.max_wait_s = max(config.max_backoff_s, config.cooldown_cap_s)
@@ -247,7 +246,7 @@ class UpstreamCaller:
         async def attempt(stamps: list[float]) -> UpstreamStream:
             await self._before_send()
             slots = self._slots.get()
-            await slots.acquire()
+            await slots.take()
             try:
                 stamps.append(self.clock.monotonic())
                 resp = await self.transport.open_stream(url, body, headers, self.cfg.timeout_s)
@@ -272,7 +271,7 @@ class UpstreamCaller:
 
         return await self._retrying(request_id, attempt)
 
-    def _release_stream(self, slots: asyncio.Semaphore) -> None:
+    def _release_stream(self, slots: Slots) -> None:
         self.stats.in_flight -= 1
         slots.release()
 
@@ -322,7 +321,8 @@ class UpstreamCaller:
         if self.cooldown.remaining() > 0 or not self.pacer.ready():
             await self._before_send()
         slots = self._slots.get()
-        await slots.acquire()
+        if not slots.try_take():
+            await slots.take()
         stamps.append(self.clock.monotonic())
         self.stats.in_flight += 1
         try:

@@ -10,11 +10,13 @@ from .headers import (
 )
 from .pacer import RpmPacer
 from .retry import attempts_left, backoff_delay, is_overload_status, is_retryable_status
+from .slots import Slots
 
 __all__ = [
     "Cooldown",
     "RateLimitInfo",
     "RpmPacer",
+    "Slots",
     "attempts_left",
     "backoff_delay",
     "is_overload_status",
