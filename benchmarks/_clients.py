@@ -107,7 +107,9 @@ async def _drive(
 # --- subject: the library ---------------------------------------------------------------
 
 
-def backend_config(base_url: str, cache_dir: str | None, transport: str = "auto") -> MinimaLlmConfig:
+def backend_config(
+    base_url: str, cache_dir: str | None, transport: str = "auto"
+) -> MinimaLlmConfig:
     """The subject's config: no client-side RPM, 64 in flight, 64 workers, no heartbeat."""
     return MinimaLlmConfig(
         base_url=base_url,

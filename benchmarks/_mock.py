@@ -36,6 +36,14 @@ def pin_cores() -> tuple[set[int], set[int]] | None:
     return set(cpus[:-1]), {cpus[-1]}
 
 
+def process_cpu_s(pid: int) -> float:
+    """User plus system CPU seconds a process has used so far, all its threads."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    # Fields 14 and 15 of proc(5), utime and stime, counted after the command name.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class ServerProcess:
     """A server as a child process; a context manager.
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 from ._context import Context
 from ._gateway_proc import GatewayProcess
 from ._loadgen import Load, payloads, run
-from ._mock import MockProcess
+from ._mock import MockProcess, process_cpu_s
 from ._report import Row
 
 TIMEOUT_S = 180.0
@@ -17,20 +19,43 @@ def _best(loads: list[Load]) -> Load:
     return max(loads, key=lambda load: load.rate)
 
 
+def _cpu_us(before: dict[str, float], after: dict[str, float], count: int) -> str:
+    return ", ".join(f"{name} {(after[name] - before[name]) / count * 1e6:.0f}" for name in before)
+
+
 def gateway_throughput(ctx: Context) -> list[Row]:
     """Cache misses at concurrency 64 through the gateway, as a share of straight to the mock."""
     count, reps = (1_500, 2) if ctx.quick else (4_000, 3)
     direct: list[Load] = []
     through: list[Load] = []
+    spent: dict[str, list[str]] = {"direct": [], "gateway": []}
     with ctx.unpinned(), MockProcess() as mock, GatewayProcess(mock.url) as gateway:
         run(mock.url, payloads(256), 64, TIMEOUT_S)
         run(gateway.url, payloads(256), 64, TIMEOUT_S)
+
+        def cpu() -> dict[str, float]:
+            return {
+                "gateway": process_cpu_s(gateway.pid),
+                "mock": process_cpu_s(mock.pid),
+                "load generator": process_cpu_s(os.getpid()),
+            }
+
         for _ in range(reps):
-            direct.append(run(mock.url, payloads(count), 64, TIMEOUT_S))
-            through.append(run(gateway.url, payloads(count), 64, TIMEOUT_S))
+            for name, url, loads in (
+                ("direct", mock.url, direct),
+                ("gateway", gateway.url, through),
+            ):
+                before = cpu()
+                loads.append(run(url, payloads(count), 64, TIMEOUT_S))
+                spent[name].append(_cpu_us(before, cpu(), count))
     ref, sub = _best(direct), _best(through)
     ctx.log(
         f"  direct {[round(d.rate) for d in direct]}/s, gateway {[round(t.rate) for t in through]}/s"
+    )
+    # CPU per request of each process in the fastest run of each kind: where the time goes.
+    cpu_note = (
+        f"CPU us/request through the gateway: {spent['gateway'][through.index(sub)]}; "
+        f"direct: {spent['direct'][direct.index(ref)]}"
     )
     ratio = sub.rate / ref.rate
     errors = sum(x.errors for x in (*direct, *through))
@@ -42,7 +67,8 @@ def gateway_throughput(ctx: Context) -> list[Row]:
             ratio,
             "ratio >= 0.45",
             ratio >= 0.45 and not errors,
-            f"{count:,} distinct requests, concurrency 64, best of {reps}; {errors} errors",
+            f"{count:,} distinct requests, concurrency 64, best of {reps}; {errors} errors; "
+            + cpu_note,
         )
     ]
 
