@@ -93,6 +93,8 @@ class _Call(NamedTuple):
     store: bool
     key_extra: Mapping[str, Any] | None = None
     api_key: str | None = None
+    # The body to send instead of one built from ``request`` (the gateway forwards its caller's).
+    payload: Mapping[str, Any] | None = None
 
 
 class _Flight:
@@ -188,12 +190,13 @@ class OpenAIMinimaLlm:
         key_extra: Mapping[str, Any] | None,
         store: bool,
         api_key: str | None = None,
+        payload: Mapping[str, Any] | None = None,
     ) -> _Call:
         batch = _batch.get()
         computed = batch.keys.get(id(request)) if batch is not None and not key_extra else None
         key, canonical = computed or self.key_for(request, key_extra)
         model = request.model or self.cfg.model
-        return _Call(request, endpoint, model, key, canonical, store, key_extra, api_key)
+        return _Call(request, endpoint, model, key, canonical, store, key_extra, api_key, payload)
 
     def _refresh(self, force_refresh: bool) -> bool:
         return force_refresh or self.cfg.force_refresh or get_force_refresh()
@@ -213,15 +216,18 @@ class OpenAIMinimaLlm:
         store: bool = True,
         key_extra: Mapping[str, Any] | None = None,
         api_key: str | None = None,
+        payload: Mapping[str, Any] | None = None,
     ) -> MinimaLlmResult:
         """``generate`` for any endpoint (``chat/completions``, ``completions``, ``embeddings``).
 
         ``store=False`` answers without writing the cache; ``api_key`` replaces the
-        configured key for this call (a gateway passing its caller's key through).
+        configured key for this call (a gateway passing its caller's key through);
+        ``payload`` is sent upstream as it is instead of a body built from ``request``,
+        which still decides the cache key (a gateway forwarding its caller's body).
         """
         self.stats.requests += 1
         started = self._clock.monotonic()
-        call = self._prepare(request, endpoint, key_extra, store, api_key)
+        call = self._prepare(request, endpoint, key_extra, store, api_key, payload)
         refresh = self._refresh(force_refresh)
         # Decided without a coroutine when no I/O is needed (memory, batch prefetch, no cache).
         found = self._lookup_now(call, refresh)
@@ -312,8 +318,10 @@ class OpenAIMinimaLlm:
         # Without extra fields the canonical JSON of the key is itself a valid chat
         # body for the same question: send it rather than encode the request twice.
         body: bytes | None = None
-        payload: dict[str, Any] = {}
-        if call.endpoint == CHAT and not request.extra and not call.key_extra:
+        payload: Mapping[str, Any] = {}
+        if call.payload is not None:
+            payload = call.payload
+        elif call.endpoint == CHAT and not request.extra and not call.key_extra:
             body = call.canonical.encode("ascii")
         else:
             payload = _payload(request, call.model, call.endpoint)
@@ -351,6 +359,7 @@ class OpenAIMinimaLlm:
         store: bool = True,
         key_extra: Mapping[str, Any] | None = None,
         api_key: str | None = None,
+        payload: Mapping[str, Any] | None = None,
     ) -> ChunkStream | MinimaLlmFailure:
         """Start a streamed answer: from the cache, joined to an identical live stream, or live.
 
@@ -360,7 +369,7 @@ class OpenAIMinimaLlm:
         """
         self.stats.requests += 1
         started = self._clock.monotonic()
-        call = self._prepare(request, endpoint, key_extra, store, api_key)
+        call = self._prepare(request, endpoint, key_extra, store, api_key, payload)
         refresh = self._refresh(force_refresh)
         found = self._lookup_now(call, refresh)
         hit = await self._lookup_slow(call, refresh) if found is ... else found
@@ -383,7 +392,11 @@ class OpenAIMinimaLlm:
 
     async def _launch(self, flight: Broadcast, call: _Call, started: float) -> None:
         url = f"{self.cfg.base_url}/{call.endpoint}"
-        payload = _payload(call.request, call.model, call.endpoint)
+        payload = (
+            dict(call.payload)
+            if call.payload is not None
+            else _payload(call.request, call.model, call.endpoint)
+        )
         payload["stream"] = True
         payload["stream_options"] = {"include_usage": True}
         try:

@@ -62,6 +62,7 @@ def _inference(endpoint: str) -> Any:
             "store": not parsed.no_store,
             "key_extra": key_extra(endpoint, request.get(TENANT)),
             "api_key": request.get(CLIENT_KEY) if gw.settings.pass_through_client_key else None,
+            "payload": parsed.payload,
         }
         if parsed.stream:
             return await _stream(request, gw, parsed, options, started)

@@ -22,6 +22,8 @@ EMBEDDINGS = "embeddings"
 
 # Never part of the key and never forwarded as given: the backend sets its own stream flags.
 _TRANSPORT_FIELDS = {"stream", "stream_options", "cache"}
+# A body of only these is exactly the one the backend builds from the parsed request.
+_REBUILT = {"model", "messages", "temperature", "max_tokens"} | _TRANSPORT_FIELDS
 _NOT_IN_KEY = {"user"}
 # OpenAI's defaults: sending them or not asks the same question.
 _DEFAULTS: dict[str, Any] = {
@@ -94,6 +96,8 @@ class Parsed:
     no_cache: bool
     no_store: bool
     model: str
+    # What goes upstream when it is not simply the request rebuilt: the caller's own body.
+    payload: dict[str, Any] | None = None
 
 
 def parse_body(
@@ -131,7 +135,24 @@ def parse_body(
         extra=extra,
         model=model,
     )
-    return Parsed(endpoint, request, stream, include_usage, no_cache, no_store, model)
+    return Parsed(
+        endpoint, request, stream, include_usage, no_cache, no_store, model, _forwarded(body, model)
+    )
+
+
+def _forwarded(body: dict[str, Any], model: str) -> dict[str, Any] | None:
+    """The caller's body less the gateway's own fields, or None if the backend builds the same.
+
+    The cache key leaves out what cannot change the answer (``user``, parameters at
+    their defaults) and folds ``max_completion_tokens`` into ``max_tokens``; the
+    upstream still gets every parameter under the name the caller used, since some
+    models refuse ``max_tokens`` and some servers have defaults of their own.
+    """
+    if _REBUILT.issuperset(body):
+        return None
+    payload = {name: value for name, value in body.items() if name not in _TRANSPORT_FIELDS}
+    payload["model"] = model
+    return payload
 
 
 def _model(body: dict[str, Any], default_model: str, force_model: bool) -> str:

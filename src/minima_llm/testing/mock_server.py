@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
@@ -64,6 +65,7 @@ class MockServer:
         self.port: int | None = None
         # The last inference request's headers, kept as aiohttp's view (no copy per request).
         self._last_headers: Mapping[str, str] = {}
+        self._last_body = b""
         self._install(config or MockConfig())
 
     def __repr__(self) -> str:
@@ -102,6 +104,11 @@ class MockServer:
     def last_headers(self) -> dict[str, str]:
         """The headers of the last inference request, names lower-cased (what a client sent)."""
         return {name.lower(): value for name, value in self._last_headers.items()}
+
+    @property
+    def last_body(self) -> Any:
+        """The JSON body of the last inference request, parsed (what a client sent)."""
+        return json.loads(self._last_body) if self._last_body else None
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of the request counters."""
@@ -228,8 +235,9 @@ class MockServer:
         stats, config = self._stats, self._config
         stats.request(route)
         self._last_headers = request.headers
+        self._last_body = await request.read()
         try:
-            result = build(await request.read(), config.model)
+            result = build(self._last_body, config.model)
         except RequestError as exc:
             return self._json(400, error_body(exc.message, param=exc.param))
         headers: dict[str, str] | None = None
