@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -262,12 +263,39 @@ def test_failure_status(error_type: str, status: int | None, answer: int) -> Non
     assert failure_status(_failure(error_type, status)) == answer
 
 
-def test_failure_response_carries_the_upstream_message() -> None:
-    snippet = '{"error": {"message": "context length exceeded", "type": "x"}}'
+def test_a_refusal_passes_the_upstreams_error_object_through() -> None:
+    snippet = json.dumps(
+        {
+            "error": {
+                "message": "This model's maximum context length is 8192 tokens.",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "context_length_exceeded",
+            }
+        }
+    )
     resp = failure_response(_failure("HTTPError", 400, snippet))
     assert resp.status == 400
-    assert resp.text is not None and "context length exceeded" in resp.text
-    assert '"invalid_request_error"' in resp.text
+    assert resp.text is not None
+    # Exactly what the upstream said, so SDK users can branch on the code.
+    assert json.loads(resp.text) == json.loads(snippet)
+
+
+def test_a_failure_after_retries_says_so_and_keeps_the_upstreams_code() -> None:
+    snippet = (
+        '{"error": {"message": "engine overloaded", "type": "server_error", "code": "overloaded"}}'
+    )
+    resp = failure_response(_failure("HTTPError", 500, snippet))
+    assert resp.status == 502 and resp.text is not None
+    error = json.loads(resp.text)["error"]
+    assert error["message"].startswith("upstream HTTPError after")
+    assert "engine overloaded" in error["message"]
+    assert (error["type"], error["code"]) == ("upstream_error", "overloaded")
+    html = failure_response(_failure("HTTPError", 500, "<html>bad gateway</html>"))
+    assert (
+        html.text is not None
+        and "<html>bad gateway</html>" in json.loads(html.text)["error"]["message"]
+    )
     down = failure_response(_failure("ConnectionError", None))
     assert down.status == 502 and down.text is not None and '"upstream_error"' in down.text
 

@@ -80,37 +80,61 @@ def failure_status(failure: MinimaLlmFailure) -> int:
 
 
 def failure_response(failure: MinimaLlmFailure, retry_after_s: float = 0.0) -> web.Response:
-    """The upstream's own error body where it sent one, else one describing the failure.
+    """The upstream's own error where it sent one, else one describing the failure.
 
-    A 429 or 503 carries ``Retry-After``: the gateway's own cooldown (at least one
-    second), so well-behaved clients back off instead of hammering a saturated upstream.
+    A refusal the caller caused (a 4xx passed through) keeps the upstream's message,
+    type, param and code as they were, so SDK users can still branch on codes such as
+    ``context_length_exceeded``; a failure after retries says so in the message. A 429
+    or 503 carries ``Retry-After``: the gateway's own cooldown (at least one second),
+    so well-behaved clients back off instead of hammering a saturated upstream.
     """
     status = failure_status(failure)
     headers = (
         {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if status in (429, 503) else None
     )
-    upstream_error = _upstream_error(failure.body_snippet)
+    upstream = _upstream_error(failure.body_snippet) or {}
+    detail = _text(upstream.get("message"))
+    if detail and status == failure.status and status < 500 and status != 429:
+        # Refused at once, not retried: the upstream's answer is the whole story.
+        return error_response(
+            status,
+            detail,
+            _text(upstream.get("param")),
+            _text(upstream.get("code")),
+            _text(upstream.get("type")),
+            headers,
+        )
     message = (
         f"upstream {failure.error_type} after {failure.attempts} attempt(s)"
         + (f" (HTTP {failure.status})" if failure.status else "")
-        + f": {upstream_error or failure.message}"
+        + f": {detail or _plain(failure.body_snippet) or failure.message}"
     )
     return error_response(
         status,
         message,
-        code="upstream_error",
-        kind="upstream_error" if status >= 500 else None,
-        headers=headers,
+        _text(upstream.get("param")),
+        _text(upstream.get("code")) or "upstream_error",
+        "upstream_error" if status >= 500 else None,
+        headers,
     )
 
 
-def _upstream_error(snippet: str | None) -> str | None:
+def _upstream_error(snippet: str | None) -> dict[str, Any] | None:
+    """The ``error`` object of an OpenAI-shaped error body, if the snippet is one."""
     if not snippet:
         return None
     try:
         body = json.loads(snippet)
     except ValueError:
-        return snippet[:200]
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        return str(body["error"].get("message") or "")[:500] or None
-    return snippet[:200]
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    return error if isinstance(error, dict) else None
+
+
+def _plain(snippet: str | None) -> str | None:
+    """The start of an error body that is not OpenAI-shaped (a proxy's HTML page, say)."""
+    return snippet[:200] if snippet and _upstream_error(snippet) is None else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
