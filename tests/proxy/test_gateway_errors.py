@@ -33,6 +33,18 @@ async def test_malformed_json(mock: MockServer, tmp_path: Path) -> None:
         error_of(await gw.request("POST", "/v1/chat/completions", data=b"\xff\xfe"), 400)
 
 
+async def test_deeply_nested_json_is_a_bad_request(mock: MockServer, tmp_path: Path) -> None:
+    async with serve(mock.url, tmp_path) as gw:
+        deep = b"[" * 200_000
+        error = error_of(await gw.request("POST", "/v1/chat/completions", data=deep), 400)
+        assert "nested too deeply" in str(error["message"])
+        metadata = b'{"a":' * 5_000 + b"1" + b"}" * 5_000
+        body = b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "metadata": '
+        reply = await gw.request("POST", "/v1/chat/completions", data=body + metadata + b"}")
+        error_of(reply, 400)
+    assert mock.stats()["requests"] == 0
+
+
 async def test_validation_error_over_http(mock: MockServer, tmp_path: Path) -> None:
     async with serve(mock.url, tmp_path) as gw:
         error = error_of(await gw.chat("hi", temperature=5), 400)

@@ -41,6 +41,8 @@ async def _json_body(request: web.Request) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise RequestError(400, "request body is nested too deeply") from exc
 
 
 def _inference(endpoint: str) -> Any:
