@@ -110,7 +110,7 @@ def e2e_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def mock_service(e2e_dir: Path) -> Iterator[Service]:
     """``python -m minima_llm.testing`` for the whole session."""
-    service = spawn("mock", mock_argv(free_port()), clean_env(), e2e_dir / "mock")
+    service = spawn("mock", mock_argv(0), clean_env(), e2e_dir / "mock")
     yield service
     service.stop()
 
@@ -129,7 +129,7 @@ def gateway(mock_service: Service, e2e_dir: Path) -> Iterator[Service]:
     """``minimallm-proxy`` in front of the mock for the whole session, with its own cache."""
     cache_dir = e2e_dir / "gateway-cache"
     env = gateway_env(mock_service.url, cache_dir)
-    service = spawn("gateway", gateway_argv(free_port()), env, e2e_dir / "gateway")
+    service = spawn("gateway", gateway_argv(0), env, e2e_dir / "gateway")
     service.cache_dir = cache_dir
     yield service
     service.stop()
@@ -156,7 +156,8 @@ def launch_gateway(mock_service: Service, tmp_path: Path) -> Iterator[Callable[.
         name = f"gateway-{next(names)}"
         cache = cache_dir or tmp_path / f"{name}-cache"
         environ = gateway_env(upstream or mock_service.url, cache, **env)
-        argv = gateway_argv(free_port(), *args, script=script)
+        # Port 0: the gateway binds a free port itself and prints it, so no other process can take it first.
+        argv = gateway_argv(0, *args, script=script)
         service = spawn(name, argv, environ, tmp_path, wait=wait)
         service.cache_dir = cache
         started.append(service)

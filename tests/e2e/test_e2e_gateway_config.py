@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import openai
 import pytest
-from _e2e_support import API_KEY, MODEL, MockControl, Service, user
+from _e2e_support import API_KEY, MODEL, MockControl, Service, gateway_argv, gateway_env, user
 
 
 def test_yaml_config_with_proxy_section(
@@ -58,3 +60,32 @@ def test_cache_partitioned_by_api_key(
         labels.append(raw.headers["x-minima-cache"])
     assert labels == ["miss", "miss", "hit", "hit"]
     assert mock.requests() == 2
+
+
+def test_port_zero_is_announced_as_the_port_really_bound(
+    launch_gateway: Callable[..., Service], mock: MockControl, unique: Callable[[str], str]
+) -> None:
+    gw = launch_gateway()  # every launch asks for port 0
+    assert ":0/" not in gw.url
+    with openai.OpenAI(base_url=gw.url, api_key="any", max_retries=0) as client:
+        resp = client.chat.completions.create(model=MODEL, messages=user(unique("port zero")))
+    assert resp.choices[0].message.content
+
+
+def test_a_port_in_use_is_one_clear_line(mock: MockControl, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            gateway_argv(port),
+            env=gateway_env(mock.url, tmp_path / "cache"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 2
+    assert f"minimallm-proxy: cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    # It gave up before opening the cache.
+    assert not (tmp_path / "cache").exists()

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -87,6 +88,14 @@ def _lean_log_records() -> None:
     logging.logMultiprocessing = False
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host``'s first address (port 0: any free port)."""
+    family, _, _, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    return socket.create_server(address, family=family, backlog=1024)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``minimallm-proxy`` until SIGINT or SIGTERM."""
     args = _parser().parse_args(argv)
@@ -96,17 +105,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     try:
         config, settings = load(args)
-        backend = OpenAIMinimaLlm(config)
     except (MinimaLlmError, ValueError, OSError, ImportError) as exc:
         print(f"minimallm-proxy: {exc}", file=sys.stderr)
         return 2
+    try:
+        # Bound here rather than by run_app: a port in use is one clear line, not a
+        # traceback, and with --port 0 the address printed is the one really bound.
+        sock = listen(settings.host, settings.port)
+    except OSError as exc:
+        where = f"{settings.host}:{settings.port}"
+        print(f"minimallm-proxy: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    try:
+        backend = OpenAIMinimaLlm(config)
+    except (MinimaLlmError, ValueError, OSError, ImportError) as exc:
+        sock.close()
+        print(f"minimallm-proxy: {exc}", file=sys.stderr)
+        return 2
     app = build_app(backend, settings)
+    port = sock.getsockname()[1]
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
     cache = config.cache_path or "off (set CACHE_DIR)"
     auth = f"{len(settings.api_keys)} API key(s)" if settings.auth_enabled else "no auth"
 
     def announce(_: str) -> None:
         print(
-            f"minimallm-proxy listening on http://{settings.host}:{settings.port}/v1\n"
+            f"minimallm-proxy listening on http://{host}:{port}/v1\n"
             f"  upstream {config.base_url} model {config.model}{' (forced)' if settings.force_model else ''}\n"
             f"  cache    {cache}\n  auth     {auth}",
             flush=True,
@@ -116,8 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # shutdown_timeout for requests in flight before cleanup closes the backend.
     web.run_app(
         app,
-        host=settings.host,
-        port=settings.port,
+        sock=sock,
         shutdown_timeout=settings.shutdown_timeout_s,
         access_log=None,
         print=announce,
