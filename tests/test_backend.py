@@ -84,10 +84,35 @@ async def test_503_storm_exhausts_attempts_then_next_request_succeeds(
     assert failure.attempts == 3 and len(failure.attempt_timestamps) == 3
     assert "overloaded" in (failure.body_snippet or "")
     assert list(failure.attempt_timestamps) == sorted(failure.attempt_timestamps)
-    assert backend.upstream.cooldown.bumps == 3
+    # Each refusal halved the in-flight limit and paused everyone briefly.
+    assert backend.upstream.cooldown.pauses == 3
+    assert backend.upstream.in_flight_limit == backend.cfg.max_outstanding // 8
     ok = await backend.generate(req(2))
     assert isinstance(ok, MinimaLlmResponse)
     assert backend.snapshot().failures == 1
+
+
+async def test_a_burst_refused_with_503_does_not_stall_the_batch(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    # A server that takes 4 at once and refuses the rest: the refusals of one burst
+    # are one overload, not 60 reasons to double the cooldown up to its cap.
+    mock.update_config(max_concurrency=4, latency_s=0.02)
+    backend = make_backend(
+        cooldown_cap_s=30.0, cooldown_halflife_s=20.0, base_backoff_s=0.05, max_backoff_s=0.5
+    )
+    backend.cfg.batch.num_workers = 64
+    backend.cfg.batch.max_failures = None
+    started = time.monotonic()
+    results = await asyncio.wait_for(backend.run_batched([req(i) for i in range(200)]), 60)
+    elapsed = time.monotonic() - started
+    assert all(isinstance(r, MinimaLlmResponse) for r in results)
+    upstream = backend.upstream
+    # The in-flight limit came down to what the server takes; the cooldown never escalated.
+    assert upstream.in_flight_limit < 64
+    assert upstream.cooldown.bumps == 0 and upstream.cooldown.pauses > 0
+    # 200 answers at 4 x 20 ms take 1 s of server time; a storm of doubled cooldowns took minutes.
+    assert elapsed < 20.0, (elapsed, upstream.cooldown)
 
 
 async def test_timeout_is_retried_and_reported_as_408(

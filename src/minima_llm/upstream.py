@@ -195,6 +195,11 @@ class UpstreamCaller:
         # Retry-After can be long; every wait still needs a bound.
         self.max_wait_s = max(config.max_backoff_s, config.cooldown_cap_s)
 
+    @property
+    def in_flight_limit(self) -> int:
+        """Requests this loop may have in flight now: ``max_outstanding``, less after 503s."""
+        return self._slots.get().limit
+
     def encode(
         self, payload: Mapping[str, Any], api_key: str | None = None, body: bytes | None = None
     ) -> tuple[bytes, dict[str, str]]:
@@ -258,6 +263,7 @@ class UpstreamCaller:
                 raise
             self.pacer.observe(parse_rate_limits(resp.headers))
             if 200 <= resp.status < 300:
+                slots.succeeded()
                 self.stats.in_flight += 1
                 return UpstreamStream(resp, lambda: self._release_stream(slots), self.stats)
             try:
@@ -267,7 +273,7 @@ class UpstreamCaller:
             finally:
                 await resp.aclose()
                 slots.release()
-            raise self._status_problem(resp.status, resp.headers, data)
+            raise self._status_problem(resp.status, resp.headers, data, stamps[-1], slots)
 
         return await self._retrying(request_id, attempt)
 
@@ -334,10 +340,14 @@ class UpstreamCaller:
             slots.release()
         self.pacer.observe(parse_rate_limits(resp.headers))
         if 200 <= resp.status < 300:
+            if slots.limit < slots.max:
+                slots.succeeded()
             return parse_completion(resp, endpoint)
-        raise self._status_problem(resp.status, resp.headers, resp.body)
+        raise self._status_problem(resp.status, resp.headers, resp.body, stamps[-1], slots)
 
-    def _status_problem(self, status: int, headers: Mapping[str, str], body: bytes) -> Problem:
+    def _status_problem(
+        self, status: int, headers: Mapping[str, str], body: bytes, sent_at: float, slots: Slots
+    ) -> Problem:
         snippet = body[:SNIPPET].decode("utf-8", "replace")
         problem = Problem(
             "HTTPError", f"HTTP {status}", status, snippet, is_retryable_status(status)
@@ -346,8 +356,17 @@ class UpstreamCaller:
         if status == 429:
             self.stats.rate_limited += 1
             self.pacer.penalize(problem.retry_after)
-        if is_overload_status(status):
-            self.cooldown.bump(problem.retry_after)
+        if (
+            status in (503, 504)
+            and problem.retry_after is None
+            and slots.overloaded(sent_at, self.clock.monotonic())
+        ):
+            # Too many at once for this server: fewer in flight (grown back as answers
+            # come) and a short pause, not a doubled cooldown. Doubling on every refusal
+            # of a wave sends all workers back together at the cap, to be refused again.
+            self.cooldown.pause(self.cfg.base_backoff_s)
+        elif is_overload_status(status):
+            self.cooldown.bump(problem.retry_after, sent_at)
         return problem
 
     def _failure(

@@ -113,3 +113,29 @@ def test_repr_shows_state() -> None:
     assert "bumps=1" in text
     assert "remaining=1.00s" in text
     assert "cap=9.0" in text
+
+
+def test_refusals_of_requests_already_in_flight_do_not_escalate() -> None:
+    cooldown, clock = make(cap=30.0, base=0.5)
+    sent = clock.monotonic()
+    clock.advance(0.01)
+    # 64 requests sent together, refused together: one overload, one doubling.
+    levels = [cooldown.bump(sent_at=sent) for _ in range(64)]
+    assert levels[0] == pytest.approx(0.5)
+    assert max(levels) == pytest.approx(0.5)
+    assert (cooldown.bumps, cooldown.echoes) == (1, 63)
+    # A request sent after the cooldown began and still refused is news: it doubles.
+    clock.advance(1.0)
+    resent = clock.monotonic()
+    clock.advance(0.01)
+    assert cooldown.bump(sent_at=resent) == pytest.approx(2 * 0.5 * 2 ** (-1.01 / 20.0))
+    assert cooldown.bumps == 2
+
+
+def test_a_retry_after_hint_applies_even_from_a_request_in_flight() -> None:
+    cooldown, clock = make(cap=30.0)
+    sent = clock.monotonic()
+    clock.advance(0.01)
+    cooldown.bump(sent_at=sent)
+    assert cooldown.bump(5.0, sent_at=sent) == pytest.approx(5.0)
+    assert cooldown.remaining() == pytest.approx(5.0)

@@ -93,3 +93,61 @@ def test_bad_limit_and_extra_release_are_errors() -> None:
         Slots(0)
     with pytest.raises(RuntimeError, match="more slots than were taken"):
         Slots(1).release()
+
+
+def test_a_burst_of_overload_refusals_halves_the_limit_once() -> None:
+    slots = Slots(64)
+    sent = 10.0
+    for _ in range(60):
+        assert slots.overloaded(sent_at=sent, now=10.5)
+    assert (slots.limit, slots.shrinks) == (32, 1)
+    # Sent after the halving and still refused: news, halve again.
+    assert slots.overloaded(sent_at=11.0, now=11.2)
+    assert slots.limit == 16
+
+
+def test_the_limit_grows_back_by_one_per_window_of_successes() -> None:
+    slots = Slots(8)
+    slots.overloaded(sent_at=0.0, now=0.0)
+    assert slots.limit == 4
+    for _ in range(4):
+        slots.succeeded()
+    assert slots.limit == 5
+    for _ in range(100):
+        slots.succeeded()
+    assert slots.limit == 8  # never past the configured bound
+
+
+def test_at_one_in_flight_there_is_nothing_left_to_shrink() -> None:
+    slots = Slots(2)
+    assert slots.overloaded(sent_at=0.0, now=1.0)
+    assert slots.limit == 1
+    assert not slots.overloaded(sent_at=2.0, now=3.0)
+    assert slots.limit == 1
+
+
+async def test_a_lower_limit_holds_back_waiters_until_enough_slots_are_returned() -> None:
+    slots = Slots(4)
+    for _ in range(4):
+        assert slots.try_take()
+    waiter = asyncio.create_task(slots.take())
+    await asyncio.sleep(0)
+    slots.overloaded(sent_at=0.0, now=1.0)  # limit 2 while 4 are held
+    slots.release()
+    slots.release()
+    await asyncio.sleep(0)
+    assert not waiter.done()  # still 2 held: at the new limit
+    slots.release()
+    await asyncio.wait_for(waiter, 1)
+    assert slots.held == 2
+
+
+async def test_growing_the_limit_wakes_a_waiter() -> None:
+    slots = Slots(2)
+    slots.overloaded(sent_at=0.0, now=1.0)
+    assert slots.try_take()
+    waiter = asyncio.create_task(slots.take())
+    await asyncio.sleep(0)
+    slots.succeeded()  # one success at limit 1 is a full window: limit 2
+    await asyncio.wait_for(waiter, 1)
+    assert slots.held == 2

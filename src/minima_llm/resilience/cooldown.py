@@ -31,20 +31,38 @@ class Cooldown:
         self._level = 0.0
         self._level_at = clock.monotonic()
         self._until = 0.0
+        self._bumped_at = -math.inf
         self.bumps = 0
+        # Signals from requests already in flight at the last bump: counted, not escalated.
+        self.echoes = 0
+        self.pauses = 0
+
+    def pause(self, seconds: float) -> None:
+        """Hold requests for ``seconds`` (within floor and cap) without raising the level."""
+        seconds = min(self.cap_s, max(self.floor_s, seconds))
+        self._until = max(self._until, self._clock.monotonic() + seconds)
+        self.pauses += 1
 
     def level(self) -> float:
         """The current, decayed cooldown level in seconds."""
         elapsed = self._clock.monotonic() - self._level_at
         return self._level * math.pow(0.5, elapsed / self.halflife_s) if self._level else 0.0
 
-    def bump(self, hint_s: float | None = None) -> float:
+    def bump(self, hint_s: float | None = None, sent_at: float | None = None) -> float:
         """Record an overload signal; returns the new cooldown length.
 
         ``hint_s`` is the server's own Retry-After: when given it is used as is
-        (within floor and cap) instead of doubling our guess.
+        (within floor and cap) instead of doubling our guess. ``sent_at`` is when
+        the refused request went out: one sent before the last bump was already
+        on the wire when the server first said it was overloaded, so it tells us
+        nothing new and does not double the level again. Without that, a burst of
+        64 requests refused together would double the level 64 times, straight to
+        the cap, for one moment of overload.
         """
         now = self._clock.monotonic()
+        if sent_at is not None and sent_at < self._bumped_at and hint_s is None:
+            self.echoes += 1
+            return self.level()
         if hint_s is not None:
             new = hint_s
         else:
@@ -53,6 +71,7 @@ class Cooldown:
         new = min(self.cap_s, max(self.floor_s, new))
         self._level, self._level_at = new, now
         self._until = max(self._until, now + new)
+        self._bumped_at = now
         self.bumps += 1
         return new
 
@@ -72,5 +91,5 @@ class Cooldown:
     def __repr__(self) -> str:
         return (
             f"<Cooldown level={self.level():.2f}s remaining={self.remaining():.2f}s "
-            f"bumps={self.bumps} floor={self.floor_s} cap={self.cap_s}>"
+            f"bumps={self.bumps} echoes={self.echoes} floor={self.floor_s} cap={self.cap_s}>"
         )

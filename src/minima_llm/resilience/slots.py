@@ -1,9 +1,17 @@
-"""The in-flight bound: at most ``limit`` requests hold a slot at once, first come first served."""
+"""The in-flight bound: at most ``limit`` requests hold a slot at once, first come first served.
+
+The limit adapts to the server: it halves when the server refuses for overload
+(a 503 from a server whose concurrency is smaller than ours) and grows back by one
+per window of successes, up to the configured ``max_outstanding``. Without that,
+every worker released by a cooldown hits a small server at once, most are refused,
+and the cooldown doubles again: a storm that never ends.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import math
 
 
 class Slots:
@@ -15,14 +23,23 @@ class Slots:
     the queue.
     """
 
-    __slots__ = ("_waiters", "free", "limit")
+    __slots__ = ("_credit", "_shrunk_at", "_waiters", "held", "limit", "max", "shrinks")
 
     def __init__(self, limit: int) -> None:
         if limit < 1:
             raise ValueError(f"Slots: limit must be at least 1, got {limit}")
+        self.max = limit
         self.limit = limit
-        self.free = limit
+        self.held = 0
+        self.shrinks = 0
+        self._credit = 0.0
+        self._shrunk_at = -math.inf
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def free(self) -> int:
+        """Slots that may be taken now."""
+        return max(0, self.limit - self.held)
 
     @property
     def waiting(self) -> int:
@@ -31,8 +48,8 @@ class Slots:
 
     def try_take(self) -> bool:
         """Take a slot if one is free now (and nobody queued first); no waiting."""
-        if self.free > 0 and not self._waiters:
-            self.free -= 1
+        if self.held < self.limit and not self._waiters:
+            self.held += 1
             return True
         return False
 
@@ -53,15 +70,53 @@ class Slots:
             raise
 
     def release(self) -> None:
-        """Give a slot back: to the longest waiter, else to the pool."""
-        while self._waiters:
+        """Give a slot back: to the longest waiter if the limit allows, else to the pool."""
+        if self.held <= 0:
+            raise RuntimeError("Slots: released more slots than were taken")
+        if self.held <= self.limit:
+            while self._waiters:
+                fut = self._waiters.popleft()
+                if not fut.done():
+                    fut.set_result(None)  # the slot passes on: held stays the same
+                    return
+        self.held -= 1
+
+    def overloaded(self, sent_at: float, now: float) -> bool:
+        """The server refused a request sent at ``sent_at`` for overload: halve the limit.
+
+        Refusals of requests sent before the last halving were already on the wire
+        when it happened, so one burst of refusals halves the limit once. Returns
+        whether the limit had room to shrink (False once one at a time is refused too).
+        """
+        if sent_at < self._shrunk_at:
+            return True
+        if self.limit == 1:
+            return False
+        self.limit = max(1, self.limit // 2)
+        self._credit = 0.0
+        self._shrunk_at = now
+        self.shrinks += 1
+        return True
+
+    def succeeded(self) -> None:
+        """One request went through: grow the limit by one per ``limit`` successes."""
+        if self.limit >= self.max:
+            return
+        self._credit += 1.0 / self.limit
+        if self._credit >= 1.0:
+            self._credit = 0.0
+            self.limit += 1
+            self._wake()
+
+    def _wake(self) -> None:
+        while self.held < self.limit and self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
+                self.held += 1
                 fut.set_result(None)
-                return
-        if self.free >= self.limit:
-            raise RuntimeError("Slots: released more slots than were taken")
-        self.free += 1
 
     def __repr__(self) -> str:
-        return f"<Slots free={self.free}/{self.limit} waiting={self.waiting}>"
+        return (
+            f"<Slots held={self.held} limit={self.limit}/{self.max} "
+            f"waiting={self.waiting} shrinks={self.shrinks}>"
+        )
