@@ -673,3 +673,51 @@ def test_api_key_never_in_config_errors(build: Any) -> None:
     assert SECRET not in str(info.value)
     assert "12345" not in str(info.value)
     assert SECRET not in repr(info.value.value)
+
+
+@pytest.mark.parametrize(
+    "var",
+    [
+        "RPM",
+        "MAX_ATTEMPTS",
+        "TIMEOUT_S",
+        "MAX_OUTSTANDING",
+        "JITTER",
+        "CACHE_DIR",
+        "BATCH_NUM_WORKERS",
+        "BATCH_MAX_FAILURES",
+        "BATCH_HEARTBEAT_S",
+    ],
+)
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_variable_means_unset(var: str, value: str) -> None:
+    # KEY=${KEY} lines in compose files and job scripts set empty strings.
+    assert env(**{var: value}) == env()
+
+
+def test_an_empty_max_failures_keeps_the_default_not_none() -> None:
+    assert env(BATCH_MAX_FAILURES="").batch.max_failures == 25
+    assert env(BATCH_MAX_FAILURES="none").batch.max_failures is None
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "timeout_s",
+        "base_backoff_s",
+        "max_backoff_s",
+        "cooldown_floor_s",
+        "cooldown_cap_s",
+        "cooldown_halflife_s",
+    ],
+)
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), 1e400])
+def test_an_infinite_value_is_refused_at_construction(field: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=rf"{field}=.*a finite number"):
+        MinimaLlmConfig(base_url=URL, model="m", **{field: value})
+
+
+@pytest.mark.parametrize("var", ["TIMEOUT_S", "MAX_BACKOFF_S", "COOLDOWN_CAP_S", "BATCH_STALL_S"])
+def test_an_infinite_variable_is_refused(var: str) -> None:
+    with pytest.raises(ConfigError, match="finite"):
+        env(**{var: "inf"})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -41,8 +42,10 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 
 
 def _check_float(name: str, value: Any, minimum: float, strict: bool = False) -> None:
-    ok = _is_num(value) and (value > minimum if strict else value >= minimum)
-    _check(ok, name, value, f"a number {'>' if strict else '>='} {minimum}")
+    # Infinity passes a >= check, then overflows a timer or makes a wait unbounded.
+    ok = _is_num(value) and math.isfinite(value)
+    ok = ok and (value > minimum if strict else value >= minimum)
+    _check(ok, name, value, f"a finite number {'>' if strict else '>='} {minimum}")
 
 
 @dataclass
@@ -74,7 +77,7 @@ class BatchConfig:
         env = os.environ if environ is None else environ
         kwargs: dict[str, Any] = {}
         for var, name, parse in _BATCH_ENV:
-            if var in env:
+            if _given(env, var):
                 kwargs[name] = parse(var, env[var])
         return cls(**kwargs)
 
@@ -321,7 +324,7 @@ class MinimaLlmConfig:
         kwargs["model"] = env["OPENAI_MODEL"]
         kwargs["api_key"] = env.get("OPENAI_API_KEY") or env.get("OPENAI_TOKEN") or None
         for var, name, parse in _CLIENT_ENV:
-            if var in env:
+            if _given(env, var):
                 kwargs[name] = parse(var, env[var])
         kwargs["batch"] = BatchConfig.from_env(env)
         return cls(**kwargs)
@@ -469,6 +472,12 @@ def _known_keys(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any
         if name not in data:
             raise ConfigError(f"{where}.{name}", None, "a value (this key is required)")
     return dict(data)
+
+
+def _given(env: Mapping[str, str], var: str) -> bool:
+    """Whether ``var`` is set to something: ``KEY=`` lines in compose files and job scripts
+    (``RPM=${RPM}`` with RPM unset) mean "not set", as in minima-llm 0.2.x."""
+    return bool(env.get(var, "").strip())
 
 
 def _env_int(var: str, text: str) -> int:
