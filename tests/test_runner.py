@@ -165,6 +165,21 @@ async def test_heartbeat_reports_progress_and_cache_hits_to_a_logger(
     assert final.startswith("[batch] finished 40") and "cache hits 20, live 20" in final
 
 
+async def test_answers_shared_from_a_call_in_flight_are_not_counted_as_live_calls(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The backend marks an answer that joined an identical call in flight "inflight".
+    async def fn(i: int) -> MinimaLlmResponse:
+        source = "inflight" if i else None
+        return MinimaLlmResponse(request_id=str(i), text="t", cached=False, cache_source=source)
+
+    logger = logging.getLogger("test.batch.shared")
+    with caplog.at_level(logging.INFO, logger="test.batch.shared"):
+        await run_batched_callable(range(10), fn, BatchConfig(**QUIET), progress=logger)
+    final = caplog.records[-1].getMessage()
+    assert "cache hits 0, live 1, shared 9" in final, final
+
+
 async def test_stall_warning() -> None:
     async def fn(i: int) -> int:
         await asyncio.sleep(0.25 if i == 0 else 0)

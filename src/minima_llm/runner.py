@@ -32,6 +32,8 @@ class _Tally:
         self.sink = sink
         self.done = 0
         self.hits = 0
+        # Answers shared from an identical call in flight: neither a hit nor a call of their own.
+        self.joined = 0
         self.failures = 0
         self.tokens_in = 0
         self.tokens_out = 0
@@ -45,7 +47,9 @@ class _Tally:
         self.last_progress = time.monotonic()
         if isinstance(result, MinimaLlmResponse):
             cached = result.cached
-            if not cached:
+            if result.cache_source == "inflight":
+                self.joined += 1
+            elif not cached:
                 self.tokens_in += result.usage.prompt_tokens
                 self.tokens_out += result.usage.completion_tokens
         if cached:
@@ -80,8 +84,9 @@ class _Tally:
         return f"[batch] {head} | {self.counts(stats)}"
 
     def counts(self, stats: StatsSnapshot | None) -> str:
-        live = self.done - self.hits - self.failures
-        text = f"cache hits {self.hits}, live {live} | failures {self.failures}"
+        live = self.done - self.hits - self.failures - self.joined
+        shared = f", shared {self.joined}" if self.joined else ""
+        text = f"cache hits {self.hits}, live {live}{shared} | failures {self.failures}"
         if stats is not None:
             saved = stats.tokens_saved_in + stats.tokens_saved_out
             return (
