@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from minima_llm.cli import main
 
 
@@ -46,3 +48,13 @@ def test_bad_arguments_exit_with_usage(capsys: object) -> None:
         assert exc.code == 2
     else:
         raise AssertionError("argparse should have rejected --transport curl")
+
+
+@pytest.mark.parametrize("count", ["0", "-5", "many"])
+def test_demo_refuses_a_batch_size_below_one(
+    count: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--requests", count])
+    assert exc.value.code == 2
+    assert "--requests" in capsys.readouterr().err

@@ -10,6 +10,17 @@ from collections.abc import Sequence
 from .errors import MinimaLlmError
 
 
+def _positive(text: str) -> int:
+    """An integer of at least 1, for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minima-llm", description="minima-llm command line tools")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -18,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="run a batch against the built-in mock endpoint, then replay it from the cache"
     )
-    demo.add_argument("--requests", type=int, default=3000, help="batch size (default 3000)")
+    demo.add_argument("--requests", type=_positive, default=3000, help="batch size (default 3000)")
     demo.add_argument(
         "--cache-dir", default=None, help="keep the cache here (default: a temporary directory)"
     )
