@@ -47,6 +47,22 @@ async def test_keys_are_required(mock: MockServer, tmp_path: Path) -> None:
         assert (await gw.get("/health")).status == 200  # probes need no key
 
 
+async def test_health_tells_an_anonymous_caller_only_the_status(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    settings = ProxySettings(port=0, api_keys=(K1,))
+    async with serve(mock.url, tmp_path, settings) as gw:
+        for headers in ({}, {"Authorization": f"Bearer {WRONG}"}):
+            anonymous = await gw.get("/health", headers=headers)
+            assert anonymous.status == 200
+            assert anonymous.json() == {"status": "ok"}
+        detailed = (await gw.get("/health", headers={"x-api-key": K1})).json()
+        assert detailed["status"] == "ok" and detailed["upstream"]["reachable"] is True
+        assert detailed["model"] and detailed["cache"]
+    async with serve(mock.url, tmp_path) as gw:  # no keys: nothing to protect
+        assert "upstream" in (await gw.get("/health")).json()
+
+
 async def test_keys_never_leak(
     mock: MockServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

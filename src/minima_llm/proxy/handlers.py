@@ -251,12 +251,20 @@ async def model(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    """Liveness, and whether the upstream answers."""
+    """Liveness, and whether the upstream answers; the details only for a caller with a key.
+
+    Probes need no key, but with keys configured an anonymous caller learns only the
+    status: the upstream's address, the model and the cache path are not its business.
+    """
     gw = request.app[GATEWAY]
     upstream = await gw.upstream_health()
+    status = "ok" if upstream["reachable"] else "degraded"
+    key = request.get(CLIENT_KEY)
+    if gw.settings.auth_enabled and not (key and gw.key_is_valid(key)):
+        return web.json_response({"status": status})
     return web.json_response(
         {
-            "status": "ok" if upstream["reachable"] else "degraded",
+            "status": status,
             "upstream": upstream,
             "cache": str(gw.config.cache_path) if gw.config.cache_path else None,
             "model": gw.config.model,
