@@ -423,8 +423,9 @@ class OpenAIMinimaLlm:
                 assembler.add(chunk)
                 flight.publish(chunk)
             completion = assembler.completion()
+            usage = Usage.from_body(completion)
             await self._store(call, assembler.text(0), json.dumps(completion))
-            self.stats.live(Usage.from_body(completion), self._clock.monotonic() - started)
+            self.stats.live(usage, self._clock.monotonic() - started)
             flight.finish()
         except StreamInterrupted as exc:
             self.stats.failures += 1
@@ -433,7 +434,20 @@ class OpenAIMinimaLlm:
         except asyncio.CancelledError:
             flight.finish(StreamInterrupted("stream cancelled: every reader left"))
             raise
+        except Exception as exc:
+            # A chunk the assembler cannot read (ValueError) or a bug: the flight must still
+            # end, as followers wait on it without a bound and the gateway sends its error
+            # event only for StreamInterrupted.
+            self.stats.failures += 1
+            log.error(
+                "%s: stream failed, not cached: %s", call.request.request_id, exc, exc_info=exc
+            )
+            error = StreamInterrupted(f"stream failed: {exc}")
+            error.__cause__ = exc
+            flight.finish(error)
         finally:
+            # Idempotent; acts only if a BaseException other than cancellation escaped.
+            flight.finish(StreamInterrupted("stream producer stopped"))
             if streams.get(call.key) is flight:
                 del streams[call.key]
             await upstream.aclose()

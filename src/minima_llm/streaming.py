@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from itertools import accumulate
+from typing import Any, TypeAlias, TypeVar
 
 DONE = "[DONE]"
+# Message fields ``replay_chunks`` streams by their own rules rather than as plain fields.
+_SPECIAL = ("role", "content", "tool_calls", "function_call")
+# The parallel lists of a legacy completion's ``logprobs``, one entry per token.
+_TOKEN_LISTS = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+_T = TypeVar("_T")
 
 
 class SseDecoder:
@@ -52,9 +59,73 @@ def encode_event(data: Mapping[str, Any] | str) -> bytes:
     return b"data: " + payload.encode("utf-8") + b"\n\n"
 
 
+class _Text(list[str]):
+    """Pieces of a string field, joined when the completion is built."""
+
+
+class _Items(list[Any]):
+    """A ``logprobs`` list that grows chunk by chunk."""
+
+
+class _Merged(dict[str, Any]):
+    """An object assembled from fragments: a tool call, a function, ``logprobs``."""
+
+
+class _Calls(dict[int, _Merged]):
+    """Tool calls by their ``index``."""
+
+
+@dataclass
+class _Slot:
+    """One choice as it accumulates: its delta (or text) fields, and its choice-level fields."""
+
+    fields: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, choice: Mapping[str, Any], chat: bool) -> None:
+        """Fold one chunk's choice in."""
+        for key, value in choice.items():
+            if key == "index":
+                continue
+            if chat and key == "delta":
+                _merge_delta(self.fields, {} if value is None else _object(value, "delta"))
+            elif not chat and key == "text":
+                _merge_field(self.fields, key, value)
+            elif key == "logprobs":
+                _merge_logprobs(self.extras, value)
+            else:
+                _merge_last(self.extras, key, value)
+
+    def text(self, key: str) -> str:
+        """The joined string field ``key`` ("" when it carried none)."""
+        value = self.fields.get(key)
+        return "".join(value) if isinstance(value, _Text) else ""
+
+    def choice(self, index: int, chat: bool) -> dict[str, Any]:
+        """The choice as a non-streamed response has it."""
+        body: dict[str, Any] = {"index": index}
+        if chat:
+            body["message"] = _message(self.fields)
+        else:
+            body["text"] = self.text("text")
+        if "logprobs" in self.extras:
+            body["logprobs"] = _settled(self.extras["logprobs"])
+        body["finish_reason"] = self.extras.get("finish_reason")
+        body.update((k, v) for k, v in self.extras.items() if k not in body)
+        return body
+
+
 @dataclass
 class ChunkAssembler:
-    """Collects streamed chunks into the completion a non-streamed call would have returned."""
+    """Collects streamed chunks into the completion a non-streamed call would have returned.
+
+    Delta fields merge as OpenAI's streaming format implies: strings concatenate
+    (``content`` may also come as a list of content parts), ``tool_calls`` merge
+    by ``index``, function arguments concatenate, other values keep the last
+    non-null one, and a field only ever sent as null stays null. ``logprobs``
+    lists concatenate. ``add`` raises ``ValueError`` for a chunk not shaped like
+    an OpenAI chunk.
+    """
 
     kind: str = "chat"
     id: str | None = None
@@ -62,7 +133,8 @@ class ChunkAssembler:
     created: int | None = None
     usage: dict[str, Any] | None = None
     system_fingerprint: str | None = None
-    _choices: dict[int, dict[str, Any]] = field(default_factory=dict)
+    service_tier: str | None = None
+    _choices: dict[int, _Slot] = field(default_factory=dict)
 
     def add(self, chunk: Mapping[str, Any]) -> None:
         """Fold one chunk in."""
@@ -70,60 +142,219 @@ class ChunkAssembler:
         self.model = self.model or chunk.get("model")
         self.created = self.created or chunk.get("created")
         self.system_fingerprint = self.system_fingerprint or chunk.get("system_fingerprint")
+        self.service_tier = self.service_tier or chunk.get("service_tier")
         if isinstance(chunk.get("usage"), Mapping):
             self.usage = dict(chunk["usage"])
-        for choice in chunk.get("choices") or ():
-            index = choice.get("index", 0)
-            slot = self._choices.setdefault(
-                index, {"index": index, "role": None, "parts": [], "finish_reason": None}
-            )
-            if self.kind == "chat":
-                delta = choice.get("delta") or {}
-                slot["role"] = slot["role"] or delta.get("role")
-                if delta.get("content"):
-                    slot["parts"].append(delta["content"])
-            elif choice.get("text"):
-                slot["parts"].append(choice["text"])
-            if choice.get("finish_reason"):
-                slot["finish_reason"] = choice["finish_reason"]
+        chat = self.kind == "chat"
+        for choice in _choices_of(chunk):
+            index = _index(choice)
+            slot = self._choices.get(index)
+            if slot is None:
+                slot = self._choices[index] = _Slot()
+            slot.add(choice, chat)
 
     @property
     def finished(self) -> bool:
         """Whether every choice seen so far carried a finish reason."""
-        return bool(self._choices) and all(c["finish_reason"] for c in self._choices.values())
+        return bool(self._choices) and all(
+            c.extras.get("finish_reason") for c in self._choices.values()
+        )
 
     def text(self, index: int = 0) -> str:
         """The assembled text of one choice."""
         slot = self._choices.get(index)
-        return "".join(slot["parts"]) if slot else ""
+        return slot.text("content" if self.kind == "chat" else "text") if slot else ""
 
     def completion(self) -> dict[str, Any]:
         """The whole completion object."""
-        choices = []
-        for index in sorted(self._choices):
-            slot = self._choices[index]
-            content = "".join(slot["parts"])
-            if self.kind == "chat":
-                message = {"role": slot["role"] or "assistant", "content": content}
-                choices.append(
-                    {"index": index, "message": message, "finish_reason": slot["finish_reason"]}
-                )
-            else:
-                choices.append(
-                    {"index": index, "text": content, "finish_reason": slot["finish_reason"]}
-                )
+        chat = self.kind == "chat"
         body: dict[str, Any] = {
             "id": self.id or "",
-            "object": "chat.completion" if self.kind == "chat" else "text_completion",
+            "object": "chat.completion" if chat else "text_completion",
             "created": self.created or 0,
             "model": self.model or "",
-            "choices": choices,
+            "choices": [self._choices[i].choice(i, chat) for i in sorted(self._choices)],
         }
         if self.system_fingerprint:
             body["system_fingerprint"] = self.system_fingerprint
+        if self.service_tier:
+            body["service_tier"] = self.service_tier
         if self.usage is not None:
             body["usage"] = self.usage
         return body
+
+
+def _choices_of(chunk: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    choices = chunk.get("choices")
+    if choices is None:
+        return []  # the usage chunk may send null
+    if not isinstance(choices, list):
+        raise ValueError(f"malformed stream chunk: 'choices' is {_type(choices)}, not a list")
+    return [_object(choice, "choice") for choice in choices]
+
+
+def _index(choice: Mapping[str, Any]) -> int:
+    index = choice.get("index")
+    if index is None:
+        return 0
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise ValueError(f"malformed stream chunk: choice index is {_type(index)}")
+    return index
+
+
+def _object(value: Any, what: str) -> Mapping[str, Any]:
+    # ``type(...) is dict`` first: parsed JSON is dicts, and the ABC check costs more per chunk.
+    if type(value) is not dict and not isinstance(value, Mapping):
+        raise ValueError(f"malformed stream chunk: {what} is {_type(value)}, not an object")
+    return value
+
+
+def _type(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _merge_delta(fields: dict[str, Any], delta: Mapping[str, Any]) -> None:
+    for key, value in delta.items():
+        if key == "role":
+            # Some servers repeat the role on every delta; it must not concatenate.
+            _merge_first(fields, key, value)
+        elif key == "content":
+            _merge_field(fields, key, _content_text(value))
+        elif key == "tool_calls" and value is not None:
+            _merge_tool_calls(_slot_of(fields, key, _Calls), value)
+        elif key == "function_call" and value is not None:
+            _merge_function(_slot_of(fields, key, _Merged), value)
+        else:
+            _merge_field(fields, key, value)
+
+
+def _content_text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return _parts_text(value)
+    raise ValueError(f"malformed stream chunk: delta content is {_type(value)}")
+
+
+def _parts_text(parts: list[Any]) -> str:
+    """The text of content parts (Mistral streams ``[{"type": "text", "text": ...}]``)."""
+    texts = []
+    for part in parts:
+        if isinstance(part, str):
+            texts.append(part)
+        elif (
+            isinstance(part, Mapping)
+            and part.get("type", "text") == "text"
+            and isinstance(part.get("text"), str)
+        ):
+            texts.append(part["text"])
+    return "".join(texts)
+
+
+def _merge_tool_calls(calls: _Calls, deltas: Any) -> None:
+    if not isinstance(deltas, list):
+        raise ValueError(f"malformed stream chunk: tool_calls is {_type(deltas)}, not a list")
+    for delta in deltas:
+        delta = _object(delta, "tool call delta")
+        call = calls.setdefault(_call_index(calls, delta), _Merged())
+        for key, value in delta.items():
+            if key in ("id", "type"):
+                _merge_first(call, key, value)
+            elif key == "function" and value is not None:
+                _merge_function(_slot_of(call, key, _Merged), value)
+            elif key != "index":
+                _merge_last(call, key, value)
+
+
+def _call_index(calls: _Calls, delta: Mapping[str, Any]) -> int:
+    """A tool call delta's ``index``.
+
+    OpenAI always sends one; without it, a new ``id`` starts a call and a
+    fragment without an ``id`` continues the last one.
+    """
+    index = delta.get("index")
+    if isinstance(index, int) and not isinstance(index, bool):
+        return index
+    if index is not None:
+        raise ValueError(f"malformed stream chunk: tool call index is {_type(index)}")
+    call_id = delta.get("id")
+    if call_id is None:
+        return max(calls, default=0)
+    known = [i for i, call in calls.items() if call.get("id") == call_id]
+    return known[0] if known else max(calls, default=-1) + 1
+
+
+def _merge_function(target: _Merged, fragment: Any) -> None:
+    """A tool call's function or a legacy ``function_call``: name once, arguments concatenated."""
+    for key, value in _object(fragment, "function delta").items():
+        if key == "name":
+            _merge_first(target, key, value)
+        else:
+            _merge_field(target, key, value)
+
+
+def _merge_logprobs(extras: dict[str, Any], value: Any) -> None:
+    """Chat ``content``/``refusal`` and legacy ``tokens``... lists concatenate across chunks."""
+    if type(value) is not dict and not isinstance(value, Mapping):
+        _merge_last(extras, "logprobs", value)
+        return
+    merged = _slot_of(extras, "logprobs", _Merged)
+    for key, item in value.items():
+        if isinstance(item, list):
+            _slot_of(merged, key, _Items).extend(item)
+        else:
+            _merge_last(merged, key, item)
+
+
+def _merge_field(target: dict[str, Any], key: str, value: Any) -> None:
+    """Strings concatenate; other values as ``_merge_last``."""
+    if isinstance(value, str):
+        _slot_of(target, key, _Text).append(value)
+    else:
+        _merge_last(target, key, value)
+
+
+def _merge_last(target: dict[str, Any], key: str, value: Any) -> None:
+    """The last non-null value wins; a field only ever sent as null stays null."""
+    if value is not None or key not in target:
+        target[key] = value
+
+
+def _merge_first(target: dict[str, Any], key: str, value: Any) -> None:
+    """The first non-null value wins (role, a tool call's id, type and name)."""
+    if target.get(key) is None:
+        target[key] = value
+
+
+def _slot_of(target: dict[str, Any], key: str, kind: type[_T]) -> _T:
+    """``target[key]`` as a ``kind`` accumulator, replacing a null or foreign value."""
+    value = target.get(key)
+    if not isinstance(value, kind):
+        value = target[key] = kind()
+    return value
+
+
+def _settled(value: Any) -> Any:
+    """An accumulated value as plain JSON."""
+    if isinstance(value, _Text):
+        return "".join(value)
+    if isinstance(value, _Items):
+        return list(value)
+    if isinstance(value, _Calls):
+        return [_settled(call) for _, call in sorted(value.items())]
+    if isinstance(value, _Merged):
+        return {k: _settled(v) for k, v in value.items()}
+    return value
+
+
+def _message(fields: dict[str, Any]) -> dict[str, Any]:
+    # A non-streamed message always has both; content is null when no text arrived.
+    message = {
+        "role": fields.get("role") or "assistant",
+        "content": _settled(fields.get("content")),
+    }
+    message.update((k, _settled(v)) for k, v in fields.items() if k not in message)
+    return message
 
 
 def replay_chunks(
@@ -134,7 +365,9 @@ def replay_chunks(
 ) -> Iterator[dict[str, Any]]:
     """The chunks a stream of ``completion`` would have carried (for answering a stream from cache).
 
-    ``piece_chars`` > 0 splits each choice's text into pieces of that many characters.
+    ``ChunkAssembler`` turns them back into ``completion``'s choices. ``piece_chars``
+    > 0 splits each string (text, arguments, refusal...) into pieces of that many
+    characters; logprobs travel with the piece their tokens start in.
     """
     base = {
         "id": completion.get("id", ""),
@@ -142,53 +375,163 @@ def replay_chunks(
         "created": completion.get("created", 0),
         "model": completion.get("model", ""),
     }
+    for key in ("system_fingerprint", "service_tier"):
+        if completion.get(key) is not None:
+            base[key] = completion[key]
     for choice in completion.get("choices") or ():
-        index = choice.get("index", 0)
-        if kind == "chat":
-            message = choice.get("message") or {}
-            text = message.get("content") or ""
-            yield {
-                **base,
-                "choices": [
-                    {
-                        "index": index,
-                        "delta": {"role": message.get("role", "assistant"), "content": ""},
-                        "finish_reason": None,
-                    }
-                ],
-            }
-            for piece in _pieces(text, piece_chars):
-                yield {
-                    **base,
-                    "choices": [
-                        {"index": index, "delta": {"content": piece}, "finish_reason": None}
-                    ],
-                }
-            yield {
-                **base,
-                "choices": [
-                    {
-                        "index": index,
-                        "delta": {},
-                        "finish_reason": choice.get("finish_reason") or "stop",
-                    }
-                ],
-            }
-        else:
-            for piece in _pieces(choice.get("text") or "", piece_chars):
-                yield {**base, "choices": [{"index": index, "text": piece, "finish_reason": None}]}
-            yield {
-                **base,
-                "choices": [
-                    {
-                        "index": index,
-                        "text": "",
-                        "finish_reason": choice.get("finish_reason") or "stop",
-                    }
-                ],
-            }
+        if isinstance(choice, Mapping):  # a stored body's non-object choice has nothing to replay
+            for body in _replayed_choice(choice, kind == "chat", piece_chars):
+                yield {**base, "choices": [body]}
     if include_usage and isinstance(completion.get("usage"), Mapping):
         yield {**base, "choices": [], "usage": dict(completion["usage"])}
+
+
+# One chunk's choice fields (its delta, or its text) and the logprobs that go with them.
+_Part: TypeAlias = tuple[dict[str, Any], dict[str, Any] | None]
+
+
+def _replayed_choice(choice: Mapping[str, Any], chat: bool, size: int) -> list[dict[str, Any]]:
+    """The chunk choices of one choice; the last carries the finish reason and other fields."""
+    logprobs = choice.get("logprobs")
+    spread = dict(logprobs) if isinstance(logprobs, Mapping) else {}
+    parts = (
+        _message_parts(choice.get("message"), spread, size)
+        if chat
+        else _text_parts(choice.get("text"), spread, size)
+    )
+    extras = {
+        k: v
+        for k, v in choice.items()
+        if k not in ("index", "message", "text", "delta", "logprobs", "finish_reason")
+    }
+    final: dict[str, Any] = {"delta": {}} if chat else {"text": ""}
+    parts.append(
+        ({**final, "finish_reason": choice.get("finish_reason") or "stop", **extras}, None)
+    )
+    bodies = []
+    for n, (fields, piece_logprobs) in enumerate(parts):
+        body = {"index": choice.get("index", 0), **fields}
+        if isinstance(logprobs, Mapping):
+            # What was not spread over the pieces (e.g. ``"refusal": null``) goes first.
+            body["logprobs"] = {**spread, **(piece_logprobs or {})} if n == 0 else piece_logprobs
+        elif "logprobs" in choice:
+            body["logprobs"] = logprobs
+        body.setdefault("finish_reason", None)
+        bodies.append(body)
+    return bodies
+
+
+def _message_parts(message: Any, spread: dict[str, Any], size: int) -> list[_Part]:
+    """A message as deltas: role first (with null fields), other fields, content, tool calls."""
+    message = message if isinstance(message, Mapping) else {}
+    text = _replayed_text(message.get("content"))
+    # OpenAI's first delta: role, content "" for a text answer (null otherwise), null fields.
+    head: dict[str, Any] = {"role": message.get("role") or "assistant"}
+    head["content"] = None if text is None else ""
+    head.update((k, None) for k, v in message.items() if v is None and k not in head)
+    deltas: list[_Part] = [(head, None)]
+    for key, value in message.items():
+        if key in _SPECIAL or value is None:
+            continue
+        if isinstance(value, str):
+            deltas += _string_parts(key, value, spread, size)
+        else:
+            deltas.append(({key: value}, None))
+    if text:
+        deltas += _string_parts("content", text, spread, size)
+    deltas += _tool_call_parts(message.get("tool_calls"), size)
+    function_call = message.get("function_call")
+    if isinstance(function_call, Mapping):
+        deltas += [({"function_call": f}, None) for f in _function_parts(function_call, size)]
+    return [({"delta": delta}, piece_logprobs) for delta, piece_logprobs in deltas]
+
+
+def _replayed_text(content: Any) -> str | None:
+    if isinstance(content, list):
+        return _parts_text(content)
+    return content if isinstance(content, str) else None
+
+
+def _string_parts(key: str, value: str, spread: dict[str, Any], size: int) -> list[_Part]:
+    """A string field in pieces; chat logprobs of the same name (content, refusal) go along."""
+    pieces = list(_pieces(value, size)) or [""]
+    entries = spread.get(key)
+    if not isinstance(entries, list):
+        return [({key: piece}, None) for piece in pieces]
+    del spread[key]
+    tokens = [e.get("token") if isinstance(e, Mapping) else None for e in entries]
+    cut = _spread({key: entries}, tokens, pieces)
+    return [({key: piece}, lp) for piece, lp in zip(pieces, cut, strict=True)]
+
+
+def _text_parts(text: Any, spread: dict[str, Any], size: int) -> list[_Part]:
+    """A legacy choice's text in pieces, each with its share of the per-token logprobs lists."""
+    pieces = list(_pieces(text if isinstance(text, str) else "", size))
+    tokens = spread.get("tokens")
+    if not pieces or not isinstance(tokens, list):
+        return [({"text": piece}, None) for piece in pieces]
+    lists = {
+        key: spread.pop(key)
+        for key in _TOKEN_LISTS
+        if isinstance(spread.get(key), list) and len(spread[key]) == len(tokens)
+    }
+    return [({"text": p}, lp) for p, lp in zip(pieces, _spread(lists, tokens, pieces), strict=True)]
+
+
+def _spread(
+    lists: dict[str, list[Any]], tokens: list[Any], pieces: list[str]
+) -> list[dict[str, Any] | None]:
+    """Per piece, the slice of each list for the tokens that start in it; the first gets one always."""
+    ranges = _token_ranges(tokens, pieces)
+    return [
+        {key: items[r.start : r.stop] for key, items in lists.items()} if r or n == 0 else None
+        for n, r in enumerate(ranges)
+    ]
+
+
+def _token_ranges(tokens: list[Any], pieces: list[str]) -> list[range]:
+    """Which tokens each piece carries: those starting inside it.
+
+    Tokens that do not spell the text (byte fragments of a character, say) all
+    go with the first piece, so none is lost.
+    """
+    count = len(tokens)
+    if not all(isinstance(t, str) for t in tokens) or "".join(tokens) != "".join(pieces):
+        return [range(count)] + [range(count, count)] * (len(pieces) - 1)
+    ends = list(accumulate(len(piece) for piece in pieces))
+    owners, offset = [], 0
+    for token in tokens:
+        owners.append(min(bisect_right(ends, offset), len(pieces) - 1))
+        offset += len(token)
+    return [range(bisect_left(owners, n), bisect_right(owners, n)) for n in range(len(pieces))]
+
+
+def _tool_call_parts(calls: Any, size: int) -> list[_Part]:
+    """Each tool call as OpenAI streams it: index, id, type and name first, then arguments."""
+    if not isinstance(calls, list):
+        return []
+    parts: list[_Part] = []
+    for index, call in enumerate(c for c in calls if isinstance(c, Mapping)):
+        head = {"index": index, **{k: v for k, v in call.items() if k not in ("index", "function")}}
+        function = call.get("function")
+        if not isinstance(function, Mapping):
+            if "function" in call:
+                head["function"] = function
+            parts.append(({"tool_calls": [head]}, None))
+            continue
+        first, *rest = _function_parts(function, size)
+        parts.append(({"tool_calls": [{**head, "function": first}]}, None))
+        parts += [({"tool_calls": [{"index": index, "function": f}]}, None) for f in rest]
+    return parts
+
+
+def _function_parts(function: Mapping[str, Any], size: int) -> list[dict[str, Any]]:
+    """A function's name (and other fields) with empty arguments, then argument fragments."""
+    arguments = function.get("arguments")
+    if not isinstance(arguments, str):
+        return [dict(function)]
+    head = {**function, "arguments": ""}
+    return [head, *({"arguments": piece} for piece in _pieces(arguments, size))]
 
 
 def _pieces(text: str, size: int) -> Iterator[str]:
