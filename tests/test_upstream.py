@@ -10,7 +10,7 @@ from minima_llm import MinimaLlmConfig, MinimaLlmFailure
 from minima_llm.clock import FakeClock
 from minima_llm.http import HttpResponse
 from minima_llm.stats import LiveStats
-from minima_llm.upstream import Completion, UpstreamCaller
+from minima_llm.upstream import Completion, UpstreamCaller, parse_completion
 
 BODY = json.dumps({"choices": [{"message": {"content": "ok"}}]}).encode()
 
@@ -79,3 +79,20 @@ async def test_attempts_and_timestamps_count_the_inline_first_attempt() -> None:
         "r2", "http://x/v1/chat/completions", {"model": "m"}
     )
     assert isinstance(permanent, MinimaLlmFailure) and permanent.attempts == 1
+
+
+def test_content_sent_as_parts_is_read_as_their_text() -> None:
+    body = {
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": [{"type": "text", "text": "Bon"}, {"type": "text", "text": "jour"}],
+                },
+                "finish_reason": "stop",
+            }
+        ]
+    }
+    completion = parse_completion(HttpResponse(200, {}, json.dumps(body).encode()))
+    assert completion.text == "Bonjour"

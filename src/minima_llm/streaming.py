@@ -232,12 +232,12 @@ def _content_text(value: Any) -> str | None:
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, list):
-        return _parts_text(value)
+        return parts_text(value)
     raise ValueError(f"malformed stream chunk: delta content is {_type(value)}")
 
 
-def _parts_text(parts: list[Any]) -> str:
-    """The text of content parts (Mistral streams ``[{"type": "text", "text": ...}]``)."""
+def parts_text(parts: list[Any]) -> str:
+    """The text of content parts (Mistral sends ``[{"type": "text", "text": ...}]``)."""
     texts = []
     for part in parts:
         if isinstance(part, str):
@@ -448,7 +448,7 @@ def _message_parts(message: Any, spread: dict[str, Any], size: int) -> list[_Par
 
 def _replayed_text(content: Any) -> str | None:
     if isinstance(content, list):
-        return _parts_text(content)
+        return parts_text(content)
     return content if isinstance(content, str) else None
 
 

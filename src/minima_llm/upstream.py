@@ -26,7 +26,7 @@ from .resilience import (
     parse_retry_after,
 )
 from .stats import LiveStats
-from .streaming import DONE, SseDecoder
+from .streaming import DONE, SseDecoder, parts_text
 from .types import MinimaLlmFailure
 
 log = logging.getLogger("minima_llm")
@@ -71,6 +71,8 @@ Parse = Callable[[HttpResponse], Completion]
 
 def _content_of(body: dict[str, Any]) -> str:
     content = body["choices"][0]["message"].get("content")
+    if isinstance(content, list):
+        return parts_text(content)  # as a streamed answer of the same parts is stored
     return content if isinstance(content, str) else ""
 
 
