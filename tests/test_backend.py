@@ -12,12 +12,16 @@ import pytest
 
 from backend_support import BackendFactory, req
 from minima_llm import (
+    BatchConfig,
     MinimaLlmFailure,
     MinimaLlmResponse,
     reset_force_refresh,
+    run_batched_callable,
     set_force_refresh,
 )
 from minima_llm.testing import MockServer
+
+QUIET = {"heartbeat_s": 0.0, "stall_s": 0.0}
 
 
 async def test_generate_then_cache_hit(make_backend: BackendFactory, mock: MockServer) -> None:
@@ -199,6 +203,43 @@ async def test_identical_requests_in_flight_share_one_call(
     assert [r.request_id for r in results] == [f"r{i}" for i in range(20)]
     assert {r.text for r in results} == {"mock reply: the same question"}  # type: ignore[union-attr]
     assert backend.snapshot().coalesced == 19
+
+
+async def test_a_cancelled_owner_does_not_fail_the_requests_that_joined_it(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    mock.update_config(latency_s=0.3)
+    backend = make_backend()
+    same = [req(i, text="asked three times") for i in range(3)]
+
+    async def answer(i: int) -> object:
+        # The first caller gives up early (its own timeout); the others wait.
+        return await asyncio.wait_for(backend.generate(same[i]), 0.1 if i == 0 else 5.0)
+
+    owner, *joiners = await asyncio.gather(*(answer(i) for i in range(3)), return_exceptions=True)
+    assert isinstance(owner, TimeoutError)
+    assert all(isinstance(r, MinimaLlmResponse) for r in joiners), joiners
+    assert [r.request_id for r in joiners] == ["r1", "r2"]  # type: ignore[union-attr]
+    # One joiner took the call over and the other joined it: two upstream calls in all.
+    assert mock.stats()["requests"] == 2
+    assert backend.snapshot().coalesced == 1
+
+
+async def test_a_batch_survives_a_cancelled_owner_of_a_shared_call(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    mock.update_config(latency_s=0.3)
+    backend = make_backend()
+
+    async def fn(item: tuple[int, float]) -> object:
+        i, limit = item
+        return await asyncio.wait_for(backend.generate(req(i, text="same prompt")), limit)
+
+    results = await run_batched_callable(
+        [(0, 0.1), (1, 5.0), (2, 5.0)], fn, BatchConfig(num_workers=3, **QUIET), progress=False
+    )
+    assert isinstance(results[0], MinimaLlmFailure)  # its own timeout, recorded as a failure
+    assert all(isinstance(r, MinimaLlmResponse) for r in results[1:])
 
 
 async def test_force_refresh_by_config_call_and_context(

@@ -126,6 +126,10 @@ class _Flight:
             self.future.exception()
 
 
+class _OwnerLeft(Exception):
+    """The request that made a shared call was cancelled before the answer came."""
+
+
 class OpenAIMinimaLlm:
     """Async client for an OpenAI-compatible endpoint."""
 
@@ -300,15 +304,26 @@ class OpenAIMinimaLlm:
         if flight is not None:
             # An identical request is already on the wire: share its answer.
             self.stats.coalesced += 1
-            return _joined(await asyncio.shield(flight.joined()), call.request.request_id)
+            try:
+                shared = await asyncio.shield(flight.joined())
+            except _OwnerLeft:
+                # Its owner was cancelled, not this request: ask again (join or go live).
+                self.stats.coalesced -= 1
+                return await self._coalesced(call, started)
+            return _joined(shared, call.request.request_id)
         flight = inflight[call.key] = _Flight()
         try:
             result = await self._live(call, started)
+        except asyncio.CancelledError:
+            # The owner's own timeout or cancellation is no failure of the requests that joined.
+            flight.fail(_OwnerLeft())
+            raise
         except BaseException as exc:
             flight.fail(exc)
             raise
         finally:
-            inflight.pop(call.key, None)
+            if inflight.get(call.key) is flight:
+                del inflight[call.key]
         flight.succeed(result)
         return result
 
