@@ -13,8 +13,12 @@ import pytest
 from backend_support import BackendFactory, req
 from minima_llm import (
     BatchConfig,
+    ConfigError,
+    MinimaLlmConfig,
     MinimaLlmFailure,
     MinimaLlmResponse,
+    OpenAIMinimaLlm,
+    ParasailBatchConfig,
     reset_force_refresh,
     run_batched_callable,
     set_force_refresh,
@@ -424,3 +428,13 @@ async def test_non_ascii_questions_reach_the_upstream_intact(
     assert isinstance(answer, MinimaLlmResponse)
     assert answer.text == f"mock reply: {question}"
     assert mock.stats()["requests"] == 1
+
+
+def test_provider_batch_mode_is_refused_rather_than_sent_live(tmp_path: Path) -> None:
+    config = MinimaLlmConfig(
+        base_url="http://127.0.0.1:9/v1",
+        model="m",
+        parasail=ParasailBatchConfig(llm_batch_prefix="my-project"),
+    )
+    with pytest.raises(ConfigError, match=r"parasail\.llm_batch_prefix=.*not available"):
+        OpenAIMinimaLlm(config)

@@ -17,7 +17,7 @@ from .cache import CacheHit, CacheRow, PromptCache, cache_key
 from .clock import SYSTEM_CLOCK, Clock
 from .config import MinimaLlmConfig
 from .context import get_force_refresh, set_last_cached
-from .errors import MinimaLlmError
+from .errors import ConfigError, MinimaLlmError
 from .flight import Broadcast
 from .http import Transport, make_transport
 from .loopbound import LoopBound
@@ -142,6 +142,15 @@ class OpenAIMinimaLlm:
         clock: Clock = SYSTEM_CLOCK,
         rng: random.Random | None = None,
     ) -> None:
+        if config.parasail.enabled:
+            # Sending live what the caller meant for a provider batch job would cost
+            # about twice as much, silently; refuse until batch mode exists.
+            raise ConfigError(
+                "parasail.llm_batch_prefix",
+                config.parasail.llm_batch_prefix,
+                "provider batch mode is not available in this version of minima-llm; "
+                "unset it to send requests live",
+            )
         self.cfg = config
         self.stats = LiveStats()
         headers = request_headers(config)
