@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
@@ -247,7 +248,39 @@ class OpenAIMinimaLlm:
         hit = await self._lookup_slow(call, refresh) if found is ... else found
         if hit is not None:
             return self._from_hit(request, hit, started)
+        streams = self._streams.get()
+        if streams and call.key in streams:
+            # The same question is being streamed right now: take its answer whole.
+            whole = await self._follow_whole(call, streams[call.key], started)
+            if whole is not None:
+                return whole
         return await self._coalesced(call, started)
+
+    async def _follow_whole(
+        self, call: _Call, flight: Broadcast, started: float
+    ) -> MinimaLlmResponse | None:
+        """An identical stream in flight, read to the end and assembled; None if it breaks."""
+        assembler = ChunkAssembler(_kind(call.endpoint))
+        follower = flight.follow()
+        try:
+            async for chunk in follower:
+                assembler.add(chunk)
+        except StreamInterrupted:
+            return None  # not this request's failure: it makes its own call
+        finally:
+            follower.close()
+        self.stats.coalesced += 1
+        completion = assembler.completion()
+        return MinimaLlmResponse(
+            request_id=call.request.request_id,
+            text=assembler.text(0),
+            cached=False,
+            raw_text=json.dumps(completion),
+            usage=Usage.from_body(completion),
+            latency_s=self._clock.monotonic() - started,
+            cache_source="inflight",
+            model=call.model,
+        )
 
     def _lookup_now(self, call: _Call, refresh: bool) -> CacheHit | EllipsisType | None:
         """The hit or None (traced, context variable set) when no I/O is needed; else ``...``."""
@@ -404,6 +437,12 @@ class OpenAIMinimaLlm:
         streams = self._streams.get()
         flight = streams.get(call.key)
         coalesced = flight is not None
+        shared = self._inflight.get().get(call.key) if flight is None else None
+        if shared is not None:
+            # The same question is on the wire as a whole answer: stream that one.
+            replayed = await self._stream_shared(call, shared)
+            if replayed is not None:
+                return replayed
         if flight is None:
             flight = streams[call.key] = Broadcast()
             await self._launch(flight, call, started)
@@ -413,6 +452,23 @@ class OpenAIMinimaLlm:
         if flight.done and not flight.chunks and isinstance(flight.error, StreamError):
             return replace(flight.error.failure, request_id=request.request_id)
         return ChunkStream(request.request_id, flight.follow(), coalesced=coalesced)
+
+    async def _stream_shared(
+        self, call: _Call, shared: _Flight
+    ) -> ChunkStream | MinimaLlmFailure | None:
+        """An identical non-streamed call in flight, replayed as a stream once it answers."""
+        try:
+            result = await asyncio.shield(shared.joined())
+        except _OwnerLeft:
+            return None  # its owner was cancelled: this request makes its own call
+        self.stats.coalesced += 1
+        request_id = call.request.request_id
+        if isinstance(result, MinimaLlmFailure):
+            return replace(result, request_id=request_id)
+        row = CacheRow(
+            call.key, result.text, result.raw_text, time.time(), call.model, call.canonical
+        )
+        return ChunkStream(request_id, _replay(row, _kind(call.endpoint)), coalesced=True)
 
     async def _launch(self, flight: Broadcast, call: _Call, started: float) -> None:
         url = f"{self.cfg.base_url}/{call.endpoint}"

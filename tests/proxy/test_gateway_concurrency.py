@@ -41,6 +41,41 @@ async def test_identical_streams_reach_the_upstream_once(mock: MockServer, tmp_p
         assert (await gw.get("/metrics")).json()["coalesced"] == 49
 
 
+async def test_a_whole_request_joins_an_identical_stream_in_flight(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    mock.update_config(stream_chunk_delay_s=0.02)
+    async with serve(mock.url, tmp_path) as gw:
+        streamed = asyncio.create_task(gw.chat(LONG, stream=True))
+        await asyncio.sleep(0.2)  # the stream is under way
+        whole = await gw.chat(LONG)
+        assert stream_text((await streamed).events()) == f"mock reply: {LONG}"
+        assert whole.status == 200
+        body = whole.json()
+        assert body["choices"][0]["message"]["content"] == f"mock reply: {LONG}"
+        assert body["usage"]["completion_tokens"] > 0  # the stream asked for usage
+        assert mock.stats()["requests"] == 1
+        assert (await gw.get("/metrics")).json()["coalesced"] == 1
+
+
+async def test_a_stream_joins_an_identical_whole_request_in_flight(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    mock.update_config(latency_s=0.3)
+    async with serve(mock.url, tmp_path) as gw:
+        whole = asyncio.create_task(gw.chat("asked both ways"))
+        await asyncio.sleep(0.1)
+        streamed = await gw.chat(
+            "asked both ways", stream=True, stream_options={"include_usage": True}
+        )
+        assert (await whole).status == 200
+        events = streamed.events()
+        assert streamed.status == 200 and events[-1] == "[DONE]"
+        assert stream_text(events) == "mock reply: asked both ways"
+        assert mock.stats()["requests"] == 1
+        assert (await gw.get("/metrics")).json()["coalesced"] == 1
+
+
 async def _first_event(resp: aiohttp.ClientResponse) -> str:
     while True:
         line = (await resp.content.readline()).decode()
