@@ -170,6 +170,9 @@ class OpenAIMinimaLlm:
         self._clock = clock
         self._inflight: LoopBound[dict[str, _Flight]] = LoopBound(dict)
         self._streams: LoopBound[dict[str, Broadcast]] = LoopBound(dict)
+        # Live streams on every loop: a whole request looks for one to join only when
+        # there are any, without the running-loop lookup on every call.
+        self._live_streams = 0
 
     @property
     def config(self) -> MinimaLlmConfig:
@@ -248,12 +251,13 @@ class OpenAIMinimaLlm:
         hit = await self._lookup_slow(call, refresh) if found is ... else found
         if hit is not None:
             return self._from_hit(request, hit, started)
-        streams = self._streams.get()
-        if streams and call.key in streams:
-            # The same question is being streamed right now: take its answer whole.
-            whole = await self._follow_whole(call, streams[call.key], started)
-            if whole is not None:
-                return whole
+        if self._live_streams:
+            flight = self._streams.get().get(call.key)
+            if flight is not None:
+                # The same question is being streamed right now: take its answer whole.
+                whole = await self._follow_whole(call, flight, started)
+                if whole is not None:
+                    return whole
         return await self._coalesced(call, started)
 
     async def _follow_whole(
@@ -445,6 +449,7 @@ class OpenAIMinimaLlm:
                 return replayed
         if flight is None:
             flight = streams[call.key] = Broadcast()
+            self._live_streams += 1
             await self._launch(flight, call, started)
         else:
             self.stats.coalesced += 1
@@ -470,6 +475,11 @@ class OpenAIMinimaLlm:
         )
         return ChunkStream(request_id, _replay(row, _kind(call.endpoint)), coalesced=True)
 
+    def _forget_stream(self, streams: dict[str, Broadcast], key: str, flight: Broadcast) -> None:
+        if streams.get(key) is flight:
+            del streams[key]
+            self._live_streams -= 1
+
     async def _launch(self, flight: Broadcast, call: _Call, started: float) -> None:
         url = f"{self.cfg.base_url}/{call.endpoint}"
         payload = (
@@ -484,11 +494,11 @@ class OpenAIMinimaLlm:
                 call.request.request_id, url, payload, call.api_key
             )
         except BaseException as exc:
-            self._streams.get().pop(call.key, None)
+            self._forget_stream(self._streams.get(), call.key, flight)
             flight.finish(exc)
             raise
         if isinstance(opened, MinimaLlmFailure):
-            self._streams.get().pop(call.key, None)
+            self._forget_stream(self._streams.get(), call.key, flight)
             flight.finish(StreamError(opened))
             return
         flight.producer = asyncio.ensure_future(self._produce(flight, opened, call, started))
@@ -528,8 +538,7 @@ class OpenAIMinimaLlm:
         finally:
             # Idempotent; acts only if a BaseException other than cancellation escaped.
             flight.finish(StreamInterrupted("stream producer stopped"))
-            if streams.get(call.key) is flight:
-                del streams[call.key]
+            self._forget_stream(streams, call.key, flight)
             await upstream.aclose()
 
     async def stream(
