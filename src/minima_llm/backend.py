@@ -611,9 +611,16 @@ class OpenAIMinimaLlm:
             return {}
 
     async def aclose(self) -> None:
-        """Close connections and the cache (pending writes are committed first)."""
-        await self.transport.aclose()
-        await self.cache.aclose()
+        """Close connections and the cache (pending writes are committed first).
+
+        The backend stays usable: as in minima-llm 0.2.x, the next request opens
+        the connections and the cache again.
+        """
+        try:
+            await self.transport.aclose()
+        finally:
+            # Pending writes are answers callers already have: commit them even if closing the transport failed.
+            await self.cache.aclose()
 
     async def __aenter__(self) -> OpenAIMinimaLlm:
         return self

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from minima_llm.cache import CacheRow, PromptCache, SqliteStore, cache_key, newest
-from minima_llm.errors import CacheError
 
 MESSAGES = [{"role": "user", "content": "Name a prime."}]
 SYNONYMS = {"model-a": ("model-b",), "model-b": ("model-a",)}
@@ -266,11 +265,13 @@ async def test_trace_lines_are_json_with_key_canonical_and_source(tmp_path: Path
         {"key": KEY_B, "canonical": CANON_B, "source": "primary"},
         {"key": KEY_A, "canonical": CANON_A, "source": "lookup"},
     ]
-    cache.note(KEY_A, CANON_A, "after close")  # ignored, no error
+    # Reopens: a backend reused after aclose keeps tracing.
+    cache.note(KEY_A, CANON_A, "after close")
+    await cache.aclose()
     second = PromptCache(None, trace_file=str(trace))
     second.note(KEY_B, CANON_B, "miss")
     await second.aclose()
-    assert len(trace.read_text(encoding="utf-8").splitlines()) == 4
+    assert len(trace.read_text(encoding="utf-8").splitlines()) == 5
 
 
 def test_no_trace_file_means_no_tracing(tmp_path: Path) -> None:
@@ -322,10 +323,10 @@ async def test_aclose_closes_every_store(tmp_path: Path) -> None:
     assert "trace=off" in repr(cache)
     await cache.aclose()
     assert cache.primary is not None
-    with pytest.raises(CacheError):
-        await asyncio.wait_for(cache.primary.get_many([KEY_A]), 5)
-    with pytest.raises(CacheError):
-        await asyncio.wait_for(cache.lookups[0][1].get_many([KEY_A]), 5)
+    assert "idle" in repr(cache.primary._reader)  # closed, not refusing: the next use reopens
+    assert await asyncio.wait_for(cache.primary.get_many([KEY_A]), 5) == {}
+    assert KEY_A in await asyncio.wait_for(cache.lookups[0][1].get_many([KEY_A]), 5)
+    await cache.aclose()
 
 
 async def test_find_now_decides_without_io_only_when_it_can(tmp_path: Path) -> None:

@@ -257,22 +257,21 @@ async def test_read_errors_are_cache_errors(store: SqliteStore) -> None:
         ro.close()
 
 
-async def test_close_is_idempotent_and_later_use_fails_fast(tmp_path: Path) -> None:
+async def test_close_is_idempotent_and_later_use_reopens(tmp_path: Path) -> None:
     store = SqliteStore.in_dir(tmp_path)
     await store.put_many([row(1)])
     await store.aclose()
     await store.aclose()
     store.close()
-    # Used to hang forever: the request sat in the queue of a thread that had ended.
-    with pytest.raises(CacheError, match="close"):
-        await asyncio.wait_for(store.put_many([row(2)]), 5)
-    with pytest.raises(CacheError, match="close"):
-        await asyncio.wait_for(store.get_many([row(1).key]), 5)
-    with pytest.raises(CacheError, match="close"):
-        store.get_many_sync([row(1).key])
-    with pytest.raises(CacheError, match="close"):
-        store.put_many_sync([row(2)])
-    assert count(store.path) == 1
+    # Once hung forever (the request sat in the queue of a thread that had ended), then
+    # failed; minima-llm 0.2.x documents that the cache reopens automatically.
+    await asyncio.wait_for(store.put_many([row(2)]), 5)
+    assert await asyncio.wait_for(store.get_many([row(1).key]), 5) == {row(1).key: row(1)}
+    store.close()
+    assert store.get_many_sync([row(2).key]) == {row(2).key: row(2)}
+    store.put_many_sync([row(3)])
+    store.close()
+    assert count(store.path) == 3
 
 
 async def test_close_waits_for_queued_writes(tmp_path: Path) -> None:

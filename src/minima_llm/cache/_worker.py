@@ -3,15 +3,24 @@
 SQLite calls block, so they run here and never on the event loop. Requests that
 queue up while a batch runs are served together: many lookups become one query
 and many writes share one commit.
+
+The connection opens when the worker is made, the thread starts at the first
+payload, and ``stop`` ends both; the next payload opens them again, so a backend
+reused after ``aclose`` keeps its cache. The thread holds the worker and its
+handler, never the store, so a store nobody holds is collected and its finalizer
+can call ``release``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import queue
 import sqlite3
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +41,10 @@ class _Job:
 
 
 _STOP = object()
+# Workers whose thread may be running, for the exit hook (weakly: a thread holds its own).
+_started: weakref.WeakSet[ConnectionWorker] = weakref.WeakSet()
+# How long interpreter exit waits for queued work to be committed, over all workers.
+EXIT_WAIT_S = 10.0
 
 
 class ConnectionWorker:
@@ -44,27 +57,23 @@ class ConnectionWorker:
         handler: Handler,
         max_batch: int = 1024,
     ) -> None:
+        self.name = name
         self._connect = connect
         self._handler = handler
         self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._ready = threading.Event()
-        self._open_error: BaseException | None = None
-        # Guards _stopped against a racing put: a job queued after _STOP would never be answered.
-        self._lock = threading.Lock()
-        self._stopped = False
+        # Guards _queue against a racing put: a job queued after _STOP would never be answered.
+        # Reentrant because a finalizer calling ``release`` may run inside a held block (gc).
+        self._lock = threading.RLock()
+        # The running thread's queue; None while no thread serves (not started yet, or stopped).
+        self._queue: queue.SimpleQueue[Any] | None = None
+        self._thread: threading.Thread | None = None
+        self._released = False
         self._outbox: LoopBound[list[_Job]] = LoopBound(list)
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.batches = 0
         self.jobs = 0
-        self._thread.start()
-
-    def wait_ready(self, timeout: float) -> None:
-        """Block until the connection is open; re-raise what stopped it from opening."""
-        if not self._ready.wait(timeout):
-            raise TimeoutError(f"{self._thread.name}: SQLite did not open within {timeout}s")
-        if self._open_error is not None:
-            raise self._open_error
+        # Opened here, in the caller's thread, so a bad file fails at construction; the
+        # first thread adopts it, later ones (after a stop) open their own.
+        self._conn: sqlite3.Connection | None = connect()
 
     def submit(self, payload: Any) -> asyncio.Future[Any]:
         """Queue a payload; the future resolves with its result on the caller's loop.
@@ -72,8 +81,6 @@ class ConnectionWorker:
         Payloads submitted during one pass of the event loop go to the thread
         together, so a burst of lookups or writes costs one wake-up, not one each.
         """
-        if self._stopped:
-            raise CacheError(f"{self._thread.name}: used after close")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         outbox = self._outbox.get()
@@ -81,11 +88,6 @@ class ConnectionWorker:
         if len(outbox) == 1:
             loop.call_soon(self._flush, outbox)
         return fut
-
-    @property
-    def stopped(self) -> bool:
-        """Whether ``stop`` has been called."""
-        return self._stopped
 
     def flush_pending(self) -> None:
         """Hand this loop's not-yet-sent payloads to the thread now (before a stop)."""
@@ -109,45 +111,98 @@ class ConnectionWorker:
         box: list[Any] = []
         self._put(_SyncJob(payload, done, box))
         if not done.wait(timeout):
-            raise TimeoutError(f"{self._thread.name}: no answer within {timeout}s")
+            raise TimeoutError(f"{self.name}: no answer within {timeout}s")
         if isinstance(box[0], BaseException):
             raise box[0]
         return box[0]
 
     def _put(self, job: Any) -> None:
         with self._lock:
-            if self._stopped:
-                raise CacheError(f"{self._thread.name}: used after close")
-            self._queue.put(job)
+            jobs = self._queue or self._start()
+            jobs.put(job)
+            if self._released:  # the store was collected while this block ran
+                self.stop(wait=False)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Finish queued work, close the connection and end the thread."""
+    def _start(self) -> queue.SimpleQueue[Any]:
+        """Start a thread with a queue of its own (lock held): one thread per opening, however many callers."""
+        jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        conn, self._conn = self._conn, None
+        thread = threading.Thread(target=self._run, args=(jobs, conn), name=self.name, daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as exc:  # out of threads, or the interpreter is shutting down
+            self._conn = conn
+            # A CacheError, which every caller handles; any other error would leave futures unanswered.
+            raise CacheError(f"{self.name}: cannot start a thread: {exc}") from exc
+        self._queue, self._thread = jobs, thread
+        _started.add(self)
+        return jobs
+
+    def stop(self, timeout: float = 30.0, wait: bool = True) -> None:
+        """Finish queued work, close the connection and end the thread; the next payload reopens.
+
+        ``wait=False`` returns at once and the thread finishes on its own.
+        """
         with self._lock:
-            if self._stopped:
-                return
-            self._stopped = True
-            self._queue.put(_STOP)
-        self._thread.join(timeout)
+            jobs, self._queue = self._queue, None
+            conn, self._conn = self._conn, None
+            if jobs is not None:
+                jobs.put(_STOP)
+        if conn is not None:
+            conn.close()
+        thread = self._thread
+        if wait and thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
-    def _run(self) -> None:
+    def release(self) -> None:
+        """``stop`` for a finalizer: never waits, as it may run on the event loop or on this thread."""
+        self._released = True
+        self.stop(wait=False)
+
+    def _run(self, jobs: queue.SimpleQueue[Any], conn: sqlite3.Connection | None) -> None:
+        if conn is None:
+            try:
+                conn = self._connect()
+            except Exception as exc:
+                self._refuse(jobs, exc)
+                return
         try:
-            conn = self._connect()
-        except BaseException as exc:  # reported to the opener through wait_ready
-            self._open_error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        try:
-            while self._serve_batch(conn):
+            while self._serve_batch(conn, jobs):
+                pass
+            with self._lock:
+                pass  # a put into this queue that began before the stop has finished
+            while self._serve_batch(conn, jobs, block=False):
                 pass
         finally:
             conn.close()
 
-    def _serve_batch(self, conn: sqlite3.Connection) -> bool:
-        first = self._queue.get()
+    def _refuse(self, jobs: queue.SimpleQueue[Any], exc: Exception) -> None:
+        """Answer every queued payload with the reason SQLite did not open; the next payload retries."""
+        error = CacheError(f"{self.name}: cannot open the cache: {exc}")
+        error.__cause__ = exc
+        with self._lock:
+            if self._queue is jobs:
+                self._queue = None
+        pending: list[Any] = []
+        while True:
+            try:
+                item = jobs.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                pending.extend(item if isinstance(item, list) else [item])
+        self._deliver(pending, [error] * len(pending))
+
+    def _serve_batch(
+        self, conn: sqlite3.Connection, queued: queue.SimpleQueue[Any], block: bool = True
+    ) -> bool:
+        """Serve one batch; False once ``_STOP`` is seen (or, not blocking, the queue is empty)."""
+        try:
+            item = queued.get() if block else queued.get_nowait()
+        except queue.Empty:
+            return False
         jobs: list[Any] = []
         running = True
-        item = first
         while True:
             if item is _STOP:
                 running = False
@@ -158,7 +213,7 @@ class ConnectionWorker:
             if len(jobs) >= self._max_batch:
                 break
             try:
-                item = self._queue.get_nowait()
+                item = queued.get_nowait()
             except queue.Empty:
                 break
         if jobs:
@@ -171,8 +226,11 @@ class ConnectionWorker:
         try:
             results: list[Any] = self._handler(conn, [job.payload for job in jobs])
         except Exception as exc:
-            log.error("%s: batch of %d failed: %s", self._thread.name, len(jobs), exc)
+            log.error("%s: batch of %d failed: %s", self.name, len(jobs), exc)
             results = [exc] * len(jobs)
+        self._deliver(jobs, results)
+
+    def _deliver(self, jobs: list[Any], results: list[Any]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
         for job, result in zip(jobs, results, strict=True):
             if isinstance(job, _SyncJob):
@@ -185,11 +243,13 @@ class ConnectionWorker:
                 loop.call_soon_threadsafe(_resolve_all, pairs)
             except RuntimeError:
                 # The caller's loop closed before its answer came back; nobody is waiting.
-                log.debug("%s: dropped %d answers for a closed loop", self._thread.name, len(pairs))
+                log.debug("%s: dropped %d answers for a closed loop", self.name, len(pairs))
 
     def __repr__(self) -> str:
-        state = "alive" if self._thread.is_alive() else "stopped"
-        return f"<ConnectionWorker {self._thread.name} {state} batches={self.batches} jobs={self.jobs} queued={self._queue.qsize()}>"
+        jobs = self._queue
+        state = "running" if jobs is not None else "idle"
+        queued = jobs.qsize() if jobs is not None else 0
+        return f"<ConnectionWorker {self.name} {state} batches={self.batches} jobs={self.jobs} queued={queued}>"
 
 
 @dataclass
@@ -197,6 +257,15 @@ class _SyncJob:
     payload: Any
     done: threading.Event
     box: list[Any]
+
+
+@atexit.register
+def _finish_at_exit() -> None:
+    # Daemon threads die wherever they are when the interpreter exits: let queued
+    # work commit and connections close first, within a bound.
+    deadline = time.monotonic() + EXIT_WAIT_S
+    for worker in list(_started):
+        worker.stop(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _resolve_all(pairs: list[tuple[asyncio.Future[Any], Any]]) -> None:

@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import EllipsisType
@@ -29,26 +30,35 @@ class CacheHit:
 
 
 class TraceWriter:
-    """Appends one JSON line per key computed: key, canonical JSON and where the answer came from."""
+    """Appends one JSON line per key computed: key, canonical JSON and where the answer came from.
+
+    ``close`` releases the file; the next ``write`` opens it again (appending).
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._fh: IO[str] | None = None
+        self._open()  # now, so a bad path fails when the cache is built, not at the first request
+
+    def _open(self) -> IO[str]:
         # Line-buffered so a crashed run still leaves a readable trace of its keys.
-        self._fh: IO[str] | None = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        fh = self._fh = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        # Closed with the writer when a backend is dropped without aclose.
+        self._closer = weakref.finalize(self, fh.close)
+        return fh
 
     def write(self, key: str, canonical: str, source: str) -> None:
         """Record one key."""
         line = json.dumps({"key": key, "canonical": canonical, "source": source}) + "\n"
         with self._lock:
-            if self._fh is not None:
-                self._fh.write(line)
+            (self._fh or self._open()).write(line)
 
     def close(self) -> None:
         """Flush and close the file."""
         with self._lock:
             if self._fh is not None:
-                self._fh.close()
+                self._closer()
                 self._fh = None
 
 
@@ -206,7 +216,7 @@ class PromptCache:
         return row
 
     async def aclose(self) -> None:
-        """Close every store and the trace file."""
+        """Close every store and the trace file; each opens again when next used."""
         stores = [s for s in (self.primary, *(s for _, s in self.lookups)) if s is not None]
         for store in stores:
             await store.aclose()

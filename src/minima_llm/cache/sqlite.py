@@ -2,7 +2,8 @@
 
 File ``{cache_dir}/minima_llm.db`` in WAL mode, table ``cache(key, response_text,
 response_raw, created_at, model, canonical)``. One thread reads, one writes; several
-processes may share the file.
+processes may share the file. The threads start at first use and end at ``aclose``
+(the next use starts them again) or when the store is garbage-collected.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import os
 import sqlite3
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,38 +41,22 @@ _ROW_MARKS = "(?, ?, ?, ?, ?, ?)"
 BUSY_TIMEOUT_S = 60.0
 
 
-class SqliteStore:
-    """A ``CacheStore`` on one SQLite file; ``readonly`` for lookup caches of other runs."""
+class _SqliteFile:
+    """What the worker threads need of a store: opening, reading, writing, counting.
 
-    def __init__(self, path: str | os.PathLike[str], readonly: bool = False) -> None:
-        self.path = Path(path)
+    The threads hold this and never the store, so a store nobody holds (a backend
+    made per item and never closed) is collected and its finalizer stops them.
+    """
+
+    def __init__(self, path: Path, readonly: bool) -> None:
+        self.path = path
         self.readonly = readonly
         self.rows_written = 0
         self.commits = 0
         # What the reader selects; a read-only file from before 0.2.7 lacks model and canonical.
         self._select = _COLUMNS
-        self._writer: ConnectionWorker | None = None
-        try:
-            if not readonly:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._writer = ConnectionWorker(
-                    f"minima-cache-writer:{self.path.name}", self._connect_writer, self._write_batch
-                )
-                self._writer.wait_ready(BUSY_TIMEOUT_S)
-            self._reader = ConnectionWorker(
-                f"minima-cache-reader:{self.path.name}", self._connect_reader, self._read
-            )
-            self._reader.wait_ready(BUSY_TIMEOUT_S)
-        except (OSError, sqlite3.Error, TimeoutError) as exc:
-            self._stop_workers()
-            raise CacheError(f"cannot open cache {self.path}: {exc}") from exc
 
-    @classmethod
-    def in_dir(cls, cache_dir: str | os.PathLike[str], readonly: bool = False) -> SqliteStore:
-        """The store at ``{cache_dir}/minima_llm.db``."""
-        return cls(Path(cache_dir) / DB_NAME, readonly=readonly)
-
-    def _connect_writer(self) -> sqlite3.Connection:
+    def connect_writer(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
             self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
@@ -85,7 +71,7 @@ class SqliteStore:
             raise
         return conn
 
-    def _connect_reader(self) -> sqlite3.Connection:
+    def connect_reader(self) -> sqlite3.Connection:
         if self.readonly:
             if not self.path.exists():
                 raise FileNotFoundError(f"no cache file at {self.path}")
@@ -105,13 +91,13 @@ class SqliteStore:
         self._select = ", ".join(c if c in have else f"NULL AS {c}" for c in _COLUMN_NAMES)
         return conn
 
-    def _read(self, conn: sqlite3.Connection, requests: list[list[str]]) -> list[Any]:
+    def read(self, conn: sqlite3.Connection, requests: list[list[str]]) -> list[Any]:
         try:
             return _read_batch(conn, requests, self._select)
         except sqlite3.Error as exc:
             raise CacheError(f"cache read from {self.path} failed: {exc}") from exc
 
-    def _write_batch(self, conn: sqlite3.Connection, batches: list[list[CacheRow]]) -> list[Any]:
+    def write_batch(self, conn: sqlite3.Connection, batches: list[list[CacheRow]]) -> list[Any]:
         rows = [row for batch in batches for row in batch]
 
         def commit() -> None:
@@ -145,6 +131,46 @@ class SqliteStore:
         self.commits += 1
         return [None] * len(batches)
 
+
+class SqliteStore:
+    """A ``CacheStore`` on one SQLite file; ``readonly`` for lookup caches of other runs."""
+
+    def __init__(self, path: str | os.PathLike[str], readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        self._file = file = _SqliteFile(self.path, readonly)
+        self._writer: ConnectionWorker | None = None
+        try:
+            if not readonly:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._writer = ConnectionWorker(
+                    f"minima-cache-writer:{self.path.name}", file.connect_writer, file.write_batch
+                )
+            self._reader = ConnectionWorker(
+                f"minima-cache-reader:{self.path.name}", file.connect_reader, file.read
+            )
+        except (OSError, sqlite3.Error) as exc:
+            self._stop_workers()
+            raise CacheError(f"cannot open cache {self.path}: {exc}") from exc
+        # A store dropped without aclose (reference 002 builds a backend per item and never
+        # closes it) must not keep its threads and files open for the rest of the process.
+        weakref.finalize(self, _release, self._writer, self._reader)
+
+    @classmethod
+    def in_dir(cls, cache_dir: str | os.PathLike[str], readonly: bool = False) -> SqliteStore:
+        """The store at ``{cache_dir}/minima_llm.db``."""
+        return cls(Path(cache_dir) / DB_NAME, readonly=readonly)
+
+    @property
+    def rows_written(self) -> int:
+        """Rows committed by this store."""
+        return self._file.rows_written
+
+    @property
+    def commits(self) -> int:
+        """Commits made by this store."""
+        return self._file.commits
+
     async def get_many(self, keys: Sequence[str]) -> dict[str, CacheRow]:
         """The rows found among ``keys`` (one query per batch of waiting lookups)."""
         if not keys:
@@ -176,9 +202,9 @@ class SqliteStore:
         self._writer.call_sync(batch)
 
     async def aclose(self) -> None:
-        """Finish pending writes and close the connections."""
+        """Finish pending writes and close the connections; the next use opens them again."""
         for worker in (self._writer, self._reader):
-            if worker is not None and not worker.stopped:
+            if worker is not None:
                 worker.flush_pending()
         await asyncio.to_thread(self.close)
 
@@ -194,6 +220,13 @@ class SqliteStore:
     def __repr__(self) -> str:
         mode = "ro" if self.readonly else "rw"
         return f"<SqliteStore {self.path} {mode} rows_written={self.rows_written} commits={self.commits}>"
+
+
+def _release(*workers: ConnectionWorker | None) -> None:
+    """The finalizer of a store nobody closed: queued work still commits, nothing waits for it."""
+    for worker in workers:
+        if worker is not None:
+            worker.release()
 
 
 def _flat(rows: list[CacheRow]) -> list[Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
@@ -58,15 +59,20 @@ class AiohttpTransport:
         # The session sends these itself; a request passing this very mapping sends
         # nothing extra, saving aiohttp a merge of header dicts on every request.
         self._default_headers = default_headers
-        self._sessions: LoopBound[_LoopSession] = LoopBound(self._new_session)
-        self._closed = False
+        # Per loop, so the transport works across asyncio.run() calls and again after aclose.
+        self._sessions: LoopBound[_LoopSession] = self._new_sessions()
         # One immutable timeout object per value, not one per request on the hot path.
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
         # Parsed once: aiohttp parses a string URL on every request otherwise.
         self._urls: dict[str, yarl.URL] = {}
 
-    def _new_session(self) -> _LoopSession:
-        return _LoopSession(self.max_connections, self._default_headers)
+    def _new_sessions(self) -> LoopBound[_LoopSession]:
+        # Not a bound method: a transport in a reference cycle is freed only by the cyclic GC,
+        # which finalizes its session alongside the generator that would close it, so
+        # aiohttp warns "Unclosed client session" for every backend dropped unclosed.
+        return LoopBound(
+            functools.partial(_LoopSession, self.max_connections, self._default_headers)
+        )
 
     def _url(self, url: str) -> yarl.URL:
         parsed = self._urls.get(url)
@@ -87,8 +93,6 @@ class AiohttpTransport:
         self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
     ) -> HttpResponse:
         """POST and read the whole body within ``timeout_s``."""
-        if self._closed:
-            raise TransportError("closed", "transport is closed")
         session = await self._session()
         timeout = self._timeouts.get(timeout_s)
         if timeout is None:
@@ -107,8 +111,6 @@ class AiohttpTransport:
         self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
     ) -> _AiohttpStream:
         """POST and return at the headers; each later read waits at most ``timeout_s``."""
-        if self._closed:
-            raise TransportError("closed", "transport is closed")
         session = await self._session()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
         try:
@@ -118,14 +120,14 @@ class AiohttpTransport:
         return _AiohttpStream(resp, timeout_s)
 
     async def aclose(self) -> None:
-        """Close the running loop's session."""
+        """Close the running loop's session; the next request opens a new one."""
         entry = self._sessions.get()
         if entry.keeper is not None:
             keeper, entry.keeper = entry.keeper, None
             await keeper.aclose()  # type: ignore[attr-defined]
         elif not entry.session.closed:
             await entry.session.close()
-        self._sessions = LoopBound(self._new_session)
+        self._sessions = self._new_sessions()
 
     def __repr__(self) -> str:
         return f"<AiohttpTransport max_connections={self.max_connections}>"

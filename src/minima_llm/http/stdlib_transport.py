@@ -8,6 +8,7 @@ import http.client
 import socket
 import ssl
 import threading
+import weakref
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
@@ -27,27 +28,41 @@ _STALE = (
 
 
 class StdlibTransport:
-    """Sends each request from a worker thread over a pooled ``http.client`` connection."""
+    """Sends each request from a worker thread over a pooled ``http.client`` connection.
+
+    ``aclose`` closes the pool; the next request opens a new one, so a backend
+    reused after ``aclose`` (across ``asyncio.run()`` calls) keeps working.
+    """
 
     def __init__(self, max_connections: int = 32, verify_tls: bool = True) -> None:
         self.max_connections = max_connections
-        self._executor = ThreadPoolExecutor(
-            max_workers=max_connections, thread_name_prefix="minima-http"
-        )
+        # None while closed; made again by the next request.
+        self._executor: ThreadPoolExecutor | None = None
         self._idle: dict[_Origin, list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
         self._ssl = ssl.create_default_context() if verify_tls else ssl._create_unverified_context()
-        self._closed = False
         self.opened = 0
+        # A transport dropped unclosed would leave its idle sockets to the GC (ResourceWarning);
+        # its pool threads end by themselves once the executor is collected.
+        weakref.finalize(self, _close_idle, self._idle, self._lock)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        """The pool, made on first use and again after ``aclose``; callers try ``_executor`` first."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=self.max_connections, thread_name_prefix="minima-http"
+                )
+            return self._executor
 
     async def post(
         self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
     ) -> HttpResponse:
         """POST from a worker thread; the socket timeout and an outer deadline bound the wait."""
-        if self._closed:
-            raise TransportError("closed", "transport is closed")
         loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(self._executor, self._send, url, body, dict(headers), timeout_s)
+        job = loop.run_in_executor(
+            self._executor or self._pool(), self._send, url, body, dict(headers), timeout_s
+        )
         try:
             # The socket timeout applies per read; the outer bound caps a server that trickles bytes.
             return await asyncio.wait_for(job, timeout_s * 2 + 1.0)
@@ -58,10 +73,10 @@ class StdlibTransport:
         self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
     ) -> _StdlibStream:
         """POST from a worker thread and return at the headers; lines are read on threads too."""
-        if self._closed:
-            raise TransportError("closed", "transport is closed")
         loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(self._executor, self._start, url, body, dict(headers), timeout_s)
+        job = loop.run_in_executor(
+            self._executor or self._pool(), self._start, url, body, dict(headers), timeout_s
+        )
         try:
             origin, conn, resp = await asyncio.wait_for(job, timeout_s * 2 + 1.0)
         except asyncio.TimeoutError as exc:
@@ -127,7 +142,7 @@ class StdlibTransport:
 
     def _checkin(self, origin: _Origin, conn: http.client.HTTPConnection) -> None:
         with self._lock:
-            if self._closed:
+            if self._executor is None:  # closed while this request ran
                 conn.close()
                 return
             idle = self._idle.setdefault(origin, [])
@@ -137,18 +152,16 @@ class StdlibTransport:
         conn.close()
 
     async def aclose(self) -> None:
-        """Close idle connections; threads finish their current request."""
+        """Close idle connections and the pool; threads finish their current request."""
         self.close()
 
     def close(self) -> None:
         """Synchronous ``aclose``."""
         with self._lock:
-            self._closed = True
-            conns = [c for idle in self._idle.values() for c in idle]
-            self._idle.clear()
-        for conn in conns:
-            conn.close()
-        self._executor.shutdown(wait=False)
+            executor, self._executor = self._executor, None
+        _close_idle(self._idle, self._lock)
+        if executor is not None:
+            executor.shutdown(wait=False)
 
     def __repr__(self) -> str:
         idle = sum(len(v) for v in self._idle.values())
@@ -182,7 +195,9 @@ class _StdlibStream:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                line = await loop.run_in_executor(self._owner._executor, self._resp.readline)
+                line = await loop.run_in_executor(
+                    self._owner._executor or self._owner._pool(), self._resp.readline
+                )
             except Exception as exc:
                 raise _translate(exc, self._timeout_s) from exc
             if not line:
@@ -194,7 +209,9 @@ class _StdlibStream:
         """The rest of the body."""
         loop = asyncio.get_running_loop()
         try:
-            data = await loop.run_in_executor(self._owner._executor, self._resp.read)
+            data = await loop.run_in_executor(
+                self._owner._executor or self._owner._pool(), self._resp.read
+            )
         except Exception as exc:
             raise _translate(exc, self._timeout_s) from exc
         self._eof = True
@@ -212,6 +229,16 @@ class _StdlibStream:
                 self._sock.shutdown(socket.SHUT_RDWR)
         self._conn.close()
         self._resp.close()
+
+
+def _close_idle(
+    idle: dict[_Origin, list[http.client.HTTPConnection]], lock: threading.Lock
+) -> None:
+    with lock:
+        conns = [c for pooled in idle.values() for c in pooled]
+        idle.clear()
+    for conn in conns:
+        conn.close()
 
 
 def _split(url: str) -> tuple[_Origin, str]:
