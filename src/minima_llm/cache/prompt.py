@@ -218,10 +218,17 @@ class PromptCache:
     async def aclose(self) -> None:
         """Close every store and the trace file; each opens again when next used."""
         stores = [s for s in (self.primary, *(s for _, s in self.lookups)) if s is not None]
+        failed: BaseException | None = None
         for store in stores:
-            await store.aclose()
+            try:
+                await store.aclose()
+            except Exception as exc:
+                # One store that cannot close must not leave the others (and their writes) open.
+                failed = failed or exc
         if self.trace is not None:
             self.trace.close()
+        if failed is not None:
+            raise failed
 
     def __repr__(self) -> str:
         return f"<PromptCache primary={self.primary!r} lookups={len(self.lookups)} synonyms={len(self.synonyms)} trace={'on' if self.trace else 'off'}>"

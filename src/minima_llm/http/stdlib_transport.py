@@ -40,11 +40,24 @@ class StdlibTransport:
         self._executor: ThreadPoolExecutor | None = None
         self._idle: dict[_Origin, list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
-        self._ssl = ssl.create_default_context() if verify_tls else ssl._create_unverified_context()
+        self._verify_tls = verify_tls
+        # Made at the first https connection: loading the CA store takes ~35 ms, paid by
+        # every backend otherwise, including the many that only talk plain http.
+        self._ssl: ssl.SSLContext | None = None
         self.opened = 0
         # A transport dropped unclosed would leave its idle sockets to the GC (ResourceWarning);
         # its pool threads end by themselves once the executor is collected.
         weakref.finalize(self, _close_idle, self._idle, self._lock)
+
+    def _tls(self) -> ssl.SSLContext:
+        """The TLS context, made once (racing threads may both make one; either is fine)."""
+        if self._ssl is None:
+            self._ssl = (
+                ssl.create_default_context()
+                if self._verify_tls
+                else ssl._create_unverified_context()
+            )
+        return self._ssl
 
     def _pool(self) -> ThreadPoolExecutor:
         """The pool, made on first use and again after ``aclose``; callers try ``_executor`` first."""
@@ -136,7 +149,7 @@ class StdlibTransport:
         self.opened += 1
         if scheme == "https":
             return http.client.HTTPSConnection(
-                host, port, timeout=timeout_s, context=self._ssl
+                host, port, timeout=timeout_s, context=self._tls()
             ), False
         return http.client.HTTPConnection(host, port, timeout=timeout_s), False
 
