@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import random
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any
@@ -62,6 +63,7 @@ class MockServer:
         self._shutdown_timeout = shutdown_timeout
         self._runner: web.AppRunner | None = None
         self.host = "127.0.0.1"
+        self.scheme = "http"
         self.port: int | None = None
         # The last inference request's headers, kept as aiohttp's view (no copy per request).
         self._last_headers: Mapping[str, str] = {}
@@ -84,7 +86,7 @@ class MockServer:
         if self.port is None:
             raise RuntimeError("MockServer is not started")
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -148,8 +150,13 @@ class MockServer:
         add_control_routes(app, self)
         return app
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> MockServer:
-        """Listen on ``host:port`` (0 picks a free port) and set ``url`` and ``port``."""
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None
+    ) -> MockServer:
+        """Listen on ``host:port`` (0 picks a free port) and set ``url`` and ``port``.
+
+        With ``ssl_context`` it serves HTTPS, for testing clients' TLS.
+        """
         if self._runner is not None:
             raise RuntimeError("MockServer is already started")
         runner = web.AppRunner(
@@ -161,11 +168,12 @@ class MockServer:
         )
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port, backlog=_BACKLOG).start()
+            await web.TCPSite(runner, host, port, backlog=_BACKLOG, ssl_context=ssl_context).start()
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
+        self.scheme = "https" if ssl_context is not None else "http"
         self.host = host
         self.port = int(runner.addresses[0][1])
         return self
