@@ -151,3 +151,15 @@ async def test_growing_the_limit_wakes_a_waiter() -> None:
     slots.succeeded()  # one success at limit 1 is a full window: limit 2
     await asyncio.wait_for(waiter, 1)
     assert slots.held == 2
+
+
+async def test_a_waiter_cancelled_as_a_release_passes_it_over_raises_cancelled() -> None:
+    slots = Slots(1)
+    assert slots.try_take()
+    waiter = asyncio.create_task(slots.take())
+    await asyncio.sleep(0)
+    waiter.cancel()  # its future is cancelled now, its except block runs later
+    slots.release()  # pops the cancelled future and skips it, in the same loop pass
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert slots.held == 0 and slots.waiting == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import math
 
 
@@ -63,7 +64,9 @@ class Slots:
             await fut
         except asyncio.CancelledError:
             if fut.cancelled():
-                self._waiters.remove(fut)
+                # A release in the same loop pass may have popped (and skipped) it already.
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
             else:
                 # The slot was handed over as the cancellation arrived: pass it on.
                 self.release()
