@@ -173,6 +173,8 @@ class OpenAIMinimaLlm:
         # Live streams on every loop: a whole request looks for one to join only when
         # there are any, without the running-loop lookup on every call.
         self._live_streams = 0
+        # Upstream streams being closed in the background: held so they finish.
+        self._closing: set[asyncio.Future[None]] = set()
 
     @property
     def config(self) -> MinimaLlmConfig:
@@ -269,8 +271,12 @@ class OpenAIMinimaLlm:
         try:
             async for chunk in follower:
                 assembler.add(chunk)
-        except StreamInterrupted:
-            return None  # not this request's failure: it makes its own call
+        except BaseException as exc:
+            # The stream's failure (it did not open, broke, or its opener was cancelled)
+            # is not this request's: it makes its own call. Its own cancellation is.
+            if isinstance(exc, Exception) or exc is flight.error:
+                return None
+            raise
         finally:
             follower.close()
         self.stats.coalesced += 1
@@ -447,16 +453,30 @@ class OpenAIMinimaLlm:
             replayed = await self._stream_shared(call, shared)
             if replayed is not None:
                 return replayed
+            # Its owner left while we waited: someone may have started this stream since.
+            flight = streams.get(call.key)
+            coalesced = flight is not None
         if flight is None:
             flight = streams[call.key] = Broadcast()
             self._live_streams += 1
-            await self._launch(flight, call, started)
+            flight.reserve()
+            try:
+                await self._launch(flight, call, started)
+            except BaseException:
+                flight.leave()
+                raise
         else:
+            flight.reserve()
             self.stats.coalesced += 1
-        await flight.started()
+        try:
+            await flight.started()
+        except BaseException:
+            flight.leave()
+            raise
         if flight.done and not flight.chunks and isinstance(flight.error, StreamError):
+            flight.leave()
             return replace(flight.error.failure, request_id=request.request_id)
-        return ChunkStream(request.request_id, flight.follow(), coalesced=coalesced)
+        return ChunkStream(request.request_id, flight.follow(reserved=True), coalesced=coalesced)
 
     async def _stream_shared(
         self, call: _Call, shared: _Flight
@@ -474,6 +494,16 @@ class OpenAIMinimaLlm:
             call.key, result.text, result.raw_text, time.time(), call.model, call.canonical
         )
         return ChunkStream(request_id, _replay(row, _kind(call.endpoint)), coalesced=True)
+
+    def _producer_done(self, flight: Broadcast, upstream: UpstreamStream, call: _Call) -> None:
+        """Clean up after a producer cancelled before its first step, whose own cleanup never ran."""
+        if flight.done:
+            return
+        flight.finish(StreamInterrupted("stream cancelled: every reader left"))
+        self._forget_stream(self._streams.get(), call.key, flight)
+        closing = asyncio.ensure_future(upstream.aclose())  # frees the connection and its slot
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
     def _forget_stream(self, streams: dict[str, Broadcast], key: str, flight: Broadcast) -> None:
         if streams.get(key) is flight:
@@ -501,7 +531,9 @@ class OpenAIMinimaLlm:
             self._forget_stream(self._streams.get(), call.key, flight)
             flight.finish(StreamError(opened))
             return
-        flight.producer = asyncio.ensure_future(self._produce(flight, opened, call, started))
+        producer = asyncio.ensure_future(self._produce(flight, opened, call, started))
+        flight.producer = producer
+        producer.add_done_callback(lambda _: self._producer_done(flight, opened, call))
 
     async def _produce(
         self, flight: Broadcast, upstream: UpstreamStream, call: _Call, started: float

@@ -38,9 +38,18 @@ class Broadcast:
         while not self.chunks and not self.done:
             await self._wait()
 
-    def follow(self) -> Follower:
-        """A reader of every chunk from the first; it counts as following from this call on."""
-        return Follower(self)
+    def reserve(self) -> None:
+        """Count a reader who will follow once the stream starts.
+
+        Between asking for the stream and its first chunk a reader does not follow
+        yet; without the reservation, another reader leaving in that window would
+        find no followers and cancel the stream under it.
+        """
+        self.followers += 1
+
+    def follow(self, reserved: bool = False) -> Follower:
+        """A reader of every chunk from the first (``reserved``: counted already by ``reserve``)."""
+        return Follower(self, reserved)
 
     def leave(self) -> None:
         """A follower stopped reading; the last one to leave cancels an unfinished producer."""
@@ -72,11 +81,12 @@ class Follower:
     would keep the upstream stream (and its slot) alive to the end.
     """
 
-    def __init__(self, flight: Broadcast) -> None:
+    def __init__(self, flight: Broadcast, reserved: bool = False) -> None:
         self._flight = flight
         self._index = 0
         self._left = False
-        flight.followers += 1
+        if not reserved:
+            flight.followers += 1
 
     def __aiter__(self) -> Follower:
         return self

@@ -1,0 +1,121 @@
+"""Whole requests and streams sharing one upstream call: nobody's leaving or failure breaks the others."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from backend_support import req
+from minima_llm import MinimaLlmConfig, MinimaLlmFailure, MinimaLlmResponse, OpenAIMinimaLlm
+from minima_llm.http import HttpResponse, StreamingResponse, Transport, make_transport
+from minima_llm.testing import MockConfig, MockServer
+
+
+class _SlowFirstLine:
+    """A streaming response whose first line comes ``delay_s`` late: a model's time to first token."""
+
+    def __init__(self, resp: StreamingResponse, delay_s: float) -> None:
+        self._resp = resp
+        self._delay_s = delay_s
+        self.status = resp.status
+        self.headers = resp.headers
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        await asyncio.sleep(self._delay_s)
+        async for line in self._resp.lines():
+            yield line
+
+    async def read(self) -> bytes:
+        return await self._resp.read()
+
+    async def aclose(self) -> None:
+        await self._resp.aclose()
+
+
+class SlowFirstToken:
+    """A transport whose streams start ``delay_s`` after their headers (the mock answers at once)."""
+
+    def __init__(self, inner: Transport, delay_s: float) -> None:
+        self.inner = inner
+        self.delay_s = delay_s
+
+    async def post(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
+    ) -> HttpResponse:
+        return await self.inner.post(url, body, headers, timeout_s)
+
+    async def open_stream(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
+    ) -> Any:
+        return _SlowFirstLine(
+            await self.inner.open_stream(url, body, headers, timeout_s), self.delay_s
+        )
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def backend(mock: MockServer, delay_s: float = 0.0) -> OpenAIMinimaLlm:
+    config = MinimaLlmConfig(base_url=mock.url, model="mock-model", rpm=0, timeout_s=5.0)
+    transport = SlowFirstToken(make_transport("aiohttp", 8), delay_s)
+    return OpenAIMinimaLlm(config, transport=transport)
+
+
+async def _read(opened: Any) -> int:
+    count = 0
+    async for _ in opened:
+        count += 1
+    return count
+
+
+async def test_a_whole_request_leaving_before_the_first_token_does_not_cut_the_stream() -> None:
+    async with MockServer(MockConfig()) as mock:
+        be = backend(mock, delay_s=0.3)
+        try:
+            streaming = asyncio.ensure_future(be.open_stream(req(1, text="same question")))
+            await asyncio.sleep(0.05)  # the stream is open, its first token not yet come
+            whole = asyncio.ensure_future(be.call(req(2, text="same question")))
+            await asyncio.sleep(0.05)  # the whole request follows the stream
+            whole.cancel()  # and its own caller goes away
+            await asyncio.gather(whole, return_exceptions=True)
+            opened = await asyncio.wait_for(streaming, 5)
+            assert await asyncio.wait_for(_read(opened), 5) > 0
+            assert mock.stats()["requests"] == 1
+        finally:
+            await be.aclose()
+
+
+async def test_a_whole_request_following_a_stream_that_fails_gets_its_own_answer() -> None:
+    async with MockServer(MockConfig(latency_s=0.2)) as mock:
+        be = backend(mock)
+        try:
+            mock.fail_next(1, status=400)  # the stream's open is refused
+            streaming = asyncio.ensure_future(be.open_stream(req(1, text="asked twice")))
+            await asyncio.sleep(0.05)
+            whole = await asyncio.wait_for(be.call(req(2, text="asked twice")), 5)
+            assert isinstance(await streaming, MinimaLlmFailure)
+            # The refusal was the stream's: the whole request asked for itself and got an answer.
+            assert isinstance(whole, MinimaLlmResponse)
+        finally:
+            await be.aclose()
+
+
+async def test_streams_waiting_on_a_whole_call_whose_owner_left_share_one_stream() -> None:
+    async with MockServer(MockConfig(latency_s=0.2, stream_chunk_delay_s=0.01)) as mock:
+        be = backend(mock)
+        try:
+            owner = asyncio.ensure_future(be.call(req(1, text="same")))
+            await asyncio.sleep(0.02)
+            streams = [asyncio.ensure_future(be.open_stream(req(i, text="same"))) for i in (2, 3)]
+            await asyncio.sleep(0.02)
+            owner.cancel()
+            await asyncio.gather(owner, return_exceptions=True)
+            for opened in streams:
+                assert await asyncio.wait_for(_read(await opened), 5) > 0
+            assert mock.stats()["requests"] == 2  # the cancelled whole call, then one stream
+            # Nothing left behind: a later whole request goes straight to the upstream.
+            later = await asyncio.wait_for(be.call(req(4, text="something else")), 5)
+            assert isinstance(later, MinimaLlmResponse)
+        finally:
+            await be.aclose()
