@@ -96,3 +96,21 @@ def test_content_sent_as_parts_is_read_as_their_text() -> None:
     }
     completion = parse_completion(HttpResponse(200, {}, json.dumps(body).encode()))
     assert completion.text == "Bonjour"
+
+
+def test_a_pretty_printed_error_body_is_kept_whole_in_the_snippet() -> None:
+    from minima_llm.upstream import SNIPPET, _error_snippet
+
+    error = {
+        "error": {
+            "message": "This model's maximum context length is 8192 tokens. However, your "
+            "messages resulted in 9000 tokens. Please reduce the length of the messages now.",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
+    }
+    body = json.dumps(error, indent=4).encode()
+    assert len(body) > SNIPPET  # as api.openai.com sends it
+    assert json.loads(_error_snippet(body)) == error
+    assert _error_snippet(b"<html>" + b"x" * 1000) == ("<html>" + "x" * 1000)[:SNIPPET]

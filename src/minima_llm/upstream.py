@@ -350,7 +350,7 @@ class UpstreamCaller:
     def _status_problem(
         self, status: int, headers: Mapping[str, str], body: bytes, sent_at: float, slots: Slots
     ) -> Problem:
-        snippet = body[:SNIPPET].decode("utf-8", "replace")
+        snippet = _error_snippet(body)
         problem = Problem(
             "HTTPError", f"HTTP {status}", status, snippet, is_retryable_status(status)
         )
@@ -385,6 +385,22 @@ class UpstreamCaller:
             timeout_s=self.cfg.timeout_s,
             attempt_timestamps=tuple(stamps),
         )
+
+
+def _error_snippet(body: bytes) -> str:
+    """The start of an error body; JSON is compacted first, so a pretty-printed error fits whole.
+
+    api.openai.com indents its error objects: a context-length error runs just past
+    ``SNIPPET`` characters as sent, and cut there it no longer parses.
+    """
+    if len(body) <= 65_536:
+        try:
+            parsed = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            pass
+        else:
+            return json.dumps(parsed, separators=(",", ":"), ensure_ascii=False)[:SNIPPET]
+    return body[:SNIPPET].decode("utf-8", "replace")
 
 
 def _transport_problem(exc: TransportError, timeout_s: float) -> Problem:
