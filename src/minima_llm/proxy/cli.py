@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -88,12 +89,32 @@ def _lean_log_records() -> None:
     logging.logMultiprocessing = False
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host``'s first address (port 0: any free port)."""
-    family, _, _, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    return socket.create_server(address, family=family, backlog=1024)
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Listening TCP sockets on every address of ``host`` (port 0: one free port for all).
+
+    ``localhost`` usually means both ::1 and 127.0.0.1; clients may try either.
+    """
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    addresses = list(dict.fromkeys((family, address) for family, _, _, _, address in infos))
+    family, address = addresses[0]
+    first = socket.create_server(address, family=family, backlog=1024)
+    sockets = [first]
+    chosen = first.getsockname()[1]
+    try:
+        for family, address in addresses[1:]:
+            try:
+                sockets.append(
+                    socket.create_server((address[0], chosen), family=family, backlog=1024)
+                )
+            except OSError as exc:
+                # A family the machine has not enabled (no IPv6) is no reason not to serve.
+                if exc.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    raise
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -111,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # Bound here rather than by run_app: a port in use is one clear line, not a
         # traceback, and with --port 0 the address printed is the one really bound.
-        sock = listen(settings.host, settings.port)
+        sockets = listen(settings.host, settings.port)
     except OSError as exc:
         where = f"{settings.host}:{settings.port}"
         print(f"minimallm-proxy: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
@@ -119,11 +140,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         backend = OpenAIMinimaLlm(config)
     except (MinimaLlmError, ValueError, OSError, ImportError) as exc:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         print(f"minimallm-proxy: {exc}", file=sys.stderr)
         return 2
     app = build_app(backend, settings)
-    port = sock.getsockname()[1]
+    port = sockets[0].getsockname()[1]
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     cache = config.cache_path or "off (set CACHE_DIR)"
     auth = f"{len(settings.api_keys)} API key(s)" if settings.auth_enabled else "no auth"
@@ -140,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # shutdown_timeout for requests in flight before cleanup closes the backend.
     web.run_app(
         app,
-        sock=sock,
+        sock=sockets,
         shutdown_timeout=settings.shutdown_timeout_s,
         access_log=None,
         print=announce,
