@@ -96,6 +96,8 @@ class ConnectionWorker:
             self._flush(outbox)
 
     def _flush(self, outbox: list[_Job]) -> None:
+        if not outbox:
+            return  # sent already by flush_pending (a close): nothing to start a thread for
         jobs = outbox[:]
         outbox.clear()
         try:
