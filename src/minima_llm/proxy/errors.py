@@ -92,7 +92,9 @@ def failure_response(failure: MinimaLlmFailure, retry_after_s: float = 0.0) -> w
     headers = (
         {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if status in (429, 503) else None
     )
-    upstream = _upstream_error(failure.body_snippet) or {}
+    snippet = failure.body_snippet
+    parsed = _upstream_error(snippet)
+    upstream = parsed or {}
     detail = _text(upstream.get("message"))
     if detail and status == failure.status and status < 500 and status != 429:
         # Refused at once, not retried: the upstream's answer is the whole story.
@@ -107,7 +109,8 @@ def failure_response(failure: MinimaLlmFailure, retry_after_s: float = 0.0) -> w
     message = (
         f"upstream {failure.error_type} after {failure.attempts} attempt(s)"
         + (f" (HTTP {failure.status})" if failure.status else "")
-        + f": {detail or _plain(failure.body_snippet) or failure.message}"
+        # A body that is not OpenAI-shaped (a proxy's HTML page, say) is quoted as it came.
+        + f": {detail or (snippet[:200] if snippet and parsed is None else None) or failure.message}"
     )
     return error_response(
         status,
@@ -129,11 +132,6 @@ def _upstream_error(snippet: str | None) -> dict[str, Any] | None:
         return None
     error = body.get("error") if isinstance(body, dict) else None
     return error if isinstance(error, dict) else None
-
-
-def _plain(snippet: str | None) -> str | None:
-    """The start of an error body that is not OpenAI-shaped (a proxy's HTML page, say)."""
-    return snippet[:200] if snippet and _upstream_error(snippet) is None else None
 
 
 def _text(value: Any) -> str | None:
