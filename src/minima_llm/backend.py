@@ -281,16 +281,9 @@ class OpenAIMinimaLlm:
             follower.close()
         self.stats.coalesced += 1
         completion = assembler.completion()
-        return MinimaLlmResponse(
-            request_id=call.request.request_id,
-            text=assembler.text(0),
-            cached=False,
-            raw_text=json.dumps(completion),
-            usage=Usage.from_body(completion),
-            latency_s=self._clock.monotonic() - started,
-            cache_source="inflight",
-            model=call.model,
-        )
+        outcome = Completion(json.dumps(completion), completion, assembler.text(0))
+        latency = self._clock.monotonic() - started
+        return _response(call, outcome, Usage.from_body(completion), latency, "inflight")
 
     def _lookup_now(self, call: _Call, refresh: bool) -> CacheHit | EllipsisType | None:
         """The hit or None (traced, context variable set) when no I/O is needed; else ``...``."""
@@ -683,7 +676,9 @@ def _payload(request: MinimaLlmRequest, model: str, endpoint: str) -> dict[str, 
     return payload
 
 
-def _response(call: _Call, outcome: Completion, usage: Usage, latency: float) -> MinimaLlmResponse:
+def _response(
+    call: _Call, outcome: Completion, usage: Usage, latency: float, source: str | None = None
+) -> MinimaLlmResponse:
     return MinimaLlmResponse(
         request_id=call.request.request_id,
         text=outcome.text,
@@ -691,7 +686,7 @@ def _response(call: _Call, outcome: Completion, usage: Usage, latency: float) ->
         raw_text=outcome.body_text,
         usage=usage,
         latency_s=latency,
-        cache_source=None,
+        cache_source=source,
         model=call.model,
     )
 
