@@ -187,3 +187,14 @@ async def test_row_without_raw_body_is_served_in_openai_shape(
         streamed = await gw.chat("asked long ago", stream=True)
         assert streamed.cache == "hit" and stream_text(streamed.events()) == "the old answer"
     assert mock.stats()["requests"] == 0
+
+
+async def test_legacy_logprobs_zero_is_not_the_default(mock: MockServer, tmp_path: Path) -> None:
+    # "logprobs": 0 returns the sampled tokens' logprobs; leaving it out returns none.
+    async with serve(mock.url, tmp_path) as gw:
+        body = {"model": MODEL, "prompt": "how sure are you"}
+        plain = await gw.post("/v1/completions", body)
+        zero = await gw.post("/v1/completions", {**body, "logprobs": 0})
+        unset = await gw.post("/v1/completions", {**body, "logprobs": False})
+        assert (plain.cache, zero.cache, unset.cache) == ("miss", "miss", "hit")
+        assert mock.stats()["requests"] == 2

@@ -250,10 +250,16 @@ def _extra(endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
     for name, value in body.items():
         if name in skip or value is None:
             continue
-        if name in _DEFAULTS and value == _DEFAULTS[name]:
+        if name in _DEFAULTS and _is_default(value, _DEFAULTS[name]):
             continue
         extra[name] = value
     return extra
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    # 0 == False in Python, but legacy completions' "logprobs": 0 asks for the sampled
+    # token's logprob, which the default (none) does not: a bool only matches a bool.
+    return value == default and isinstance(value, bool) == isinstance(default, bool)
 
 
 def key_extra(endpoint: str, tenant: str | None) -> dict[str, str] | None:
