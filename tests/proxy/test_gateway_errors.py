@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,18 @@ async def test_deeply_nested_json_is_a_bad_request(mock: MockServer, tmp_path: P
     assert mock.stats()["requests"] == 0
 
 
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+async def test_numbers_json_cannot_carry_are_a_bad_request(
+    mock: MockServer, tmp_path: Path, number: str
+) -> None:
+    # Python's json reads them; forwarded, the upstream would get NaN or Infinity, not JSON.
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": %s}'
+    async with serve(mock.url, tmp_path) as gw:
+        reply = await gw.request("POST", "/v1/chat/completions", data=body % number.encode())
+        assert "not valid JSON" in str(error_of(reply, 400)["message"])
+    assert mock.stats()["requests"] == 0
+
+
 async def test_validation_error_over_http(mock: MockServer, tmp_path: Path) -> None:
     async with serve(mock.url, tmp_path) as gw:
         error = error_of(await gw.chat("hi", temperature=5), 400)
@@ -62,6 +76,26 @@ async def test_body_too_large(mock: MockServer, tmp_path: Path) -> None:
         error = error_of(await gw.chat("x" * 4000), 413)
         assert error["type"] == "invalid_request_error"
         assert (await gw.chat("x" * 100)).status == 200
+
+
+async def test_body_that_does_not_match_its_content_encoding(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    body = json.dumps(chat_body("compressed")).encode()
+    async with serve(mock.url, tmp_path) as gw:
+        for encoding in ("gzip", "deflate"):
+            reply = await gw.request(
+                "POST", "/v1/chat/completions", data=body, headers={"Content-Encoding": encoding}
+            )
+            assert "content-encoding" in str(error_of(reply, 400)["message"]).lower()
+        packed = await gw.request(
+            "POST",
+            "/v1/chat/completions",
+            data=gzip.compress(body),
+            headers={"Content-Encoding": "gzip"},
+        )
+        assert packed.status == 200, packed.text
+    assert mock.stats()["requests"] == 1
 
 
 async def test_unknown_route_and_wrong_method(mock: MockServer, tmp_path: Path) -> None:

@@ -47,7 +47,12 @@ async def _shaped(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except RequestError as exc:
-        return error_response(exc.status, str(exc), exc.param, exc.code)
+        resp = error_response(exc.status, str(exc), exc.param, exc.code)
+        if isinstance(exc.__cause__, web.RequestPayloadError):
+            # The body was not read to its end: the connection cannot carry another
+            # request, so say so (Connection: close) rather than reset the client's next one.
+            resp.force_close()
+        return resp
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

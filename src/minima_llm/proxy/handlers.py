@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from typing import Any
 
@@ -36,13 +37,32 @@ _GONE = (ConnectionResetError, ConnectionError)
 
 
 async def _json_body(request: web.Request) -> Any:
-    raw = await request.read()  # aiohttp raises 413 past client_max_size
     try:
-        return json.loads(raw)
+        raw = await request.read()  # aiohttp raises 413 past client_max_size
+    except web.RequestPayloadError as exc:
+        # A body aiohttp cannot decode (Content-Encoding: gzip over bytes that are not
+        # gzip) is the caller's mistake, not an internal error with a traceback.
+        reason = getattr(exc.__cause__, "message", None) or str(exc)
+        raise RequestError(400, f"request body could not be read: {reason}") from exc
+    try:
+        return json.loads(raw, parse_float=_finite, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"request body is not valid JSON: {exc}") from exc
     except RecursionError as exc:
         raise RequestError(400, "request body is nested too deeply") from exc
+
+
+# Python's json reads NaN, Infinity and 1e400 (as inf), none of which is JSON (RFC 8259
+# section 6): let through, they would be forwarded upstream as the literal NaN or Infinity.
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _not_json(literal: str) -> Any:
+    raise ValueError(f"{literal} is not a JSON value")
 
 
 def _inference(endpoint: str) -> Any:
