@@ -193,6 +193,19 @@ async def test_a_failed_write_raises_cache_error_and_the_store_recovers(
     assert count(store.path) == 1
 
 
+@pytest.mark.parametrize("batch", [3, 200])  # one autocommit statement; a transaction
+async def test_a_lone_surrogate_does_not_cost_its_batch_mates_their_rows(
+    store: SqliteStore, batch: int
+) -> None:
+    # "\ud800" escaped in an upstream's JSON decodes to a str UTF-8 cannot encode.
+    rows = [row(i, text="x\ud800y" if i == 1 else None) for i in range(batch)]
+    await asyncio.gather(*(store.put_many([r]) for r in rows))
+    found = await store.get_many([r.key for r in rows])
+    assert len(found) == batch == count(store.path)
+    assert found[row(1).key].response_text == "x\ufffdy"
+    assert found[row(0).key] == row(0)
+
+
 def test_sync_variants(store: SqliteStore) -> None:
     store.put_many_sync([row(1), row(2)])
     store.put_many_sync([])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import sqlite3
 import time
 import weakref
@@ -39,6 +40,8 @@ _INSERT = f"INSERT OR REPLACE INTO cache ({_COLUMNS}) VALUES"
 _ROW_MARKS = "(?, ?, ?, ?, ?, ?)"
 # Other processes may hold the write lock; wait this long before giving up on a write.
 BUSY_TIMEOUT_S = 60.0
+# A surrogate alone in a str (a JSON "\ud800" escape decodes to one) has no UTF-8 form.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _SqliteFile:
@@ -124,7 +127,13 @@ class _SqliteFile:
                 raise
 
         try:
-            _retry_locked(commit)
+            try:
+                _retry_locked(commit)
+            except UnicodeEncodeError:
+                # sqlite3 binds text as UTF-8 and refuses the whole statement, so one answer
+                # holding a lone surrogate would leave every row written with it uncached.
+                rows = [_storable(row) for row in rows]
+                _retry_locked(commit)
         except sqlite3.Error as exc:
             raise CacheError(f"cache write to {self.path} failed: {exc}") from exc
         self.rows_written += len(rows)
@@ -227,6 +236,11 @@ def _release(*workers: ConnectionWorker | None) -> None:
     for worker in workers:
         if worker is not None:
             worker.release()
+
+
+def _storable(row: CacheRow) -> CacheRow:
+    """``row`` with each lone surrogate replaced by U+FFFD, as a UTF-8 decoder would show it."""
+    return CacheRow._make(_SURROGATE.sub("\ufffd", v) if isinstance(v, str) else v for v in row)
 
 
 def _flat(rows: list[CacheRow]) -> list[Any]:
