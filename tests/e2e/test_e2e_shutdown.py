@@ -7,8 +7,10 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 from _e2e_support import API_KEY, MODEL, MockControl, Service, expected_reply, user
 
@@ -69,3 +71,60 @@ def test_sigterm_finishes_the_stream_in_flight(
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == expected_reply(prompt)
     assert gw.proc.wait(timeout=EXIT_BOUND_S) == 0, gw.output()
+
+
+LONG = " ".join(f"word{i}" for i in range(40))  # some 12 s of chunks at 0.3 s each
+
+
+def _slow_stream(
+    gw: Service, mock: MockControl, prompt: str, signals: int = 1
+) -> tuple[int, float, bool]:
+    """Read a stream while ``gw`` gets ``signals`` SIGTERMs, a chunk apart: chunks, seconds, cut."""
+    mock.configure(stream_chunk_delay_s=0.3)
+    chunks = 0
+    started = time.monotonic()
+    with (
+        _sdk(gw) as client,
+        client.chat.completions.create(model=MODEL, messages=user(prompt), stream=True) as stream,
+    ):
+        try:
+            for _ in stream:
+                chunks += 1
+                if chunks <= signals:
+                    gw.signal(signal.SIGTERM)
+        except (openai.APIError, httpx.HTTPError):
+            return chunks, time.monotonic() - started, True
+    return chunks, time.monotonic() - started, False
+
+
+def test_a_stream_that_outlasts_the_shutdown_timeout_is_stopped_at_it(
+    launch_gateway: Callable[..., Service],
+    mock: MockControl,
+    unique: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    # aiohttp alone let a stream run for twice the timeout: it waits, asks the handler
+    # to stop (which a handler writing to its client never notices), then waits again.
+    config = tmp_path / "gateway.yml"
+    config.write_text(
+        f'base_url: "{mock.url}"\nmodel: "{MODEL}"\napi_key: "{API_KEY}"\nrpm: 0\n'
+        "proxy:\n  shutdown_timeout_s: 2.0\n",
+        encoding="utf-8",
+    )
+    gw = launch_gateway("--config", str(config))
+    chunks, elapsed, cut = _slow_stream(gw, mock, unique(LONG))
+    assert cut and 2 <= chunks < 30
+    assert gw.proc.wait(timeout=EXIT_BOUND_S) == 0, gw.output()
+    assert elapsed < 3.5, f"the stream ran {elapsed:.1f}s after a 2 s shutdown timeout"
+    assert "stopped 1 request(s) still running after 2s" in gw.output()
+
+
+def test_a_second_sigterm_stops_what_is_in_flight_and_exits_cleanly(
+    launch_gateway: Callable[..., Service], mock: MockControl, unique: Callable[[str], str]
+) -> None:
+    gw = launch_gateway()  # with the default 30 s timeout, only the second signal ends it soon
+    chunks, elapsed, cut = _slow_stream(gw, mock, unique(LONG), signals=2)
+    assert cut and chunks < 30 and elapsed < 5
+    assert gw.proc.wait(timeout=EXIT_BOUND_S) == 0, gw.output()
+    assert "Traceback" not in gw.output(), gw.output()
+    assert "stopped 1 request(s) second signal" in gw.output()

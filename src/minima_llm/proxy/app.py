@@ -29,6 +29,9 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     """
     gw = request.app[GATEWAY]
     gw.metrics.in_flight.inc()
+    task = asyncio.current_task()
+    if task is not None:
+        gw.answering.add(task)
     status = 500
     try:
         refused = _authenticate(request, gw)
@@ -36,6 +39,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = resp.status
         return resp
     finally:
+        gw.answering.discard(task)
         gw.metrics.in_flight.dec()
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"

@@ -7,6 +7,7 @@ import asyncio
 import errno
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -18,10 +19,16 @@ from ..backend import OpenAIMinimaLlm
 from ..config import MinimaLlmConfig, read_yaml
 from ..errors import MinimaLlmError
 from .app import build_app
+from .gateway import Gateway
+from .handlers import GATEWAY
 from .log import LineFormatter
 from .settings import DEFAULT_PORT, ProxySettings
 
 GATEWAY_MEMORY_ENTRIES = 10_000
+# aiohttp waits this much longer than the gateway's own deadline, so the deadline (which
+# stops the requests that overstay) is what ends a shutdown, not aiohttp's two waits.
+_SHUTDOWN_SLACK_S = 2.0
+log = logging.getLogger("minima_llm.proxy")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,6 +124,25 @@ def listen(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
+async def _drain(gateway: Gateway, timeout_s: float) -> None:
+    """Stop the requests still running ``timeout_s`` after a shutdown began, or at a second signal.
+
+    aiohttp alone would wait ``timeout`` for a handler, then as long again after asking
+    it to stop, which a stream writing to its client never notices; and its handler
+    for a second SIGINT/SIGTERM breaks the cleanup with tracebacks and exit status 1.
+    """
+    loop = asyncio.get_running_loop()
+    loop.call_later(timeout_s, _cut_off, gateway, f"still running after {timeout_s:g}s")
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, _cut_off, gateway, "second signal")
+
+
+def _cut_off(gateway: Gateway, why: str) -> None:
+    stopped = gateway.cut_off()
+    if stopped:
+        log.warning("shutting down: stopped %d request(s) %s", stopped, why)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``minimallm-proxy`` until SIGINT or SIGTERM."""
     args = _parser().parse_args(argv)
@@ -158,12 +184,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
 
-    # run_app stops on SIGINT/SIGTERM: it stops accepting, then waits up to
-    # shutdown_timeout for requests in flight before cleanup closes the backend.
+    # run_app stops on SIGINT/SIGTERM: it stops accepting, lets requests in flight
+    # finish, then cleanup closes the backend (committing what is queued).
+    app.on_shutdown.append(lambda app: _drain(app[GATEWAY], settings.shutdown_timeout_s))
     web.run_app(
         app,
         sock=sockets,
-        shutdown_timeout=settings.shutdown_timeout_s,
+        shutdown_timeout=settings.shutdown_timeout_s + _SHUTDOWN_SLACK_S,
         access_log=None,
         print=announce,
         handle_signals=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import time
@@ -36,6 +37,8 @@ class Gateway:
         self._keys = [k.encode("utf-8") for k in settings.api_keys]
         self._health: tuple[float, dict[str, Any]] | None = None
         self._session: aiohttp.ClientSession | None = None
+        # The tasks answering requests right now: a shutdown stops those that overstay.
+        self.answering: set[asyncio.Task[Any]] = set()
 
     def key_is_valid(self, presented: str) -> bool:
         """Constant-time comparison against every configured key."""
@@ -74,6 +77,13 @@ class Gateway:
         result["latency_ms"] = round((time.monotonic() - started) * 1000, 1)
         self._health = (now, result)
         return result
+
+    def cut_off(self) -> int:
+        """Cancel every request still being answered; how many there were."""
+        tasks = [task for task in self.answering if not task.done()]
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
 
     async def aclose(self) -> None:
         """Close the health-check session and the backend (flushing the cache)."""
