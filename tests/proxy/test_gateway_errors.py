@@ -59,6 +59,13 @@ async def test_numbers_json_cannot_carry_are_a_bad_request(
     assert mock.stats()["requests"] == 0
 
 
+async def test_include_usage_must_be_a_boolean(mock: MockServer, tmp_path: Path) -> None:
+    async with serve(mock.url, tmp_path) as gw:
+        reply = await gw.chat("x", stream=True, stream_options={"include_usage": "false"})
+        assert error_of(reply, 400)["param"] == "stream_options.include_usage"
+    assert mock.stats()["requests"] == 0
+
+
 async def test_validation_error_over_http(mock: MockServer, tmp_path: Path) -> None:
     async with serve(mock.url, tmp_path) as gw:
         error = error_of(await gw.chat("hi", temperature=5), 400)

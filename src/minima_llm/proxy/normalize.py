@@ -177,7 +177,12 @@ def _include_usage(body: dict[str, Any]) -> bool:
         return False
     if not isinstance(options, dict):
         raise RequestError(400, "'stream_options' must be an object", param="stream_options")
-    return bool(options.get("include_usage", False))
+    value = options.get("include_usage")
+    if value is not None and not isinstance(value, bool):
+        # bool("false") is True: taken as truthy, a string would turn usage on when asked off.
+        name = "stream_options.include_usage"
+        raise RequestError(400, f"'{name}' must be a boolean", param=name)
+    return bool(value)
 
 
 def _cache_directives(body: dict[str, Any], headers: Mapping[str, str]) -> tuple[bool, bool]:
