@@ -115,6 +115,28 @@ async def test_stdlib_keeps_connections_alive(mock: MockServer) -> None:
     assert t.opened <= 4  # 12 requests, at most one connection per worker thread
 
 
+async def test_stdlib_retries_a_stale_connection_on_a_new_one_not_the_next_stale_one() -> None:
+    # A server restart (or an idle timeout: uvicorn's is 5 s) leaves every pooled
+    # connection stale; the one retry must not pick another stale one from the pool.
+    first = await MockServer().start()
+    port = first.port
+    t = StdlibTransport(max_connections=4)
+    try:
+        await asyncio.gather(
+            *(t.post(first.url + "/chat/completions", BODY, JSON, 5.0) for _ in range(4))
+        )
+        await first.stop()
+        second = await MockServer().start(port=port)
+        try:
+            for _ in range(4):
+                resp = await t.post(second.url + "/chat/completions", BODY, JSON, 5.0)
+                assert resp.status == 200
+        finally:
+            await second.stop()
+    finally:
+        await t.aclose()
+
+
 def test_unknown_transport_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="transport"):
         make_transport("curl", 1)

@@ -101,7 +101,9 @@ class StdlibTransport:
     ) -> tuple[_Origin, http.client.HTTPConnection, http.client.HTTPResponse]:
         origin, path = _split(url)
         for attempt in range(2):
-            conn, reused = self._checkout(origin, timeout_s)
+            # The retry opens a new connection: after an idle timeout or a server restart
+            # every pooled connection is stale, and the next one would fail the same way.
+            conn, reused = self._checkout(origin, timeout_s, pooled=attempt == 0)
             try:
                 conn.request("POST", path, body=body, headers=headers)
                 return origin, conn, conn.getresponse()
@@ -135,10 +137,10 @@ class StdlibTransport:
         )
 
     def _checkout(
-        self, origin: _Origin, timeout_s: float
+        self, origin: _Origin, timeout_s: float, pooled: bool = True
     ) -> tuple[http.client.HTTPConnection, bool]:
         with self._lock:
-            idle = self._idle.get(origin)
+            idle = self._idle.get(origin) if pooled else None
             if idle:
                 conn = idle.pop()
                 conn.timeout = timeout_s
