@@ -8,8 +8,9 @@ from typing import Any
 
 from minima_llm import MinimaLlmConfig, MinimaLlmFailure
 from minima_llm.clock import FakeClock
-from minima_llm.http import HttpResponse
+from minima_llm.http import HttpResponse, StdlibTransport
 from minima_llm.stats import LiveStats
+from minima_llm.testing import MockServer
 from minima_llm.upstream import Completion, UpstreamCaller, parse_completion
 
 BODY = json.dumps({"choices": [{"message": {"content": "ok"}}]}).encode()
@@ -114,3 +115,22 @@ def test_a_pretty_printed_error_body_is_kept_whole_in_the_snippet() -> None:
     assert len(body) > SNIPPET  # as api.openai.com sends it
     assert json.loads(_error_snippet(body)) == error
     assert _error_snippet(b"<html>" + b"x" * 1000) == ("<html>" + "x" * 1000)[:SNIPPET]
+
+
+async def test_a_long_retry_after_waits_no_longer_than_the_wait_bound(mock: MockServer) -> None:
+    # A 429 after a spent quota says "Retry-After: 3600"; the backoff was capped but
+    # the pacer then held every request for the rest of the hour.
+    mock.fail_next(1, status=429, headers={"Retry-After": "3600"})
+    clock = FakeClock()
+    cfg = MinimaLlmConfig(
+        base_url=mock.url, model="m", rpm=0, max_backoff_s=5.0, cooldown_cap_s=7.0
+    )
+    transport = StdlibTransport(2)
+    try:
+        up = UpstreamCaller(cfg, transport, clock, LiveStats())
+        payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        outcome = await up.complete("r1", mock.url + "/chat/completions", payload)
+    finally:
+        await transport.aclose()
+    assert isinstance(outcome, Completion)
+    assert sum(clock.sleeps) <= 7.0, clock.sleeps

@@ -191,11 +191,11 @@ class UpstreamCaller:
             config.base_backoff_s,
             clock,
         )
-        self.pacer = RpmPacer(config.rpm, clock)
-        self._slots: LoopBound[Slots] = LoopBound(lambda: Slots(config.max_outstanding))
-        self.headers = headers if headers is not None else request_headers(config)
         # Retry-After can be long; every wait still needs a bound.
         self.max_wait_s = max(config.max_backoff_s, config.cooldown_cap_s)
+        self.pacer = RpmPacer(config.rpm, clock, max_hold_s=self.max_wait_s)
+        self._slots: LoopBound[Slots] = LoopBound(lambda: Slots(config.max_outstanding))
+        self.headers = headers if headers is not None else request_headers(config)
 
     @property
     def in_flight_limit(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from typing import Any
 
 import pytest
 
@@ -156,6 +157,23 @@ def test_penalize_holds_for_retry_after(rpm: int, retry_after: float) -> None:
     assert first == pytest.approx(retry_after)
     if rpm:
         assert pacer.reserve() == pytest.approx(retry_after + 60.0 / rpm)
+
+
+@pytest.mark.parametrize(
+    "hold",
+    [
+        lambda p: p.penalize(3600.0),  # Retry-After after a spent daily quota
+        lambda p: p.observe(RateLimitInfo(remaining_requests=0, reset_requests_s=1.7e9)),
+        lambda p: p.observe(
+            RateLimitInfo(limit_tokens=1000, remaining_tokens=0, reset_tokens_s=1.7e9)
+        ),  # a reset sent as an epoch timestamp, read as seconds
+    ],
+)
+def test_every_hold_is_bounded_by_max_hold_s(hold: Any) -> None:
+    clock = FakeClock()
+    pacer = RpmPacer(0, clock, max_hold_s=30.0)
+    hold(pacer)
+    assert pacer.reserve() == pytest.approx(30.0)
 
 
 def test_penalize_without_retry_after_does_not_hold_but_ends_burst() -> None:

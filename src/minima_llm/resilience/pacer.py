@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 
 from ..clock import SYSTEM_CLOCK, Clock
 from .headers import NO_RATE_LIMITS, RateLimitInfo
@@ -21,8 +22,18 @@ PROBE_WAIT_S = 0.1
 class RpmPacer:
     """Spaces request starts ``60 / rpm`` seconds apart, FIFO, learning the rate from headers."""
 
-    def __init__(self, rpm: int, clock: Clock = SYSTEM_CLOCK, follow_server: bool = True) -> None:
+    def __init__(
+        self,
+        rpm: int,
+        clock: Clock = SYSTEM_CLOCK,
+        follow_server: bool = True,
+        max_hold_s: float = math.inf,
+    ) -> None:
         self.configured_rpm = rpm
+        # A Retry-After of an hour (a spent quota) or a reset header sent as an epoch
+        # timestamp must not stop every request that long; retries cope with a server
+        # that still refuses when the hold ends.
+        self.max_hold_s = max_hold_s
         self.server_rpm: int | None = None
         self.follow_server = follow_server
         self._clock = clock
@@ -108,7 +119,7 @@ class RpmPacer:
                 self._next_at = max(self._next_at, now)
         if info.remaining_requests == 0 and info.reset_requests_s:
             interval = 60.0 / self.rpm if self.rpm > 0 else info.reset_requests_s
-            self._hold_until = max(self._hold_until, now + min(info.reset_requests_s, interval))
+            self._hold(now, min(info.reset_requests_s, interval))
             self._burst = 0
         if (
             info.remaining_tokens is not None
@@ -116,16 +127,18 @@ class RpmPacer:
             and info.remaining_tokens < info.limit_tokens * 0.01
             and info.reset_tokens_s
         ):
-            self._hold_until = max(self._hold_until, now + info.reset_tokens_s)
+            self._hold(now, info.reset_tokens_s)
         self._finish_probe()
 
     def penalize(self, retry_after_s: float | None) -> None:
         """After a 429: hold every start until the server's retry-after has passed."""
         if retry_after_s:
-            now = self._clock.monotonic()
-            self._hold_until = max(self._hold_until, now + retry_after_s)
+            self._hold(self._clock.monotonic(), retry_after_s)
         self._burst = 0
         self._finish_probe()
+
+    def _hold(self, now: float, seconds: float) -> None:
+        self._hold_until = max(self._hold_until, now + min(seconds, self.max_hold_s))
 
     def _finish_probe(self) -> None:
         self._learned = True
