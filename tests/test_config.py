@@ -590,6 +590,24 @@ def test_from_yaml_errors(tmp_path: Path, text: str, field: str) -> None:
     assert info.value.field == field
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        f'base_url: {URL}\nmodel: m\napi_key: "{SECRET}\nrpm: 3\n',  # unclosed quote
+        f"base_url: {URL}\nmodel: m\napi_key: {SECRET}\n\trpm: 3\n",  # a tab indent
+        f"base_url: {URL}\nmodel: m\napi_key: {SECRET}\n  rpm: : 3\n",
+    ],
+)
+def test_from_yaml_syntax_error_is_a_config_error_without_the_key(
+    tmp_path: Path, text: str
+) -> None:
+    # Callers catch ConfigError (a ValueError) for bad config; PyYAML's own errors are neither.
+    with pytest.raises(ConfigError) as info:
+        MinimaLlmConfig.from_yaml(write(tmp_path, text))
+    assert info.value.field == "yaml" and "line" in str(info.value)
+    assert SECRET not in str(info.value)
+
+
 # --- convenience properties and URLs --------------------------------------------------
 
 

@@ -359,7 +359,12 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     except ImportError as exc:
         raise ImportError("YAML config needs PyYAML: pip install 'minima-llm[yaml]'") from exc
     with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh) or {}
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            # Read from a file, PyYAML's message names the line and column but quotes no
+            # text of it, so a key on the broken line is not echoed.
+            raise ConfigError("yaml", os.fspath(path), f"valid YAML ({exc})") from exc
     if not isinstance(data, Mapping):
         raise ConfigError("yaml", os.fspath(path), "a mapping of config fields at the top level")
     return dict(data)
