@@ -5,16 +5,22 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import time
+from pathlib import Path
 
 import pytest
 
+from backend_support import req
 from minima_llm import (
     BatchConfig,
+    MinimaLlmConfig,
     MinimaLlmFailure,
     MinimaLlmResponse,
+    OpenAIMinimaLlm,
     run_batched_callable,
     set_last_cached,
 )
+from minima_llm.testing import MockServer
 
 QUIET = {"heartbeat_s": 0.0, "stall_s": 0.0}
 
@@ -165,6 +171,24 @@ async def test_heartbeat_reports_progress_and_cache_hits_to_a_logger(
     assert final.startswith("[batch] finished 40") and "cache hits 20, live 20" in final
 
 
+async def test_eta_of_a_resumed_run_comes_from_live_calls_not_cache_hits() -> None:
+    # 94 answers replayed from the cache in a moment, then 6 live calls of 0.25 s:
+    # counting the hits in the rate promised "ETA 0s" with 1.5 s of calls to go.
+    async def fn(i: int) -> int:
+        if i < 94:
+            set_last_cached(True)
+        else:
+            await asyncio.sleep(0.25)
+        return i
+
+    stream = io.StringIO()
+    await run_batched_callable(
+        range(100), fn, BatchConfig(num_workers=1, heartbeat_s=0.6, stall_s=0), progress=stream
+    )
+    beat = next(line for line in stream.getvalue().splitlines() if "/100 (" in line)
+    assert int(beat.split("ETA ")[1].split("s")[0]) >= 1, beat
+
+
 async def test_answers_shared_from_a_call_in_flight_are_not_counted_as_live_calls(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -190,6 +214,51 @@ async def test_stall_warning() -> None:
         range(3), fn, BatchConfig(num_workers=1, heartbeat_s=0, stall_s=0.1), progress=stream
     )
     assert "[batch] stalled: no result for" in stream.getvalue()
+
+
+class _Timed(io.StringIO):
+    """A stream that notes when each line was written, relative to its creation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.start = time.monotonic()
+        self.lines: list[tuple[float, str]] = []
+
+    def write(self, text: str) -> int:
+        if text.strip():
+            self.lines.append((time.monotonic() - self.start, text.strip()))
+        return super().write(text)
+
+
+async def test_heartbeat_keeps_its_own_period_when_the_stall_limit_is_shorter() -> None:
+    # BATCH_HEARTBEAT_S=600 beside the default 300 s stall limit printed every 300 s.
+    async def fn(i: int) -> int:
+        await asyncio.sleep(0.02)
+        return i
+
+    stream = _Timed()
+    await run_batched_callable(
+        range(40), fn, BatchConfig(num_workers=1, heartbeat_s=0.3, stall_s=0.1), progress=stream
+    )
+    elapsed = time.monotonic() - stream.start
+    beats = [line for _, line in stream.lines if "/40 (" in line]
+    assert beats and len(beats) <= elapsed / 0.3 + 1, (elapsed, beats)
+
+
+async def test_stall_warning_comes_one_stall_period_after_the_last_result() -> None:
+    # With the heartbeat off the watcher slept whole stall periods, so a stall that
+    # began just after a wake-up was reported nearly two periods late.
+    async def fn(i: int) -> int:
+        await asyncio.sleep(0.1 if i == 0 else 1.0 if i == 1 else 0)
+        return i
+
+    stream = _Timed()
+    await run_batched_callable(
+        range(3), fn, BatchConfig(num_workers=1, heartbeat_s=0, stall_s=0.4), progress=stream
+    )
+    warnings = [at for at, line in stream.lines if "stalled" in line]
+    assert warnings and 0.45 <= warnings[0] < 0.75, stream.lines  # it was at 0.8
+    assert len(warnings) == 2  # repeated once per stall period while still stalled
 
 
 class _Tty(io.StringIO):
@@ -240,3 +309,32 @@ async def test_cancelling_the_batch_cancels_its_workers() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert cancelled == 4
+
+
+async def test_a_batch_reports_the_tokens_it_spent_not_the_backends_lifetime_total(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    # DSPy pipelines run several batches on one backend; the second one reported the
+    # first one's tokens too, and a fully cached third one reported tokens it never sent.
+    backend = OpenAIMinimaLlm(
+        MinimaLlmConfig(base_url=mock.url, model="mock-model", cache_dir=str(tmp_path), rpm=0)
+    )
+    batch = BatchConfig(**QUIET)
+    try:
+        summaries = []
+        for ids in (range(10), range(10, 20), range(20)):
+            stream = io.StringIO()
+            out = await run_batched_callable(
+                [req(i) for i in ids],
+                backend.generate,
+                batch,
+                progress=stream,
+                stats=backend.snapshot,
+            )
+            spent = sum(r.usage.prompt_tokens for r in out if not r.cached)  # type: ignore[union-attr]
+            summaries.append((spent, stream.getvalue().strip().splitlines()[-1]))
+    finally:
+        await backend.aclose()
+    (first, one), (second, two), (_, three) = summaries
+    assert f"tokens in {first} " in one and f"tokens in {second} " in two, two
+    assert "tokens in 0 out 0" in three, three

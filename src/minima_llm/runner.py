@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -26,8 +27,16 @@ _YIELD_EVERY = 256
 class _Tally:
     """What the batch has done so far."""
 
-    def __init__(self, total: int | None, batch: BatchConfig, sink: ProgressSink) -> None:
+    def __init__(
+        self,
+        total: int | None,
+        batch: BatchConfig,
+        sink: ProgressSink,
+        base: StatsSnapshot | None = None,
+    ) -> None:
         self.total = total
+        # The backend's token counters run for its whole life; a batch reports its own share.
+        self.base_tokens = _tokens(base) if base is not None else (0, 0, 0)
         self.batch = batch
         self.sink = sink
         self.done = 0
@@ -77,7 +86,10 @@ class _Tally:
         rate = self.done / elapsed
         if self.total:
             left = self.total - self.done
-            eta = f"{left / rate:.0f}s" if rate > 0 else "?"
+            # Cache hits come back thousands a second: in the ETA's rate they make a
+            # resumed run look nearly done. Only work that waited on the upstream predicts the rest.
+            waited = self.done - self.hits
+            eta = f"{left * elapsed / waited:.0f}s" if waited > 0 else "?"
             head = f"{self.done}/{self.total} ({100.0 * self.done / self.total:.1f}%) {rate:.1f}/s ETA {eta}"
         else:
             head = f"{self.done} done {rate:.1f}/s"
@@ -88,11 +100,10 @@ class _Tally:
         shared = f", shared {self.joined}" if self.joined else ""
         text = f"cache hits {self.hits}, live {live}{shared} | failures {self.failures}"
         if stats is not None:
-            saved = stats.tokens_saved_in + stats.tokens_saved_out
-            return (
-                text
-                + f" | tokens in {stats.tokens_in} out {stats.tokens_out}, saved by cache {saved}"
+            spent_in, spent_out, saved = (
+                now - then for now, then in zip(_tokens(stats), self.base_tokens, strict=True)
             )
+            return text + f" | tokens in {spent_in} out {spent_out}, saved by cache {saved}"
         return text + f" | tokens in {self.tokens_in} out {self.tokens_out}"
 
 
@@ -114,7 +125,7 @@ async def run_batched_callable(
     pending = list(items)
     results: list[Any] = [None] * len(pending)
     sink = ProgressSink(progress)
-    tally = _Tally(len(pending), batch, sink)
+    tally = _Tally(len(pending), batch, sink, stats() if stats else None)
     feed = iter(enumerate(pending))
     abort = asyncio.Event()
 
@@ -164,23 +175,36 @@ async def _watch(
     workers: Sequence[asyncio.Future[Any]],
 ) -> None:
     """Heartbeat every ``heartbeat_s``; warn once per stall period when nothing finishes."""
-    period = batch.heartbeat_s if batch.heartbeat_s > 0 else batch.stall_s
-    if period <= 0:
+    beat, stall = batch.heartbeat_s, batch.stall_s
+    if beat <= 0 and stall <= 0:
         return
-    warned_at = 0.0
+    next_beat = tally.started + beat if beat > 0 else math.inf
+    warned_at = -math.inf
     while True:
-        await asyncio.sleep(min(period, batch.stall_s) if batch.stall_s > 0 else period)
+        # Wake for whichever is due first, so neither waits on the other's period:
+        # a 600 s heartbeat beside a 300 s stall limit, or a stall warning that
+        # would come up to two stall periods late with the heartbeat off.
+        due = next_beat
+        if stall > 0:
+            due = min(due, max(tally.last_progress, warned_at) + stall)
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
         now = time.monotonic()
-        if batch.heartbeat_s > 0:
+        if now >= next_beat:
             sink.status(tally.line(stats() if stats else None))
+            next_beat = now + beat
         quiet = now - tally.last_progress
-        if batch.stall_s > 0 and quiet >= batch.stall_s and now - warned_at >= batch.stall_s:
+        if stall > 0 and quiet >= stall and now - warned_at >= stall:
             warned_at = now
             busy = sum(1 for w in workers if not w.done())
             sink.report(
                 f"[batch] stalled: no result for {quiet:.0f}s ({tally.done}/{tally.total} done, {busy} workers waiting)",
                 logging.WARNING,
             )
+
+
+def _tokens(snap: StatsSnapshot) -> tuple[int, int, int]:
+    """Tokens sent, received, and saved by the cache, so far."""
+    return snap.tokens_in, snap.tokens_out, snap.tokens_saved_in + snap.tokens_saved_out
 
 
 def _summary(tally: _Tally, stats: StatsSnapshot | None) -> str:
