@@ -80,6 +80,20 @@ async def test_exception_becomes_failure_in_its_slot() -> None:
     )
 
 
+async def test_without_a_config_the_batch_variables_apply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The default of 25 failures would abort this batch; BATCH_MAX_FAILURES=none says never.
+    monkeypatch.setenv("BATCH_MAX_FAILURES", "none")
+    monkeypatch.setenv("BATCH_HEARTBEAT_S", "0")
+
+    async def fn(i: int) -> object:
+        return _fail(i)
+
+    results = await run_batched_callable(range(30), fn, progress=False)
+    assert all(isinstance(r, MinimaLlmFailure) for r in results)
+
+
 async def test_first_failures_printed_in_full() -> None:
     async def fn(i: int) -> object:
         return _fail(i) if i % 2 else i

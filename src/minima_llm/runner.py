@@ -117,11 +117,13 @@ async def run_batched_callable(
 ) -> list[R | MinimaLlmFailure]:
     """Run ``fn`` over ``items`` with ``num_workers`` workers; results in input order.
 
-    An exception from ``fn`` becomes a ``MinimaLlmFailure`` in that item's slot.
+    ``batch_config`` defaults to ``BatchConfig.from_env()``. An exception from ``fn``
+    becomes a ``MinimaLlmFailure`` in that item's slot.
     More than ``max_failures`` failures abort the batch with a ``RuntimeError``
     listing the most recent ones.
     """
-    batch = batch_config or BatchConfig()
+    # Without a config, the BATCH_* variables apply, as they do to a backend's own batches.
+    batch = batch_config or BatchConfig.from_env()
     pending = list(items)
     results: list[Any] = [None] * len(pending)
     sink = ProgressSink(progress)
