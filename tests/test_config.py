@@ -559,6 +559,26 @@ def test_from_yaml_empty_list_entry_means_none(tmp_path: Path) -> None:
     assert cfg.model_synonyms == {}
 
 
+def test_from_yaml_empty_sections_mean_the_defaults(tmp_path: Path) -> None:
+    text = f"base_url: {URL}\nmodel: m\nbatch:\nparasail:\n"
+    cfg = MinimaLlmConfig.from_yaml(write(tmp_path, text))
+    assert cfg.batch == BatchConfig() and cfg.parasail == ParasailBatchConfig()
+
+
+def test_from_yaml_max_failures_none_as_the_env_var_spells_it(tmp_path: Path) -> None:
+    text = f"base_url: {URL}\nmodel: m\nbatch:\n  max_failures: none\n"
+    assert MinimaLlmConfig.from_yaml(write(tmp_path, text)).batch.max_failures is None
+
+
+def test_whole_numbers_for_float_fields_become_floats(tmp_path: Path) -> None:
+    # Failure reports print timeout=60.0s (reference 002), not the 60s an int would give.
+    text = f"base_url: {URL}\nmodel: m\ntimeout_s: 60\nbatch:\n  stall_s: 10\n"
+    cfg = MinimaLlmConfig.from_yaml(write(tmp_path, text))
+    assert type(cfg.timeout_s) is float and type(cfg.batch.stall_s) is float
+    assert type(ParasailBatchConfig(poll_interval_s=5).poll_interval_s) is float
+    assert type(cfg.max_outstanding) is int and cfg.batch.num_workers == 64
+
+
 @pytest.mark.parametrize(
     ("environ", "expected"),
     [({"OPENAI_API_KEY": "from-env"}, "from-env"), ({"OPENAI_TOKEN": "tok"}, "tok")],

@@ -41,6 +41,23 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
     _check(_is_int(value) and value >= minimum, name, value, f"an integer >= {minimum}")
 
 
+def _as_declared(cls: type, name: str, value: Any) -> Any:
+    """An int given for a float field, as a float: failure reports print timeout=60.0s."""
+    if type(value) is int and name in _float_fields(cls):
+        return float(value)
+    return value
+
+
+def _floats_as_declared(config: Any) -> None:
+    for name in _float_fields(type(config)):
+        object.__setattr__(config, name, _as_declared(type(config), name, getattr(config, name)))
+
+
+def _float_fields(cls: Any) -> frozenset[str]:
+    # Annotations are strings here (postponed evaluation): "float" is exactly the float fields.
+    return frozenset(f.name for f in fields(cls) if f.type == "float")
+
+
 def _check_float(name: str, value: Any, minimum: float, strict: bool = False) -> None:
     # Infinity passes a >= check, then overflows a timer or makes a wait unbounded.
     ok = _is_num(value) and math.isfinite(value)
@@ -68,8 +85,10 @@ class BatchConfig:
         # stored and silently ignored by the runner.
         if name not in _BATCH_FIELDS:
             raise AttributeError(f"BatchConfig has no field {name!r}")
+        if name == "max_failures" and isinstance(value, str) and value.strip().lower() == "none":
+            value = None  # YAML reads none as a string; the env var spells "never" so too
         _validate_batch_field(name, value)
-        super().__setattr__(name, value)
+        super().__setattr__(name, _as_declared(BatchConfig, name, value))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> BatchConfig:
@@ -121,6 +140,7 @@ class ParasailBatchConfig:
         )
         _check_float("parasail.poll_interval_s", self.poll_interval_s, 0.0, strict=True)
         _check_float("parasail.max_poll_hours", self.max_poll_hours, 0.0, strict=True)
+        _floats_as_declared(self)
 
     @property
     def enabled(self) -> bool:
@@ -241,8 +261,15 @@ class MinimaLlmConfig:
             self.transport,
             f"one of {', '.join(TRANSPORTS)}",
         )
+        _floats_as_declared(self)
         object.__setattr__(self, "model_synonyms", synonym_groups(self.model_synonyms))
         object.__setattr__(self, "cache_lookup_dirs", _lookup_dirs(self.cache_lookup_dirs))
+        # An empty "batch:" or "parasail:" section in YAML is None: the defaults, as for
+        # an empty cache_lookup_dirs.
+        if self.batch is None:
+            object.__setattr__(self, "batch", BatchConfig())
+        if self.parasail is None:
+            object.__setattr__(self, "parasail", ParasailBatchConfig())
         if isinstance(self.batch, Mapping):
             object.__setattr__(self, "batch", BatchConfig.from_dict(self.batch))
         _check(isinstance(self.batch, BatchConfig), "batch", self.batch, "a BatchConfig")
