@@ -137,6 +137,45 @@ async def test_stdlib_retries_a_stale_connection_on_a_new_one_not_the_next_stale
         await t.aclose()
 
 
+async def test_stdlib_frees_the_thread_of_a_request_whose_server_trickles_bytes(
+    mock: MockServer,
+) -> None:
+    # A streamed answer read whole, a chunk every 0.1 s: no single read times out, so
+    # the one worker thread read on for seconds after the caller had given up.
+    mock.update_config(stream_chunk_delay_s=0.1)
+    words = " ".join(f"w{i}" for i in range(60))
+    slow = json.dumps(
+        {"model": "m", "stream": True, "messages": [{"role": "user", "content": words}]}
+    ).encode()
+    t = StdlibTransport(max_connections=1)
+    try:
+        with pytest.raises(TransportError, match="no complete response"):
+            await t.post(mock.url + "/chat/completions", slow, JSON, 0.3)
+        resp = await t.post(mock.url + "/chat/completions", BODY, JSON, 0.3)
+        assert resp.status == 200
+    finally:
+        await t.aclose()
+
+
+async def test_stdlib_frees_the_thread_of_a_cancelled_request(mock: MockServer) -> None:
+    mock.update_config(latency_s=5.0)
+    t = StdlibTransport(max_connections=1)
+    try:
+        sending = asyncio.ensure_future(t.post(mock.url + "/chat/completions", BODY, JSON, 10.0))
+        for _ in range(500):  # until the mock holds it (at most 5 s)
+            if mock.stats()["concurrency"]:
+                break
+            await asyncio.sleep(0.01)
+        sending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+        mock.update_config(latency_s=0.0)
+        resp = await t.post(mock.url + "/chat/completions", BODY, JSON, 0.5)
+        assert resp.status == 200
+    finally:
+        await t.aclose()
+
+
 def test_unknown_transport_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="transport"):
         make_transport("curl", 1)

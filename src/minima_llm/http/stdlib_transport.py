@@ -73,32 +73,48 @@ class StdlibTransport:
     ) -> HttpResponse:
         """POST from a worker thread; the socket timeout and an outer deadline bound the wait."""
         loop = asyncio.get_running_loop()
+        sent: list[socket.socket] = []
         job = loop.run_in_executor(
-            self._executor or self._pool(), self._send, url, body, dict(headers), timeout_s
+            self._executor or self._pool(), self._send, url, body, dict(headers), timeout_s, sent
         )
         try:
             # The socket timeout applies per read; the outer bound caps a server that trickles bytes.
             return await asyncio.wait_for(job, timeout_s * 2 + 1.0)
         except asyncio.TimeoutError as exc:
+            _abort(sent)
             raise TransportError("timeout", f"no complete response within {timeout_s}s") from exc
+        except asyncio.CancelledError:
+            _abort(sent)
+            raise
 
     async def open_stream(
         self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
     ) -> _StdlibStream:
         """POST from a worker thread and return at the headers; lines are read on threads too."""
         loop = asyncio.get_running_loop()
+        sent: list[socket.socket] = []
         job = loop.run_in_executor(
-            self._executor or self._pool(), self._start, url, body, dict(headers), timeout_s
+            self._executor or self._pool(), self._start, url, body, dict(headers), timeout_s, sent
         )
         try:
             origin, conn, resp = await asyncio.wait_for(job, timeout_s * 2 + 1.0)
         except asyncio.TimeoutError as exc:
+            _abort(sent)
             raise TransportError("timeout", f"no response headers within {timeout_s}s") from exc
+        except asyncio.CancelledError:
+            _abort(sent)
+            raise
         return _StdlibStream(self, origin, conn, resp, timeout_s)
 
     def _start(
-        self, url: str, body: bytes, headers: dict[str, str], timeout_s: float
+        self,
+        url: str,
+        body: bytes,
+        headers: dict[str, str],
+        timeout_s: float,
+        sent: list[socket.socket] | None = None,
     ) -> tuple[_Origin, http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Send on a pooled connection (a new one when retrying); ``sent`` gets its socket."""
         origin, path = _split(url)
         for attempt in range(2):
             # The retry opens a new connection: after an idle timeout or a server restart
@@ -106,6 +122,8 @@ class StdlibTransport:
             conn, reused = self._checkout(origin, timeout_s, pooled=attempt == 0)
             try:
                 conn.request("POST", path, body=body, headers=headers)
+                if sent is not None and conn.sock is not None:
+                    sent.append(conn.sock)  # before getresponse(), which may detach it
                 return origin, conn, conn.getresponse()
             except _STALE as exc:
                 conn.close()
@@ -118,10 +136,15 @@ class StdlibTransport:
         raise AssertionError("unreachable")
 
     def _send(
-        self, url: str, body: bytes, headers: dict[str, str], timeout_s: float
+        self,
+        url: str,
+        body: bytes,
+        headers: dict[str, str],
+        timeout_s: float,
+        sent: list[socket.socket] | None = None,
     ) -> HttpResponse:
         headers.setdefault("Accept-Encoding", "gzip")
-        origin, conn, resp = self._start(url, body, headers, timeout_s)
+        origin, conn, resp = self._start(url, body, headers, timeout_s, sent)
         try:
             data = resp.read()
         except Exception as exc:
@@ -244,6 +267,18 @@ class _StdlibStream:
                 self._sock.shutdown(socket.SHUT_RDWR)
         self._conn.close()
         self._resp.close()
+
+
+def _abort(sent: list[socket.socket]) -> None:
+    """Wake the worker thread still reading for a caller that gave up, freeing it.
+
+    Each read has the socket timeout, but a server trickling bytes never trips it:
+    the thread would read on, holding a pool thread and a connection, for as long
+    as the server keeps going. ``shutdown`` makes its blocked read fail at once.
+    """
+    for sock in sent:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _close_idle(
