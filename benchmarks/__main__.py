@@ -56,6 +56,8 @@ METHOD = """
   server also allows a 1 s burst, so a perfect client can beat the ideal by ~5%); a
   child process that builds the same requests and backend but does not run the batch
   for memory (its target is absolute).
+- Gateway latency and time to first token send one request at a time, taking turns
+  between the mock and the gateway, so both sides see the same moment of the machine.
 - Reference and subject runs alternate and the fastest of each is reported. Both warm
   their connections (256 requests, untimed) before the timed run, except the rate-limit
   run, where learning the server's limit is part of what is measured.

@@ -54,41 +54,96 @@ def payloads(count: int, tag: str | None = None, stream: bool = False) -> list[d
     ]
 
 
+async def _one(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any]
+) -> tuple[float, float | None, bool]:
+    """POST one body (a stream is read to its end): latency, time to first content, OK."""
+    started = time.perf_counter()
+    first = None
+    async with session.post(url, json=body) as resp:
+        if body.get("stream"):
+            async for line in resp.content:
+                if first is None and line.startswith(b"data: {") and b'"content"' in line:
+                    first = time.perf_counter() - started
+        else:
+            await resp.read()
+        ok = resp.status == 200
+    return time.perf_counter() - started, first, ok
+
+
+def _session(concurrency: int) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    return aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    )
+
+
+class _Recorder:
+    """Latencies, first-token times and errors of one side, as they come."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.ttft: list[float] = []
+        self.errors = 0
+
+    def add(self, outcome: tuple[float, float | None, bool]) -> None:
+        latency, first, ok = outcome
+        self.latencies.append(latency)
+        if first is not None:
+            self.ttft.append(first)
+        self.errors += not ok
+
+    def load(self, elapsed_s: float) -> Load:
+        return Load(elapsed_s, self.latencies, self.errors, self.ttft)
+
+
 async def drive(base_url: str, bodies: list[dict[str, Any]], concurrency: int) -> Load:
     """POST every body with ``concurrency`` workers; streams are read to the end."""
     url = base_url + "/chat/completions"
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    latencies: list[float] = []
-    ttft: list[float] = []
-    errors = 0
+    seen = _Recorder()
     feed = iter(bodies)
 
     async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal errors
         for body in feed:
-            started = time.perf_counter()
-            async with session.post(url, json=body) as resp:
-                if body.get("stream"):
-                    first = None
-                    async for line in resp.content:
-                        if first is None and line.startswith(b"data: {") and b'"content"' in line:
-                            first = time.perf_counter() - started
-                    if first is not None:
-                        ttft.append(first)
-                else:
-                    await resp.read()
-                if resp.status != 200:
-                    errors += 1
-            latencies.append(time.perf_counter() - started)
+            seen.add(await _one(session, url, body))
 
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with _session(concurrency) as session:
         started = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-    return Load(elapsed, latencies, errors, ttft)
+    return seen.load(elapsed)
+
+
+async def drive_alternating(
+    base_urls: tuple[str, str], bodies: tuple[list[dict[str, Any]], list[dict[str, Any]]]
+) -> tuple[Load, Load]:
+    """One request at a time, taking turns between two servers: both see the same machine.
+
+    Run one after the other, a change in the machine's load between the two runs
+    would show up as a difference between the servers.
+    """
+    urls = [url + "/chat/completions" for url in base_urls]
+    seen = (_Recorder(), _Recorder())
+    spent = [0.0, 0.0]
+    async with _session(1) as first, _session(1) as second:
+        sessions = (first, second)
+        for pair in zip(*bodies, strict=True):
+            for side in (0, 1):
+                started = time.perf_counter()
+                seen[side].add(await _one(sessions[side], urls[side], pair[side]))
+                spent[side] += time.perf_counter() - started
+    return seen[0].load(spent[0]), seen[1].load(spent[1])
 
 
 def run(base_url: str, bodies: list[dict[str, Any]], concurrency: int, timeout_s: float) -> Load:
     """``drive`` on a fresh loop, bounded."""
     return asyncio.run(asyncio.wait_for(drive(base_url, bodies, concurrency), timeout_s))
+
+
+def run_alternating(
+    base_urls: tuple[str, str],
+    bodies: tuple[list[dict[str, Any]], list[dict[str, Any]]],
+    timeout_s: float,
+) -> tuple[Load, Load]:
+    """``drive_alternating`` on a fresh loop, bounded."""
+    return asyncio.run(asyncio.wait_for(drive_alternating(base_urls, bodies), timeout_s))
