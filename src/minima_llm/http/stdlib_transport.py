@@ -9,14 +9,16 @@ import socket
 import ssl
 import threading
 import weakref
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from ..errors import TransportError
 from .base import HttpResponse, LowerHeaders, decode_body
 
 _Origin = tuple[str, str, int]
+T = TypeVar("T")
 # A connection the server closed while it sat idle fails like this on reuse; one
 # immediate retry on a fresh connection is what every keep-alive client does.
 _STALE = (
@@ -72,39 +74,41 @@ class StdlibTransport:
         self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
     ) -> HttpResponse:
         """POST from a worker thread; the socket timeout and an outer deadline bound the wait."""
+        return await self._on_thread(self._send, url, body, headers, timeout_s, "complete response")
+
+    async def open_stream(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
+    ) -> _StdlibStream:
+        """POST from a worker thread and return at the headers; lines are read on threads too."""
+        started = await self._on_thread(
+            self._start, url, body, headers, timeout_s, "response headers"
+        )
+        return _StdlibStream(self, *started, timeout_s)
+
+    async def _on_thread(
+        self,
+        work: Callable[[str, bytes, dict[str, str], float, list[socket.socket]], T],
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        timeout_s: float,
+        awaited: str,
+    ) -> T:
+        """``work`` on a pool thread, bounded; a caller who gives up frees the thread."""
         loop = asyncio.get_running_loop()
         sent: list[socket.socket] = []
         job = loop.run_in_executor(
-            self._executor or self._pool(), self._send, url, body, dict(headers), timeout_s, sent
+            self._executor or self._pool(), work, url, body, dict(headers), timeout_s, sent
         )
         try:
             # The socket timeout applies per read; the outer bound caps a server that trickles bytes.
             return await asyncio.wait_for(job, timeout_s * 2 + 1.0)
         except asyncio.TimeoutError as exc:
             _abort(sent)
-            raise TransportError("timeout", f"no complete response within {timeout_s}s") from exc
+            raise TransportError("timeout", f"no {awaited} within {timeout_s}s") from exc
         except asyncio.CancelledError:
             _abort(sent)
             raise
-
-    async def open_stream(
-        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
-    ) -> _StdlibStream:
-        """POST from a worker thread and return at the headers; lines are read on threads too."""
-        loop = asyncio.get_running_loop()
-        sent: list[socket.socket] = []
-        job = loop.run_in_executor(
-            self._executor or self._pool(), self._start, url, body, dict(headers), timeout_s, sent
-        )
-        try:
-            origin, conn, resp = await asyncio.wait_for(job, timeout_s * 2 + 1.0)
-        except asyncio.TimeoutError as exc:
-            _abort(sent)
-            raise TransportError("timeout", f"no response headers within {timeout_s}s") from exc
-        except asyncio.CancelledError:
-            _abort(sent)
-            raise
-        return _StdlibStream(self, origin, conn, resp, timeout_s)
 
     def _start(
         self,
