@@ -268,6 +268,38 @@ async def test_force_refresh_by_config_call_and_context(
     assert mock.stats()["requests"] == 4
 
 
+async def test_a_synonym_lookup_keeps_the_key_only_fields(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    # The gateway keys each tenant's and each endpoint's answers apart with key_extra.
+    backend = make_backend(model_synonyms={"m1": ["m2"]})
+    await backend.call(req(1, model="m2"))
+    await backend.call(req(2, model="m2"), key_extra={"tenant": "alice"})
+    bob = await backend.call(req(1, model="m1"), key_extra={"tenant": "bob"})
+    assert isinstance(bob, MinimaLlmResponse) and not bob.cached  # not the untenanted row
+    alice = await backend.call(req(2, model="m1"), key_extra={"tenant": "alice"})
+    assert isinstance(alice, MinimaLlmResponse) and alice.cache_source == "synonym"
+    assert mock.stats()["requests"] == 3
+
+
+async def test_a_no_store_call_answered_from_a_lookup_cache_leaves_the_primary_alone(
+    make_backend: BackendFactory, mock: MockServer, tmp_path: Path
+) -> None:
+    archive = tmp_path / "archive"
+    first = make_backend(cache_dir=str(archive))
+    await first.generate(req(1))
+    await first.aclose()
+    primary = tmp_path / "primary"
+    backend = make_backend(cache_dir=str(primary), cache_lookup_dirs=(str(archive),))
+    hit = await backend.call(req(1), store=False)
+    assert isinstance(hit, MinimaLlmResponse) and hit.cache_source == "lookup"
+    await backend.aclose()
+    # "store=False answers without writing the cache": a hit found elsewhere is not copied in.
+    with sqlite3.connect(primary / "minima_llm.db") as conn:
+        assert conn.execute("SELECT count(*) FROM cache").fetchone() == (0,)
+    assert mock.stats()["requests"] == 1
+
+
 async def test_run_batched_keeps_input_order_and_failures_in_place(
     make_backend: BackendFactory, mock: MockServer
 ) -> None:

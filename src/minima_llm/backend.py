@@ -309,8 +309,9 @@ class OpenAIMinimaLlm:
         request = call.request
 
         def rekey(other: str) -> tuple[str, str]:
+            # With the call's key-only fields: a synonym must not reach another tenant's rows.
             return (
-                self.key_for(replace(request, model=other))
+                self.key_for(replace(request, model=other), call.key_extra)
                 if other != call.model
                 else (call.key, call.canonical)
             )

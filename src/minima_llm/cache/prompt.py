@@ -162,9 +162,17 @@ class PromptCache:
         return row
 
     async def find(
-        self, key: str, model: str, rekey: Rekey, known: Mapping[str, CacheRow | None] | None = None
+        self,
+        key: str,
+        model: str,
+        rekey: Rekey,
+        known: Mapping[str, CacheRow | None] | None = None,
+        adopt: bool = True,
     ) -> CacheHit | None:
-        """Look ``key`` up everywhere; ``rekey(model)`` gives the key under another model."""
+        """Look ``key`` up everywhere; ``rekey(model)`` gives the key under another model.
+
+        ``adopt=False`` leaves the primary untouched by a hit found elsewhere (a no-store call).
+        """
         if self.primary is not None:
             row = self._primary_now(key, known)
             if row is ...:
@@ -177,7 +185,7 @@ class PromptCache:
         if self.primary is not None and other_keys:
             row = newest((await self.primary.get_many(other_keys)).values())
             if row is not None:
-                return await self._adopt(row, key, model, rekey, "synonym")
+                return await self._adopt(row, key, model, rekey, "synonym", adopt)
         best: CacheRow | None = None
         for _directory, store in self.lookups:
             found = await store.get_many([key, *other_keys])
@@ -185,13 +193,13 @@ class PromptCache:
             if candidate is not None and (best is None or candidate.created_at > best.created_at):
                 best = candidate
         if best is not None:
-            return await self._adopt(best, key, model, rekey, "lookup")
+            return await self._adopt(best, key, model, rekey, "lookup", adopt)
         return None
 
     async def _adopt(
-        self, row: CacheRow, key: str, model: str, rekey: Rekey, source: str
+        self, row: CacheRow, key: str, model: str, rekey: Rekey, source: str, adopt: bool
     ) -> CacheHit:
-        if self.primary is not None:
+        if self.primary is not None and adopt:
             copy = row._replace(key=key, model=model, canonical=rekey(model)[1])
             try:
                 await self.primary.put_many([copy])
