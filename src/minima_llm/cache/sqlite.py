@@ -75,13 +75,27 @@ class _SqliteFile:
         return conn
 
     def connect_reader(self) -> sqlite3.Connection:
-        if self.readonly:
-            if not self.path.exists():
-                raise FileNotFoundError(f"no cache file at {self.path}")
-            uri = self.path.resolve().as_uri() + "?mode=ro"
-            conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
-        else:
+        if not self.readonly:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+            return self._checked(conn)
+        if not self.path.exists():
+            raise FileNotFoundError(f"no cache file at {self.path}")
+        uri = self.path.resolve().as_uri()
+        try:
+            return self._checked(_connect_uri(uri + "?mode=ro"))
+        except sqlite3.OperationalError as exc:
+            wal = self.path.with_name(self.path.name + "-wal")
+            if "unable to open" not in str(exc) or (wal.exists() and wal.stat().st_size > 0):
+                raise
+            # A WAL-mode file in a directory this process cannot write (a read-only mount,
+            # an archived run): a ?mode=ro reader must create the -shm index and cannot.
+            # With no WAL left to read (the writer closed cleanly), the file alone is the
+            # whole cache, and immutable=1 reads it without the index or any locks.
+            log.info("cache: %s is in a read-only directory, reading it as immutable", self.path)
+            return self._checked(_connect_uri(uri + "?immutable=1"))
+
+    def _checked(self, conn: sqlite3.Connection) -> sqlite3.Connection:
+        """``conn`` made read-only and checked to hold a cache table (closed if not)."""
         try:
             conn.execute("PRAGMA query_only=1")
             # Checked here so a lookup dir holding some other file fails at open, not at every read.
@@ -236,6 +250,10 @@ def _release(*workers: ConnectionWorker | None) -> None:
     for worker in workers:
         if worker is not None:
             worker.release()
+
+
+def _connect_uri(uri: str) -> sqlite3.Connection:
+    return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
 
 
 def _storable(row: CacheRow) -> CacheRow:

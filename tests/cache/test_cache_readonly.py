@@ -1,0 +1,62 @@
+"""Caches in directories this process cannot write: archived runs, read-only mounts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from backend_support import BackendFactory, req
+from minima_llm.testing import MockServer
+
+
+def _writable(path: Path) -> bool:
+    probe = path / ".probe"
+    try:
+        probe.touch()
+    except OSError:
+        return False
+    probe.unlink()
+    return True
+
+
+@contextmanager
+def read_only_dir(path: Path) -> Iterator[None]:
+    """``path`` made unwritable for real: mode 0555, or the immutable flag where we run as root."""
+    mode = path.stat().st_mode
+    path.chmod(0o555)
+    immutable = False
+    try:
+        if _writable(path) and shutil.which("chattr"):  # root ignores the mode bits
+            immutable = subprocess.run(["chattr", "+i", str(path)], check=False).returncode == 0
+        if _writable(path):
+            pytest.skip("cannot make a directory read-only here")
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        path.chmod(mode)
+
+
+async def test_lookup_cache_in_a_read_only_directory_serves_its_rows(
+    make_backend: BackendFactory, mock: MockServer, tmp_path: Path
+) -> None:
+    archive = tmp_path / "archive"
+    first = make_backend(cache_dir=str(archive))
+    await first.run_batched([req(i) for i in range(3)], progress=False)
+    await first.aclose()  # a clean close leaves the database file alone, no -wal or -shm
+    assert sorted(os.listdir(archive)) == ["minima_llm.db"]
+    mock.reset()
+    with read_only_dir(archive):
+        # SQLite's ?mode=ro reader needs to create the -shm file next to a WAL database,
+        # which it cannot here; the lookup was skipped and every request went live.
+        replay = make_backend(cache_dir=str(tmp_path / "fresh"), cache_lookup_dirs=(str(archive),))
+        results = await replay.run_batched([req(i) for i in range(3)], progress=False)
+        await replay.aclose()
+    assert [(r.cached, r.cache_source) for r in results] == [(True, "lookup")] * 3
+    assert mock.stats()["requests"] == 0
