@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from backend_support import req
+from backend_support import BackendFactory, req
 from minima_llm import MinimaLlmConfig, MinimaLlmFailure, MinimaLlmResponse, OpenAIMinimaLlm
 from minima_llm.http import HttpResponse, StreamingResponse, Transport, make_transport
 from minima_llm.testing import MockConfig, MockServer
@@ -119,3 +119,22 @@ async def test_streams_waiting_on_a_whole_call_whose_owner_left_share_one_stream
             assert isinstance(later, MinimaLlmResponse)
         finally:
             await be.aclose()
+
+
+async def test_a_stream_whose_opener_left_before_the_first_byte_opens_again_for_its_followers(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    be = make_backend()
+    mock.update_config(latency_s=0.3)  # the upstream takes its time to answer the open
+    opener = asyncio.ensure_future(be.open_stream(req(1, text="asked twice")))
+    await asyncio.sleep(0.05)
+    follower = asyncio.ensure_future(be.open_stream(req(2, text="asked twice")))
+    await asyncio.sleep(0.05)
+    opener.cancel()  # its client went away while the stream was still opening
+    await asyncio.gather(opener, return_exceptions=True)
+    opened = await asyncio.wait_for(follower, 5)
+    # The follower was not cancelled: its own stream opens and is read to the end.
+    assert not isinstance(opened, MinimaLlmFailure) and not opened.coalesced
+    assert await asyncio.wait_for(_read(opened), 5) > 0
+    assert mock.stats()["requests"] == 2
+    assert be.stats.coalesced == 0

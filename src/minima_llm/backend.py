@@ -320,7 +320,7 @@ class OpenAIMinimaLlm:
             if known is None:
                 batch = _batch.get()
                 known = batch.known if batch is not None else None
-            return await self.cache.find(call.key, call.model, rekey, known)
+            return await self.cache.find(call.key, call.model, rekey, known, call.store)
         except Exception as exc:
             # A broken cache must not stop the work: log it, count it, ask the upstream.
             self.stats.cache_errors += 1
@@ -438,6 +438,10 @@ class OpenAIMinimaLlm:
             self._from_hit(request, hit, started)
             chunks = _replay(hit.row, _kind(endpoint))
             return ChunkStream(request.request_id, chunks, cached=True, cache_source=hit.source)
+        return await self._open_live(call, started)
+
+    async def _open_live(self, call: _Call, started: float) -> ChunkStream | MinimaLlmFailure:
+        """``open_stream`` past the cache: join an identical live stream, or start one."""
         streams = self._streams.get()
         flight = streams.get(call.key)
         coalesced = flight is not None
@@ -467,10 +471,17 @@ class OpenAIMinimaLlm:
         except BaseException:
             flight.leave()
             raise
+        request_id = call.request.request_id
         if flight.done and not flight.chunks and isinstance(flight.error, StreamError):
             flight.leave()
-            return replace(flight.error.failure, request_id=request.request_id)
-        return ChunkStream(request.request_id, flight.follow(reserved=True), coalesced=coalesced)
+            return replace(flight.error.failure, request_id=request_id)
+        if flight.done and not flight.chunks and isinstance(flight.error, asyncio.CancelledError):
+            # The stream's opener was cancelled before the first byte, not this reader:
+            # raising its cancellation here would end this reader's task as cancelled.
+            flight.leave()
+            self.stats.coalesced -= 1
+            return await self._open_live(call, started)
+        return ChunkStream(request_id, flight.follow(reserved=True), coalesced=coalesced)
 
     async def _stream_shared(
         self, call: _Call, shared: _Flight
