@@ -124,6 +124,15 @@ async def test_params_are_sorted_into_fields_and_extra(fake: FakeBackend) -> Non
     assert fake.requests[1].extra is None
 
 
+def test_dspy_lm_switches_get_a_clear_answer(fake: FakeBackend) -> None:
+    # Moved over from dspy.LM(..., cache=False), they failed with "got multiple values".
+    with pytest.raises(ValueError, match="force_refresh"):
+        MinimaLlmDSPyLM(fake, cache=False)
+    assert MinimaLlmDSPyLM(fake, model_type="chat").model_type == "chat"
+    with pytest.raises(ValueError, match="chat completions only"):
+        MinimaLlmDSPyLM(fake, model_type="text")
+
+
 async def test_retry_seed_and_force_refresh_come_from_context(fake: FakeBackend) -> None:
     lm = MinimaLlmDSPyLM(fake, temperature=0.0)
     seed = set_retry_seed(3, temperature=0.25)

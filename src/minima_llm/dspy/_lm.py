@@ -157,6 +157,16 @@ class MinimaLlmDSPyLM(BaseLM):  # type: ignore[misc]
     def __init__(
         self, backend: AsyncMinimaLlmBackend, *, model: str | None = None, **kwargs: Any
     ) -> None:
+        # dspy.LM's own switches: without these checks, code moved over from dspy.LM(...,
+        # cache=False) fails with "got multiple values for keyword argument 'cache'".
+        if "cache" in kwargs:
+            raise ValueError(
+                "MinimaLlmDSPyLM caches through its backend's prompt cache; instead of "
+                "cache=..., set cache_dir or force_refresh on the backend's config, or use "
+                "set_force_refresh(True) around the calls to send live"
+            )
+        if kwargs.pop("model_type", "chat") != "chat":
+            raise ValueError("MinimaLlmDSPyLM speaks chat completions only (model_type='chat')")
         super().__init__(
             model=model or _model_of(backend), model_type="chat", cache=False, **kwargs
         )
