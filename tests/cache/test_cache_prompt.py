@@ -6,13 +6,14 @@ import asyncio
 import json
 import logging
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-from minima_llm.cache import CacheRow, PromptCache, SqliteStore, cache_key, newest
+from minima_llm.cache import CacheRow, MemoryStore, PromptCache, SqliteStore, cache_key, newest
+from minima_llm.errors import CacheError, ConfigError
 
 MESSAGES = [{"role": "user", "content": "Name a prime."}]
 SYNONYMS = {"model-a": ("model-b",), "model-b": ("model-a",)}
@@ -230,6 +231,30 @@ async def test_missing_and_broken_lookup_dirs_are_skipped_with_a_warning(
         assert hit.row.response_text == "good"
     finally:
         await cache.aclose()
+
+
+class _Unreadable(MemoryStore):
+    """A lookup store whose every read fails, as a file gone bad under a run does."""
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, CacheRow]:
+        raise CacheError("cache read from /archive/minima_llm.db failed: disk I/O error")
+
+
+async def test_one_unreadable_lookup_does_not_hide_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    good = MemoryStore()
+    good.put_now(row_for("model-a", "from the good archive", 1.0))
+    cache = PromptCache(None, [("/archive", _Unreadable()), ("/good", good)])
+    with caplog.at_level(logging.WARNING, logger="minima_llm.cache"):
+        hit = await cache.find(KEY_A, "model-a", rekey)
+    assert hit is not None and hit.row.response_text == "from the good archive"
+    assert any("/archive skipped" in r.getMessage() for r in caplog.records)
+
+
+def test_a_trace_file_that_cannot_be_opened_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="trace_file"):
+        PromptCache.open(None, trace_file=str(tmp_path / "no-such-dir" / "trace.jsonl"))
 
 
 async def test_a_copy_that_cannot_be_written_still_answers(

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from backend_support import BackendFactory, req
+from minima_llm.cache import SqliteStore
+from minima_llm.errors import CacheError
 from minima_llm.testing import MockServer
 
 
@@ -60,3 +62,11 @@ async def test_lookup_cache_in_a_read_only_directory_serves_its_rows(
         await replay.aclose()
     assert [(r.cached, r.cache_source) for r in results] == [(True, "lookup")] * 3
     assert mock.stats()["requests"] == 0
+
+
+def test_a_primary_cache_in_a_read_only_directory_says_so(tmp_path: Path) -> None:
+    # SQLite says only "unable to open database file".
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    with read_only_dir(locked), pytest.raises(CacheError, match="is not writable"):
+        SqliteStore.in_dir(locked)

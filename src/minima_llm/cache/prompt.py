@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from types import EllipsisType
 from typing import IO
 
+from ..errors import ConfigError
 from .memory import MemoryStore
 from .sqlite import SqliteStore
 from .store import CacheRow, CacheStore, newest
@@ -39,7 +40,10 @@ class TraceWriter:
         self.path = path
         self._lock = threading.Lock()
         self._fh: IO[str] | None = None
-        self._open()  # now, so a bad path fails when the cache is built, not at the first request
+        try:
+            self._open()  # now, so a bad path fails when the cache is built, not at the first request
+        except OSError as exc:
+            raise ConfigError("trace_file", path, f"a file that can be written ({exc})") from exc
 
     def _open(self) -> IO[str]:
         # Line-buffered so a crashed run still leaves a readable trace of its keys.
@@ -187,8 +191,14 @@ class PromptCache:
             if row is not None:
                 return await self._adopt(row, key, model, rekey, "synonym", adopt)
         best: CacheRow | None = None
-        for _directory, store in self.lookups:
-            found = await store.get_many([key, *other_keys])
+        for directory, store in self.lookups:
+            try:
+                found = await store.get_many([key, *other_keys])
+            except Exception as exc:
+                # One unreadable archive (a file gone bad, a mount gone away) must not
+                # hide the answers the other lookup dirs hold.
+                log.warning("cache lookup dir %s skipped for this request: %s", directory, exc)
+                continue
             candidate = newest(found.values())
             if candidate is not None and (best is None or candidate.created_at > best.created_at):
                 best = candidate

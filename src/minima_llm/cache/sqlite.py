@@ -174,7 +174,7 @@ class SqliteStore:
             )
         except (OSError, sqlite3.Error) as exc:
             self._stop_workers()
-            raise CacheError(f"cannot open cache {self.path}: {exc}") from exc
+            raise CacheError(f"cannot open cache {self.path}: {exc}{_why(self.path)}") from exc
         # A store dropped without aclose (reference 002 builds a backend per item and never
         # closes it) must not keep its threads and files open for the rest of the process.
         weakref.finalize(self, _release, self._writer, self._reader)
@@ -250,6 +250,14 @@ def _release(*workers: ConnectionWorker | None) -> None:
     for worker in workers:
         if worker is not None:
             worker.release()
+
+
+def _why(path: Path) -> str:
+    """A hint for an open that failed: SQLite says only "unable to open database file"."""
+    directory = path.parent
+    if directory.is_dir() and not os.access(directory, os.W_OK | os.X_OK):
+        return f" (the directory {directory} is not writable: point cache_dir elsewhere)"
+    return ""
 
 
 def _connect_uri(uri: str) -> sqlite3.Connection:
