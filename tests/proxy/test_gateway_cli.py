@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from minima_llm import MinimaLlmConfig, OpenAIMinimaLlm
 from minima_llm.errors import ConfigError, MinimaLlmError
-from minima_llm.proxy import cli
+from minima_llm.proxy import Gateway, ProxySettings, cli
 
 
 @pytest.fixture(autouse=True)
@@ -127,3 +130,34 @@ def test_empty_keys_line_means_no_keys(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, "base_url: http://u.test/v1\nmodel: m\nproxy:\n  api_keys:\n")
     _, settings = cli.load(args("-c", path))
     assert settings.api_keys == () and not settings.auth_enabled
+
+
+class _NoSignalHandlers(asyncio.SelectorEventLoop):
+    """A loop like Windows' Proactor: signal handlers are not implemented."""
+
+    def add_signal_handler(self, sig: int, callback: Any, *args: Any) -> None:
+        raise NotImplementedError
+
+
+def test_the_shutdown_deadline_holds_on_a_loop_without_signal_handlers() -> None:
+    # The hook raised out of aiohttp's shutdown there, skipping the cleanup that flushes the cache.
+    gateway = Gateway(
+        OpenAIMinimaLlm(MinimaLlmConfig(base_url="http://x/v1", model="m")), ProxySettings()
+    )
+    loop = _NoSignalHandlers()
+
+    async def overstays() -> None:
+        gateway.answering.add(asyncio.current_task())  # type: ignore[arg-type]
+        await asyncio.sleep(30)
+
+    async def shut_down() -> None:
+        task = asyncio.ensure_future(overstays())
+        await asyncio.sleep(0)
+        await cli._drain(gateway, 0.05)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+
+    try:
+        loop.run_until_complete(shut_down())
+    finally:
+        loop.close()

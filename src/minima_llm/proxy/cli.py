@@ -134,7 +134,10 @@ async def _drain(gateway: Gateway, timeout_s: float) -> None:
     loop = asyncio.get_running_loop()
     loop.call_later(timeout_s, _cut_off, gateway, f"still running after {timeout_s:g}s")
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, _cut_off, gateway, "second signal")
+        try:
+            loop.add_signal_handler(signum, _cut_off, gateway, "second signal")
+        except NotImplementedError:  # Windows' loops: the deadline alone ends the shutdown
+            break
 
 
 def _cut_off(gateway: Gateway, why: str) -> None:
