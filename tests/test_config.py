@@ -570,6 +570,13 @@ def test_from_yaml_max_failures_none_as_the_env_var_spells_it(tmp_path: Path) ->
     assert MinimaLlmConfig.from_yaml(write(tmp_path, text)).batch.max_failures is None
 
 
+def test_from_yaml_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(f"base_url: {URL}\nmodel: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="UTF-8"):
+        MinimaLlmConfig.from_yaml(path)
+
+
 def test_whole_numbers_for_float_fields_become_floats(tmp_path: Path) -> None:
     # Failure reports print timeout=60.0s (reference 002), not the 60s an int would give.
     text = f"base_url: {URL}\nmodel: m\ntimeout_s: 60\nbatch:\n  stall_s: 10\n"
@@ -616,6 +623,8 @@ def test_from_yaml_errors(tmp_path: Path, text: str, field: str) -> None:
         f'base_url: {URL}\nmodel: m\napi_key: "{SECRET}\nrpm: 3\n',  # unclosed quote
         f"base_url: {URL}\nmodel: m\napi_key: {SECRET}\n\trpm: 3\n",  # a tab indent
         f"base_url: {URL}\nmodel: m\napi_key: {SECRET}\n  rpm: : 3\n",
+        f"base_url: {URL}\nmodel: m\napi_key: *{SECRET}\n",  # PyYAML quotes an alias name
+        f"base_url: {URL}\nmodel: m\napi_key: !{SECRET} x\n",  # and a tag
     ],
 )
 def test_from_yaml_syntax_error_is_a_config_error_without_the_key(

@@ -389,12 +389,23 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         try:
             data = yaml.safe_load(fh) or {}
         except yaml.YAMLError as exc:
-            # Read from a file, PyYAML's message names the line and column but quotes no
-            # text of it, so a key on the broken line is not echoed.
-            raise ConfigError("yaml", os.fspath(path), f"valid YAML ({exc})") from exc
+            raise ConfigError("yaml", os.fspath(path), f"valid YAML ({_where(exc)})") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError("yaml", os.fspath(path), f"UTF-8 text ({exc.reason})") from exc
     if not isinstance(data, Mapping):
         raise ConfigError("yaml", os.fspath(path), "a mapping of config fields at the top level")
     return dict(data)
+
+
+def _where(exc: Exception) -> str:
+    """Where PyYAML stopped, and nothing of what it read there.
+
+    Its messages quote tokens of the broken line ("found undefined alias
+    'sk-...'"), and that line may hold the API key.
+    """
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    kind = type(exc).__name__
+    return f"{kind} at line {mark.line + 1}, column {mark.column + 1}" if mark else kind
 
 
 def _lookup_dirs(dirs: Any) -> tuple[str, ...]:
