@@ -185,22 +185,42 @@ async def test_heartbeat_reports_progress_and_cache_hits_to_a_logger(
     assert final.startswith("[batch] finished 40") and "cache hits 20, live 20" in final
 
 
-async def test_eta_of_a_resumed_run_comes_from_live_calls_not_cache_hits() -> None:
-    # 94 answers replayed from the cache in a moment, then 6 live calls of 0.25 s:
-    # counting the hits in the rate promised "ETA 0s" with 1.5 s of calls to go.
+def _etas(stream: io.StringIO, total: int) -> list[int]:
+    beats = [line for line in stream.getvalue().splitlines() if f"/{total} (" in line]
+    return [int(line.split("ETA ")[1].split("s")[0]) for line in beats if "ETA ?" not in line]
+
+
+async def test_eta_of_a_resumed_run_follows_the_live_calls_after_its_cache_hits() -> None:
+    # 94 answers replayed from the cache in a moment, then 6 live calls of 0.4 s: a rate
+    # over the whole run, hits included, promised "ETA 0s" with 2.4 s of calls to go.
     async def fn(i: int) -> int:
         if i < 94:
             set_last_cached(True)
         else:
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(0.4)
         return i
 
     stream = io.StringIO()
-    await run_batched_callable(
-        range(100), fn, BatchConfig(num_workers=1, heartbeat_s=0.6, stall_s=0), progress=stream
-    )
-    beat = next(line for line in stream.getvalue().splitlines() if "/100 (" in line)
-    assert int(beat.split("ETA ")[1].split("s")[0]) >= 1, beat
+    config = BatchConfig(num_workers=1, heartbeat_s=0.3, stall_s=0)
+    await run_batched_callable(range(100), fn, config, progress=stream)
+    assert max(_etas(stream, 100)) >= 1, stream.getvalue()
+
+
+async def test_eta_with_cache_hits_spread_through_the_batch() -> None:
+    # Every fourth item is a live call of 40 ms: counting only the live ones would put
+    # the ETA at four times what is left.
+    async def fn(i: int) -> int:
+        if i % 4:
+            set_last_cached(True)
+        else:
+            await asyncio.sleep(0.04)
+        return i
+
+    stream = io.StringIO()
+    config = BatchConfig(num_workers=1, heartbeat_s=0.3, stall_s=0)
+    await run_batched_callable(range(200), fn, config, progress=stream)
+    etas = _etas(stream, 200)
+    assert etas and max(etas) <= 3, stream.getvalue()  # about 2 s in all
 
 
 async def test_answers_shared_from_a_call_in_flight_are_not_counted_as_live_calls(

@@ -22,6 +22,8 @@ R = TypeVar("R")
 # Workers whose calls finish without suspending (cache hits) yield this often so
 # the heartbeat and other tasks still run during a long cached replay.
 _YIELD_EVERY = 256
+# The ETA follows the rate over this many heartbeat intervals.
+_ETA_BEATS = 3
 
 
 class _Tally:
@@ -49,6 +51,8 @@ class _Tally:
         self.started = time.monotonic()
         self.last_progress = self.started
         self.recent: deque[str] = deque(maxlen=max(1, batch.keep_failure_summaries))
+        # (time, done) at the start and at each heartbeat, the last few only.
+        self._beats: deque[tuple[float, int]] = deque([(self.started, 0)], maxlen=_ETA_BEATS)
         self.aborted: RuntimeError | None = None
 
     def record(self, result: Any, cached: bool) -> None:
@@ -82,14 +86,18 @@ class _Tally:
             )
 
     def line(self, stats: StatsSnapshot | None) -> str:
-        elapsed = max(1e-9, time.monotonic() - self.started)
-        rate = self.done / elapsed
+        """The heartbeat line; each call is a heartbeat, and the ETA's rate spans the last few."""
+        now = time.monotonic()
+        rate = self.done / max(1e-9, now - self.started)
+        then, done_then = self._beats[0]
+        self._beats.append((now, self.done))
         if self.total:
             left = self.total - self.done
-            # Cache hits come back thousands a second: in the ETA's rate they make a
-            # resumed run look nearly done. Only work that waited on the upstream predicts the rest.
-            waited = self.done - self.hits
-            eta = f"{left * elapsed / waited:.0f}s" if waited > 0 else "?"
+            # The rate of the last few heartbeats, not of the whole run: a resumed run's
+            # cache hits come first, thousands a second, and would promise "ETA 0s" with
+            # the live calls still to come; hits spread through a batch stay in the rate.
+            recent = (self.done - done_then) / (now - then) if now > then else 0.0
+            eta = f"{left / recent:.0f}s" if recent > 0 else "?"
             head = f"{self.done}/{self.total} ({100.0 * self.done / self.total:.1f}%) {rate:.1f}/s ETA {eta}"
         else:
             head = f"{self.done} done {rate:.1f}/s"
