@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
 
 from minima_llm.errors import ConfigError
 from minima_llm.http import StdlibTransport, Transport, TransportError, make_transport
+from minima_llm.http.stdlib_transport import _Handoff
 from minima_llm.testing import MockServer
 
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -174,6 +176,46 @@ async def test_stdlib_frees_the_thread_of_a_cancelled_request(mock: MockServer) 
         assert resp.status == 200
     finally:
         await t.aclose()
+
+
+async def test_stdlib_frees_the_thread_of_a_request_cancelled_while_uploading(
+    mock: MockServer,
+) -> None:
+    # A server that accepts and never reads: the upload blocks once the socket buffers
+    # fill, before any response, where the thread was not yet reachable to stop.
+    with socket.create_server(("127.0.0.1", 0)) as deaf:
+        url = f"http://127.0.0.1:{deaf.getsockname()[1]}/v1/chat/completions"
+        t = StdlibTransport(max_connections=1)
+        try:
+            sending = asyncio.ensure_future(t.post(url, b"x" * 32_000_000, JSON, 30.0))
+            await asyncio.sleep(0.3)
+            sending.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await sending
+            resp = await t.post(mock.url + "/chat/completions", BODY, JSON, 0.5)
+            assert resp.status == 200
+        finally:
+            await t.aclose()
+
+
+def test_a_late_abort_never_shuts_a_socket_already_handed_back() -> None:
+    # The worker releases the socket before pooling it; a caller giving up after that
+    # must leave it alone, or the next request on that pooled connection breaks.
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        handoff = _Handoff()
+        handoff.hold(ours)
+        assert handoff.release() is True
+        handoff.abort()
+        theirs.sendall(b"still open")
+        assert ours.recv(10) == b"still open"
+        early = _Handoff()
+        early.hold(ours)
+        early.abort()
+        assert ours.recv(10) == b""  # shut: a blocked read returns at once
+        assert early.release() is False  # so the worker closes it instead of pooling it
+        with pytest.raises(TransportError):
+            early.hold(ours)
 
 
 def test_unknown_transport_is_a_config_error() -> None:

@@ -87,7 +87,7 @@ class StdlibTransport:
 
     async def _on_thread(
         self,
-        work: Callable[[str, bytes, dict[str, str], float, list[socket.socket]], T],
+        work: Callable[[str, bytes, dict[str, str], float, _Handoff], T],
         url: str,
         body: bytes,
         headers: Mapping[str, str],
@@ -96,18 +96,18 @@ class StdlibTransport:
     ) -> T:
         """``work`` on a pool thread, bounded; a caller who gives up frees the thread."""
         loop = asyncio.get_running_loop()
-        sent: list[socket.socket] = []
+        handoff = _Handoff()
         job = loop.run_in_executor(
-            self._executor or self._pool(), work, url, body, dict(headers), timeout_s, sent
+            self._executor or self._pool(), work, url, body, dict(headers), timeout_s, handoff
         )
         try:
             # The socket timeout applies per read; the outer bound caps a server that trickles bytes.
             return await asyncio.wait_for(job, timeout_s * 2 + 1.0)
         except asyncio.TimeoutError as exc:
-            _abort(sent)
+            handoff.abort()
             raise TransportError("timeout", f"no {awaited} within {timeout_s}s") from exc
         except asyncio.CancelledError:
-            _abort(sent)
+            handoff.abort()
             raise
 
     def _start(
@@ -116,18 +116,20 @@ class StdlibTransport:
         body: bytes,
         headers: dict[str, str],
         timeout_s: float,
-        sent: list[socket.socket] | None = None,
+        handoff: _Handoff | None = None,
     ) -> tuple[_Origin, http.client.HTTPConnection, http.client.HTTPResponse]:
-        """Send on a pooled connection (a new one when retrying); ``sent`` gets its socket."""
+        """Send on a pooled connection (a new one when retrying), its socket held by ``handoff``."""
         origin, path = _split(url)
         for attempt in range(2):
             # The retry opens a new connection: after an idle timeout or a server restart
             # every pooled connection is stale, and the next one would fail the same way.
             conn, reused = self._checkout(origin, timeout_s, pooled=attempt == 0)
             try:
+                if handoff is not None:
+                    if conn.sock is None:
+                        conn.connect()  # here, so a caller who leaves mid-upload can stop it
+                    handoff.hold(conn.sock)
                 conn.request("POST", path, body=body, headers=headers)
-                if sent is not None and conn.sock is not None:
-                    sent.append(conn.sock)  # before getresponse(), which may detach it
                 return origin, conn, conn.getresponse()
             except _STALE as exc:
                 conn.close()
@@ -145,17 +147,20 @@ class StdlibTransport:
         body: bytes,
         headers: dict[str, str],
         timeout_s: float,
-        sent: list[socket.socket] | None = None,
+        handoff: _Handoff | None = None,
     ) -> HttpResponse:
         headers.setdefault("Accept-Encoding", "gzip")
-        origin, conn, resp = self._start(url, body, headers, timeout_s, sent)
+        origin, conn, resp = self._start(url, body, headers, timeout_s, handoff)
         try:
             data = resp.read()
         except Exception as exc:
             conn.close()
             raise _translate(exc, timeout_s) from exc
         resp_headers = LowerHeaders.of(resp.getheaders())
-        if resp.will_close:
+        # Released before it is pooled: from then on the socket is the pool's, and a
+        # caller giving up late must not shut it under the next request to use it.
+        caller_waits = handoff.release() if handoff is not None else True
+        if resp.will_close or not caller_waits:
             conn.close()
         else:
             self._checkin(origin, conn)
@@ -273,16 +278,44 @@ class _StdlibStream:
         self._resp.close()
 
 
-def _abort(sent: list[socket.socket]) -> None:
-    """Wake the worker thread still reading for a caller that gave up, freeing it.
+class _Handoff:
+    """One request's socket, between its worker thread and a caller who may give up.
 
     Each read has the socket timeout, but a server trickling bytes never trips it:
-    the thread would read on, holding a pool thread and a connection, for as long
-    as the server keeps going. ``shutdown`` makes its blocked read fail at once.
+    without ``abort`` the thread would read on, holding a pool thread and a
+    connection, for as long as the server keeps going. ``shutdown`` makes its
+    blocked read fail at once. The lock orders ``abort`` against ``release``, so a
+    socket already handed back to the pool is never shut.
     """
-    for sock in sent:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+
+    __slots__ = ("_lock", "_sock", "aborted")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self.aborted = False
+
+    def hold(self, sock: socket.socket | None) -> None:
+        """The worker sends on ``sock``; raises if the caller has already left."""
+        with self._lock:
+            if self.aborted:
+                raise TransportError("reset", "the caller stopped waiting")
+            self._sock = sock
+
+    def release(self) -> bool:
+        """The worker is done with the socket; False if the caller left (do not pool it)."""
+        with self._lock:
+            self._sock = None
+            return not self.aborted
+
+    def abort(self) -> None:
+        """The caller has gone: fail the worker's blocked read, if there is one."""
+        with self._lock:
+            self.aborted = True
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 def _close_idle(
