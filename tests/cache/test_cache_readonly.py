@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from backend_support import BackendFactory, req
-from minima_llm.cache import SqliteStore
+from minima_llm.cache import CacheRow, SqliteStore
 from minima_llm.errors import CacheError
 from minima_llm.testing import MockServer
 
@@ -70,3 +70,31 @@ def test_a_primary_cache_in_a_read_only_directory_says_so(tmp_path: Path) -> Non
     locked.mkdir()
     with read_only_dir(locked), pytest.raises(CacheError, match="is not writable"):
         SqliteStore.in_dir(locked)
+
+
+def _rows(start: int, stop: int, tag: str) -> list[CacheRow]:
+    return [
+        CacheRow(f"k{i}", f"{tag} {i}" + "x" * 400, "{}", 1.0 + i, "m", None)
+        for i in range(start, stop)
+    ]
+
+
+def test_a_read_only_lookup_follows_its_owner_writing_again(tmp_path: Path) -> None:
+    # immutable=1 promises SQLite the file never changes; its owner may well run again.
+    archive = tmp_path / "archive"
+    owner = SqliteStore.in_dir(archive)
+    owner.put_many_sync(_rows(0, 3, "old"))
+    owner.close()
+    with read_only_dir(archive):
+        lookup = SqliteStore.in_dir(archive, readonly=True)
+        assert lookup.get_many_sync(["k1"])["k1"].response_text.startswith("old 1")
+    try:
+        owner = SqliteStore.in_dir(archive)  # the owner's next run, while the lookup stays open
+        owner.put_many_sync(_rows(0, 3000, "new"))
+        owner.close()
+        with read_only_dir(archive):
+            found = lookup.get_many_sync([f"k{i}" for i in range(0, 3000, 7)])
+        assert len(found) == len(range(0, 3000, 7))
+        assert all(row.response_text.startswith("new") for row in found.values())
+    finally:
+        lookup.close()

@@ -9,6 +9,7 @@ processes may share the file. The threads start at first use and end at ``aclose
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -58,6 +59,8 @@ class _SqliteFile:
         self.commits = 0
         # What the reader selects; a read-only file from before 0.2.7 lacks model and canonical.
         self._select = _COLUMNS
+        # Set when the file sits in a directory we cannot write: see ``_read_now``.
+        self._immutable = False
 
     def connect_writer(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -84,15 +87,30 @@ class _SqliteFile:
         try:
             return self._checked(_connect_uri(uri + "?mode=ro"))
         except sqlite3.OperationalError as exc:
-            wal = self.path.with_name(self.path.name + "-wal")
-            if "unable to open" not in str(exc) or (wal.exists() and wal.stat().st_size > 0):
+            if "unable to open" not in str(exc) or self._wal_in_use():
                 raise
             # A WAL-mode file in a directory this process cannot write (a read-only mount,
             # an archived run): a ?mode=ro reader must create the -shm index and cannot.
             # With no WAL left to read (the writer closed cleanly), the file alone is the
             # whole cache, and immutable=1 reads it without the index or any locks.
             log.info("cache: %s is in a read-only directory, reading it as immutable", self.path)
+            self._immutable = True
             return self._checked(_connect_uri(uri + "?immutable=1"))
+
+    def _wal_in_use(self) -> bool:
+        wal = self.path.with_name(self.path.name + "-wal")
+        return wal.exists() and wal.stat().st_size > 0
+
+    def _read_now(self) -> sqlite3.Connection:
+        """A connection for one read of a file in a directory we cannot write.
+
+        immutable=1 promises SQLite that nobody changes the file, but its owner may
+        run again and write to it; a connection kept open would then read pages from
+        two versions. So none outlives a read, and a WAL in use means the owner is
+        writing now: its -shm exists, and a ?mode=ro reader can share it.
+        """
+        uri = self.path.resolve().as_uri()
+        return _connect_uri(uri + ("?mode=ro" if self._wal_in_use() else "?immutable=1"))
 
     def _checked(self, conn: sqlite3.Connection) -> sqlite3.Connection:
         """``conn`` made read-only and checked to hold a cache table (closed if not)."""
@@ -110,6 +128,9 @@ class _SqliteFile:
 
     def read(self, conn: sqlite3.Connection, requests: list[list[str]]) -> list[Any]:
         try:
+            if self._immutable:
+                with contextlib.closing(self._read_now()) as now:
+                    return _read_batch(now, requests, self._select)
             return _read_batch(conn, requests, self._select)
         except sqlite3.Error as exc:
             raise CacheError(f"cache read from {self.path} failed: {exc}") from exc
