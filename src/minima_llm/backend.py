@@ -8,7 +8,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from types import EllipsisType
@@ -166,6 +166,7 @@ class OpenAIMinimaLlm:
             config.trace_file,
             config.memory_cache_entries,
         )
+        self.cache.on_lookup_error = _counting_into(self.stats)
         self.upstream = UpstreamCaller(config, self.transport, clock, self.stats, rng, headers)
         self._clock = clock
         self._inflight: LoopBound[dict[str, _Flight]] = LoopBound(dict)
@@ -670,6 +671,15 @@ class OpenAIMinimaLlm:
             f"<OpenAIMinimaLlm {self.cfg.base_url} model={self.cfg.model!r} {self.stats!r} "
             f"{self.upstream.pacer!r} {self.upstream.cooldown!r}>"
         )
+
+
+def _counting_into(stats: LiveStats) -> Callable[[Exception], None]:
+    """A lookup error counter on ``stats`` alone: holding the backend would make a cycle."""
+
+    def count(_: Exception) -> None:
+        stats.cache_errors += 1
+
+    return count
 
 
 def _kind(endpoint: str) -> str:

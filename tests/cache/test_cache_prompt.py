@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from minima_llm import MinimaLlmConfig, MinimaLlmRequest, OpenAIMinimaLlm
 from minima_llm.cache import CacheRow, MemoryStore, PromptCache, SqliteStore, cache_key, newest
 from minima_llm.errors import CacheError, ConfigError
+from minima_llm.testing import MockServer
 
 MESSAGES = [{"role": "user", "content": "Name a prime."}]
 SYNONYMS = {"model-a": ("model-b",), "model-b": ("model-a",)}
@@ -250,6 +252,15 @@ async def test_one_unreadable_lookup_does_not_hide_the_others(
         hit = await cache.find(KEY_A, "model-a", rekey)
     assert hit is not None and hit.row.response_text == "from the good archive"
     assert any("/archive skipped" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_skipped_lookup_is_counted_in_the_backends_cache_errors(mock: MockServer) -> None:
+    # Stepped over inside find(), it no longer reached the backend's own counter.
+    cache = PromptCache(None, [("/archive", _Unreadable())])
+    config = MinimaLlmConfig(base_url=mock.url, model="mock-model", rpm=0)
+    async with OpenAIMinimaLlm(config, cache=cache) as backend:
+        await backend.generate(MinimaLlmRequest(request_id="r", messages=MESSAGES))
+        assert backend.snapshot().cache_errors == 1
 
 
 def test_a_trace_file_that_cannot_be_opened_is_a_config_error(tmp_path: Path) -> None:

@@ -92,6 +92,8 @@ class PromptCache:
         self.lookups = list(lookups)
         self.synonyms = dict(synonyms or {})
         self.trace = TraceWriter(trace_file) if trace_file else None
+        # Told of each lookup-store error ``find`` steps over, so its owner can count them.
+        self.on_lookup_error: Callable[[Exception], None] | None = None
 
     @classmethod
     def open(
@@ -198,6 +200,8 @@ class PromptCache:
                 # One unreadable archive (a file gone bad, a mount gone away) must not
                 # hide the answers the other lookup dirs hold.
                 log.warning("cache lookup dir %s skipped for this request: %s", directory, exc)
+                if self.on_lookup_error is not None:
+                    self.on_lookup_error(exc)
                 continue
             candidate = newest(found.values())
             if candidate is not None and (best is None or candidate.created_at > best.created_at):
