@@ -22,7 +22,8 @@ R = TypeVar("R")
 # Workers whose calls finish without suspending (cache hits) yield this often so
 # the heartbeat and other tasks still run during a long cached replay.
 _YIELD_EVERY = 256
-# The ETA follows the rate over this many heartbeat intervals.
+# Heartbeat intervals the ETA's rate spans: long enough to smooth a burst of hits,
+# short enough to follow a batch whose mix of hits and live calls changes.
 _ETA_BEATS = 3
 
 
@@ -51,8 +52,10 @@ class _Tally:
         self.started = time.monotonic()
         self.last_progress = self.started
         self.recent: deque[str] = deque(maxlen=max(1, batch.keep_failure_summaries))
-        # (time, done) at the start and at each heartbeat, the last few only.
+        # Where the ETA's rate is measured from: a resumed run's cache hits come first,
+        # thousands a second, so the window restarts at its first live answer.
         self._beats: deque[tuple[float, int]] = deque([(self.started, 0)], maxlen=_ETA_BEATS)
+        self._live_seen = False
         self.aborted: RuntimeError | None = None
 
     def record(self, result: Any, cached: bool) -> None:
@@ -67,6 +70,9 @@ class _Tally:
                 self.tokens_out += result.usage.completion_tokens
         if cached:
             self.hits += 1
+        elif not self._live_seen:
+            self._live_seen = True
+            self._beats = deque([(self.last_progress, self.done)], maxlen=_ETA_BEATS)
         if isinstance(result, MinimaLlmFailure):
             self.fail(result)
 
@@ -93,9 +99,7 @@ class _Tally:
         self._beats.append((now, self.done))
         if self.total:
             left = self.total - self.done
-            # The rate of the last few heartbeats, not of the whole run: a resumed run's
-            # cache hits come first, thousands a second, and would promise "ETA 0s" with
-            # the live calls still to come; hits spread through a batch stay in the rate.
+            # Hits spread through a batch stay in this rate, as they will in the rest.
             recent = (self.done - done_then) / (now - then) if now > then else 0.0
             eta = f"{left / recent:.0f}s" if recent > 0 else "?"
             head = f"{self.done}/{self.total} ({100.0 * self.done / self.total:.1f}%) {rate:.1f}/s ETA {eta}"
