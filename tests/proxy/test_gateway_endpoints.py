@@ -70,6 +70,19 @@ async def test_completions(mock: MockServer, tmp_path: Path, prefix: str) -> Non
         assert stream_text(events, kind="text") == "mock reply: say bye"
 
 
+async def test_an_empty_prompt_is_a_completion_but_an_empty_input_is_not(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    # OpenAI answers an empty prompt as the start of a new document.
+    async with serve(mock.url, tmp_path) as gw:
+        empty = await gw.post("/v1/completions", {"model": MODEL, "prompt": ""})
+        assert empty.status == 200, empty.text
+        missing = await gw.post("/v1/completions", {"model": MODEL})
+        assert missing.status == 400
+        nothing = await gw.post("/v1/embeddings", {"model": MODEL, "input": ""})
+        assert nothing.status == 400
+
+
 @pytest.mark.parametrize("prefix", PREFIXES)
 async def test_embeddings_and_their_cache(mock: MockServer, tmp_path: Path, prefix: str) -> None:
     async with serve(mock.url, tmp_path) as gw:
