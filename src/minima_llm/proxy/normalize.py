@@ -246,7 +246,7 @@ def _extra(endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
     required = {COMPLETIONS: "prompt", EMBEDDINGS: "input"}.get(endpoint)
     # An empty prompt is a valid completion request (OpenAI starts a new document);
     # an empty embedding input is not.
-    missing = (None, []) if endpoint == COMPLETIONS else (None, "", [])
+    missing: tuple[Any, ...] = (None, []) if endpoint == COMPLETIONS else (None, "", [])
     if required is not None and body.get(required) in missing:
         raise RequestError(400, f"'{required}' is a required property", param=required)
     skip = (
