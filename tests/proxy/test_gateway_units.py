@@ -201,7 +201,7 @@ INVALID = [
     (CHAT, {"messages": MSGS, "stream": True, "stream_options": "x"}, "stream_options"),
     (CHAT, {"messages": MSGS, "cache": "no-cache"}, "cache"),
     (COMPLETIONS, {"model": "m"}, "prompt"),
-    (COMPLETIONS, {"model": "m", "prompt": ""}, "prompt"),
+    (COMPLETIONS, {"model": "m", "prompt": []}, "prompt"),  # "" is valid: a new document
     (EMBEDDINGS, {"model": "m"}, "input"),
     (EMBEDDINGS, {"model": "m", "input": []}, "input"),
     (EMBEDDINGS, {"model": "m", "input": "x", "stream": True}, "stream"),
