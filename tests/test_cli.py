@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,36 @@ def test_demo_refuses_a_batch_size_below_one(
         main(["demo", "--requests", count])
     assert exc.value.code == 2
     assert "--requests" in capsys.readouterr().err
+
+
+def test_mock_server_reports_a_port_in_use_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["mock-server", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"minima-llm: cannot listen on 127.0.0.1:{port}" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("port", ["-1", "65536", "http"])
+def test_mock_server_refuses_a_port_outside_0_to_65535(
+    port: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["mock-server", "--port", port])
+    assert exc.value.code == 2
+    assert "--port" in capsys.readouterr().err
+
+
+def test_demo_stopped_by_too_many_failures_exits_1_without_a_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["demo", "--requests", "30", "--latency-ms", "0", "--failure-rate", "1"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "minima-llm: Aborting batch: 26 failures (max_failures=25)" in err
+    assert "Traceback" not in err

@@ -21,6 +21,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def port_arg(text: str) -> int:
+    """A TCP port, 0 (any free one) to 65535, for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 65535, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minima-llm", description="minima-llm command line tools")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -43,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
     mock = sub.add_parser("mock-server", help="serve the OpenAI-compatible mock endpoint")
     mock.add_argument("--host", default="127.0.0.1")
-    mock.add_argument("--port", type=int, default=8000)
+    mock.add_argument("--port", type=port_arg, default=8000, help="0 picks a free port")
     mock.add_argument("--latency-ms", type=float, default=0.0)
     mock.add_argument(
         "--rpm", type=int, default=0, help="rate limit, answered with 429s (0 = none)"
@@ -75,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoOptions, run_demo
+    from .demo import DemoAborted, DemoOptions, run_demo
 
     options = DemoOptions(
         requests=args.requests,
@@ -84,7 +95,11 @@ def _demo(args: argparse.Namespace) -> int:
         latency_s=args.latency_ms / 1000.0,
         failure_rate=args.failure_rate,
     )
-    results = run_demo(options, sys.stdout)
+    try:
+        results = run_demo(options, sys.stdout)
+    except DemoAborted as exc:
+        print(f"minima-llm: {exc}", file=sys.stderr)
+        return 1
     return 0 if all(r.failures == 0 for r in results) else 1
 
 
@@ -98,7 +113,15 @@ def _mock_server(args: argparse.Namespace) -> int:
         failure_rate=args.failure_rate,
         seed=args.seed,
     )
-    serve(args.host, args.port, config)
+    try:
+        serve(args.host, args.port, config)
+    except OSError as exc:
+        # A port in use or an unknown host is one clear line, as from minimallm-proxy.
+        print(
+            f"minima-llm: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 

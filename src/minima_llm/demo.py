@@ -11,7 +11,12 @@ from typing import TextIO
 
 from .backend import OpenAIMinimaLlm
 from .config import BatchConfig, MinimaLlmConfig
+from .errors import MinimaLlmError
 from .types import MinimaLlmFailure, MinimaLlmRequest
+
+
+class DemoAborted(MinimaLlmError):
+    """A pass stopped early: more failures than the batch allows (``--failure-rate`` near 1)."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,11 @@ async def _one_pass(
     started = time.perf_counter()
     try:
         results = await backend.run_batched(requests)
+    except RuntimeError as exc:
+        # How the runner stops a batch past max_failures (as minima-llm 0.2.x does); it has
+        # already printed the recent failures, so the first line is enough here.
+        first_line = str(exc).splitlines()[0].removesuffix(" Recent failures:")
+        raise DemoAborted(first_line) from exc
     finally:
         await backend.aclose()
     wall = time.perf_counter() - started

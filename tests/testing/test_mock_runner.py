@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -104,6 +105,28 @@ def test_module_entry_point_rejects_invalid_config(capsys: pytest.CaptureFixture
         main(["--failure-rate", "2"])
     assert info.value.code == 2
     assert "failure_rate" in capsys.readouterr().err
+
+
+def test_module_entry_point_reports_a_port_in_use_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as info:
+            main(["--port", str(port)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err
+    assert "Traceback" not in err
+
+
+def test_module_entry_point_refuses_a_port_above_65535(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--port", "65536"])
+    assert info.value.code == 2
+    assert "--port" in capsys.readouterr().err
 
 
 def _env() -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from ..cli import port_arg
 from . import MockConfig, serve
 
 _OPTIONS: tuple[tuple[str, type, str], ...] = (
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m minima_llm.testing", description="OpenAI-compatible mock server."
     )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--port", type=port_arg, default=8000, help="0 picks a free port")
     defaults = MockConfig()
     for name, kind, help_text in _OPTIONS:
         flag = "--" + name.replace("_", "-")
@@ -45,7 +46,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = MockConfig(**{name: getattr(args, name) for name, _, _ in _OPTIONS})
     except ValueError as exc:
         parser.error(str(exc))
-    serve(args.host, args.port, config)
+    try:
+        serve(args.host, args.port, config)
+    except OSError as exc:
+        parser.exit(
+            2, f"{parser.prog}: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}\n"
+        )
 
 
 if __name__ == "__main__":
