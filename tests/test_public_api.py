@@ -85,7 +85,7 @@ def test_version_is_a_string() -> None:
     assert minima_llm.__version__
 
 
-HEAVY = ["aiohttp", "yaml", "prometheus_client", "multidict", "yarl"]
+HEAVY = ["aiohttp", "yaml", "prometheus_client", "multidict", "yarl", "dspy"]
 
 
 def test_import_does_not_load_optional_dependencies() -> None:
@@ -98,3 +98,19 @@ def test_import_does_not_load_optional_dependencies() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
     )
     assert json.loads(out.stdout) == []
+
+
+@pytest.mark.parametrize("name", ["run_dspy_batch", "MinimaLlmDSPyLM", "TolerantChatAdapter"])
+def test_reference_002s_dspy_imports_work_from_the_package(name: str) -> None:
+    # "from trec_auto_judge.llm import run_dspy_batch", renamed; loaded only when asked for.
+    pytest.importorskip("dspy")
+    from minima_llm import dspy_adapter
+
+    namespace: dict[str, object] = {}
+    exec(f"from minima_llm import {name}", namespace)
+    assert namespace[name] is getattr(dspy_adapter, name)
+
+
+def test_an_unknown_name_is_still_an_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        minima_llm.nothing_here  # noqa: B018

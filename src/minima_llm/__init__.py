@@ -5,6 +5,8 @@ after overload, rate limits learned from the server, and a batch runner.
 The core uses the standard library only.
 """
 
+from typing import Any
+
 from .backend import OpenAIMinimaLlm
 from .config import BatchConfig, MinimaLlmConfig, ParasailBatchConfig
 from .context import (
@@ -51,3 +53,17 @@ __all__ = [
     "set_force_refresh",
     "set_last_cached",
 ]
+
+# Reference 002 imports the DSPy helpers from the package itself. They load DSPy, so
+# they come from minima_llm.dspy_adapter when first asked for, which keeps a plain
+# ``import minima_llm`` light; ``__all__`` leaves them out so ``import *`` does too.
+_DSPY_NAMES = frozenset({"MinimaLlmDSPyLM", "TolerantChatAdapter", "run_dspy_batch"})
+
+
+def __getattr__(name: str) -> Any:
+    """The DSPy helpers, imported from ``minima_llm.dspy_adapter`` on first use."""
+    if name in _DSPY_NAMES:
+        from . import dspy_adapter
+
+        return getattr(dspy_adapter, name)
+    raise AttributeError(f"module 'minima_llm' has no attribute {name!r}")
