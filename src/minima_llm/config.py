@@ -96,7 +96,7 @@ class BatchConfig:
         env = os.environ if environ is None else environ
         kwargs: dict[str, Any] = {}
         for var, name, parse in _BATCH_ENV:
-            if _given(env, var):
+            if env_set(env, var):
                 kwargs[name] = parse(var, env[var])
         return cls(**kwargs)
 
@@ -351,7 +351,7 @@ class MinimaLlmConfig:
         kwargs["model"] = env["OPENAI_MODEL"]
         kwargs["api_key"] = env.get("OPENAI_API_KEY") or env.get("OPENAI_TOKEN") or None
         for var, name, parse in _CLIENT_ENV:
-            if _given(env, var):
+            if env_set(env, var):
                 kwargs[name] = parse(var, env[var])
         kwargs["batch"] = BatchConfig.from_env(env)
         return cls(**kwargs)
@@ -517,9 +517,12 @@ def _known_keys(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any
     return dict(data)
 
 
-def _given(env: Mapping[str, str], var: str) -> bool:
-    """Whether ``var`` is set to something: ``KEY=`` lines in compose files and job scripts
-    (``RPM=${RPM}`` with RPM unset) mean "not set", as in minima-llm 0.2.x."""
+def env_set(env: Mapping[str, str], var: str) -> bool:
+    """Whether ``var`` is set to something other than blanks.
+
+    ``KEY=`` lines in compose files and job scripts (``RPM=${RPM}`` with RPM unset)
+    mean "not set", as in minima-llm 0.2.x.
+    """
     return bool(env.get(var, "").strip())
 
 

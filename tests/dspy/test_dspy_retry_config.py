@@ -88,6 +88,13 @@ def test_config_from_env() -> None:
     assert DSPyRetryConfig.from_env({}) == DSPyRetryConfig(3, 0.5, 5.0, True)
 
 
+def test_empty_variables_mean_unset() -> None:
+    # KEY=${KEY} lines with KEY unset, as the client's own variables already read them.
+    names = ["DSPY_PARSE_RETRIES", "RETRY_TEMPERATURE_MAX", "RETRY_TEMPERATURE_HALFLIFE"]
+    empty = {name: "" for name in [*names, "DSPY_RETRY_SEED"]}
+    assert DSPyRetryConfig.from_env(empty) == DSPyRetryConfig()
+
+
 @pytest.mark.parametrize(
     ("env", "field"),
     [

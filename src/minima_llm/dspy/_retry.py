@@ -13,6 +13,7 @@ from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import env_set
 from ..errors import ConfigError
 
 
@@ -92,17 +93,18 @@ class DSPyRetryConfig:
         """Read ``DSPY_PARSE_RETRIES``, ``RETRY_TEMPERATURE_MAX``, ``RETRY_TEMPERATURE_HALFLIFE``, ``DSPY_RETRY_SEED``."""
         env = os.environ if environ is None else environ
         kwargs: dict[str, Any] = {}
-        if "DSPY_PARSE_RETRIES" in env:
+        # Empty means unset (``KEY=${KEY}`` lines), as for the client's own variables.
+        if env_set(env, "DSPY_PARSE_RETRIES"):
             kwargs["parse_retries"] = _parse(env, "DSPY_PARSE_RETRIES", int, "an integer")
-        if "RETRY_TEMPERATURE_MAX" in env:
+        if env_set(env, "RETRY_TEMPERATURE_MAX"):
             kwargs["retry_temperature_max"] = _parse(
                 env, "RETRY_TEMPERATURE_MAX", float, "a number"
             )
-        if "RETRY_TEMPERATURE_HALFLIFE" in env:
+        if env_set(env, "RETRY_TEMPERATURE_HALFLIFE"):
             kwargs["retry_temperature_halflife"] = _parse(
                 env, "RETRY_TEMPERATURE_HALFLIFE", float, "a number"
             )
-        if "DSPY_RETRY_SEED" in env:
+        if env_set(env, "DSPY_RETRY_SEED"):
             kwargs["retry_seed"] = _flag(env, "DSPY_RETRY_SEED")
         return cls(**kwargs)
 
