@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 
@@ -21,6 +22,7 @@ class Broadcast:
         self.followers = 0
         self.producer: asyncio.Task[None] | None = None
         self._waiters: list[asyncio.Future[None]] = []
+        self._on_finish: list[Callable[[Broadcast], None]] = []
 
     def publish(self, chunk: dict[str, Any]) -> None:
         """Add a chunk and wake the followers."""
@@ -32,6 +34,16 @@ class Broadcast:
         if not self.done:
             self.done, self.error = True, error
             self._wake()
+            callbacks, self._on_finish = self._on_finish, []
+            for callback in callbacks:
+                callback(self)
+
+    def when_finished(self, callback: Callable[[Broadcast], None]) -> None:
+        """Call ``callback(self)`` once the stream ends (at once if it has ended)."""
+        if self.done:
+            callback(self)
+        else:
+            self._on_finish.append(callback)
 
     async def started(self) -> None:
         """Wait until the first chunk arrives or the stream ends."""
@@ -87,6 +99,11 @@ class Follower:
         self._left = False
         if not reserved:
             flight.followers += 1
+
+    @property
+    def flight(self) -> Broadcast:
+        """The stream this reader follows."""
+        return self._flight
 
     def __aiter__(self) -> Follower:
         return self

@@ -178,3 +178,56 @@ async def test_client_leaving_before_the_first_chunk_frees_the_upstream(
         await eventually(lambda: backend.snapshot().in_flight == 0)
     assert freed, "the upstream stream kept its slot after its only client left"
     assert uncached
+
+
+async def test_a_stream_whose_opener_left_still_counts_its_upstream_tokens(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    # The opener's client leaves, a coalesced reader follows the stream to its end: the
+    # upstream answered in full (and it was cached), so its tokens were spent and count.
+    mock.update_config(stream_chunk_delay_s=0.01)
+    async with serve(mock.url, tmp_path) as gw:
+        backend, metrics = gw.backend, gw.gateway.metrics
+        url = gw.url + "/v1/chat/completions"
+        opener = await gw.http.post(url, json=chat_body(LONG, stream=True))
+        await _first_event(opener)
+        async with gw.http.post(url, json=chat_body(LONG, stream=True)) as follower:
+            await _first_event(follower)
+            opener.close()
+            assert (await follower.read()).decode().rstrip().endswith("[DONE]")
+        assert await eventually(
+            lambda: metrics.snapshot(backend.snapshot())["client_disconnects"] == 1
+        )
+        spent = backend.snapshot()
+        snap = metrics.snapshot(spent)
+        assert mock.stats()["requests"] == 1 and spent.live_calls == 1 and spent.tokens_out > 0
+        assert snap["cache"]["miss"] == 1 and snap["coalesced"] == 1
+        assert snap["tokens"]["upstream"] == {
+            "prompt": spent.tokens_in,
+            "completion": spent.tokens_out,
+        }
+
+
+async def test_a_stream_whose_client_left_while_the_upstream_hangs_frees_its_slot(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    # The upstream sends nothing for seconds (a stalled server); the client gives up. With
+    # one slot, the stream nobody reads must not keep it until the upstream answers.
+    mock.fail_next(mode="timeout", sleep_s=4.0)
+    async with serve(mock.url, tmp_path, max_outstanding=1) as gw:
+        backend, metrics = gw.backend, gw.gateway.metrics
+        with contextlib.suppress(asyncio.TimeoutError):
+            await gw.http.post(
+                gw.url + "/v1/chat/completions",
+                json=chat_body("nobody waits for this", stream=True),
+                timeout=aiohttp.ClientTimeout(total=0.2),
+            )
+        started = time.monotonic()
+        fresh = await gw.chat("a fresh question", stream=True)
+        waited = time.monotonic() - started
+        assert fresh.status == 200 and fresh.events()[-1] == "[DONE]"
+        assert waited < 1.5, f"the fresh stream waited {waited:.1f}s for the abandoned one's slot"
+        assert await eventually(
+            lambda: metrics.snapshot(backend.snapshot())["client_disconnects"] == 1
+        )
+        assert await eventually(lambda: mock.stats()["concurrency"] == 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -11,10 +12,11 @@ from typing import Any
 from aiohttp import web
 
 from ..backend import ChunkStream
+from ..flight import Broadcast, Follower
 from ..streaming import encode_event
 from ..types import MinimaLlmFailure, MinimaLlmResponse, Usage
 from ..upstream import StreamInterrupted
-from .errors import RequestError, error_body, failure_response
+from .errors import RequestError, error_body, error_response, failure_response
 from .gateway import Gateway
 from .normalize import CHAT, COMPLETIONS, EMBEDDINGS, Parsed, key_extra, parse_body
 
@@ -34,6 +36,8 @@ TENANT = _request_key("tenant")  # the caller's cache partition
 _DONE = b"data: [DONE]\n\n"
 # What clients may disconnect with while we write to them.
 _GONE = (ConnectionResetError, ConnectionError)
+# How often a stream still opening looks whether its client is still there.
+_WATCH_S = 0.1
 
 
 async def _json_body(request: web.Request) -> Any:
@@ -170,7 +174,10 @@ def _header(label: str) -> str:
 async def _stream(
     request: web.Request, gw: Gateway, parsed: Parsed, options: dict[str, Any], started: float
 ) -> web.StreamResponse:
-    opened = await gw.backend.open_stream(parsed.request, **options)
+    opened = await _open_while_connected(request, gw, parsed, options)
+    if opened is None:
+        gw.metrics.client_disconnects.inc()
+        return error_response(499, "client closed the request before the stream opened")
     if isinstance(opened, MinimaLlmFailure):
         return _answer(gw, parsed, opened, started, request.path)
     label = _label(parsed, opened.cached, opened.coalesced)
@@ -211,6 +218,8 @@ async def _stream(
     except _GONE:
         # The client left: stop reading so the upstream stream is cancelled unless others follow it.
         gw.metrics.client_disconnects.inc()
+        if label in ("miss", "refresh"):
+            _count_if_finished(gw, label, opened, started)
         return resp
     finally:
         await opened.aclose()
@@ -226,6 +235,61 @@ async def _stream(
         f"stream tokens={usage.prompt_tokens}+{usage.completion_tokens}",
     )
     return resp
+
+
+async def _open_while_connected(
+    request: web.Request, gw: Gateway, parsed: Parsed, options: dict[str, Any]
+) -> ChunkStream | MinimaLlmFailure | None:
+    """``open_stream``, given up (None) if the client leaves before the stream opens.
+
+    aiohttp does not cancel a handler whose client left, and nothing is written before
+    the first chunk: a stalled upstream (or a queue for a slot, or retries) would
+    otherwise keep a slot for a stream nobody reads, and no answer comes of it.
+    """
+    opening = asyncio.ensure_future(gw.backend.open_stream(parsed.request, **options))
+    try:
+        while not opening.done():
+            await asyncio.wait((opening,), timeout=_WATCH_S)
+            if not opening.done() and _client_gone(request):
+                opening.cancel()
+                await asyncio.wait((opening,))
+                late = None if opening.cancelled() else opening.result()
+                if isinstance(late, ChunkStream):
+                    await late.aclose()  # it opened as the cancellation came
+                return None
+    except asyncio.CancelledError:
+        opening.cancel()
+        raise
+    return opening.result()
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _count_if_finished(gw: Gateway, label: str, opened: ChunkStream, started: float) -> None:
+    """Count a live stream its opener left once it ends whole for the readers still on it.
+
+    The upstream answered in full (and the answer was cached), so its tokens were
+    spent; the readers who joined count theirs as coalesced, not as upstream.
+    """
+    if not isinstance(opened.chunks, Follower):
+        return
+
+    def count(flight: Broadcast) -> None:
+        if flight.error is None:
+            usage = next(
+                (
+                    Usage.from_body(chunk)
+                    for chunk in reversed(flight.chunks)
+                    if isinstance(chunk.get("usage"), dict)
+                ),
+                Usage(),
+            )
+            gw.metrics.count_answer(label, usage, "upstream", time.monotonic() - started)
+
+    opened.chunks.flight.when_finished(count)
 
 
 async def _pump(resp: web.StreamResponse, opened: ChunkStream, include_usage: bool) -> Usage:
