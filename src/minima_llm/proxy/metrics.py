@@ -55,7 +55,7 @@ class GatewayMetrics:
         )
         self.client_disconnects = Counter(
             "minima_gateway_client_disconnects",
-            "Clients gone before their answer was sent",
+            "Streaming clients gone before their stream was sent to the end",
             registry=r,
         )
         self._requests_total = 0
