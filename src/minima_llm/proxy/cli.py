@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import gc
 import logging
 import os
 import signal
@@ -190,6 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # run_app stops on SIGINT/SIGTERM: it stops accepting, lets requests in flight
     # finish, then cleanup closes the backend (committing what is queued).
     app.on_shutdown.append(lambda app: _drain(app[GATEWAY], settings.shutdown_timeout_s))
+    # Everything made so far (modules, the app) lives as long as the process: frozen, the
+    # collector's full passes skip it, so they cost a fraction of the time (and of p99).
+    gc.collect()
+    gc.freeze()
     web.run_app(
         app,
         sock=sockets,
