@@ -5,7 +5,7 @@
 cache; ``nocache``: the same without a cache) under ``valgrind --tool=callgrind``
 against a mock running natively, once with ``--small`` and once with ``--large``
 requests, and reports the difference divided by the difference in requests: start-up
-and imports cancel out. The ``gateway`` and ``gateway-hit`` sides count the gateway
+and imports cancel out. The ``gateway``, ``gateway-hit`` and ``gateway-stream`` sides count the gateway
 process instead (cache misses, then the same requests again as hits), driven by the
 benchmarks' load generator at concurrency 64; ``callgrind_control`` zeroes and dumps
 the counters around each run, so start-up is left out there too. Wall-clock ratios on a shared two-core machine move by 10-20%
@@ -38,8 +38,8 @@ from ._gateway_proc import GatewayProcess
 from ._loadgen import payloads, run
 from ._mock import MockProcess
 
-SIDES = ("bare", "client", "nocache", "gateway", "gateway-hit")
-GATEWAY_SIDES = ("gateway", "gateway-hit")
+SIDES = ("bare", "client", "nocache", "gateway", "gateway-hit", "gateway-stream")
+GATEWAY_SIDES = ("gateway", "gateway-hit", "gateway-stream")
 GATEWAY_CONCURRENCY = 64
 # Under callgrind the gateway runs some 50 times slower: imports alone take seconds.
 GATEWAY_START_TIMEOUT_S = 180.0
@@ -123,7 +123,7 @@ class _CountedGateway(GatewayProcess):
 
 
 def gateway_counts(kind: str, url: str, small: int, large: int) -> float:
-    """Gateway instructions per request: misses, or (``gateway-hit``) the same requests again."""
+    """Gateway instructions per request: misses, ``gateway-hit`` repeats, ``gateway-stream`` streams."""
     counts: dict[int, int] = {}
     with (
         tempfile.TemporaryDirectory(prefix="minima-callgrind-") as out,
@@ -131,7 +131,7 @@ def gateway_counts(kind: str, url: str, small: int, large: int) -> float:
     ):
         run(gateway.url, payloads(WARMUP), GATEWAY_CONCURRENCY, RUN_TIMEOUT_S)
         for count in (small, large):
-            bodies = payloads(count)
+            bodies = payloads(count, stream=kind == "gateway-stream")
             if kind == "gateway-hit":
                 run(gateway.url, bodies, GATEWAY_CONCURRENCY, RUN_TIMEOUT_S)
             gateway.zero()
