@@ -253,24 +253,49 @@ async def _open_while_connected(
     aiohttp does not cancel a handler whose client left, and nothing is written before
     the first chunk: a stalled upstream (or a queue for a slot, or retries) would
     otherwise keep a slot for a stream nobody reads, and no answer comes of it.
+    The watch is a timer, not a task beside the open: most streams open within a
+    millisecond, and for them it costs one timer handle.
     """
-    opening = asyncio.ensure_future(gw.backend.open_stream(parsed.request, **options))
-    wait_s = _WATCH_S
+    task = asyncio.current_task()
+    if task is None:  # not in a task (never so under aiohttp): nothing to watch over
+        return await gw.backend.open_stream(parsed.request, **options)
+    watch = _ClientWatch(request, task)
     try:
-        while not opening.done():
-            await asyncio.wait((opening,), timeout=wait_s)
-            wait_s = min(wait_s * 2, _WATCH_MAX_S)
-            if not opening.done() and _client_gone(request):
-                opening.cancel()
-                await asyncio.wait((opening,))
-                late = None if opening.cancelled() else opening.result()
-                if isinstance(late, ChunkStream):
-                    await late.aclose()  # it opened as the cancellation came
-                return None
+        return await gw.backend.open_stream(parsed.request, **options)
     except asyncio.CancelledError:
-        opening.cancel()
-        raise
-    return opening.result()
+        if not watch.fired:
+            raise
+        uncancel = getattr(task, "uncancel", None)  # Python 3.11+: undo our own cancel
+        if uncancel is not None:
+            uncancel()
+        return None
+    finally:
+        watch.stop()
+
+
+class _ClientWatch:
+    """Cancels ``task`` once its client has gone, looking at widening intervals."""
+
+    __slots__ = ("_handle", "_request", "_task", "_wait_s", "fired")
+
+    def __init__(self, request: web.Request, task: asyncio.Task[Any]) -> None:
+        self._request = request
+        self._task = task
+        self._wait_s = _WATCH_S
+        self.fired = False
+        self._handle = asyncio.get_running_loop().call_later(_WATCH_S, self._look)
+
+    def _look(self) -> None:
+        if _client_gone(self._request):
+            self.fired = True
+            self._task.cancel()
+            return
+        self._wait_s = min(self._wait_s * 2, _WATCH_MAX_S)
+        self._handle = asyncio.get_running_loop().call_later(self._wait_s, self._look)
+
+    def stop(self) -> None:
+        """No more looks (the open has ended one way or another)."""
+        self._handle.cancel()
 
 
 def _client_gone(request: web.Request) -> bool:
