@@ -116,7 +116,7 @@ class StdlibTransport:
         body: bytes,
         headers: dict[str, str],
         timeout_s: float,
-        handoff: _Handoff | None = None,
+        handoff: _Handoff,
     ) -> tuple[_Origin, http.client.HTTPConnection, http.client.HTTPResponse]:
         """Send on a pooled connection (a new one when retrying), its socket held by ``handoff``."""
         origin, path = _split(url)
@@ -125,10 +125,9 @@ class StdlibTransport:
             # every pooled connection is stale, and the next one would fail the same way.
             conn, reused = self._checkout(origin, timeout_s, pooled=attempt == 0)
             try:
-                if handoff is not None:
-                    if conn.sock is None:
-                        conn.connect()  # here, so a caller who leaves mid-upload can stop it
-                    handoff.hold(conn.sock)
+                if conn.sock is None:
+                    conn.connect()  # here, so a caller who leaves mid-upload can stop it
+                handoff.hold(conn.sock)
                 conn.request("POST", path, body=body, headers=headers)
                 return origin, conn, conn.getresponse()
             except _STALE as exc:
@@ -147,7 +146,7 @@ class StdlibTransport:
         body: bytes,
         headers: dict[str, str],
         timeout_s: float,
-        handoff: _Handoff | None = None,
+        handoff: _Handoff,
     ) -> HttpResponse:
         headers.setdefault("Accept-Encoding", "gzip")
         origin, conn, resp = self._start(url, body, headers, timeout_s, handoff)
@@ -159,7 +158,7 @@ class StdlibTransport:
         resp_headers = LowerHeaders.of(resp.getheaders())
         # Released before it is pooled: from then on the socket is the pool's, and a
         # caller giving up late must not shut it under the next request to use it.
-        caller_waits = handoff.release() if handoff is not None else True
+        caller_waits = handoff.release()
         if resp.will_close or not caller_waits:
             conn.close()
         else:
