@@ -55,7 +55,6 @@ class _Tally:
         # Where the ETA's rate is measured from: a resumed run's cache hits come first,
         # thousands a second, so the window restarts at its first live answer.
         self._beats: deque[tuple[float, int]] = deque([(self.started, 0)], maxlen=_ETA_BEATS)
-        self._live_seen = False
         self.aborted: RuntimeError | None = None
 
     def record(self, result: Any, cached: bool) -> None:
@@ -70,8 +69,7 @@ class _Tally:
                 self.tokens_out += result.usage.completion_tokens
         if cached:
             self.hits += 1
-        elif not self._live_seen:
-            self._live_seen = True
+        elif self.done - self.hits == 1:  # the first answer that was not a cache hit
             self._beats = deque([(self.last_progress, self.done)], maxlen=_ETA_BEATS)
         if isinstance(result, MinimaLlmFailure):
             self.fail(result)
