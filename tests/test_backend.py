@@ -49,6 +49,15 @@ async def test_generate_then_cache_hit(make_backend: BackendFactory, mock: MockS
     assert snap.tokens_saved_in == first.usage.prompt_tokens  # saved once, not spent
 
 
+async def test_requests_name_the_client_whichever_transport_sends_them(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    import minima_llm
+
+    assert isinstance(await make_backend().generate(req(2)), MinimaLlmResponse)
+    assert mock.last_headers["user-agent"] == f"minima-llm/{minima_llm.__version__}"
+
+
 async def test_result_is_committed_before_it_is_returned(
     make_backend: BackendFactory, tmp_path: Path
 ) -> None:

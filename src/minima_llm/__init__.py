@@ -7,6 +7,7 @@ The core uses the standard library only.
 
 from typing import Any
 
+from ._version import __version__ as __version__
 from .backend import OpenAIMinimaLlm
 from .config import BatchConfig, MinimaLlmConfig, ParasailBatchConfig
 from .context import (
@@ -27,8 +28,6 @@ from .types import (
     MinimaLlmResult,
     Usage,
 )
-
-__version__ = "0.3.0.dev0"
 
 __all__ = [
     "AsyncMinimaLlmBackend",

@@ -9,6 +9,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, NamedTuple, TypeVar
 
+from ._version import __version__
 from .clock import Clock
 from .config import MinimaLlmConfig
 from .errors import MinimaLlmError, TransportError
@@ -159,9 +160,13 @@ def _chunk(data: str) -> dict[str, Any]:
     return chunk
 
 
+# Both transports send the same one, so an upstream's logs name the client whichever is used.
+USER_AGENT = f"minima-llm/{__version__}"
+
+
 def request_headers(config: MinimaLlmConfig) -> dict[str, str]:
-    """The headers every upstream request carries: JSON, and the configured key if any."""
-    headers = {"Content-Type": "application/json"}
+    """The headers every upstream request carries: JSON, who sends it, and the key if any."""
+    headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
     if config.api_key:
         headers["Authorization"] = f"Bearer {config.api_key}"
     return headers

@@ -57,6 +57,37 @@ async def test_default_headers_are_sent_when_a_request_passes_them(
         await t.aclose()
 
 
+async def test_cookies_a_server_sets_are_not_sent_back(transport: str) -> None:
+    # Both transports are stateless, as LLM APIs are: a load balancer's cookie must not
+    # make one transport's requests differ from the other's.
+    from aiohttp import web
+
+    seen: list[str | None] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Cookie"))
+        return web.json_response({}, headers={"Set-Cookie": "route=abc; Path=/"})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    t = make_transport(transport, 2)
+    try:
+        for _ in range(2):
+            # A host name, not an IP: aiohttp's cookie jar ignores cookies from IP addresses.
+            url = f"http://localhost:{port}/v1/chat/completions"
+            resp = await t.post(url, BODY, JSON, 5.0)
+            assert resp.status == 200 and resp.headers["set-cookie"].startswith("route=")
+    finally:
+        await t.aclose()
+        await runner.cleanup()
+    assert seen == [None, None]
+
+
 async def test_error_status_is_a_response_not_an_exception(
     client: Transport, mock: MockServer
 ) -> None:

@@ -33,7 +33,9 @@ class _LoopSession:
         self.session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=True,
-            skip_auto_headers=("User-Agent",),
+            # No cookies, like the stdlib transport: LLM APIs are stateless, and aiohttp's
+            # jar would filter and update cookies on every request.
+            cookie_jar=aiohttp.DummyCookieJar(),
             headers=headers,
         )
         self.keeper: AsyncIterator[None] | None = None
