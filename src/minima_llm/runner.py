@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from .config import BatchConfig
 from .context import get_last_cached, set_last_cached
+from .gcpolicy import batch_gc
 from .progress import ProgressSink, ProgressTarget
 from .stats import StatsSnapshot
 from .types import MinimaLlmFailure, MinimaLlmResponse
@@ -156,19 +157,21 @@ async def run_batched_callable(
             if count % _YIELD_EVERY == 0:
                 await asyncio.sleep(0)
 
-    workers = [
-        asyncio.ensure_future(worker()) for _ in range(min(batch.num_workers, max(1, len(pending))))
-    ]
-    watcher = asyncio.ensure_future(_watch(tally, batch, sink, stats, workers))
-    aborter: asyncio.Future[Any] = asyncio.ensure_future(abort.wait())
-    finished: asyncio.Future[Any] = asyncio.gather(*workers)
-    try:
-        await asyncio.wait([finished, aborter], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (*workers, watcher, aborter):
-            task.cancel()
-        await asyncio.gather(finished, watcher, aborter, return_exceptions=True)
-        sink.close()
+    with batch_gc():
+        workers = [
+            asyncio.ensure_future(worker())
+            for _ in range(min(batch.num_workers, max(1, len(pending))))
+        ]
+        watcher = asyncio.ensure_future(_watch(tally, batch, sink, stats, workers))
+        aborter: asyncio.Future[Any] = asyncio.ensure_future(abort.wait())
+        finished: asyncio.Future[Any] = asyncio.gather(*workers)
+        try:
+            await asyncio.wait([finished, aborter], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (*workers, watcher, aborter):
+                task.cancel()
+            await asyncio.gather(finished, watcher, aborter, return_exceptions=True)
+            sink.close()
     if tally.aborted is not None:
         sink.report(str(tally.aborted), logging.ERROR)
         raise tally.aborted

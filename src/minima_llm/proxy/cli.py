@@ -19,6 +19,7 @@ from aiohttp import web
 from ..backend import OpenAIMinimaLlm
 from ..config import MinimaLlmConfig, read_yaml
 from ..errors import MinimaLlmError
+from ..gcpolicy import raise_for_process
 from .app import build_app
 from .gateway import Gateway
 from .handlers import GATEWAY
@@ -195,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # collector's full passes skip it, so they cost a fraction of the time (and of p99).
     gc.collect()
     gc.freeze()
+    raise_for_process()
     web.run_app(
         app,
         sock=sockets,
