@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from minima_llm import BatchConfig, run_batched_callable
-from minima_llm.gcpolicy import YOUNG_THRESHOLD, batch_gc
+from minima_llm.gcpolicy import YOUNG_THRESHOLD, batch_gc, raise_for_process
 
 QUIET = BatchConfig(num_workers=4, heartbeat_s=0.0, stall_s=0.0, max_failures=None)
 
@@ -87,8 +87,43 @@ async def test_an_aborted_batch_gives_it_back() -> None:
     assert gc.get_threshold() == (700, 10, 10)
 
 
-def test_a_threshold_changed_during_the_batch_is_not_overwritten() -> None:
+@pytest.mark.parametrize("theirs", [(1234, 10, 10), (YOUNG_THRESHOLD, 50, 50)])
+def test_thresholds_changed_during_the_batch_are_not_overwritten(theirs: tuple[int, ...]) -> None:
     with batch_gc():
         assert gc.get_threshold()[0] == YOUNG_THRESHOLD
-        gc.set_threshold(1234, 10, 10)
-    assert gc.get_threshold() == (1234, 10, 10)
+        gc.set_threshold(*theirs)
+    assert gc.get_threshold() == theirs
+
+
+def test_a_collector_switched_off_is_left_alone() -> None:
+    gc.disable()
+    try:
+        with batch_gc():
+            assert gc.get_threshold() == (700, 10, 10)
+    finally:
+        gc.enable()
+
+
+async def test_a_cancelled_batch_gives_it_back() -> None:
+    started = asyncio.Event()
+
+    async def forever(i: int) -> int:
+        started.set()
+        await asyncio.Event().wait()
+        return i
+
+    batch = asyncio.ensure_future(run_batched_callable(range(3), forever, QUIET))
+    await asyncio.wait_for(started.wait(), 5)
+    assert gc.get_threshold()[0] == YOUNG_THRESHOLD
+    batch.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await batch
+    assert gc.get_threshold() == (700, 10, 10)
+
+
+def test_a_serving_process_keeps_the_raised_threshold() -> None:
+    raise_for_process()
+    assert gc.get_threshold() == (YOUNG_THRESHOLD, 10, 10)
+    gc.set_threshold(50_000, 10, 10)
+    raise_for_process()  # never lowers one set higher
+    assert gc.get_threshold() == (50_000, 10, 10)

@@ -9,7 +9,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, NamedTuple, TypeVar
 
-from ._version import __version__
+from ._version import USER_AGENT
 from .clock import Clock
 from .config import MinimaLlmConfig
 from .errors import MinimaLlmError, TransportError
@@ -158,10 +158,6 @@ def _chunk(data: str) -> dict[str, Any]:
     if "error" in chunk and "choices" not in chunk:
         raise StreamInterrupted(f"upstream sent an error mid-stream: {data[:SNIPPET]}")
     return chunk
-
-
-# Both transports send the same one, so an upstream's logs name the client whichever is used.
-USER_AGENT = f"minima-llm/{__version__}"
 
 
 def request_headers(config: MinimaLlmConfig) -> dict[str, str]:

@@ -57,6 +57,15 @@ async def test_default_headers_are_sent_when_a_request_passes_them(
         await t.aclose()
 
 
+async def test_a_transport_never_names_its_http_library_as_the_client(
+    client: Transport, mock: MockServer
+) -> None:
+    resp = await client.post(mock.url + "/chat/completions", BODY, JSON, 5.0)
+    assert resp.status == 200
+    agent = mock.last_headers.get("user-agent", "")
+    assert "aiohttp" not in agent and "Python" not in agent
+
+
 async def test_cookies_a_server_sets_are_not_sent_back(transport: str) -> None:
     # Both transports are stateless, as LLM APIs are: a load balancer's cookie must not
     # make one transport's requests differ from the other's.

@@ -7,6 +7,7 @@ import functools
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
+from .._version import USER_AGENT
 from ..errors import TransportError
 from ..loopbound import LoopBound
 from .base import HttpResponse
@@ -30,13 +31,16 @@ class _LoopSession:
         connector = aiohttp.TCPConnector(
             limit=max_connections, limit_per_host=max_connections, enable_cleanup_closed=True
         )
+        # Ours unless the caller names one, so aiohttp never adds its own; that beats
+        # skip_auto_headers, which rebuilds a header multidict on every request.
+        defaults = {"User-Agent": USER_AGENT, **(headers or {})}
         self.session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=True,
             # No cookies, like the stdlib transport: LLM APIs are stateless, and aiohttp's
             # jar would filter and update cookies on every request.
             cookie_jar=aiohttp.DummyCookieJar(),
-            headers=headers,
+            headers=defaults,
         )
         self.keeper: AsyncIterator[None] | None = None
 

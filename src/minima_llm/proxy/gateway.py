@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 
+from .._version import USER_AGENT
 from ..backend import OpenAIMinimaLlm
 from .log import ProxyLog
 from .metrics import GatewayMetrics
@@ -65,7 +66,10 @@ class Gateway:
         started = time.monotonic()
         result: dict[str, Any] = {"url": self.config.base_url, "reachable": False, "status": None}
         try:
-            session = self._session or aiohttp.ClientSession()
+            # The same client to the upstream as the backend's requests: our name, no cookies.
+            session = self._session or aiohttp.ClientSession(
+                headers={"User-Agent": USER_AGENT}, cookie_jar=aiohttp.DummyCookieJar()
+            )
             self._session = session
             timeout = aiohttp.ClientTimeout(total=self.settings.health_check_timeout_s)
             async with session.get(url, headers=headers, timeout=timeout) as resp:
