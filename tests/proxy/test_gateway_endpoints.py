@@ -9,6 +9,7 @@ import pytest
 from gateway_harness import MODEL, chat_body, chunks_of, eventually, serve, stream_text
 from prometheus_client.parser import text_string_to_metric_families
 
+from minima_llm.proxy.settings import ProxySettings
 from minima_llm.testing import MockServer
 
 PREFIXES = ["/v1", ""]
@@ -143,6 +144,32 @@ async def test_health_with_the_upstream_stopped(mock: MockServer, tmp_path: Path
         assert body["status"] == "degraded"
         assert body["upstream"]["reachable"] is False
         assert body["upstream"]["error"]
+
+
+async def test_health_with_an_upstream_that_never_answers(tmp_path: Path) -> None:
+    # Accepts the connection and says nothing: the check must time out and report it,
+    # whichever TimeoutError class the Python version raises (3.10 has two).
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    silent = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    settings = ProxySettings(port=0, health_check_timeout_s=0.2)
+    try:
+        async with serve(f"http://127.0.0.1:{port}/v1", tmp_path, settings) as gw:
+            reply = await asyncio.wait_for(gw.get("/health"), 10)
+            assert reply.status == 200
+            body = reply.json()
+            assert body["status"] == "degraded"
+            assert body["upstream"]["reachable"] is False
+            assert body["upstream"]["error"].startswith("TimeoutError")
+    finally:
+        for writer in held:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
 
 
 async def test_metrics_json(mock: MockServer, tmp_path: Path) -> None:

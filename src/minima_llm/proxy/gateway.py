@@ -76,7 +76,8 @@ class Gateway:
                 result["status"] = resp.status
                 # Any HTTP answer means the server is up; 404 just means no /models route.
                 result["reachable"] = resp.status < 500
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        # asyncio's, which before 3.11 is not the builtin TimeoutError.
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             result["error"] = f"{type(exc).__name__}: {exc}"
         result["latency_ms"] = round((time.monotonic() - started) * 1000, 1)
         self._health = (now, result)
