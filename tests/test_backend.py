@@ -6,6 +6,7 @@ import asyncio
 import json
 import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,7 @@ async def test_result_is_committed_before_it_is_returned(
     backend = make_backend()
     result = await backend.generate(req(7))
     key, _ = backend.key_for(req(7))
-    with sqlite3.connect(tmp_path / "cache" / "minima_llm.db") as conn:
+    with closing(sqlite3.connect(tmp_path / "cache" / "minima_llm.db")) as conn:
         row = conn.execute("SELECT response_text, model FROM cache WHERE key=?", (key,)).fetchone()
     assert row == (result.text, "mock-model")  # type: ignore[union-attr]
 
@@ -304,7 +305,7 @@ async def test_a_no_store_call_answered_from_a_lookup_cache_leaves_the_primary_a
     assert isinstance(hit, MinimaLlmResponse) and hit.cache_source == "lookup"
     await backend.aclose()
     # "store=False answers without writing the cache": a hit found elsewhere is not copied in.
-    with sqlite3.connect(primary / "minima_llm.db") as conn:
+    with closing(sqlite3.connect(primary / "minima_llm.db")) as conn:
         assert conn.execute("SELECT count(*) FROM cache").fetchone() == (0,)
     assert mock.stats()["requests"] == 1
 

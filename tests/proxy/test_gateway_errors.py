@@ -10,6 +10,7 @@ import pytest
 from gateway_harness import Reply, chat_body, closed_port_url, serve
 
 from minima_llm.proxy import ProxySettings
+from minima_llm.proxy.handlers import MAX_JSON_DEPTH
 from minima_llm.testing import MockServer
 
 
@@ -45,6 +46,22 @@ async def test_deeply_nested_json_is_a_bad_request(mock: MockServer, tmp_path: P
         reply = await gw.request("POST", "/v1/chat/completions", data=body + metadata + b"}")
         error_of(reply, 400)
     assert mock.stats()["requests"] == 0
+
+
+@pytest.mark.parametrize(("depth", "status"), [(100, 200), (MAX_JSON_DEPTH - 3, 200), (600, 400)])
+async def test_one_nesting_limit_on_every_python(
+    mock: MockServer, tmp_path: Path, depth: int, status: int
+) -> None:
+    # Python's json gives up near its recursion limit, which 3.13 raised tenfold: 600
+    # levels passed there and failed on 3.11. The gateway's own limit answers alike.
+    # The body's own object and the metadata object are two levels above the nesting.
+    nested = b'{"a":' * depth + b"1" + b"}" * depth
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "metadata": '
+    async with serve(mock.url, tmp_path) as gw:
+        reply = await gw.request("POST", "/v1/chat/completions", data=body + nested + b"}")
+        assert reply.status == status, reply.text
+        if status == 400:
+            assert "nested more than 512 levels" in str(error_of(reply, 400)["message"])
 
 
 @pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
