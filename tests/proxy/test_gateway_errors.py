@@ -64,6 +64,14 @@ async def test_one_nesting_limit_on_every_python(
             assert "nested more than 512 levels" in str(error_of(reply, 400)["message"])
 
 
+async def test_brackets_inside_strings_are_not_nesting(mock: MockServer, tmp_path: Path) -> None:
+    async with serve(mock.url, tmp_path) as gw:
+        reply = await gw.chat("[{" * 1_000)
+        assert reply.status == 200, reply.text
+        scalar = await gw.request("POST", "/v1/chat/completions", data=b'"' + b"[" * 1_000 + b'"')
+        error_of(scalar, 400)  # not an object, and not a crash in the depth check
+
+
 @pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
 async def test_numbers_json_cannot_carry_are_a_bad_request(
     mock: MockServer, tmp_path: Path, number: str

@@ -71,7 +71,7 @@ MAX_JSON_DEPTH = 512
 
 def _depth_over(body: Any, limit: int) -> bool:
     """Whether arrays and objects in ``body`` nest more than ``limit`` levels deep."""
-    stack = [(body, 1)]
+    stack = [(body, 1)] if isinstance(body, (dict, list)) else []
     while stack:
         value, depth = stack.pop()
         if depth > limit:
