@@ -117,10 +117,7 @@ def _mock_server(args: argparse.Namespace) -> int:
         serve(args.host, args.port, config)
     except OSError as exc:
         # A port in use or an unknown host is one clear line, as from minimallm-proxy.
-        print(
-            f"minima-llm: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
-            file=sys.stderr,
-        )
+        print(f"minima-llm: {exc.strerror or exc}", file=sys.stderr)
         return 2
     return 0
 

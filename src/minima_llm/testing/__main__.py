@@ -49,9 +49,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         serve(args.host, args.port, config)
     except OSError as exc:
-        parser.exit(
-            2, f"{parser.prog}: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}\n"
-        )
+        parser.exit(2, f"{parser.prog}: {exc.strerror or exc}\n")
 
 
 if __name__ == "__main__":

@@ -147,7 +147,10 @@ def run_mock_server_in_thread(
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, config: MockConfig | None = None) -> None:
-    """Serve until SIGINT or SIGTERM, after printing ``mock server listening on <url>``."""
+    """Serve until SIGINT or SIGTERM, after printing ``mock server listening on <url>``.
+
+    Raises ``OSError`` saying where and why when the address cannot be bound.
+    """
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve_until_signalled(host, port, config))
 
@@ -162,7 +165,11 @@ async def _serve_until_signalled(host: str, port: int, config: MockConfig | None
         except (NotImplementedError, RuntimeError, ValueError):
             continue  # Windows or not the main thread: Ctrl-C still raises KeyboardInterrupt
         installed.append(signum)
-    server = await MockServer(config).start(host, port)
+    try:
+        server = await MockServer(config).start(host, port)
+    except OSError as exc:
+        # Both command lines print this as their one line: where, and why in the OS's words.
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     try:
         print(f"mock server listening on {server.url}", flush=True)
         await stop.wait()
