@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -51,37 +50,31 @@ def test_bad_arguments_exit_with_usage(capsys: object) -> None:
         raise AssertionError("argparse should have rejected --transport curl")
 
 
-@pytest.mark.parametrize("count", ["0", "-5", "many"])
-def test_demo_refuses_a_batch_size_below_one(
-    count: str, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("command", "flag", "value"),
+    [
+        # A batch needs at least one request.
+        *(("demo", "--requests", count) for count in ("0", "-5", "many")),
+        # A TCP port is 0 (any free one) to 65535.
+        *(("mock-server", "--port", port) for port in ("-1", "65536", "http")),
+    ],
+)
+def test_out_of_range_values_are_usage_errors_naming_the_flag(
+    command: str, flag: str, value: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exc:
-        main(["demo", "--requests", count])
+        main([command, flag, value])
     assert exc.value.code == 2
-    assert "--requests" in capsys.readouterr().err
+    assert flag in capsys.readouterr().err
 
 
 def test_mock_server_reports_a_port_in_use_in_one_line(
-    capsys: pytest.CaptureFixture[str],
+    taken_port: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        assert main(["mock-server", "--port", str(port)]) == 2
+    assert main(["mock-server", "--port", str(taken_port)]) == 2
     err = capsys.readouterr().err
-    assert f"minima-llm: cannot listen on 127.0.0.1:{port}" in err
+    assert f"minima-llm: cannot listen on 127.0.0.1:{taken_port}" in err
     assert "Traceback" not in err
-
-
-@pytest.mark.parametrize("port", ["-1", "65536", "http"])
-def test_mock_server_refuses_a_port_outside_0_to_65535(
-    port: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(["mock-server", "--port", port])
-    assert exc.value.code == 2
-    assert "--port" in capsys.readouterr().err
 
 
 def test_demo_stopped_by_too_many_failures_exits_1_without_a_traceback(

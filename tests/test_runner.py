@@ -6,6 +6,7 @@ import asyncio
 import io
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -185,6 +186,22 @@ async def test_heartbeat_reports_progress_and_cache_hits_to_a_logger(
     assert final.startswith("[batch] finished 40") and "cache hits 20, live 20" in final
 
 
+async def _heartbeats(total: int, is_hit: Callable[[int], bool], live_s: float) -> io.StringIO:
+    """The progress of one worker over ``total`` items: hits where ``is_hit``, else live calls."""
+
+    async def fn(i: int) -> int:
+        if is_hit(i):
+            set_last_cached(True)
+        else:
+            await asyncio.sleep(live_s)
+        return i
+
+    stream = io.StringIO()
+    config = BatchConfig(num_workers=1, heartbeat_s=0.3, stall_s=0)
+    await run_batched_callable(range(total), fn, config, progress=stream)
+    return stream
+
+
 def _etas(stream: io.StringIO, total: int) -> list[int]:
     beats = [line for line in stream.getvalue().splitlines() if f"/{total} (" in line]
     return [int(line.split("ETA ")[1].split("s")[0]) for line in beats if "ETA ?" not in line]
@@ -193,16 +210,7 @@ def _etas(stream: io.StringIO, total: int) -> list[int]:
 async def test_eta_of_a_resumed_run_follows_the_live_calls_after_its_cache_hits() -> None:
     # 94 answers replayed from the cache in a moment, then 6 live calls of 0.4 s: a rate
     # that counts the hits promised "ETA 0s" with seconds of calls to go.
-    async def fn(i: int) -> int:
-        if i < 94:
-            set_last_cached(True)
-        else:
-            await asyncio.sleep(0.4)
-        return i
-
-    stream = io.StringIO()
-    config = BatchConfig(num_workers=1, heartbeat_s=0.3, stall_s=0)
-    await run_batched_callable(range(100), fn, config, progress=stream)
+    stream = await _heartbeats(100, lambda i: i < 94, 0.4)
     beats = [line for line in stream.getvalue().splitlines() if "/100 (" in line]
     # Once two live calls are in and at least 1.2 s of them remain, no heartbeat says 0s.
     while_calls_remain = [b for b in beats if 96 <= int(b.split("/100")[0].split()[-1]) <= 97]
@@ -212,16 +220,7 @@ async def test_eta_of_a_resumed_run_follows_the_live_calls_after_its_cache_hits(
 async def test_eta_with_cache_hits_spread_through_the_batch() -> None:
     # Every fourth item is a live call of 40 ms: counting only the live ones would put
     # the ETA at four times what is left.
-    async def fn(i: int) -> int:
-        if i % 4:
-            set_last_cached(True)
-        else:
-            await asyncio.sleep(0.04)
-        return i
-
-    stream = io.StringIO()
-    config = BatchConfig(num_workers=1, heartbeat_s=0.3, stall_s=0)
-    await run_batched_callable(range(200), fn, config, progress=stream)
+    stream = await _heartbeats(200, lambda i: i % 4 != 0, 0.04)
     etas = _etas(stream, 200)
     assert etas and max(etas) <= 3, stream.getvalue()  # about 2 s in all
 

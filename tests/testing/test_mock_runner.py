@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -108,17 +107,13 @@ def test_module_entry_point_rejects_invalid_config(capsys: pytest.CaptureFixture
 
 
 def test_module_entry_point_reports_a_port_in_use_in_one_line(
-    capsys: pytest.CaptureFixture[str],
+    taken_port: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        with pytest.raises(SystemExit) as info:
-            main(["--port", str(port)])
+    with pytest.raises(SystemExit) as info:
+        main(["--port", str(taken_port)])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert f"cannot listen on 127.0.0.1:{port}" in err
+    assert f"cannot listen on 127.0.0.1:{taken_port}" in err
     assert "Traceback" not in err
 
 
