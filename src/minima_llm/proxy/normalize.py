@@ -242,21 +242,29 @@ def _messages(body: dict[str, Any]) -> list[Any]:
     return messages
 
 
+# Fields that are the request itself or cannot change the answer: never in ``extra``.
+_NOT_EXTRA = (
+    frozenset({"model", "messages", "temperature", "max_tokens", "max_completion_tokens"})
+    | _TRANSPORT_FIELDS
+    | _NOT_IN_KEY
+)
+# Each endpoint's required input, and the values that count as missing: an empty
+# prompt is a valid completion request (OpenAI starts a new document), an empty
+# embedding input is not.
+_REQUIRED: dict[str, tuple[str, tuple[Any, ...]]] = {
+    COMPLETIONS: ("prompt", (None, [])),
+    EMBEDDINGS: ("input", (None, "", [])),
+}
+
+
 def _extra(endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
-    required = {COMPLETIONS: "prompt", EMBEDDINGS: "input"}.get(endpoint)
-    # An empty prompt is a valid completion request (OpenAI starts a new document);
-    # an empty embedding input is not.
-    missing: tuple[Any, ...] = (None, []) if endpoint == COMPLETIONS else (None, "", [])
-    if required is not None and body.get(required) in missing:
-        raise RequestError(400, f"'{required}' is a required property", param=required)
-    skip = (
-        {"model", "messages", "temperature", "max_tokens", "max_completion_tokens"}
-        | _TRANSPORT_FIELDS
-        | _NOT_IN_KEY
-    )
+    if endpoint in _REQUIRED:
+        field, missing = _REQUIRED[endpoint]
+        if body.get(field) in missing:
+            raise RequestError(400, f"'{field}' is a required property", param=field)
     extra = {}
     for name, value in body.items():
-        if name in skip or value is None:
+        if name in _NOT_EXTRA or value is None:
             continue
         if name in _DEFAULTS and _is_default(value, _DEFAULTS[name]):
             continue
