@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -60,8 +61,9 @@ class LiveStats:
     cache_errors: int = 0
     _latency_sum: float = 0.0
     _latency_n: int = 0
-    _latency_min: float | None = None
-    _latency_max: float | None = None
+    # Infinite until the first call, so ``live`` compares without a None check.
+    _latency_min: float = math.inf
+    _latency_max: float = -math.inf
 
     def hit(self, source: str, usage: Usage) -> None:
         """A request answered from a cache: its tokens were saved, not spent."""
@@ -76,14 +78,15 @@ class LiveStats:
         self.tokens_out += usage.completion_tokens
         self._latency_sum += latency_s
         self._latency_n += 1
-        if self._latency_min is None or latency_s < self._latency_min:
+        if latency_s < self._latency_min:
             self._latency_min = latency_s
-        if self._latency_max is None or latency_s > self._latency_max:
+        if latency_s > self._latency_max:
             self._latency_max = latency_s
 
     def snapshot(self) -> StatsSnapshot:
         """Copy the counters."""
-        avg = self._latency_sum / self._latency_n if self._latency_n else None
+        n = self._latency_n
+        avg = self._latency_sum / n if n else None
         return StatsSnapshot(
             requests=self.requests,
             cache_hits=dict(self.cache_hits),
@@ -97,9 +100,9 @@ class LiveStats:
             tokens_out=self.tokens_out,
             tokens_saved_in=self.tokens_saved_in,
             tokens_saved_out=self.tokens_saved_out,
-            latency_min_s=self._latency_min,
+            latency_min_s=self._latency_min if n else None,
             latency_avg_s=avg,
-            latency_max_s=self._latency_max,
+            latency_max_s=self._latency_max if n else None,
             cache_errors=self.cache_errors,
         )
 

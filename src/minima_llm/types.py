@@ -41,7 +41,13 @@ class Usage:
         usage = body.get("usage") if type(body) is dict or isinstance(body, Mapping) else None
         if type(usage) is not dict and not isinstance(usage, Mapping):
             return _NO_USAGE
-        return cls(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")))
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        # Exact ints (what JSON gives) skip the check that keeps out bools and subclasses.
+        if type(prompt) is not int:
+            prompt = _int(prompt)
+        if type(completion) is not int:
+            completion = _int(completion)
+        return cls(prompt, completion)
 
 
 def _int(value: Any) -> int:

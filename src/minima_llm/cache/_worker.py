@@ -23,7 +23,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import CacheError
 from ..loopbound import LoopBound
@@ -33,8 +33,7 @@ log = logging.getLogger("minima_llm.cache")
 Handler = Callable[[sqlite3.Connection, list[Any]], list[Any]]
 
 
-@dataclass
-class _Job:
+class _Job(NamedTuple):
     payload: Any
     future: asyncio.Future[Any] | None
     loop: asyncio.AbstractEventLoop | None

@@ -23,9 +23,7 @@ def canonical_json(
         obj["max_tokens"] = max_tokens
     if extra:
         obj["extra"] = extra
-    return json.dumps(
-        obj, sort_keys=True, ensure_ascii=True, separators=(",", ":"), default=_tuple_default
-    )
+    return _CANONICAL.encode(obj)
 
 
 def _tuple_default(value: Any) -> Any:
@@ -33,6 +31,12 @@ def _tuple_default(value: Any) -> Any:
     if isinstance(value, Mapping):
         return dict(value)
     raise TypeError(f"cannot put {type(value).__name__} in a cache key")
+
+
+# What json.dumps would build from these arguments on every call; encode keeps no state.
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, ensure_ascii=True, separators=(",", ":"), default=_tuple_default
+)
 
 
 def key_of(canonical: str) -> str:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import gzip
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from ..errors import TransportError
 
@@ -32,9 +31,11 @@ class LowerHeaders(dict[str, str]):
         return cls((str(k).lower(), v) for k, v in items)
 
 
-@dataclass(frozen=True)
-class HttpResponse:
+class HttpResponse(NamedTuple):
     """An HTTP response: status, lower-cased header names, and the (decoded) body."""
+
+    # A named tuple, not a frozen dataclass: one is built per request, and a frozen
+    # dataclass sets each field through object.__setattr__.
 
     status: int
     headers: Mapping[str, str]
