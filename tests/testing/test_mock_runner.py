@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -127,3 +128,13 @@ def test_module_entry_point_refuses_a_port_above_65535(capsys: pytest.CaptureFix
 def _env() -> dict[str, str]:
     path = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path}
+
+
+def test_every_config_field_is_a_command_line_option() -> None:
+    # The docstring promises it; a field added without a flag would be unreachable from the CLI.
+    from minima_llm.testing.__main__ import build_parser
+
+    parser = build_parser()
+    for field in dataclasses.fields(MockConfig):
+        args = parser.parse_args([f"--{field.name.replace('_', '-')}", "0"])
+        assert str(getattr(args, field.name)) in ("0", "0.0"), field.name

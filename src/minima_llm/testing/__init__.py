@@ -1,7 +1,9 @@
 """An OpenAI-compatible mock server with fault injection, for tests, benchmarks and demos.
 
 API routes, each with or without the ``/v1`` prefix: ``POST /chat/completions``,
-``POST /completions``, ``POST /embeddings``, ``GET /models``; and ``GET /health``.
+``POST /completions``, ``POST /embeddings``, ``GET /models``; the Files and Batches
+API (``POST /files``, ``GET /files/{id}[/content]``, ``POST /batches``, ``GET /batches``,
+``GET /batches/{id}``, ``POST /batches/{id}/cancel``); and ``GET /health``.
 
 Control routes: ``GET /_mock/stats``; ``POST /_mock/reset`` (zero counters, drop
 scripted faults, refill the rate bucket, reseed); ``GET``/``POST /_mock/config``

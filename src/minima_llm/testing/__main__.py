@@ -19,6 +19,7 @@ _OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("seed", int, "seed for the fault and jitter draws"),
     ("model", str, "model name reported when the request names none"),
     ("stream_chunk_delay_s", float, "delay between streamed chunks, seconds"),
+    ("batch_delay_s", float, "time a batch job stays in_progress before it completes, seconds"),
 )
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 _RATES = ("failure_rate", "reset_rate", "malformed_rate")
-_DURATIONS = ("latency_s", "latency_jitter_s", "stream_chunk_delay_s")
+_DURATIONS = ("latency_s", "latency_jitter_s", "stream_chunk_delay_s", "batch_delay_s")
 _COUNTS = ("rpm", "max_concurrency")
 
 
@@ -19,7 +19,9 @@ class MockConfig:
 
     Every field can be changed at runtime through ``POST /_mock/config``.
     The three fault rates share one random draw per request, so their sum
-    must not exceed 1.
+    must not exceed 1. ``batch_delay_s`` is how long a provider batch stays
+    ``in_progress`` after creation; batches read it when polled, so changing it
+    also moves batches already running.
     """
 
     latency_s: float = 0.0
@@ -32,6 +34,7 @@ class MockConfig:
     seed: int = 0
     model: str = "mock-model"
     stream_chunk_delay_s: float = 0.0
+    batch_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in (*_DURATIONS, *_RATES):

@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ._batches import BatchStore, add_batch_routes
 from ._config import MockConfig
 from ._control import add_control_routes
 from ._dspy_replies import DSPyReplies
@@ -60,6 +61,7 @@ class MockServer:
         self._stats = MockStats()
         self._faults = FaultQueue()
         self._dspy = DSPyReplies()
+        self._batches = BatchStore(self._builds(), lambda: self._config)
         self._shutdown_timeout = shutdown_timeout
         self._runner: web.AppRunner | None = None
         self.host = "127.0.0.1"
@@ -113,14 +115,15 @@ class MockServer:
         return json.loads(self._last_body) if self._last_body else None
 
     def stats(self) -> dict[str, Any]:
-        """A snapshot of the request counters."""
-        return self._stats.snapshot()
+        """A snapshot of the request counters; ``batch_lines`` counts answered batch lines."""
+        return {**self._stats.snapshot(), "batch_lines": self._batches.lines}
 
     def reset(self) -> None:
-        """Zero the counters, drop scripted faults and restart rate limit and random draws."""
+        """Zero the counters, drop scripted faults, files and batches, restart limits and draws."""
         self._stats.reset()
         self._faults.clear()
         self._dspy.reset()
+        self._batches.reset()
         self._install(self._config)
 
     def fail_next(self, count: int = 1, **fault: Any) -> int:
@@ -136,19 +139,24 @@ class MockServer:
     def build_app(self) -> web.Application:
         """The aiohttp application, for callers that run it themselves."""
         app = web.Application(client_max_size=_MAX_BODY_BYTES)
-        for path, build in (
-            ("/chat/completions", functools.partial(parse_chat, responder=self._dspy.reply)),
-            ("/completions", parse_completion),
-            ("/embeddings", render_embeddings),
-        ):
-            handler = self._inference_handler("/v1" + path, build)
-            app.router.add_post(path, handler)
-            app.router.add_post("/v1" + path, handler)
+        for route, build in self._builds().items():
+            handler = self._inference_handler(route, build)
+            app.router.add_post(route.removeprefix("/v1"), handler)
+            app.router.add_post(route, handler)
         for prefix in ("", "/v1"):
             app.router.add_get(prefix + "/models", self._models)
         app.router.add_get("/health", self._health)
         add_control_routes(app, self)
+        add_batch_routes(app, self._batches, self._stats)
         return app
+
+    def _builds(self) -> dict[str, Build]:
+        # One table for the live routes and batch lines, so both give the same answers.
+        return {
+            "/v1/chat/completions": functools.partial(parse_chat, responder=self._dspy.reply),
+            "/v1/completions": parse_completion,
+            "/v1/embeddings": render_embeddings,
+        }
 
     async def start(
         self, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None
