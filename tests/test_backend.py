@@ -14,12 +14,10 @@ import pytest
 from backend_support import BackendFactory, req
 from minima_llm import (
     BatchConfig,
-    ConfigError,
     MinimaLlmConfig,
     MinimaLlmFailure,
     MinimaLlmResponse,
     OpenAIMinimaLlm,
-    ParasailBatchConfig,
     reset_force_refresh,
     run_batched_callable,
     set_force_refresh,
@@ -186,7 +184,6 @@ async def test_client_errors_fail_at_once(
 
 
 async def test_connection_refused_is_a_bounded_failure(transport: str, tmp_path: Path) -> None:
-    from minima_llm import MinimaLlmConfig, OpenAIMinimaLlm
 
     cfg = MinimaLlmConfig(
         base_url="http://127.0.0.1:9",
@@ -377,7 +374,6 @@ async def test_per_request_model(make_backend: BackendFactory) -> None:
 
 
 def test_one_backend_across_several_asyncio_runs(transport: str, tmp_path: Path) -> None:
-    from minima_llm import MinimaLlmConfig, OpenAIMinimaLlm
     from minima_llm.testing import MockConfig, run_mock_server_in_thread
 
     with run_mock_server_in_thread(MockConfig()) as server:
@@ -394,7 +390,6 @@ def test_one_backend_across_several_asyncio_runs(transport: str, tmp_path: Path)
 
 
 async def test_without_cache_dir_nothing_is_cached(mock: MockServer, transport: str) -> None:
-    from minima_llm import MinimaLlmConfig, OpenAIMinimaLlm
 
     backend = OpenAIMinimaLlm(
         MinimaLlmConfig(base_url=mock.url, model="m", rpm=0, transport=transport)
@@ -470,13 +465,3 @@ async def test_non_ascii_questions_reach_the_upstream_intact(
     assert isinstance(answer, MinimaLlmResponse)
     assert answer.text == f"mock reply: {question}"
     assert mock.stats()["requests"] == 1
-
-
-def test_provider_batch_mode_is_refused_rather_than_sent_live(tmp_path: Path) -> None:
-    config = MinimaLlmConfig(
-        base_url="http://127.0.0.1:9/v1",
-        model="m",
-        parasail=ParasailBatchConfig(llm_batch_prefix="my-project"),
-    )
-    with pytest.raises(ConfigError, match=r"parasail\.llm_batch_prefix=.*not available"):
-        OpenAIMinimaLlm(config)

@@ -12,6 +12,7 @@ import minima_llm
 
 PINNED_ALL = [
     "AsyncMinimaLlmBackend",
+    "BatchApiError",
     "BatchConfig",
     "CacheError",
     "ConfigError",
@@ -26,6 +27,10 @@ PINNED_ALL = [
     "StatsSnapshot",
     "TransportError",
     "Usage",
+    "batch_status_overview",
+    "cancel_all_batches",
+    "cancel_all_local_batches",
+    "cancel_batch",
     "get_force_refresh",
     "get_last_cached",
     "reset_force_refresh",
@@ -51,6 +56,10 @@ DOCUMENTED = [
     "reset_force_refresh",
     "set_last_cached",
     "get_last_cached",
+    "batch_status_overview",
+    "cancel_batch",
+    "cancel_all_batches",
+    "cancel_all_local_batches",
 ]
 
 

@@ -18,6 +18,13 @@ from .context import (
     set_last_cached,
 )
 from .errors import CacheError, ConfigError, MinimaLlmError, TransportError
+from .jobs import (
+    BatchApiError,
+    batch_status_overview,
+    cancel_all_batches,
+    cancel_all_local_batches,
+    cancel_batch,
+)
 from .runner import run_batched_callable
 from .stats import StatsSnapshot
 from .types import (
@@ -31,6 +38,7 @@ from .types import (
 
 __all__ = [
     "AsyncMinimaLlmBackend",
+    "BatchApiError",
     "BatchConfig",
     "CacheError",
     "ConfigError",
@@ -45,6 +53,10 @@ __all__ = [
     "StatsSnapshot",
     "TransportError",
     "Usage",
+    "batch_status_overview",
+    "cancel_all_batches",
+    "cancel_all_local_batches",
+    "cancel_batch",
     "get_force_refresh",
     "get_last_cached",
     "reset_force_refresh",

@@ -10,19 +10,20 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import EllipsisType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from .cache import CacheHit, CacheRow, PromptCache, cache_key
 from .clock import SYSTEM_CLOCK, Clock
 from .config import MinimaLlmConfig
 from .context import get_force_refresh, set_last_cached
-from .errors import ConfigError, MinimaLlmError
+from .errors import MinimaLlmError
 from .flight import Broadcast
 from .http import Transport, make_transport
+from .jobs import BATCHABLE, JobCollector, LineFailure, ProviderJobs
 from .loopbound import LoopBound
-from .progress import ProgressTarget
+from .progress import ProgressSink, ProgressTarget
 from .stats import LiveStats, StatsSnapshot
 from .streaming import ChunkAssembler, replay_chunks
 from .types import MinimaLlmFailure, MinimaLlmRequest, MinimaLlmResponse, MinimaLlmResult, Usage
@@ -36,6 +37,7 @@ from .upstream import (
 
 log = logging.getLogger("minima_llm")
 CHAT = "chat/completions"
+T = TypeVar("T")
 
 
 @dataclass
@@ -44,6 +46,11 @@ class _Batch:
 
     keys: dict[int, tuple[str, str]]
     known: dict[str, CacheRow | None]
+    # Batch mode: the provider job's outcome for each key it was sent, by key.
+    answered: dict[str, Completion | LineFailure] | None = None
+    job_started: float = 0.0
+    # Keys whose answer a request already took: repeats are shared, not spent again.
+    delivered: set[str] = field(default_factory=set)
 
 
 # Set while a batch runs, so each request's canonical JSON is built once and the
@@ -143,16 +150,11 @@ class OpenAIMinimaLlm:
         clock: Clock = SYSTEM_CLOCK,
         rng: random.Random | None = None,
     ) -> None:
-        if config.parasail.enabled:
-            # Sending live what the caller meant for a provider batch job would cost
-            # about twice as much, silently; refuse until batch mode exists.
-            raise ConfigError(
-                "parasail.llm_batch_prefix",
-                config.parasail.llm_batch_prefix,
-                "provider batch mode is not available in this version of minima-llm; "
-                "unset it to send requests live",
-            )
         self.cfg = config
+        # Batch mode (parasail.llm_batch_prefix set): cache misses go to the provider's
+        # batch API, at about half the price of live calls, instead of being sent live.
+        self.jobs = ProviderJobs(config, clock=clock) if config.parasail.enabled else None
+        self._collector = JobCollector(_run_collected) if self.jobs is not None else None
         self.stats = LiveStats()
         headers = request_headers(config)
         # The transport learns the headers most requests carry, so it need not merge them each time.
@@ -248,6 +250,13 @@ class OpenAIMinimaLlm:
         self.stats.requests += 1
         started = self._clock.monotonic()
         call = self._prepare(request, endpoint, key_extra, store, api_key, payload)
+        if self.jobs is not None:
+            batch = _batch.get()
+            if batch is not None and batch.answered and call.key in batch.answered:
+                shared = call.key in batch.delivered
+                batch.delivered.add(call.key)
+                outcome = batch.answered[call.key]
+                return self._job_result(call, outcome, batch.job_started, shared)
         refresh = self._refresh(force_refresh)
         # Decided without a coroutine when no I/O is needed (memory, batch prefetch, no cache).
         found = self._lookup_now(call, refresh)
@@ -376,6 +385,10 @@ class OpenAIMinimaLlm:
 
     async def _live(self, call: _Call, started: float) -> MinimaLlmResult:
         request = call.request
+        if self._collector is not None and call.endpoint in BATCHABLE:
+            # Batch mode, one call at a time (DSPy, say): calls close together share a job.
+            job = await self._collector.submit(call.endpoint, call.model, call.key, (self, call))
+            return self._job_result(call, job, started)
         url = f"{self.cfg.base_url}/{call.endpoint}"
         # Without extra fields the canonical JSON of the key is itself a valid chat
         # body for the same question: send it rather than encode the request twice.
@@ -604,6 +617,11 @@ class OpenAIMinimaLlm:
         batch = _Batch({id(r): self.key_for(r) for r in requests}, {})
         if not self._refresh(False):
             batch.known = await self._prefetch([k for k, _ in batch.keys.values()])
+        if self.jobs is not None:
+            # Every miss goes in one provider job up front; the runner then hands out
+            # its answers (and reports its failures) like any other batch's.
+            batch.job_started = self._clock.monotonic()
+            batch.answered = await self._run_jobs(requests, batch, progress)
         token = _batch.set(batch)
         try:
             results: list[Any] = await run_batched_callable(
@@ -612,6 +630,66 @@ class OpenAIMinimaLlm:
         finally:
             _batch.reset(token)
         return results
+
+    async def _run_jobs(
+        self, requests: list[MinimaLlmRequest], batch: _Batch, progress: ProgressTarget
+    ) -> dict[str, Completion | LineFailure]:
+        """Send the batch's cache misses as provider jobs (one per model); each key's outcome."""
+        refresh = self._refresh(False)
+        groups: dict[str, dict[str, tuple[OpenAIMinimaLlm, _Call]]] = {}
+        token = _batch.set(batch)
+        try:
+            for request in requests:
+                call = self._prepare(request, CHAT, None, True)
+                if call.key in groups.get(call.model, {}):
+                    continue
+                if not refresh:
+                    found = self.cache.find_now(call.key, call.model, batch.known)
+                    hit = await self._find(call, batch.known) if found is ... else found
+                    if hit is not None:
+                        continue
+                groups.setdefault(call.model, {})[call.key] = (self, call)
+        finally:
+            _batch.reset(token)
+        sink = ProgressSink(progress)
+        provider = self.jobs
+        assert provider is not None  # run_batched calls this in batch mode only
+        runs = [
+            _run_collected(CHAT, model, dict(part), sink.report)
+            for model, calls in groups.items()
+            for part in _chunks(list(calls.items()), provider.max_lines)
+        ]
+        answered: dict[str, Completion | LineFailure] = {}
+        for outcomes in await asyncio.gather(*runs):
+            answered.update(outcomes)
+        return answered
+
+    def _job_result(
+        self, call: _Call, outcome: Completion | LineFailure, started: float, shared: bool = False
+    ) -> MinimaLlmResult:
+        """A provider job's outcome as this call's answer (already cached) or failure.
+
+        ``shared``: an earlier request of the batch took this answer; this one's tokens
+        were not spent again.
+        """
+        latency = self._clock.monotonic() - started
+        if isinstance(outcome, LineFailure):
+            self.stats.failures += 1
+            return MinimaLlmFailure(
+                request_id=call.request.request_id,
+                error_type=outcome.error_type,
+                message=outcome.message,
+                attempts=1,
+                status=outcome.status,
+                body_snippet=outcome.snippet,
+                attempt_timestamps=(started,),
+            )
+        usage = Usage.from_body(outcome.body)
+        if shared:
+            self.stats.coalesced += 1
+            return _response(call, outcome, usage, latency, "inflight")
+        self.stats.live(usage, latency)
+        return _response(call, outcome, usage, latency)
 
     async def lookup_many(
         self, requests: Sequence[MinimaLlmRequest]
@@ -671,6 +749,45 @@ class OpenAIMinimaLlm:
             f"<OpenAIMinimaLlm {self.cfg.base_url} model={self.cfg.model!r} {self.stats!r} "
             f"{self.upstream.pacer!r} {self.upstream.cooldown!r}>"
         )
+
+
+async def _run_collected(
+    endpoint: str,
+    model: str,
+    items: Mapping[str, tuple[OpenAIMinimaLlm, _Call]],
+    report: Callable[[str], None] | None = None,
+) -> dict[str, Completion | LineFailure]:
+    """One provider job over ``items`` (key -> backend and call); answers are cached before return.
+
+    A function, not a method: the collector keeps it, and a bound method would tie
+    the backend into a cycle with its own collector.
+    """
+    if not items:
+        return {}
+    backend = next(iter(items.values()))[0]
+    jobs = backend.jobs
+    assert jobs is not None  # only batch-mode backends make jobs
+    bodies = {
+        key: call.payload or _payload(call.request, call.model, call.endpoint)
+        for key, (_, call) in items.items()
+    }
+
+    async def store(outcomes: dict[str, Completion | LineFailure]) -> None:
+        # Written before anyone gets an answer, in one commit: the writes share it.
+        await asyncio.gather(
+            *(
+                backend._store(call, outcome.text, outcome.body_text)
+                for key, (_, call) in items.items()
+                if isinstance(outcome := outcomes[key], Completion)
+            )
+        )
+
+    return await jobs.run(endpoint, model, bodies, report, store, fresh=backend._refresh(False))
+
+
+def _chunks(items: list[T], size: int) -> list[list[T]]:
+    """``items`` in runs of at most ``size``, in order."""
+    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
 def _counting_into(stats: LiveStats) -> Callable[[Exception], None]:

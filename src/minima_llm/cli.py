@@ -1,12 +1,14 @@
-"""Console entry point ``minima-llm``: the demo and the mock server."""
+"""Console entry point ``minima-llm``: the demo, the mock server and batch management."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
+from .config import MinimaLlmConfig
 from .errors import MinimaLlmError
 
 
@@ -64,6 +66,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     mock.add_argument("--failure-rate", type=float, default=0.0)
     mock.add_argument("--seed", type=int, default=0)
+
+    status = sub.add_parser("batch-status", help="show the local provider batch jobs; cancel them")
+    status.add_argument(
+        "--config", "-c", help="YAML config file (default: the environment, e.g. CACHE_DIR)"
+    )
+    cancel = status.add_mutually_exclusive_group()
+    cancel.add_argument(
+        "--cancel", metavar="PREFIX", help="cancel unfinished jobs with this prefix"
+    )
+    cancel.add_argument(
+        "--cancel-remote", metavar="BATCH_ID", help="cancel one batch at the provider by its id"
+    )
+    cancel.add_argument(
+        "--cancel-all", action="store_true", help="cancel every unfinished job with a state file"
+    )
+    status.add_argument(
+        "--no-refresh", action="store_true", help="show the state files without asking the provider"
+    )
     return parser
 
 
@@ -77,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "batch-status":
+            return _batch_status(args)
         return _mock_server(args)
     except (MinimaLlmError, ValueError, ImportError) as exc:
         print(f"minima-llm: {exc}", file=sys.stderr)
@@ -120,6 +142,43 @@ def _mock_server(args: argparse.Namespace) -> int:
         print(f"minima-llm: {exc.strerror or exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _batch_status(args: argparse.Namespace) -> int:
+    from . import jobs
+
+    config = MinimaLlmConfig.from_yaml(args.config) if args.config else _env_config()
+    if args.cancel_remote:
+        answer = jobs.cancel_batch(args.cancel_remote, config)
+        print(f"{args.cancel_remote}: {answer.get('status')}")
+        return 0
+    if args.cancel or args.cancel_all:
+        ids = (
+            jobs.cancel_all_local_batches(config)
+            if args.cancel_all
+            else jobs.cancel_all_batches(config, prefix=args.cancel)
+        )
+        print(f"cancelled {len(ids)} batch job(s)" + "".join(f"\n  {i}" for i in ids))
+    jobs.batch_status_overview(config, refresh=not args.no_refresh)
+    return 0
+
+
+def _env_config() -> MinimaLlmConfig:
+    """The config from the environment; listing state files needs only CACHE_DIR.
+
+    Each state file names the endpoint its job went to, so without
+    ``OPENAI_BASE_URL`` (or a model) the command still shows and cancels them.
+    """
+    env = dict(os.environ)
+    if not env.get("OPENAI_BASE_URL"):
+        env["OPENAI_BASE_URL"] = _NO_ENDPOINT
+    if not env.get("OPENAI_MODEL"):
+        env["OPENAI_MODEL"] = "unset"
+    return MinimaLlmConfig.from_env(env)
+
+
+# Where --cancel-remote would go with no endpoint configured: an address that cannot resolve.
+_NO_ENDPOINT = "http://openai-base-url-not-set.invalid/v1"
 
 
 if __name__ == "__main__":

@@ -71,6 +71,17 @@ proxy:
 """
 
 
+def test_a_batch_mode_config_is_answered_live(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One config file may serve batch runs and the gateway; apps cannot wait hours.
+    path = write_yaml(tmp_path, YAML + "parasail:\n  llm_batch_prefix: nightly\n")
+    config, _ = cli.load(args("-c", path))
+    assert not config.parasail.enabled
+    assert OpenAIMinimaLlm(config).jobs is None
+    assert "answers live" in caplog.text
+
+
 def test_from_yaml_with_a_proxy_section(tmp_path: Path) -> None:
     config, settings = cli.load(args("--config", write_yaml(tmp_path, YAML)))
     assert config.model == "yaml-model" and config.rpm == 0

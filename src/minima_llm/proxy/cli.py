@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from ..backend import OpenAIMinimaLlm
-from ..config import MinimaLlmConfig, read_yaml
+from ..config import MinimaLlmConfig, ParasailBatchConfig, read_yaml
 from ..errors import MinimaLlmError
 from ..gcpolicy import raise_for_process
 from .app import build_app
@@ -68,6 +68,15 @@ def load(args: argparse.Namespace) -> tuple[MinimaLlmConfig, ProxySettings]:
         section.update(proxy)
     else:
         config = MinimaLlmConfig.from_env()
+    if config.parasail.enabled:
+        # Its apps wait on each answer: a provider job takes minutes to hours, so the
+        # gateway answers live and leaves batch mode to run_batched (one config file may
+        # serve both).
+        log.warning(
+            "parasail.llm_batch_prefix is set: the gateway answers live all the same "
+            "(batch mode is for run_batched)"
+        )
+        config = config.replace(parasail=ParasailBatchConfig())
     if config.memory_cache_entries == 0 and "MEMORY_CACHE_ENTRIES" not in os.environ:
         # A long-running gateway answers the same questions again and again: keep
         # recent answers in memory unless told otherwise.

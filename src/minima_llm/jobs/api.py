@@ -1,0 +1,181 @@
+"""A client for a provider's Files and Batches API (OpenAI's shape, which Parasail shares).
+
+These calls are few (an upload, a create, a poll every ``poll_interval_s``, a
+download), so they go through ``urllib`` on a worker thread rather than the
+pooled transports: the management functions are synchronous, and one code path
+serves them and the async batch mode alike. Each call retries what the live
+path retries (429, 5xx, timeouts, lost connections) with the same backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .._version import USER_AGENT
+from ..errors import MinimaLlmError
+from ..resilience import backoff_delay, is_retryable_status, parse_retry_after
+
+# No proxies from the environment: the live transports use none either, and a job
+# must reach the same endpoint its requests would.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# A management call or poll with MAX_ATTEMPTS=0 (unlimited) must still end.
+DEFAULT_ATTEMPTS = 8
+_SNIPPET = 300
+
+
+class BatchApiError(MinimaLlmError):
+    """The batch API refused a call, or did not answer within the attempts allowed."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+Sleep = Callable[[float], None]
+
+
+class BatchApi:
+    """Files and Batches calls against ``base_url`` (ending in ``/v1`` or not)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        timeout_s: float = 60.0,
+        *,
+        attempts: int = DEFAULT_ATTEMPTS,
+        base_backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        jitter: float = 0.25,
+        sleep: Sleep = time.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        base = base_url.rstrip("/")
+        self.base_url = base if base.endswith("/v1") else base + "/v1"
+        self._api_key = api_key
+        self.timeout_s = timeout_s
+        self.attempts = max(1, attempts)
+        self.base_backoff_s = base_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.jitter = jitter
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+
+    def __repr__(self) -> str:
+        return f"<BatchApi {self.base_url}>"
+
+    # --- synchronous calls -------------------------------------------------------
+
+    def upload(self, data: bytes, filename: str) -> dict[str, Any]:
+        """Upload a JSONL file with purpose ``batch``; returns the file object."""
+        boundary = uuid.uuid4().hex
+        body = b"".join(
+            [
+                f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'.encode(),
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'.encode(),
+                b"Content-Type: application/jsonl\r\n\r\n",
+                data,
+                f"\r\n--{boundary}--\r\n".encode(),
+            ]
+        )
+        content_type = f"multipart/form-data; boundary={boundary}"
+        return self._json("POST", "/files", body, content_type)
+
+    def create(
+        self, input_file_id: str, endpoint: str, metadata: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Start a batch over an uploaded file; returns the batch object."""
+        payload: dict[str, Any] = {
+            "input_file_id": input_file_id,
+            "endpoint": endpoint,
+            "completion_window": "24h",
+        }
+        if metadata:
+            payload["metadata"] = dict(metadata)
+        return self._json("POST", "/batches", json.dumps(payload).encode(), "application/json")
+
+    def get(self, batch_id: str) -> dict[str, Any]:
+        """The batch object as the provider sees it now."""
+        return self._json("GET", f"/batches/{batch_id}")
+
+    def cancel(self, batch_id: str) -> dict[str, Any]:
+        """Ask the provider to cancel a batch; returns the batch object."""
+        return self._json("POST", f"/batches/{batch_id}/cancel", b"", "application/json")
+
+    def content(self, file_id: str) -> bytes:
+        """The bytes of a file (a batch's output or error file)."""
+        return self._call("GET", f"/files/{file_id}/content")
+
+    # --- the same, off the event loop ----------------------------------------------
+
+    async def aupload(self, data: bytes, filename: str) -> dict[str, Any]:
+        """``upload`` on a worker thread."""
+        return await asyncio.to_thread(self.upload, data, filename)
+
+    async def acreate(
+        self, input_file_id: str, endpoint: str, metadata: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """``create`` on a worker thread."""
+        return await asyncio.to_thread(self.create, input_file_id, endpoint, metadata)
+
+    async def aget(self, batch_id: str) -> dict[str, Any]:
+        """``get`` on a worker thread."""
+        return await asyncio.to_thread(self.get, batch_id)
+
+    async def acontent(self, file_id: str) -> bytes:
+        """``content`` on a worker thread."""
+        return await asyncio.to_thread(self.content, file_id)
+
+    # --- plumbing --------------------------------------------------------------------
+
+    def _json(
+        self, method: str, path: str, body: bytes | None = None, content_type: str | None = None
+    ) -> dict[str, Any]:
+        raw = self._call(method, path, body, content_type)
+        try:
+            parsed = json.loads(raw)
+        except ValueError as exc:
+            raise BatchApiError(f"{method} {path}: unreadable answer: {raw[:_SNIPPET]!r}") from exc
+        if not isinstance(parsed, dict):
+            raise BatchApiError(f"{method} {path}: expected a JSON object, got {raw[:_SNIPPET]!r}")
+        return parsed
+
+    def _call(
+        self, method: str, path: str, body: bytes | None = None, content_type: str | None = None
+    ) -> bytes:
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        if content_type:
+            headers["Content-Type"] = content_type
+        url = self.base_url + path
+        problem = ""
+        for attempt in range(1, self.attempts + 1):
+            retry_after: float | None = None
+            request = urllib.request.Request(url, data=body, headers=headers, method=method)
+            try:
+                with _OPENER.open(request, timeout=self.timeout_s) as resp:
+                    return bytes(resp.read())
+            except urllib.error.HTTPError as exc:
+                detail = exc.read()[:_SNIPPET].decode("utf-8", "replace")
+                problem = f"HTTP {exc.code}: {detail}"
+                if not is_retryable_status(exc.code):
+                    raise BatchApiError(f"{method} {url}: {problem}", exc.code) from exc
+                retry_after = parse_retry_after({k.lower(): v for k, v in exc.headers.items()})
+            except (urllib.error.URLError, OSError) as exc:
+                # Timeouts and refused or reset connections: the provider may be back soon.
+                problem = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+            if attempt < self.attempts:
+                delay = backoff_delay(
+                    attempt, self.base_backoff_s, self.max_backoff_s, self.jitter, self._rng
+                )
+                self._sleep(min(max(delay, retry_after or 0.0), self.max_backoff_s))
+        raise BatchApiError(f"{method} {url}: no answer after {self.attempts} attempts ({problem})")

@@ -1,0 +1,92 @@
+"""Batch management: list local batch jobs and cancel them (reference 000's functions and CLI).
+
+The state files name each job's provider (``base_url``), so a job is always asked
+about, or cancelled at, the endpoint it was sent to; the config gives the key and
+where the state files are.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, TextIO
+
+from ..config import MinimaLlmConfig
+from .api import BatchApi, BatchApiError
+from .provider import api_of, state_dir_of
+from .state import JobState, list_states
+
+log = logging.getLogger("minima_llm.jobs")
+
+
+def _api_for(state: JobState, config: MinimaLlmConfig) -> BatchApi:
+    """The API of the provider ``state``'s job was sent to."""
+    return api_of(config, state.base_url)
+
+
+def batch_status_overview(
+    config: MinimaLlmConfig, *, refresh: bool = True, out: TextIO | None = None
+) -> list[JobState]:
+    """Print the local batch jobs (asking the provider about unfinished ones) and return them."""
+    stream = out if out is not None else sys.stdout
+    directory = state_dir_of(config)
+    states = list_states(directory)
+    if not states:
+        stream.write(f"No batch state files in {directory}\n")
+        return []
+    stream.write(f"Batch jobs in {directory}:\n")
+    for state in states:
+        note = ""
+        if refresh and not state.terminal and state.batch_id:
+            try:
+                state.update(_api_for(state, config).get(state.batch_id))
+                state.save()
+            except BatchApiError as exc:
+                note = f"  (status not refreshed: {exc})"
+        stream.write(f"  {state.summary()}{note}\n")
+    stream.flush()
+    return states
+
+
+def cancel_batch(batch_id: str, config: MinimaLlmConfig) -> dict[str, Any]:
+    """Cancel one batch at its provider by id; local state files that name it are updated."""
+    local = [s for s in list_states(state_dir_of(config)) if s.batch_id == batch_id]
+    api = _api_for(local[0], config) if local else api_of(config)
+    answer = api.cancel(batch_id)
+    for state in local:
+        state.update(answer)
+        state.save()
+    log.info("batch %s: %s", batch_id, answer.get("status"))
+    return answer
+
+
+def cancel_all_batches(config: MinimaLlmConfig, prefix: str | None = None) -> list[str]:
+    """Cancel every unfinished local batch job whose prefix is ``prefix`` (default: the config's)."""
+    wanted = prefix if prefix is not None else config.parasail.llm_batch_prefix
+    if not wanted:
+        raise ValueError(
+            "cancel_all_batches needs a prefix: pass one or set parasail.llm_batch_prefix"
+        )
+    return _cancel(config, [s for s in list_states(state_dir_of(config)) if s.prefix == wanted])
+
+
+def cancel_all_local_batches(config: MinimaLlmConfig) -> list[str]:
+    """Cancel every unfinished batch job that has a local state file, whatever its prefix."""
+    return _cancel(config, list_states(state_dir_of(config)))
+
+
+def _cancel(config: MinimaLlmConfig, states: list[JobState]) -> list[str]:
+    """Cancel the unfinished ones among ``states``; the ids the provider accepted to cancel."""
+    cancelled: list[str] = []
+    for state in states:
+        if state.terminal or not state.batch_id:
+            continue
+        try:
+            state.update(_api_for(state, config).cancel(state.batch_id))
+        except BatchApiError as exc:
+            # One refusal (it finished meanwhile, say) must not stop the others.
+            log.warning("batch %s not cancelled: %s", state.batch_id, exc)
+            continue
+        state.save()
+        cancelled.append(state.batch_id)
+    return cancelled

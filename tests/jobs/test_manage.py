@@ -1,0 +1,452 @@
+"""Batch management against the mock: list local jobs, refresh them, cancel them; the CLI.
+
+The management functions are synchronous (urllib) and the mock runs on the test's
+event loop, so they are called on a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from pathlib import Path
+
+import pytest
+
+from backend_support import FAST
+from minima_llm import (
+    MinimaLlmConfig,
+    ParasailBatchConfig,
+    batch_status_overview,
+    cancel_all_batches,
+    cancel_all_local_batches,
+    cancel_batch,
+)
+from minima_llm.cli import main
+from minima_llm.clock import SYSTEM_CLOCK, Clock, FakeClock
+from minima_llm.jobs import BatchApi, BatchApiError, JobState, LineFailure, ProviderJobs
+from minima_llm.jobs.state import digest_of, list_states, load, path_for
+from minima_llm.testing import MockServer
+
+SLOW = 60.0  # batch_delay_s that keeps a batch in_progress for the whole test
+CHAT = "chat/completions"
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def cfg(mock: MockServer, cache_dir: Path) -> MinimaLlmConfig:
+    """A config on the mock without a batch prefix (management needs none)."""
+    return MinimaLlmConfig(
+        base_url=mock.url, model="mock-model", cache_dir=str(cache_dir), max_attempts=2, **FAST
+    )
+
+
+async def submit(cfg: MinimaLlmConfig, prefix: str, *questions: str, wait: bool = False) -> str:
+    """Send a job with one line per question; its batch id.
+
+    Without ``wait`` it is left running: a fake clock makes ``max_poll_hours`` pass
+    at once, as for a run that gave up and left its state file to resume.
+    """
+    if wait:
+        parasail = ParasailBatchConfig(llm_batch_prefix=prefix, poll_interval_s=0.01)
+        clock: Clock = SYSTEM_CLOCK
+    else:
+        parasail = ParasailBatchConfig(llm_batch_prefix=prefix, max_poll_hours=1e-6)
+        clock = FakeClock()
+    jobs = ProviderJobs(cfg.replace(parasail=parasail), clock=clock)
+    bodies = {
+        f"{prefix}-{q}": {"model": "mock-model", "messages": [{"role": "user", "content": q}]}
+        for q in questions
+    }
+    outcomes = await jobs.run(CHAT, "mock-model", bodies, report=lambda _: None)
+    gave_up = [o for o in outcomes.values() if isinstance(o, LineFailure)]
+    assert len(gave_up) == (0 if wait else len(bodies)), outcomes
+    state = load(path_for(jobs.state_dir, prefix, digest_of(CHAT, "mock-model", bodies)))
+    assert state.batch_id is not None
+    return state.batch_id
+
+
+def local(cache_dir: Path, batch_id: str) -> JobState:
+    (state,) = [s for s in list_states(cache_dir) if s.batch_id == batch_id]
+    return state
+
+
+async def remote_status(mock: MockServer, batch_id: str) -> str:
+    batch = await asyncio.to_thread(BatchApi(mock.url, None).get, batch_id)
+    return str(batch["status"])
+
+
+def route(mock: MockServer, name: str) -> int:
+    return int(mock.stats()["by_route"].get(name, 0))
+
+
+GET = "/v1/batches/{batch_id}"
+CANCEL = "/v1/batches/{batch_id}/cancel"
+
+
+# --- batch_status_overview ---------------------------------------------------------------
+
+
+async def test_overview_of_an_empty_dir_says_so(cfg: MinimaLlmConfig, cache_dir: Path) -> None:
+    out = io.StringIO()
+
+    states = await asyncio.to_thread(batch_status_overview, cfg, out=out)
+
+    assert states == []
+    assert out.getvalue() == f"No batch state files in {cache_dir}\n"
+
+
+async def test_overview_refreshes_an_unfinished_job_from_the_provider(
+    mock: MockServer, cfg: MinimaLlmConfig, cache_dir: Path
+) -> None:
+    mock.update_config(batch_delay_s=SLOW)
+    batch_id = await submit(cfg, "nightly", "a", "b", "c")
+    assert local(cache_dir, batch_id).status == "in_progress"
+    mock.update_config(batch_delay_s=0)
+    out = io.StringIO()
+
+    (state,) = await asyncio.to_thread(batch_status_overview, cfg, out=out)
+
+    assert state.status == "completed"
+    assert local(cache_dir, batch_id).status == "completed"  # saved, not only shown
+    (line,) = [x for x in out.getvalue().splitlines() if batch_id in x]
+    assert line.split()[:5] == ["nightly", batch_id, "completed", "3/3", "done,"]
+    assert out.getvalue().startswith(f"Batch jobs in {cache_dir}:\n")
+
+
+async def test_overview_lists_every_job(
+    mock: MockServer, cfg: MinimaLlmConfig, cache_dir: Path
+) -> None:
+    done = await submit(cfg, "first", "a", wait=True)
+    mock.update_config(batch_delay_s=SLOW)
+    running = await submit(cfg, "second", "b", "c")
+    out = io.StringIO()
+
+    states = await asyncio.to_thread(batch_status_overview, cfg, out=out)
+
+    assert [(s.batch_id, s.status) for s in states] == [
+        (done, "completed"),
+        (running, "in_progress"),
+    ]
+    lines = out.getvalue().splitlines()[1:]
+    assert [x.split()[:3] for x in lines] == [
+        ["first", done, "completed"],
+        ["second", running, "in_progress"],
+    ]
+    assert lines[0].endswith("1/1 done, 0 failed, collected")
+    assert lines[1].endswith("0/2 done, 0 failed, not collected")
+
+
+async def test_overview_asks_only_about_unfinished_jobs(
+    mock: MockServer, cfg: MinimaLlmConfig
+) -> None:
+    await submit(cfg, "done", "a", wait=True)
+    mock.update_config(batch_delay_s=SLOW)
+    await submit(cfg, "running", "b")
+    before = route(mock, GET)
+
+    await asyncio.to_thread(batch_status_overview, cfg, out=io.StringIO())
+
+    assert route(mock, GET) == before + 1
+
+
+async def test_overview_without_refresh_asks_nothing(
+    mock: MockServer, cfg: MinimaLlmConfig, cache_dir: Path
+) -> None:
+    mock.update_config(batch_delay_s=SLOW)
+    batch_id = await submit(cfg, "p", "a")
+    mock.update_config(batch_delay_s=0)
+    before = mock.stats()["requests"]
+    out = io.StringIO()
+
+    (state,) = await asyncio.to_thread(batch_status_overview, cfg, refresh=False, out=out)
+
+    assert mock.stats()["requests"] == before
+    assert state.status == "in_progress"
+    assert f"{batch_id}" in out.getvalue() and "in_progress" in out.getvalue()
+
+
+async def test_overview_notes_a_status_it_could_not_refresh(
+    mock: MockServer, cfg: MinimaLlmConfig, cache_dir: Path
+) -> None:
+    mock.update_config(batch_delay_s=SLOW)
+    batch_id = await submit(cfg, "p", "a")
+    mock.reset()  # the provider no longer knows the batch: 404
+    out = io.StringIO()
+
+    (state,) = await asyncio.to_thread(batch_status_overview, cfg, out=out)
+
+    assert state.status == "in_progress"
+    (line,) = [x for x in out.getvalue().splitlines() if batch_id in x]
+    assert "status not refreshed" in line and "404" in line
+    assert local(cache_dir, batch_id).status == "in_progress"
+
+
+# --- cancelling ------------------------------------------------------------------------------
+
+
+async def test_cancel_batch_cancels_at_the_provider_and_in_the_state_file(
+    mock: MockServer, cfg: MinimaLlmConfig, cache_dir: Path
+) -> None:
+    mock.update_config(batch_delay_s=SLOW)
+    batch_id = await submit(cfg, "p", "a", "b")
+
+    answer = await asyncio.to_thread(cancel_batch, batch_id, cfg)
+
+    assert answer["id"] == batch_id
+    assert answer["status"] in ("cancelling", "cancelled")
+    assert local(cache_dir, batch_id).status == answer["status"]
+    assert await remote_status(mock, batch_id) == "cancelled"
+    (state,) = await asyncio.to_thread(batch_status_overview, cfg, out=io.StringIO())
+    assert state.status == "cancelled"
+    assert local(cache_dir, batch_id).terminal
+
+
+async def test_cancel_batch_without_a_state_file_goes_to_the_configured_endpoint(
+    mock: MockServer, cfg: MinimaLlmConfig
+) -> None:
+    mock.update_config(batch_delay_s=SLOW)
+    api = BatchApi(mock.url, None)
+    line = (
+        b'{"custom_id":"x","method":"POST","url":"/v1/chat/completions","body":{"messages":[]}}\n'
+    )
+    uploaded = await asyncio.to_thread(api.upload, line, "x.jsonl")
+    batch = await asyncio.to_thread(api.create, uploaded["id"], "/v1/chat/completions")
+
+    answer = await asyncio.to_thread(cancel_batch, batch["id"], cfg)
+
+    assert answer["status"] == "cancelling"
+    assert await remote_status(mock, batch["id"]) == "cancelled"
+
+
+async def test_cancel_batch_of_an_unknown_id_raises(mock: MockServer, cfg: MinimaLlmConfig) -> None:
+    with pytest.raises(BatchApiError) as caught:
+        await asyncio.to_thread(cancel_batch, "batch_nope", cfg)
+
+    assert caught.value.status == 404
+
+
+async def test_cancel_all_batches_cancels_only_that_prefix(
+    mock: MockServer, cfg: MinimaLlmConfig, cache_dir: Path
+) -> None:
+    mock.update_config(batch_delay_s=SLOW)
+    mine = {await submit(cfg, "mine", "a"), await submit(cfg, "mine", "b")}
+    theirs = await submit(cfg, "theirs", "c")
+
+    cancelled = await asyncio.to_thread(cancel_all_batches, cfg, prefix="mine")
+
+    assert set(cancelled) == mine
+    assert route(mock, CANCEL) == 2
+    assert {await remote_status(mock, b) for b in mine} == {"cancelled"}
+    assert await remote_status(mock, theirs) == "in_progress"
+    assert local(cache_dir, theirs).status == "in_progress"
+
+
+async def test_cancel_all_batches_defaults_to_the_configured_prefix(
+    mock: MockServer, cfg: MinimaLlmConfig
+) -> None:
+    mock.update_config(batch_delay_s=SLOW)
+    other = await submit(cfg, "other", "a")
+    mine = await submit(cfg, "mine", "b")
+    configured = cfg.replace(parasail=ParasailBatchConfig(llm_batch_prefix="mine"))
+
+    assert await asyncio.to_thread(cancel_all_batches, configured) == [mine]
+    assert await remote_status(mock, other) == "in_progress"
+
+
+def test_cancel_all_batches_needs_a_prefix(cfg: MinimaLlmConfig) -> None:
+    with pytest.raises(ValueError, match="prefix"):
+        cancel_all_batches(cfg)
+
+
+async def test_cancel_all_local_batches_cancels_unfinished_and_skips_finished(
+    mock: MockServer, cfg: MinimaLlmConfig, cache_dir: Path
+) -> None:
+    finished = await submit(cfg, "a", "x", wait=True)
+    mock.update_config(batch_delay_s=SLOW)
+    running = {await submit(cfg, "a", "y"), await submit(cfg, "b", "z")}
+
+    cancelled = await asyncio.to_thread(cancel_all_local_batches, cfg)
+
+    assert set(cancelled) == running
+    assert route(mock, CANCEL) == 2  # the finished one was not even asked about
+    assert local(cache_dir, finished).status == "completed"
+    assert {await remote_status(mock, b) for b in running} == {"cancelled"}
+
+
+async def test_a_batch_that_finished_meanwhile_is_logged_and_the_rest_cancelled(
+    mock: MockServer, cfg: MinimaLlmConfig, cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    mock.update_config(batch_delay_s=SLOW)
+    early = await submit(cfg, "p", "a")
+    late = await submit(cfg, "p", "b")
+    # The provider finishes ``early``; its state file still says in_progress.
+    mock.update_config(batch_delay_s=0)
+    assert await remote_status(mock, early) == "completed"
+    mock.update_config(batch_delay_s=SLOW)
+
+    with caplog.at_level(logging.WARNING, logger="minima_llm.jobs"):
+        cancelled = await asyncio.to_thread(cancel_all_local_batches, cfg)
+
+    assert cancelled == [late]
+    assert await remote_status(mock, late) == "cancelled"
+    (warning,) = [r for r in caplog.records if early in r.getMessage()]
+    assert warning.levelno == logging.WARNING
+    assert "not cancelled" in warning.getMessage()
+    assert local(cache_dir, early).status == "in_progress"
+
+
+# --- the command line -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def env_cache_dir(monkeypatch: pytest.MonkeyPatch, cache_dir: Path) -> Path:
+    """Only CACHE_DIR in the environment: no endpoint, no model."""
+    for var in ("OPENAI_BASE_URL", "OPENAI_MODEL", "OPENAI_API_KEY", "OPENAI_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("CACHE_DIR", str(cache_dir))
+    return cache_dir
+
+
+def yaml_config(path: Path, mock: MockServer, cache_dir: Path) -> str:
+    path.write_text(f"base_url: {mock.url}\nmodel: mock-model\ncache_dir: {cache_dir}\n")
+    return str(path)
+
+
+async def cli(*argv: str) -> int:
+    return await asyncio.to_thread(main, ["batch-status", *argv])
+
+
+async def test_cli_lists_jobs_from_a_yaml_config(
+    mock: MockServer,
+    cfg: MinimaLlmConfig,
+    cache_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    mock.update_config(batch_delay_s=SLOW)
+    batch_id = await submit(cfg, "p", "a")
+    config_file = yaml_config(tmp_path / "minima.yaml", mock, cache_dir)
+
+    for flag in ("--config", "-c"):
+        assert await cli(flag, config_file) == 0
+        out = capsys.readouterr().out
+        assert f"Batch jobs in {cache_dir}:" in out
+        assert batch_id in out and "in_progress" in out
+
+
+async def test_cli_lists_jobs_with_only_cache_dir_in_the_environment(
+    mock: MockServer,
+    cfg: MinimaLlmConfig,
+    env_cache_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    mock.update_config(batch_delay_s=SLOW)
+    batch_id = await submit(cfg, "p", "a")
+    mock.update_config(batch_delay_s=0)
+
+    assert await cli() == 0
+
+    # Refreshed at the endpoint the state file names, though none is configured.
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if batch_id in x]
+    assert "completed" in line
+
+
+async def test_cli_no_refresh_shows_the_state_files_as_they_are(
+    mock: MockServer,
+    cfg: MinimaLlmConfig,
+    env_cache_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    mock.update_config(batch_delay_s=SLOW)
+    batch_id = await submit(cfg, "p", "a")
+    mock.update_config(batch_delay_s=0)
+    before = mock.stats()["requests"]
+
+    assert await cli("--no-refresh") == 0
+
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if batch_id in x]
+    assert "in_progress" in line
+    assert mock.stats()["requests"] == before
+
+
+async def test_cli_with_no_state_files(
+    env_cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await cli() == 0
+    assert capsys.readouterr().out == f"No batch state files in {env_cache_dir}\n"
+
+
+async def test_cli_cancel_remote(
+    mock: MockServer,
+    cfg: MinimaLlmConfig,
+    env_cache_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    mock.update_config(batch_delay_s=SLOW)
+    batch_id = await submit(cfg, "p", "a")
+
+    assert await cli("--cancel-remote", batch_id) == 0
+
+    assert capsys.readouterr().out == f"{batch_id}: cancelling\n"
+    assert await remote_status(mock, batch_id) == "cancelled"
+    assert local(env_cache_dir, batch_id).status == "cancelling"
+
+
+async def test_cli_cancel_remote_of_an_unknown_id_exits_2(
+    mock: MockServer, cache_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_file = yaml_config(tmp_path / "minima.yaml", mock, cache_dir)
+
+    assert await cli("-c", config_file, "--cancel-remote", "batch_nope") == 2
+
+    captured = capsys.readouterr()
+    assert captured.err.startswith("minima-llm: ")
+    assert "404" in captured.err and "Traceback" not in captured.err
+
+
+async def test_cli_cancel_prefix(
+    mock: MockServer,
+    cfg: MinimaLlmConfig,
+    env_cache_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    mock.update_config(batch_delay_s=SLOW)
+    mine = await submit(cfg, "mine", "a")
+    theirs = await submit(cfg, "theirs", "b")
+
+    assert await cli("--cancel", "mine") == 0
+
+    out = capsys.readouterr().out
+    assert out.startswith(f"cancelled 1 batch job(s)\n  {mine}\n")
+    assert await remote_status(mock, mine) == "cancelled"
+    assert await remote_status(mock, theirs) == "in_progress"
+    assert f"Batch jobs in {env_cache_dir}:" in out  # the overview follows
+
+
+async def test_cli_cancel_all(
+    mock: MockServer,
+    cfg: MinimaLlmConfig,
+    env_cache_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    mock.update_config(batch_delay_s=SLOW)
+    running = {await submit(cfg, "a", "x"), await submit(cfg, "b", "y")}
+
+    assert await cli("--cancel-all") == 0
+
+    out = capsys.readouterr().out
+    assert out.startswith("cancelled 2 batch job(s)\n")
+    assert {await remote_status(mock, b) for b in running} == {"cancelled"}
+    assert {s.status for s in list_states(env_cache_dir)} == {"cancelled"}
+
+
+def test_cli_cancel_flags_are_mutually_exclusive(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["batch-status", "--cancel", "p", "--cancel-all"])
+    assert exc.value.code == 2
+    assert "not allowed with" in capsys.readouterr().err
