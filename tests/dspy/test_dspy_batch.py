@@ -10,7 +10,7 @@ import pytest
 from dspy_helpers import Backends, FakeBackend, quiet_batch
 from pydantic import BaseModel
 
-from minima_llm import MinimaLlmFailure, OpenAIMinimaLlm
+from minima_llm import MinimaLlmFailure, OpenAIMinimaLlm, ParasailBatchConfig
 from minima_llm.dspy_adapter import (
     DSPyRetryConfig,
     Pending,
@@ -229,3 +229,20 @@ def test_sync_wrapper_runs_without_a_loop() -> None:
     items = annotations("a")
     assert run_dspy_batch_sync(Judge, items, Judge.convert_output, dspy.Predict, fake) == items
     assert (items[0].score, items[0].relevant) == (2, False)
+
+
+async def test_in_batch_mode_the_items_go_to_one_provider_job(
+    backends: Backends, mock: MockServer
+) -> None:
+    # DSPy calls generate once per item: calls that arrive together share one job.
+    batch_mode = ParasailBatchConfig(llm_batch_prefix="judge", poll_interval_s=0.01)
+    items = annotations("a", "b", "c")
+    results = await run_dspy_batch(
+        Judge, items, Judge.convert_output, backend=backends(parasail=batch_mode)
+    )
+    assert results == items
+    assert all(1 <= item.score <= 5 and isinstance(item.relevant, bool) for item in items)
+    stats = mock.stats()
+    assert stats["batch_lines"] == 3
+    assert stats["by_route"].get("/v1/batches") == 1
+    assert stats["by_route"].get("/v1/chat/completions", 0) == 0  # nothing sent live
