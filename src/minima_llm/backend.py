@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from types import EllipsisType
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 from .cache import CacheHit, CacheRow, PromptCache, cache_key
 from .clock import SYSTEM_CLOCK, Clock
@@ -21,7 +21,7 @@ from .context import get_force_refresh, set_last_cached
 from .errors import MinimaLlmError
 from .flight import Broadcast
 from .http import Transport, make_transport
-from .jobs import BATCHABLE, JobCollector, LineFailure, ProviderJobs
+from .jobs import BATCHABLE, JobCollector, LineFailure, Outcome, ProviderJobs
 from .loopbound import LoopBound
 from .progress import ProgressSink, ProgressTarget
 from .stats import LiveStats, StatsSnapshot
@@ -37,7 +37,6 @@ from .upstream import (
 
 log = logging.getLogger("minima_llm")
 CHAT = "chat/completions"
-T = TypeVar("T")
 
 
 @dataclass
@@ -47,7 +46,7 @@ class _Batch:
     keys: dict[int, tuple[str, str]]
     known: dict[str, CacheRow | None]
     # Batch mode: the provider job's outcome for each key it was sent, by key.
-    answered: dict[str, Completion | LineFailure] | None = None
+    answered: dict[str, Outcome] | None = None
     job_started: float = 0.0
     # Keys whose answer a request already took: repeats are shared, not spent again.
     delivered: set[str] = field(default_factory=set)
@@ -153,8 +152,14 @@ class OpenAIMinimaLlm:
         self.cfg = config
         # Batch mode (parasail.llm_batch_prefix set): cache misses go to the provider's
         # batch API, at about half the price of live calls, instead of being sent live.
-        self.jobs = ProviderJobs(config, clock=clock) if config.parasail.enabled else None
-        self._collector = JobCollector(_run_collected) if self.jobs is not None else None
+        self.jobs = jobs = ProviderJobs(config, clock=clock) if config.parasail.enabled else None
+        # One per event loop: DSPy's synchronous LM calls asyncio.run in each of its
+        # threads, and a future may only be resolved on (and by) its own loop.
+        self._collectors: LoopBound[JobCollector[tuple[OpenAIMinimaLlm, _Call]]] | None = (
+            LoopBound(lambda: JobCollector(_run_collected, jobs.max_lines))
+            if jobs is not None
+            else None
+        )
         self.stats = LiveStats()
         headers = request_headers(config)
         # The transport learns the headers most requests carry, so it need not merge them each time.
@@ -253,6 +258,7 @@ class OpenAIMinimaLlm:
         if self.jobs is not None:
             batch = _batch.get()
             if batch is not None and batch.answered and call.key in batch.answered:
+                self._noted(call, None, False)  # traced as the miss it was
                 shared = call.key in batch.delivered
                 batch.delivered.add(call.key)
                 outcome = batch.answered[call.key]
@@ -385,9 +391,11 @@ class OpenAIMinimaLlm:
 
     async def _live(self, call: _Call, started: float) -> MinimaLlmResult:
         request = call.request
-        if self._collector is not None and call.endpoint in BATCHABLE:
+        if self._collectors is not None and call.endpoint in BATCHABLE:
             # Batch mode, one call at a time (DSPy, say): calls close together share a job.
-            job = await self._collector.submit(call.endpoint, call.model, call.key, (self, call))
+            job = await self._collectors.get().submit(
+                call.endpoint, call.model, call.key, (self, call)
+            )
             return self._job_result(call, job, started)
         url = f"{self.cfg.base_url}/{call.endpoint}"
         # Without extra fields the canonical JSON of the key is itself a valid chat
@@ -412,9 +420,10 @@ class OpenAIMinimaLlm:
         self.stats.live(usage, latency)
         return _response(call, outcome, usage, latency)
 
-    async def _store(self, call: _Call, text: str, raw: str) -> None:
+    async def _store(self, call: _Call, text: str, raw: str) -> bool:
+        """Cache an answer; whether it is now in the cache (False: no cache, or a fault)."""
         if not call.store:
-            return
+            return False
         try:
             row = await self.cache.store(call.key, call.canonical, call.model, text, raw)
             batch = _batch.get()
@@ -424,6 +433,8 @@ class OpenAIMinimaLlm:
             # The answer arrived and the caller gets it; losing it to a cache fault would be worse.
             self.stats.cache_errors += 1
             log.error("cache write failed, answer returned uncached: %s", exc)
+            return False
+        return row is not None
 
     async def open_stream(
         self,
@@ -633,7 +644,7 @@ class OpenAIMinimaLlm:
 
     async def _run_jobs(
         self, requests: list[MinimaLlmRequest], batch: _Batch, progress: ProgressTarget
-    ) -> dict[str, Completion | LineFailure]:
+    ) -> dict[str, Outcome]:
         """Send the batch's cache misses as provider jobs (one per model); each key's outcome."""
         refresh = self._refresh(False)
         groups: dict[str, dict[str, tuple[OpenAIMinimaLlm, _Call]]] = {}
@@ -654,18 +665,30 @@ class OpenAIMinimaLlm:
         sink = ProgressSink(progress)
         provider = self.jobs
         assert provider is not None  # run_batched calls this in batch mode only
-        runs = [
-            _run_collected(CHAT, model, dict(part), sink.report)
-            for model, calls in groups.items()
-            for part in _chunks(list(calls.items()), provider.max_lines)
+        parts = [
+            dict(part)
+            for calls in groups.values()
+            for part in _chunks(list(calls.items()), provider.max_lines, provider.max_bytes)
         ]
-        answered: dict[str, Completion | LineFailure] = {}
-        for outcomes in await asyncio.gather(*runs):
+        runs = [
+            _run_collected(CHAT, next(iter(p.values()))[1].model, p, sink.report) for p in parts
+        ]
+        answered: dict[str, Outcome] = {}
+        for part, outcomes in zip(
+            parts, await asyncio.gather(*runs, return_exceptions=True), strict=True
+        ):
+            if isinstance(outcomes, BaseException):
+                if not isinstance(outcomes, Exception):
+                    raise outcomes
+                # One job's trouble (a bug, a full disk) must not cost the batch its other answers.
+                log.error("batch job failed: %s", outcomes, exc_info=outcomes)
+                failure = LineFailure(type(outcomes).__name__, str(outcomes))
+                outcomes = dict.fromkeys(part, failure)
             answered.update(outcomes)
         return answered
 
     def _job_result(
-        self, call: _Call, outcome: Completion | LineFailure, started: float, shared: bool = False
+        self, call: _Call, outcome: Outcome, started: float, shared: bool = False
     ) -> MinimaLlmResult:
         """A provider job's outcome as this call's answer (already cached) or failure.
 
@@ -756,7 +779,7 @@ async def _run_collected(
     model: str,
     items: Mapping[str, tuple[OpenAIMinimaLlm, _Call]],
     report: Callable[[str], None] | None = None,
-) -> dict[str, Completion | LineFailure]:
+) -> dict[str, Outcome]:
     """One provider job over ``items`` (key -> backend and call); answers are cached before return.
 
     A function, not a method: the collector keeps it, and a bound method would tie
@@ -772,22 +795,40 @@ async def _run_collected(
         for key, (_, call) in items.items()
     }
 
-    async def store(outcomes: dict[str, Completion | LineFailure]) -> None:
-        # Written before anyone gets an answer, in one commit: the writes share it.
-        await asyncio.gather(
+    async def store(outcomes: dict[str, Outcome]) -> bool:
+        # Written before anyone gets an answer, in one commit: the writes share it. Only a
+        # job whose answers all reached the cache may count as collected; else a rerun
+        # takes its (free) output again rather than paying for a new job.
+        stored = await asyncio.gather(
             *(
                 backend._store(call, outcome.text, outcome.body_text)
                 for key, (_, call) in items.items()
                 if isinstance(outcome := outcomes[key], Completion)
             )
         )
+        return all(stored)
 
     return await jobs.run(endpoint, model, bodies, report, store, fresh=backend._refresh(False))
 
 
-def _chunks(items: list[T], size: int) -> list[list[T]]:
-    """``items`` in runs of at most ``size``, in order."""
-    return [items[start : start + size] for start in range(0, len(items), size)]
+def _chunks(
+    items: list[tuple[str, tuple[OpenAIMinimaLlm, _Call]]], max_lines: int, max_bytes: int
+) -> list[list[tuple[str, tuple[OpenAIMinimaLlm, _Call]]]]:
+    """Calls in runs a provider job takes: at most ``max_lines``, and about ``max_bytes``.
+
+    A line's size is taken from the key's canonical JSON, which holds the same
+    messages as the body sent, plus room for the line's own fields.
+    """
+    parts: list[list[tuple[str, tuple[OpenAIMinimaLlm, _Call]]]] = [[]]
+    size = 0
+    for item in items:
+        line = len(item[1][1].canonical) + 200
+        if parts[-1] and (len(parts[-1]) >= max_lines or size + line > max_bytes):
+            parts.append([])
+            size = 0
+        parts[-1].append(item)
+        size += line
+    return [part for part in parts if part]
 
 
 def _counting_into(stats: LiveStats) -> Callable[[Exception], None]:

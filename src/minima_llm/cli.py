@@ -148,6 +148,15 @@ def _batch_status(args: argparse.Namespace) -> int:
     from . import jobs
 
     config = MinimaLlmConfig.from_yaml(args.config) if args.config else _env_config()
+    if args.cancel_remote and config.base_url == _NO_ENDPOINT:
+        known = jobs.list_states_of(config)
+        if not any(s.batch_id == args.cancel_remote for s in known):
+            # No state file names its endpoint, and none is configured: say so at once
+            # rather than after retrying an address that cannot resolve.
+            raise MinimaLlmError(
+                f"no state file names batch {args.cancel_remote}: set OPENAI_BASE_URL "
+                "(or use --config) to say where to cancel it"
+            )
     if args.cancel_remote:
         answer = jobs.cancel_batch(args.cancel_remote, config)
         print(f"{args.cancel_remote}: {answer.get('status')}")

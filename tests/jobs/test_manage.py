@@ -25,7 +25,7 @@ from minima_llm import (
 from minima_llm.cli import main
 from minima_llm.clock import SYSTEM_CLOCK, Clock, FakeClock
 from minima_llm.jobs import BatchApi, BatchApiError, JobState, LineFailure, ProviderJobs
-from minima_llm.jobs.state import digest_of, list_states, load, path_for
+from minima_llm.jobs.state import list_states
 from minima_llm.testing import MockServer
 
 SLOW = 60.0  # batch_delay_s that keeps a batch in_progress for the whole test
@@ -65,7 +65,7 @@ async def submit(cfg: MinimaLlmConfig, prefix: str, *questions: str, wait: bool 
     outcomes = await jobs.run(CHAT, "mock-model", bodies, report=lambda _: None)
     gave_up = [o for o in outcomes.values() if isinstance(o, LineFailure)]
     assert len(gave_up) == (0 if wait else len(bodies)), outcomes
-    state = load(path_for(jobs.state_dir, prefix, digest_of(CHAT, "mock-model", bodies)))
+    (state,) = [s for s in list_states(jobs.state_dir) if set(s.keys) == set(bodies)]
     assert state.batch_id is not None
     return state.batch_id
 
@@ -137,7 +137,7 @@ async def test_overview_lists_every_job(
         ["first", done, "completed"],
         ["second", running, "in_progress"],
     ]
-    assert lines[0].endswith("1/1 done, 0 failed, collected")
+    assert lines[0].endswith("1/1 done, 0 failed, not collected")  # nothing cached it
     assert lines[1].endswith("0/2 done, 0 failed, not collected")
 
 
@@ -297,7 +297,7 @@ async def test_a_batch_that_finished_meanwhile_is_logged_and_the_rest_cancelled(
     (warning,) = [r for r in caplog.records if early in r.getMessage()]
     assert warning.levelno == logging.WARNING
     assert "not cancelled" in warning.getMessage()
-    assert local(cache_dir, early).status == "in_progress"
+    assert local(cache_dir, early).status == "completed"  # asked again after the refusal
 
 
 # --- the command line -----------------------------------------------------------------------

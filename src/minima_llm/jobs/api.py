@@ -10,6 +10,7 @@ path retries (429, 5xx, timeouts, lost connections) with the same backoff.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import random
 import time
@@ -92,7 +93,12 @@ class BatchApi:
     def create(
         self, input_file_id: str, endpoint: str, metadata: Mapping[str, str] | None = None
     ) -> dict[str, Any]:
-        """Start a batch over an uploaded file; returns the batch object."""
+        """Start a batch over an uploaded file; returns the batch object.
+
+        Retried only when the provider surely did not act (429, refused connection):
+        after a timeout or a 5xx the batch may exist, and a second would be paid for.
+        ``find`` looks for it on the next try.
+        """
         payload: dict[str, Any] = {
             "input_file_id": input_file_id,
             "endpoint": endpoint,
@@ -100,7 +106,25 @@ class BatchApi:
         }
         if metadata:
             payload["metadata"] = dict(metadata)
-        return self._json("POST", "/batches", json.dumps(payload).encode(), "application/json")
+        body = json.dumps(payload).encode()
+        return self._json("POST", "/batches", body, "application/json", idempotent=False)
+
+    def find(self, input_file_id: str, pages: int = 10) -> dict[str, Any] | None:
+        """The newest batch made from ``input_file_id``, among the last ``pages`` hundred."""
+        after = ""
+        for _ in range(pages):
+            listing = self._json("GET", f"/batches?limit=100{after}")
+            data = listing.get("data")
+            if not isinstance(data, list):
+                return None
+            for batch in data:
+                if isinstance(batch, dict) and batch.get("input_file_id") == input_file_id:
+                    return batch
+            last = listing.get("last_id")
+            if not listing.get("has_more") or not isinstance(last, str):
+                return None
+            after = f"&after={last}"
+        return None
 
     def get(self, batch_id: str) -> dict[str, Any]:
         """The batch object as the provider sees it now."""
@@ -126,6 +150,10 @@ class BatchApi:
         """``create`` on a worker thread."""
         return await asyncio.to_thread(self.create, input_file_id, endpoint, metadata)
 
+    async def afind(self, input_file_id: str) -> dict[str, Any] | None:
+        """``find`` on a worker thread."""
+        return await asyncio.to_thread(self.find, input_file_id)
+
     async def aget(self, batch_id: str) -> dict[str, Any]:
         """``get`` on a worker thread."""
         return await asyncio.to_thread(self.get, batch_id)
@@ -137,9 +165,14 @@ class BatchApi:
     # --- plumbing --------------------------------------------------------------------
 
     def _json(
-        self, method: str, path: str, body: bytes | None = None, content_type: str | None = None
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        content_type: str | None = None,
+        idempotent: bool = True,
     ) -> dict[str, Any]:
-        raw = self._call(method, path, body, content_type)
+        raw = self._call(method, path, body, content_type, idempotent)
         try:
             parsed = json.loads(raw)
         except ValueError as exc:
@@ -149,7 +182,12 @@ class BatchApi:
         return parsed
 
     def _call(
-        self, method: str, path: str, body: bytes | None = None, content_type: str | None = None
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        content_type: str | None = None,
+        idempotent: bool = True,
     ) -> bytes:
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
         if self._api_key:
@@ -167,12 +205,17 @@ class BatchApi:
             except urllib.error.HTTPError as exc:
                 detail = exc.read()[:_SNIPPET].decode("utf-8", "replace")
                 problem = f"HTTP {exc.code}: {detail}"
-                if not is_retryable_status(exc.code):
+                if not is_retryable_status(exc.code) or (not idempotent and exc.code != 429):
                     raise BatchApiError(f"{method} {url}: {problem}", exc.code) from exc
                 retry_after = parse_retry_after({k.lower(): v for k, v in exc.headers.items()})
-            except (urllib.error.URLError, OSError) as exc:
-                # Timeouts and refused or reset connections: the provider may be back soon.
-                problem = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+                # Timeouts, refused or reset connections, cut bodies: the provider may be back soon.
+                reason = getattr(exc, "reason", exc)
+                problem = f"{type(exc).__name__}: {reason}"
+                if not idempotent and not isinstance(reason, ConnectionRefusedError):
+                    raise BatchApiError(
+                        f"{method} {url}: {problem} (it may have been done)"
+                    ) from exc
             if attempt < self.attempts:
                 delay = backoff_delay(
                     attempt, self.base_backoff_s, self.max_backoff_s, self.jitter, self._rng

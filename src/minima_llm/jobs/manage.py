@@ -13,8 +13,9 @@ from typing import Any, TextIO
 
 from ..config import MinimaLlmConfig
 from .api import BatchApi, BatchApiError
+from .lock import held, lock_path
 from .provider import api_of, state_dir_of
-from .state import JobState, list_states
+from .state import JobState, list_states, save_merged
 
 log = logging.getLogger("minima_llm.jobs")
 
@@ -22,6 +23,11 @@ log = logging.getLogger("minima_llm.jobs")
 def _api_for(state: JobState, config: MinimaLlmConfig) -> BatchApi:
     """The API of the provider ``state``'s job was sent to."""
     return api_of(config, state.base_url)
+
+
+def list_states_of(config: MinimaLlmConfig) -> list[JobState]:
+    """The local batch jobs of ``config``'s state directory, oldest first."""
+    return list_states(state_dir_of(config))
 
 
 def batch_status_overview(
@@ -40,7 +46,8 @@ def batch_status_overview(
         if refresh and not state.terminal and state.batch_id:
             try:
                 state.update(_api_for(state, config).get(state.batch_id))
-                state.save()
+                with held(lock_path(directory)):
+                    save_merged(state)
             except BatchApiError as exc:
                 note = f"  (status not refreshed: {exc})"
         stream.write(f"  {state.summary()}{note}\n")
@@ -55,7 +62,8 @@ def cancel_batch(batch_id: str, config: MinimaLlmConfig) -> dict[str, Any]:
     answer = api.cancel(batch_id)
     for state in local:
         state.update(answer)
-        state.save()
+        with held(lock_path(state_dir_of(config))):
+            save_merged(state)
     log.info("batch %s: %s", batch_id, answer.get("status"))
     return answer
 
@@ -81,12 +89,17 @@ def _cancel(config: MinimaLlmConfig, states: list[JobState]) -> list[str]:
     for state in states:
         if state.terminal or not state.batch_id:
             continue
+        api = _api_for(state, config)
         try:
-            state.update(_api_for(state, config).cancel(state.batch_id))
+            state.update(api.cancel(state.batch_id))
+            cancelled.append(state.batch_id)
         except BatchApiError as exc:
             # One refusal (it finished meanwhile, say) must not stop the others.
             log.warning("batch %s not cancelled: %s", state.batch_id, exc)
-            continue
-        state.save()
-        cancelled.append(state.batch_id)
+            try:
+                state.update(api.get(state.batch_id))  # so the file says where it stands
+            except BatchApiError:
+                continue
+        with held(lock_path(state_dir_of(config))):
+            save_merged(state)
     return cancelled

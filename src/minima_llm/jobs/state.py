@@ -2,9 +2,9 @@
 
 One JSON file per job, ``{state_dir}/{prefix}-{digest16}.batch.json``, where the
 digest covers the endpoint, the model and the sorted cache keys of the requests
-sent. Rerunning the same batch finds its file and resumes the job instead of
-paying for a second one; the file stays after the answers are cached, as a record
-``batch_status_overview`` can show.
+sent. The file lists those keys, so a later run asking for any of them takes the
+job over instead of paying for them again, whatever else it asks for; the file
+stays after the answers are cached, as a record ``batch_status_overview`` shows.
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ log = logging.getLogger("minima_llm.jobs")
 
 FORMAT = 1
 SUFFIX = ".batch.json"
-# The provider's statuses after which nothing more will happen to a batch.
-TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+# The provider's statuses after which nothing more will happen to a batch; "lost" is
+# ours, for a batch or file the provider no longer knows (404).
+TERMINAL = frozenset({"completed", "failed", "expired", "cancelled", "lost"})
 # Terminal statuses that can still carry answers (a partial output file).
 WITH_OUTPUT = frozenset({"completed", "expired", "cancelled"})
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_UNSAVED = frozenset({"path", "created_in_run"})
 
 
 @dataclass
@@ -52,9 +54,19 @@ class JobState:
     error_file_id: str | None = None
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
-    # When its answers were handed over (and cached): a collected job is never resumed.
+    # When every answer it gave was cached: a collected job is never taken over again.
     collected_at: float | None = None
+    # The cache keys sent, one line each.
+    keys: list[str] = field(default_factory=list)
+    # Once it has ended and its files were read: the keys it answered.
+    answered: list[str] | None = None
+    # Keys whose answers some run has cached.
+    delivered: list[str] = field(default_factory=list)
+    # Why the provider refused the batch as a whole (validation errors).
+    errors: list[str] = field(default_factory=list)
     path: Path | None = field(default=None, compare=False, repr=False)
+    # Not saved: whether this process submitted the job (False: taken over from a file).
+    created_in_run: bool | None = field(default=None, compare=False, repr=False)
 
     @property
     def terminal(self) -> bool:
@@ -75,13 +87,38 @@ class JobState:
                 setattr(self, name, value)
         if isinstance(batch.get("id"), str):
             self.batch_id = batch["id"]
+        errors = batch.get("errors")
+        data = errors.get("data") if isinstance(errors, dict) else None
+        if isinstance(data, list):
+            self.errors = [str(e.get("message", e)) for e in data if isinstance(e, dict)]
         self.updated_at = time.time()
+
+    def takes(self, wanted: set[str]) -> set[str]:
+        """The keys among ``wanted`` this job can still answer (none once collected)."""
+        if self.collected_at is not None or (self.batch_id is None and not self.input_file_id):
+            return set()
+        if self.terminal:
+            if self.status not in WITH_OUTPUT:
+                return set()
+            if self.answered is not None:
+                return wanted.intersection(self.answered)
+        return wanted.intersection(self.keys)
+
+    def deliver(self, keys: set[str]) -> None:
+        """Record answers cached; once all it answered are, the job is collected."""
+        self.delivered = sorted(keys.union(self.delivered))
+        if (
+            self.terminal
+            and self.answered is not None
+            and set(self.answered) <= set(self.delivered)
+        ):
+            self.collected_at = time.time()
 
     def save(self) -> None:
         """Write the file atomically: a job killed mid-write leaves the old state, never half."""
         if self.path is None:
             raise ValueError("JobState.save needs a path")
-        data = {k: v for k, v in dataclasses.asdict(self).items() if k != "path"}
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k not in _UNSAVED}
         data["format"] = FORMAT
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=self.path.name, suffix=".tmp", dir=self.path.parent)
@@ -130,13 +167,30 @@ def load(path: Path) -> JobState:
         raise ValueError(f"cannot read batch state {path}: {exc}") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{path} is not a minima-llm batch state file (format {FORMAT})")
-    names = {f.name for f in dataclasses.fields(JobState)} - {"path"}
+    names = {f.name for f in dataclasses.fields(JobState)} - _UNSAVED
     try:
         state = JobState(**{k: v for k, v in data.items() if k in names})
     except TypeError as exc:
         raise ValueError(f"batch state {path} is incomplete: {exc}") from exc
     state.path = path
     return state
+
+
+def save_merged(state: JobState, delivered: set[str] | None = None) -> None:
+    """Save ``state`` without undoing deliveries another run recorded meanwhile (lock held)."""
+    if state.path is not None and state.path.exists():
+        try:
+            disk = load(state.path)
+        except ValueError:
+            pass
+        else:
+            state.delivered = sorted(set(state.delivered).union(disk.delivered))
+            state.collected_at = state.collected_at or disk.collected_at
+            if state.answered is None:
+                state.answered = disk.answered
+    if delivered is not None:
+        state.deliver(delivered)
+    state.save()
 
 
 def list_states(state_dir: str | os.PathLike[str]) -> list[JobState]:
