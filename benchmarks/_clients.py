@@ -73,16 +73,23 @@ class Timed:
 
 
 async def bare_aiohttp(
-    base_url: str, payloads: Sequence[dict[str, Any]], warmup: Sequence[dict[str, Any]]
+    base_url: str,
+    payloads: Sequence[dict[str, Any]],
+    warmup: Sequence[dict[str, Any]],
+    around: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> Timed:
-    """One ``ClientSession``, ``CONCURRENCY`` tasks each POSTing and reading ``resp.json()``."""
+    """One ``ClientSession``, ``CONCURRENCY`` tasks each POSTing and reading ``resp.json()``.
+
+    ``around`` wraps the timed pass (a profiler, say), not the warm-up.
+    """
     url = base_url + "/chat/completions"
     connector = aiohttp.TCPConnector(limit=CONCURRENCY)
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await _drive(session, url, warmup)
         cpu, started = time.process_time(), time.perf_counter()
-        errors = await _drive(session, url, payloads)
+        with around():
+            errors = await _drive(session, url, payloads)
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     return Timed(elapsed, cpu, len(payloads), errors)
 
