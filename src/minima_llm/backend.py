@@ -803,12 +803,20 @@ async def _run_collected(
             *(
                 backend._store(call, outcome.text, outcome.body_text)
                 for key, (_, call) in items.items()
-                if isinstance(outcome := outcomes[key], Completion)
+                if isinstance(outcome := outcomes.get(key), Completion)
             )
         )
         return all(stored)
 
-    return await jobs.run(endpoint, model, bodies, report, store, fresh=backend._refresh(False))
+    async def cached(keys: list[str]) -> set[str]:
+        try:
+            rows = await backend.cache.prefetch(keys)
+        except Exception:
+            return set()  # unknown: the job just stays open to a later run
+        return {key for key, row in rows.items() if row is not None}
+
+    fresh = backend._refresh(False)
+    return await jobs.run(endpoint, model, bodies, report, store, fresh, cached)
 
 
 def _chunks(

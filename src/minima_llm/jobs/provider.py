@@ -41,6 +41,8 @@ BATCHABLE = ("chat/completions", "completions", "embeddings")
 Report = Callable[[str], None]
 # Caches the answers; True once every completion among them is committed.
 Store = Callable[[dict[str, Outcome]], Awaitable[bool]]
+# Which of these keys the cache already holds (answered some other way).
+Cached = Callable[[list[str]], Awaitable[set[str]]]
 
 
 def state_dir_of(config: MinimaLlmConfig) -> str:
@@ -97,20 +99,23 @@ class ProviderJobs:
         report: Report | None = None,
         store: Store | None = None,
         fresh: bool = False,
+        cached: Cached | None = None,
     ) -> dict[str, Outcome]:
         """Each key's outcome, from earlier jobs that can answer it or from a new one.
 
         ``store`` caches the answers; a job counts as collected (never taken over
         again) only once all it answered is stored. ``fresh`` sends everything in a
-        new job (force refresh).
+        new job (force refresh). ``cached`` tells which of a job's other answers are in
+        the cache already, so a job whose answers all are counts as collected too.
         """
-        outcomes = await self._run_once(endpoint, model, bodies, report, store, fresh)
+        outcomes = await self._run_once(endpoint, model, bodies, report, store, fresh, cached)
         again = {k: bodies[k] for k, o in outcomes.items() if isinstance(o, _Resend)}
         if again:
             # A job taken over ended before answering these (cancelled, expired, a 5xx
             # line): this run was asked for them, so they go in a job of their own.
             (report or log.info)(f"[batch-job] sending {len(again)} requests again")
-            outcomes.update(await self._run_once(endpoint, model, again, report, store, True))
+            resent = await self._run_once(endpoint, model, again, report, store, True, cached)
+            outcomes.update(resent)
         return {k: o.failure if isinstance(o, _Resend) else o for k, o in outcomes.items()}
 
     async def _run_once(
@@ -121,6 +126,7 @@ class ProviderJobs:
         report: Report | None,
         store: Store | None,
         fresh: bool,
+        cached: Cached | None,
     ) -> dict[str, Outcome | _Resend]:
         if not bodies:
             return {}
@@ -165,7 +171,7 @@ class ProviderJobs:
                     outcomes[key] = outcome
         plain = {k: o.failure if isinstance(o, _Resend) else o for k, o in outcomes.items()}
         if store is not None and await store(plain):
-            await self._delivered(taken, plain)
+            await self._delivered(taken, plain, cached)
         return outcomes
 
     def _lock(self) -> Any:
@@ -291,12 +297,19 @@ class ProviderJobs:
             await asyncio.to_thread(save_merged, state)
 
     async def _delivered(
-        self, taken: list[tuple[JobState, set[str]]], outcomes: Mapping[str, Outcome]
+        self,
+        taken: list[tuple[JobState, set[str]]],
+        outcomes: Mapping[str, Outcome],
+        cached: Cached | None,
     ) -> None:
         """Record the answers now cached in each job's state file."""
         try:
             for state, keys in taken:
                 answered = {k for k in keys if isinstance(outcomes.get(k), Completion)}
+                rest = set(state.answered or ()) - answered - set(state.delivered)
+                if rest and cached is not None:
+                    # Answers of this job asked for by nobody now: cached by another route?
+                    answered |= await cached(sorted(rest))
                 async with self._lock():
                     await asyncio.to_thread(save_merged, state, answered)
         except (BatchApiError, OSError) as exc:

@@ -1,0 +1,691 @@
+"""Batch mode under trouble: threads, take-over by key, late and cut answers, a broken cache.
+
+Each test pins a fix a reviewer's reproduction called for, over real HTTP on
+127.0.0.1. The mock injects faults on live inference routes only, so faults on the
+Files and Batches routes come from ``Proxy``: a small aiohttp app in front of the
+mock that forwards every request unless the test's ``fault`` answers it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from backend_support import FAST
+from minima_llm import (
+    BatchConfig,
+    MinimaLlmConfig,
+    MinimaLlmFailure,
+    MinimaLlmRequest,
+    MinimaLlmResponse,
+    MinimaLlmResult,
+    OpenAIMinimaLlm,
+    ParasailBatchConfig,
+    batch_status_overview,
+)
+from minima_llm.cache.memory import MemoryStore
+from minima_llm.cache.prompt import PromptCache
+from minima_llm.cache.store import CacheRow
+from minima_llm.cli import main
+from minima_llm.jobs import JobState, LineFailure
+from minima_llm.jobs.lines import MISSING, read_lines
+from minima_llm.jobs.state import list_states
+from minima_llm.testing import MockConfig, MockServer, run_mock_server_in_thread
+from minima_llm.upstream import Completion
+
+BAD = "[mock:batch-error]"
+SLOW = 60.0  # batch_delay_s that keeps a batch in_progress for the whole test
+GIVE_UP = 0.0001  # max_poll_hours: a run gives up after 0.36 s and leaves its job
+CHAT = "chat/completions"
+FILES = "/v1/files"
+POLL = r"/v1/batches/batch_\w+"
+CONTENT = r"/v1/files/[\w-]+/content"
+Factory = Callable[..., OpenAIMinimaLlm]
+
+
+def parasail(**overrides: Any) -> ParasailBatchConfig:
+    return ParasailBatchConfig(**{"llm_batch_prefix": "p", "poll_interval_s": 0.05, **overrides})
+
+
+def config(base_url: str, cache_dir: Path, **overrides: Any) -> MinimaLlmConfig:
+    fields: dict[str, Any] = {
+        "base_url": base_url,
+        "model": "mock-model",
+        "cache_dir": str(cache_dir),
+        "batch": BatchConfig(num_workers=16, heartbeat_s=0, stall_s=0),
+        **FAST,
+        **overrides,
+    }
+    return MinimaLlmConfig(**fields)
+
+
+@pytest.fixture
+async def make(mock: MockServer, tmp_path: Path) -> AsyncIterator[Factory]:
+    """``make()`` is a batch-mode backend on the mock, ``make(live=True)`` a normal one.
+
+    All share ``tmp_path/cache`` (cache and state files) unless told otherwise.
+    """
+    made: list[OpenAIMinimaLlm] = []
+
+    def factory(
+        *,
+        live: bool = False,
+        base_url: str | None = None,
+        cache_dir: Path | None = None,
+        cache: PromptCache | None = None,
+        **overrides: Any,
+    ) -> OpenAIMinimaLlm:
+        if not live:
+            overrides.setdefault("parasail", parasail())
+        cfg = config(base_url or mock.url, cache_dir or tmp_path / "cache", **overrides)
+        backend = OpenAIMinimaLlm(cfg, cache=cache)
+        made.append(backend)
+        return backend
+
+    yield factory
+    for backend in made:
+        await backend.aclose()
+
+
+def giving_up() -> ParasailBatchConfig:
+    return parasail(max_poll_hours=GIVE_UP)
+
+
+def questions(*numbers: int) -> list[MinimaLlmRequest]:
+    return [
+        MinimaLlmRequest(f"q{n}-{at}", [{"role": "user", "content": f"question {n}"}])
+        for at, n in enumerate(numbers)
+    ]
+
+
+def replies(numbers: Iterable[int]) -> list[str]:
+    return [f"mock reply: question {n}" for n in numbers]
+
+
+def texts(results: Iterable[MinimaLlmResult]) -> list[str]:
+    results = list(results)
+    assert all(isinstance(r, MinimaLlmResponse) for r in results), results
+    return [r.text for r in results]  # type: ignore[union-attr]
+
+
+def error_types(results: Iterable[MinimaLlmResult]) -> set[str | None]:
+    return {getattr(r, "error_type", None) for r in results}
+
+
+def route(mock: MockServer, name: str) -> int:
+    return int(mock.stats()["by_route"].get(name, 0))
+
+
+async def quietly(backend: OpenAIMinimaLlm, requests: list[MinimaLlmRequest]) -> list[Any]:
+    """``run_batched`` without progress output, bounded so a hang fails the test."""
+    return await asyncio.wait_for(backend.run_batched(requests, progress=False), 10)
+
+
+# --- a proxy for faults on the batch routes ----------------------------------------------
+
+Fault = Callable[[web.Request, bytes], Awaitable[web.StreamResponse | None]]
+
+
+class Proxy:
+    """Forwards to the mock; ``fault(request, body)`` may answer a request itself (None: forward)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target.rstrip("/").removesuffix("/v1")
+        self.fault: Fault | None = None
+        self.seen: list[str] = []  # "METHOD /path" of every request, in order
+        self.url = ""
+        self._runner = web.AppRunner(web.Application(), shutdown_timeout=1.0)
+        self._runner.app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._session: aiohttp.ClientSession | None = None
+
+    def count(self, method: str, path: str) -> int:
+        """Requests seen so far whose method and path (a regex) match."""
+        return sum(1 for seen in self.seen if re.fullmatch(f"{method} {path}", seen))
+
+    async def forward(self, request: web.Request, body: bytes) -> web.Response:
+        assert self._session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() == "content-type"}
+        url = self.target + request.path_qs
+        async with self._session.request(request.method, url, data=body, headers=headers) as resp:
+            data = await resp.read()
+            kind = resp.headers.get("Content-Type", "application/json")
+            return web.Response(body=data, status=resp.status, headers={"Content-Type": kind})
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.seen.append(f"{request.method} {request.path}")
+        answer = await self.fault(request, body) if self.fault is not None else None
+        return answer if answer is not None else await self.forward(request, body)
+
+    async def __aenter__(self) -> Proxy:
+        self._session = aiohttp.ClientSession()
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/v1"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+
+@pytest.fixture
+async def proxy(mock: MockServer) -> AsyncIterator[Proxy]:
+    async with Proxy(mock.url) as running:
+        yield running
+
+
+def unavailable() -> web.Response:
+    return web.json_response({"error": {"message": "batch API down"}}, status=503)
+
+
+async def cut_short(request: web.Request) -> web.StreamResponse:
+    """A 200 that promises 1000 bytes, sends 17 and hangs up: ``IncompleteRead`` in urllib."""
+    resp = web.StreamResponse(headers={"Content-Length": "1000"})
+    await resp.prepare(request)
+    await resp.write(b'{"custom_id": "x"')
+    assert request.transport is not None
+    request.transport.close()
+    return resp
+
+
+# --- threads, each with its own event loop ----------------------------------------------
+
+
+def test_threads_each_running_their_own_loop_all_get_answers(tmp_path: Path) -> None:
+    # DSPy's synchronous LM: every worker thread calls asyncio.run(generate(...)).
+    with run_mock_server_in_thread(MockConfig()) as server:
+        backend = OpenAIMinimaLlm(config(server.url, tmp_path / "cache", parasail=parasail()))
+        results: dict[int, MinimaLlmResult] = {}
+
+        def ask(n: int) -> None:
+            results[n] = asyncio.run(backend.generate(questions(n)[0]))
+
+        threads = [threading.Thread(target=ask, args=(n,), daemon=True) for n in range(4)]
+        started = time.monotonic()
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=max(0.0, started + 5.0 - time.monotonic()))
+            elapsed = time.monotonic() - started
+        finally:
+            asyncio.run(backend.aclose())
+
+    assert [t.is_alive() for t in threads] == [False] * 4
+    assert elapsed < 2.5  # one collect window and a poll or two, not a hang
+    assert texts(results[n] for n in range(4)) == replies(range(4))
+
+
+# --- take-over by key -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rerun", "new"), [((1, 2, 3, 4, 5), (4, 5)), ((2, 1), ())], ids=["more", "fewer"]
+)
+async def test_a_rerun_takes_the_job_over_by_key_and_sends_only_new_questions(
+    make: Factory,
+    mock: MockServer,
+    tmp_path: Path,
+    rerun: tuple[int, ...],
+    new: tuple[int, ...],
+) -> None:
+    mock.update_config(batch_delay_s=SLOW)
+    gave_up = await quietly(make(parasail=giving_up()), questions(0, 1, 2, 3))
+    assert error_types(gave_up) == {"BatchApiError"}
+    (left,) = list_states(tmp_path / "cache")
+    await make(live=True).generate(questions(0)[0])  # meanwhile a normal run caches one answer
+    mock.update_config(batch_delay_s=0)
+    backend = make(parasail=giving_up())
+
+    results = await quietly(backend, questions(*rerun))
+
+    assert texts(results) == replies(rerun)
+    assert route(mock, FILES) == 1 + bool(new)
+    assert mock.stats()["batch_lines"] == 4 + len(new)  # the first job's lines ran once
+    states = list_states(tmp_path / "cache")
+    assert states[0].batch_id == left.batch_id
+    assert [set(s.keys) for s in states[1:]] == (
+        [{backend.key_for(r)[0] for r in questions(*new)}] if new else []
+    )
+
+
+async def test_take_over_by_key_across_chunks_of_max_lines(
+    make: Factory, mock: MockServer, tmp_path: Path
+) -> None:
+    mock.update_config(batch_delay_s=SLOW)
+    first = make(parasail=giving_up())
+    first.jobs.max_lines = 3  # type: ignore[union-attr]
+    assert error_types(await quietly(first, questions(*range(6)))) == {"BatchApiError"}
+    assert [s.request_count for s in list_states(tmp_path / "cache")] == [3, 3]
+    await make(live=True).generate(questions(0)[0])
+    mock.update_config(batch_delay_s=0)
+    second = make(parasail=giving_up())
+    second.jobs.max_lines = 3  # type: ignore[union-attr]
+
+    # Five misses now chunk as (1, 2, 3) and (4, 5): the first chunk spans both old jobs.
+    results = await quietly(second, questions(*range(6)))
+
+    assert texts(results) == replies(range(6))
+    assert (route(mock, FILES), mock.stats()["batch_lines"]) == (2, 6)
+    assert len(list_states(tmp_path / "cache")) == 2
+
+
+async def test_generate_calls_arriving_in_two_waves_take_the_job_over(
+    make: Factory, mock: MockServer, tmp_path: Path
+) -> None:
+    mock.update_config(batch_delay_s=SLOW)
+    first = make(parasail=giving_up())
+    first.jobs.max_lines = 4  # type: ignore[union-attr]  # a full group is sent at once
+    gave_up = await asyncio.gather(*(first.generate(r) for r in questions(0, 1, 2, 3)))
+    assert error_types(gave_up) == {"BatchApiError"}
+    mock.update_config(batch_delay_s=0)
+    second = make()
+    second.jobs.max_lines = 2  # type: ignore[union-attr]
+
+    waves = []
+    for wave in ((0, 1), (2, 3)):  # a DSPy program: the second half after a slower step
+        waves += await asyncio.gather(*(second.generate(r) for r in questions(*wave)))
+
+    assert texts(waves) == replies(range(4))
+    assert (route(mock, FILES), route(mock, "/v1/batches")) == (1, 1)
+    assert mock.stats()["batch_lines"] == 4
+    (state,) = list_states(tmp_path / "cache")
+    assert state.collected_at is not None and len(state.delivered) == 4
+
+
+# --- submitting: late answers, two runs at once, force refresh -----------------------------
+
+
+async def test_a_late_create_answer_is_not_retried_and_the_rerun_finds_the_batch(
+    make: Factory, mock: MockServer, proxy: Proxy, tmp_path: Path
+) -> None:
+    async def late_first_create(request: web.Request, body: bytes) -> web.Response | None:
+        first = (request.method, request.path) == ("POST", "/v1/batches")
+        if not first or proxy.count("POST", "/v1/batches") != 1:
+            return None
+        answer = await proxy.forward(request, body)  # the provider has created it...
+        await asyncio.sleep(0.4)  # ...but its answer comes after the client's timeout
+        return answer
+
+    proxy.fault = late_first_create
+    backend = make(base_url=proxy.url, timeout_s=0.2)
+
+    first = await quietly(backend, questions(0, 1))
+
+    assert error_types(first) == {"BatchApiError"}
+    assert all("may have been done" in r.message for r in first)
+    (left,) = list_states(tmp_path / "cache")
+    assert (left.status, left.batch_id) == ("uploaded", None)
+    second = await quietly(backend, questions(0, 1))
+    assert texts(second) == replies((0, 1))
+    assert proxy.count("POST", "/v1/batches") == 1
+    assert proxy.count("GET", "/v1/batches") >= 1  # find() looked it up by its input file
+    assert (route(mock, FILES), mock.stats()["batch_lines"]) == (1, 2)
+    (done,) = list_states(tmp_path / "cache")
+    assert done.status == "completed" and done.input_file_id == left.input_file_id
+
+
+async def test_two_runs_on_one_state_dir_share_one_upload_and_one_batch(
+    make: Factory, mock: MockServer
+) -> None:
+    mock.update_config(batch_delay_s=0.3)  # both are still waiting when the second one looks
+    requests = questions(*range(5))
+
+    both = await asyncio.gather(quietly(make(), requests), quietly(make(), requests))
+
+    assert [texts(results) for results in both] == [replies(range(5))] * 2
+    assert (route(mock, FILES), route(mock, "/v1/batches")) == (1, 1)
+    assert mock.stats()["batch_lines"] == 5
+
+
+async def test_force_refresh_keeps_the_earlier_job_state_file(
+    make: Factory, mock: MockServer, tmp_path: Path
+) -> None:
+    mock.update_config(batch_delay_s=SLOW)
+    backend = make(parasail=giving_up(), force_refresh=True)
+    await quietly(backend, questions(0, 1))
+    (left,) = list_states(tmp_path / "cache")
+    mock.update_config(batch_delay_s=0)
+
+    assert texts(await quietly(backend, questions(0, 1))) == replies((0, 1))
+
+    states = list_states(tmp_path / "cache")
+    assert [s.batch_id for s in states][:1] == [left.batch_id]
+    assert len({s.batch_id for s in states}) == len({s.path for s in states}) == 2
+    assert states[0].status == "in_progress"  # still a job someone may need to cancel
+    out = io.StringIO()
+    batch_status_overview(backend.config, refresh=False, out=out)
+    assert all(f" {s.batch_id} " in out.getvalue() for s in states)
+
+
+# --- waiting and collecting --------------------------------------------------------------
+
+
+class BreakableStore(MemoryStore):
+    """A memory store whose writes fail while ``broken`` (a full disk, a read-only file)."""
+
+    broken = True
+
+    async def put_many(self, rows: Iterable[CacheRow]) -> None:
+        if self.broken:
+            raise OSError(28, "No space left on device")
+        await super().put_many(rows)
+
+
+async def test_answers_a_broken_cache_lost_are_read_from_the_job_again(
+    make: Factory, mock: MockServer, tmp_path: Path
+) -> None:
+    store = BreakableStore()
+    backend = make(cache=PromptCache(store))
+    requests = questions(0, 1)
+    assert texts(await quietly(backend, requests)) == replies((0, 1))  # the caller still gets them
+    (state,) = list_states(tmp_path / "cache")
+    assert (state.status, state.collected_at, state.delivered) == ("completed", None, [])
+    store.broken = False
+    reads = route(mock, "/v1/files/{file_id}/content")
+
+    assert texts(await quietly(backend, requests)) == replies((0, 1))
+
+    assert route(mock, FILES) == 1
+    assert route(mock, "/v1/files/{file_id}/content") == reads + 1
+    assert mock.stats()["batch_lines"] == 2
+    assert len(store) == 2
+    (state,) = list_states(tmp_path / "cache")
+    assert state.collected_at is not None
+
+
+async def test_a_poll_outage_longer_than_the_retry_budget_is_waited_out(
+    make: Factory, mock: MockServer, proxy: Proxy
+) -> None:
+    outage = 6  # failed GETs: three polls of max_attempts=2 each
+
+    async def down(request: web.Request, body: bytes) -> web.Response | None:
+        polled = re.fullmatch(POLL, request.path) is not None
+        return unavailable() if polled and proxy.count("GET", POLL) <= outage else None
+
+    proxy.fault = down
+    backend = make(base_url=proxy.url, max_attempts=2)
+    progress = io.StringIO()
+
+    results = await asyncio.wait_for(backend.run_batched(questions(0, 1), progress=progress), 5)
+
+    assert texts(results) == replies((0, 1))
+    assert proxy.count("GET", POLL) > outage
+    assert progress.getvalue().count("poll failed, trying again") == outage // 2
+    assert route(mock, FILES) == 1
+
+
+async def test_a_job_the_provider_no_longer_knows_is_lost_and_sent_again(
+    make: Factory, mock: MockServer, tmp_path: Path
+) -> None:
+    mock.update_config(batch_delay_s=SLOW)
+    backend = make(parasail=giving_up())
+    await quietly(backend, questions(0, 1))
+    (left,) = list_states(tmp_path / "cache")
+    mock.reset()  # its files and batches are gone (another key, the retention period)
+    mock.update_config(batch_delay_s=0)
+
+    results = await quietly(backend, questions(0, 1))
+
+    assert texts(results) == replies((0, 1))
+    assert (route(mock, FILES), mock.stats()["batch_lines"]) == (1, 2)
+    states = {s.batch_id: s for s in list_states(tmp_path / "cache")}
+    assert len(states) == 2
+    lost = states.pop(left.batch_id)
+    assert lost.status == "lost" and lost.takes(set(lost.keys)) == set()
+    assert [s.status for s in states.values()] == ["completed"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "cuts"),
+    [("GET", CONTENT, 1), ("GET", POLL, 1), ("POST", FILES, 1)],
+    ids=["content", "poll", "upload"],
+)
+async def test_a_body_cut_short_on_a_batch_route_is_retried(
+    make: Factory, mock: MockServer, proxy: Proxy, method: str, path: str, cuts: int
+) -> None:
+    async def cut(request: web.Request, body: bytes) -> web.StreamResponse | None:
+        hit = request.method == method and re.fullmatch(path, request.path)
+        return await cut_short(request) if hit and proxy.count(method, path) <= cuts else None
+
+    proxy.fault = cut
+
+    results = await quietly(make(base_url=proxy.url, max_attempts=3), questions(0, 1))
+
+    assert texts(results) == replies((0, 1))
+    assert proxy.count(method, path) == cuts + 1
+    assert route(mock, FILES) == 1
+
+
+async def test_a_body_always_cut_short_is_a_failure_not_an_exception(
+    make: Factory, proxy: Proxy
+) -> None:
+    async def cut(request: web.Request, body: bytes) -> web.StreamResponse | None:
+        return await cut_short(request) if re.fullmatch(CONTENT, request.path) else None
+
+    proxy.fault = cut
+
+    results = await quietly(make(base_url=proxy.url, max_attempts=3), questions(0, 1))
+
+    assert error_types(results) == {"BatchApiError"}
+    assert all("IncompleteRead" in r.message and "3 attempts" in r.message for r in results)
+    assert proxy.count("GET", CONTENT) == 3
+
+
+# --- reading a job's outcome --------------------------------------------------------------
+
+
+def result_line(key: str, status: int | None, body: Any = None, error: Any = None) -> str:
+    response = None if status is None else {"status_code": status, "body": body}
+    return json.dumps({"id": f"req-{key}", "custom_id": key, "response": response, "error": error})
+
+
+def api_error(message: str, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "error", "code": code}}
+
+
+COMPLETION = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}]}
+LINES = {
+    # OpenAI's batch output spec: lines a job never ran carry these codes and no response.
+    "expired": result_line("expired", None, error={"code": "batch_expired", "message": "late"}),
+    "cancelled": result_line("cancelled", None, error={"code": "batch_cancelled"}),
+    "refused": result_line("refused", 400, api_error("bad max_tokens", "invalid_value")),
+    "failed": result_line("failed", 500, api_error("server error")),
+    "limited": result_line("limited", 429, api_error("slow down")),
+    "answered": result_line("answered", 200, COMPLETION),
+}
+
+
+@pytest.mark.parametrize(
+    ("key", "error_type", "status", "resend"),
+    [
+        ("expired", MISSING, None, True),
+        ("cancelled", MISSING, None, True),
+        ("refused", "BatchRequestError", 400, False),
+        ("failed", "BatchRequestError", 500, True),
+        ("limited", "BatchRequestError", 429, True),
+    ],
+)
+def test_a_line_failure_says_whether_another_job_could_answer_it(
+    key: str, error_type: str, status: int | None, resend: bool
+) -> None:
+    outcomes: dict[str, Any] = {}
+
+    read_lines("\n".join(LINES.values()).encode(), CHAT, {key, "answered"}, outcomes)
+
+    assert set(outcomes) == {key, "answered"}
+    failure = outcomes[key]
+    assert isinstance(failure, LineFailure)
+    assert (failure.error_type, failure.status, failure.worth_resending) == (
+        error_type,
+        status,
+        resend,
+    )
+    assert isinstance(outcomes["answered"], Completion) and outcomes["answered"].text == "hi"
+
+
+def test_the_codes_of_lines_never_run_keep_their_message() -> None:
+    outcomes: dict[str, Any] = {}
+
+    read_lines(LINES["expired"].encode() + b"\n", CHAT, {"expired"}, outcomes)
+
+    assert outcomes["expired"].message == "late"
+    assert "batch_expired" in (outcomes["expired"].snippet or "")
+
+
+def test_a_failed_batch_keeps_its_errors_in_the_state_file(tmp_path: Path) -> None:
+    state = JobState("p", "0" * 64, "/v1/" + CHAT, "http://127.0.0.1:1/v1", "m", 2)
+    state.path = tmp_path / "p.batch.json"
+    errors = [
+        {"code": "invalid_json_line", "message": "line 1 is not JSON", "line": 1},
+        {"code": "mismatched_endpoint", "message": "wrong url", "line": 2},
+    ]
+
+    state.update({"id": "b", "status": "failed", "errors": {"object": "list", "data": errors}})
+    state.save()
+
+    assert state.errors == ["line 1 is not JSON", "wrong url"]
+    assert state.terminal and state.takes({"a"}) == set()
+    (loaded,) = list_states(tmp_path)
+    assert loaded.errors == state.errors
+
+
+async def test_a_batch_that_fails_validation_says_why_in_each_failure(
+    make: Factory, proxy: Proxy, tmp_path: Path
+) -> None:
+    async def wrong_endpoint(request: web.Request, body: bytes) -> web.Response | None:
+        # Each line now names another endpoint than the batch: the mock fails it as OpenAI does.
+        if (request.method, request.path) != ("POST", FILES):
+            return None
+        wrong = body.replace(b'"url": "/v1/chat/completions"', b'"url": "/v1/completions"')
+        assert wrong != body
+        return await proxy.forward(request, wrong)
+
+    proxy.fault = wrong_endpoint
+
+    results = await quietly(make(base_url=proxy.url), questions(0, 1))
+
+    why = "'url' must be the batch's /v1/chat/completions"
+    (state,) = list_states(tmp_path / "cache")
+    assert (state.status, state.errors) == ("failed", [why, why])
+    assert all(isinstance(r, MinimaLlmFailure) for r in results)
+    assert all(f"{state.batch_id} ended failed" in r.message for r in results)
+    assert all(why in r.message for r in results)
+
+
+# --- how requests are split into jobs, and traced ------------------------------------------
+
+
+async def test_concurrent_generate_calls_keep_to_max_lines(
+    make: Factory, mock: MockServer, tmp_path: Path
+) -> None:
+    backend = make()
+    backend.jobs.max_lines = 3  # type: ignore[union-attr]  # before the first call makes the collector
+
+    results = await asyncio.gather(*(backend.generate(r) for r in questions(*range(7))))
+
+    assert texts(results) == replies(range(7))
+    assert sorted(s.request_count for s in list_states(tmp_path / "cache")) == [1, 3, 3]
+    assert (route(mock, FILES), mock.stats()["batch_lines"]) == (3, 7)
+
+
+async def test_run_batched_splits_a_job_by_bytes(
+    make: Factory, mock: MockServer, tmp_path: Path
+) -> None:
+    backend = make()
+    jobs = backend.jobs
+    assert jobs is not None
+    jobs.max_bytes = 700
+
+    results = await quietly(backend, questions(*range(5)))
+
+    assert texts(results) == replies(range(5))
+    states = list_states(tmp_path / "cache")
+    assert len(states) > 1 and sum(s.request_count for s in states) == 5
+    for state in states:
+        assert state.input_file_id is not None
+        assert len(await jobs.api.acontent(state.input_file_id)) <= jobs.max_bytes
+    assert route(mock, FILES) == len(states)
+
+
+async def test_answers_from_a_job_are_traced_like_live_misses(
+    make: Factory, tmp_path: Path
+) -> None:
+    traced = {}
+    for mode in ("live", "batch"):
+        trace = tmp_path / f"{mode}.jsonl"
+        backend = make(live=mode == "live", cache_dir=tmp_path / mode, trace_file=str(trace))
+        texts(await quietly(backend, questions(0, 1, 0)))
+        await backend.aclose()
+        lines = [json.loads(line) for line in trace.read_text().splitlines()]
+        traced[mode] = sorted((line["key"], line["source"]) for line in lines)
+
+    assert len(traced["batch"]) == 3
+    assert traced["batch"] == traced["live"]
+
+
+# --- the command line ---------------------------------------------------------------------
+
+
+def test_cli_cancel_remote_without_an_endpoint_says_so_at_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for var in ("OPENAI_BASE_URL", "OPENAI_MODEL", "OPENAI_API_KEY", "OPENAI_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("CACHE_DIR", str(tmp_path / "cache"))
+    started = time.monotonic()
+
+    code = main(["batch-status", "--cancel-remote", "batch_x"])
+
+    assert time.monotonic() - started < 0.5  # no retries against an address that cannot resolve
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minima-llm: ") and "OPENAI_BASE_URL" in err and "batch_x" in err
+
+
+# --- bugs still open --------------------------------------------------------------------------
+
+
+async def test_a_line_resent_from_a_taken_over_job_leaves_the_other_answers(
+    make: Factory, mock: MockServer
+) -> None:
+    mock.update_config(batch_delay_s=SLOW)
+    requests = [*questions(0), MinimaLlmRequest("bad", [{"role": "user", "content": BAD}])]
+    await quietly(make(parasail=giving_up()), requests)
+    mock.update_config(batch_delay_s=0)
+
+    results = await quietly(make(), requests)
+
+    assert texts(results[:1]) == replies((0,))
+    assert isinstance(results[1], MinimaLlmFailure)
+    assert (results[1].error_type, results[1].status) == ("BatchRequestError", 500)
+    assert route(mock, FILES) == 2  # the 500 line was sent again, in a job of its own
+
+
+async def test_a_job_whose_every_answer_is_cached_counts_as_collected(
+    make: Factory, mock: MockServer, tmp_path: Path
+) -> None:
+    mock.update_config(batch_delay_s=SLOW)
+    await quietly(make(parasail=giving_up()), questions(0, 1, 2))
+    await make(live=True).generate(questions(0)[0])
+    mock.update_config(batch_delay_s=0)
+
+    assert texts(await quietly(make(), questions(0, 1, 2))) == replies(range(3))
+
+    (state,) = list_states(tmp_path / "cache")
+    assert state.answered is not None and len(state.answered) == 3
+    assert state.collected_at is not None
