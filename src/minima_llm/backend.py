@@ -21,7 +21,7 @@ from .context import get_force_refresh, set_last_cached
 from .errors import MinimaLlmError
 from .flight import Broadcast
 from .http import Transport, make_transport
-from .jobs import BATCHABLE, JobCollector, LineFailure, Outcome, ProviderJobs
+from .jobs import BATCHABLE, JobCollector, LineFailure, Outcome, ProviderJobs, split
 from .loopbound import LoopBound
 from .progress import ProgressSink, ProgressTarget
 from .stats import LiveStats, StatsSnapshot
@@ -668,7 +668,9 @@ class OpenAIMinimaLlm:
         parts = [
             dict(part)
             for calls in groups.values()
-            for part in _chunks(list(calls.items()), provider.max_lines, provider.max_bytes)
+            for part in split(
+                list(calls.items()), provider.max_lines, provider.max_bytes, _line_size
+            )
         ]
         runs = [
             _run_collected(CHAT, next(iter(p.values()))[1].model, p, sink.report) for p in parts
@@ -819,24 +821,9 @@ async def _run_collected(
     return await jobs.run(endpoint, model, bodies, report, store, fresh, cached)
 
 
-def _chunks(
-    items: list[tuple[str, tuple[OpenAIMinimaLlm, _Call]]], max_lines: int, max_bytes: int
-) -> list[list[tuple[str, tuple[OpenAIMinimaLlm, _Call]]]]:
-    """Calls in runs a provider job takes: at most ``max_lines``, and about ``max_bytes``.
-
-    A line's size is taken from the key's canonical JSON, which holds the same
-    messages as the body sent, plus room for the line's own fields.
-    """
-    parts: list[list[tuple[str, tuple[OpenAIMinimaLlm, _Call]]]] = [[]]
-    size = 0
-    for item in items:
-        line = len(item[1][1].canonical) + 200
-        if parts[-1] and (len(parts[-1]) >= max_lines or size + line > max_bytes):
-            parts.append([])
-            size = 0
-        parts[-1].append(item)
-        size += line
-    return [part for part in parts if part]
+def _line_size(item: tuple[str, tuple[OpenAIMinimaLlm, _Call]]) -> int:
+    # The key's canonical JSON holds the messages the body does, plus room for the line's fields.
+    return len(item[1][1].canonical) + 200
 
 
 def _counting_into(stats: LiveStats) -> Callable[[Exception], None]:

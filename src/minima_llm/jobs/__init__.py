@@ -10,7 +10,7 @@ from .manage import (
     cancel_batch,
     list_states_of,
 )
-from .provider import BATCHABLE, ProviderJobs
+from .provider import BATCHABLE, ProviderJobs, split
 from .state import JobState
 
 __all__ = [
@@ -27,4 +27,5 @@ __all__ = [
     "cancel_all_local_batches",
     "cancel_batch",
     "list_states_of",
+    "split",
 ]

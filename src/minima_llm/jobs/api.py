@@ -23,13 +23,13 @@ from typing import Any
 from .._version import USER_AGENT
 from ..errors import MinimaLlmError
 from ..resilience import backoff_delay, is_retryable_status, parse_retry_after
+from ..upstream import SNIPPET
 
 # No proxies from the environment: the live transports use none either, and a job
 # must reach the same endpoint its requests would.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 # A management call or poll with MAX_ATTEMPTS=0 (unlimited) must still end.
 DEFAULT_ATTEMPTS = 8
-_SNIPPET = 300
 
 
 class BatchApiError(MinimaLlmError):
@@ -176,9 +176,9 @@ class BatchApi:
         try:
             parsed = json.loads(raw)
         except ValueError as exc:
-            raise BatchApiError(f"{method} {path}: unreadable answer: {raw[:_SNIPPET]!r}") from exc
+            raise BatchApiError(f"{method} {path}: unreadable answer: {raw[:SNIPPET]!r}") from exc
         if not isinstance(parsed, dict):
-            raise BatchApiError(f"{method} {path}: expected a JSON object, got {raw[:_SNIPPET]!r}")
+            raise BatchApiError(f"{method} {path}: expected a JSON object, got {raw[:SNIPPET]!r}")
         return parsed
 
     def _call(
@@ -203,7 +203,7 @@ class BatchApi:
                 with _OPENER.open(request, timeout=self.timeout_s) as resp:
                     return bytes(resp.read())
             except urllib.error.HTTPError as exc:
-                detail = exc.read()[:_SNIPPET].decode("utf-8", "replace")
+                detail = exc.read()[:SNIPPET].decode("utf-8", "replace")
                 problem = f"HTTP {exc.code}: {detail}"
                 if not is_retryable_status(exc.code) or (not idempotent and exc.code != 429):
                     raise BatchApiError(f"{method} {url}: {problem}", exc.code) from exc

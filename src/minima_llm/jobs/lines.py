@@ -9,11 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..resilience import is_retryable_status
-from ..upstream import TEXT_OF, Completion
+from ..upstream import SNIPPET, TEXT_OF, Completion
 
 log = logging.getLogger("minima_llm.jobs")
 
-SNIPPET = 300
 # The error type of a request the job ended without answering.
 MISSING = "BatchMissing"
 # Error codes a provider gives lines it never ran (OpenAI's batch output spec).

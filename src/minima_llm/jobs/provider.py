@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import MinimaLlmConfig
@@ -38,11 +38,28 @@ MAX_BYTES = 190_000_000
 # Endpoints the batch API accepts, by the backend's endpoint names.
 BATCHABLE = ("chat/completions", "completions", "embeddings")
 
+T = TypeVar("T")
 Report = Callable[[str], None]
 # Caches the answers; True once every completion among them is committed.
 Store = Callable[[dict[str, Outcome]], Awaitable[bool]]
 # Which of these keys the cache already holds (answered some other way).
 Cached = Callable[[list[str]], Awaitable[set[str]]]
+
+
+def split(
+    items: list[T], max_lines: int, max_bytes: int, size: Callable[[T], int]
+) -> list[list[T]]:
+    """``items`` in runs one job takes: at most ``max_lines``, and ``max_bytes`` by ``size``."""
+    parts: list[list[T]] = [[]]
+    total = 0
+    for item in items:
+        length = size(item)
+        if parts[-1] and (len(parts[-1]) >= max_lines or total + length > max_bytes):
+            parts.append([])
+            total = 0
+        parts[-1].append(item)
+        total += length
+    return [part for part in parts if part]
 
 
 def state_dir_of(config: MinimaLlmConfig) -> str:
