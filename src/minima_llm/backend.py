@@ -276,7 +276,7 @@ class OpenAIMinimaLlm:
                 whole = await self._follow_whole(call, flight, started)
                 if whole is not None:
                     return whole
-        return await self._coalesced(call, started)
+        return await self._coalesced(call, started, refresh)
 
     async def _follow_whole(
         self, call: _Call, flight: Broadcast, started: float
@@ -360,7 +360,9 @@ class OpenAIMinimaLlm:
             model=row.model,
         )
 
-    async def _coalesced(self, call: _Call, started: float) -> MinimaLlmResult:
+    async def _coalesced(
+        self, call: _Call, started: float, refresh: bool = False
+    ) -> MinimaLlmResult:
         inflight = self._inflight.get()
         flight = inflight.get(call.key)
         if flight is not None:
@@ -371,11 +373,11 @@ class OpenAIMinimaLlm:
             except _OwnerLeft:
                 # Its owner was cancelled, not this request: ask again (join or go live).
                 self.stats.coalesced -= 1
-                return await self._coalesced(call, started)
+                return await self._coalesced(call, started, refresh)
             return _joined(shared, call.request.request_id)
         flight = inflight[call.key] = _Flight()
         try:
-            result = await self._live(call, started)
+            result = await self._live(call, started, refresh)
         except asyncio.CancelledError:
             # The owner's own timeout or cancellation is no failure of the requests that joined.
             flight.fail(_OwnerLeft())
@@ -389,12 +391,12 @@ class OpenAIMinimaLlm:
         flight.succeed(result)
         return result
 
-    async def _live(self, call: _Call, started: float) -> MinimaLlmResult:
+    async def _live(self, call: _Call, started: float, refresh: bool = False) -> MinimaLlmResult:
         request = call.request
         if self._collectors is not None and call.endpoint in BATCHABLE:
             # Batch mode, one call at a time (DSPy, say): calls close together share a job.
             job = await self._collectors.get().submit(
-                call.endpoint, call.model, call.key, (self, call)
+                call.endpoint, call.model, call.key, (self, call), refresh
             )
             return self._job_result(call, job, started)
         url = f"{self.cfg.base_url}/{call.endpoint}"
@@ -673,7 +675,8 @@ class OpenAIMinimaLlm:
             )
         ]
         runs = [
-            _run_collected(CHAT, next(iter(p.values()))[1].model, p, sink.report) for p in parts
+            _run_collected(CHAT, next(iter(p.values()))[1].model, p, refresh, sink.report)
+            for p in parts
         ]
         answered: dict[str, Outcome] = {}
         for part, outcomes in zip(
@@ -780,6 +783,7 @@ async def _run_collected(
     endpoint: str,
     model: str,
     items: Mapping[str, tuple[OpenAIMinimaLlm, _Call]],
+    fresh: bool = False,
     report: Callable[[str], None] | None = None,
 ) -> dict[str, Outcome]:
     """One provider job over ``items`` (key -> backend and call); answers are cached before return.
@@ -817,7 +821,6 @@ async def _run_collected(
             return set()  # unknown: the job just stays open to a later run
         return {key for key, row in rows.items() if row is not None}
 
-    fresh = backend._refresh(False)
     return await jobs.run(endpoint, model, bodies, report, store, fresh, cached)
 
 

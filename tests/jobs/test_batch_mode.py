@@ -388,3 +388,24 @@ async def test_the_job_input_file_holds_the_upstream_bodies(
         "temperature": 0.5,
         "max_tokens": 7,
     }
+
+
+async def test_a_forced_refresh_of_one_call_sends_a_new_job(
+    make: Factory, mock: MockServer
+) -> None:
+    # DSPy's parse retries call generate(force_refresh=True): the answer being retried
+    # must not come back from the earlier job that gave it.
+    mock.update_config(batch_delay_s=60)
+    request, other = questions(0, 1)
+    slow = make(parasail=parasail(max_poll_hours=0.0001))
+    left = await slow.run_batched([request, other], progress=False)
+    assert all(isinstance(r, MinimaLlmFailure) for r in left)  # the job is left running
+    mock.update_config(batch_delay_s=0)
+
+    backend = make()
+    taken_over = await backend.generate(request)  # from that job, which stays open for q1
+    refreshed = await backend.generate(request, force_refresh=True)
+
+    assert isinstance(taken_over, MinimaLlmResponse) and isinstance(refreshed, MinimaLlmResponse)
+    assert route(mock, "/v1/files") == 2  # the first job, then the refresh's own
+    assert mock.stats()["batch_lines"] == 3

@@ -32,16 +32,21 @@ class _Waiting(Generic[T]):
     future: asyncio.Future[Outcome]
 
 
+Group = tuple[str, str, bool]  # endpoint, model, fresh (force refresh)
+
+
 class JobCollector(Generic[T]):
     """Gathers calls into one job per endpoint and model, of at most ``max_lines`` each.
 
-    ``run(endpoint, model, items)`` runs the job over ``items`` (cache key -> whatever
-    the caller needs to build and store the request) and returns each key's outcome.
+    ``run(endpoint, model, items, fresh)`` runs the job over ``items`` (cache key ->
+    whatever the caller needs to build and store the request) and returns each key's
+    outcome; calls that force a refresh make jobs of their own (``fresh``). A key
+    already waiting or in a running job is not sent again: its call shares that outcome.
     """
 
     def __init__(
         self,
-        run: Callable[[str, str, dict[str, T]], Awaitable[dict[str, Outcome]]],
+        run: Callable[[str, str, dict[str, T], bool], Awaitable[dict[str, Outcome]]],
         max_lines: int,
         collect_s: float = COLLECT_S,
         clock: Clock = SYSTEM_CLOCK,
@@ -50,14 +55,24 @@ class JobCollector(Generic[T]):
         self.max_lines = max_lines
         self.collect_s = collect_s
         self._clock = clock
-        self._pending: dict[tuple[str, str], list[_Waiting[T]]] = {}
+        self._pending: dict[Group, list[_Waiting[T]]] = {}
         self._flushers: set[asyncio.Task[None]] = set()
+        # Every key waiting or in a running job, with the future its outcome goes to.
+        self._keys: dict[tuple[Group, str], asyncio.Future[Outcome]] = {}
 
-    async def submit(self, endpoint: str, model: str, key: str, item: T) -> Outcome:
+    async def submit(
+        self, endpoint: str, model: str, key: str, item: T, fresh: bool = False
+    ) -> Outcome:
         """The outcome of this request, once the job it joins has ended."""
+        group_key = (endpoint, model, fresh)
+        known = self._keys.get((group_key, key))
+        if known is not None:
+            # Its first caller left (a cancelled owner, say): the line is still on its way.
+            return await asyncio.shield(known)
         loop = asyncio.get_running_loop()
         waiting = _Waiting(key, item, loop.create_future())
-        group_key = (endpoint, model)
+        self._keys[(group_key, key)] = waiting.future
+        waiting.future.add_done_callback(lambda _: self._keys.pop((group_key, key), None))
         group = self._pending.setdefault(group_key, [])
         group.append(waiting)
         if len(group) >= self.max_lines:
@@ -69,7 +84,7 @@ class JobCollector(Generic[T]):
             task.add_done_callback(self._flushers.discard)
         return await asyncio.shield(waiting.future)
 
-    async def _flush_later(self, group_key: tuple[str, str], group: list[_Waiting[T]]) -> None:
+    async def _flush_later(self, group_key: Group, group: list[_Waiting[T]]) -> None:
         try:
             # Wait while calls keep coming, within a bound, and no longer than a job can hold.
             deadline = self._clock.monotonic() + MAX_COLLECT_S
@@ -85,7 +100,8 @@ class JobCollector(Generic[T]):
                 del self._pending[group_key]
             items = {w.key: w.item for w in group}
             try:
-                outcomes = await self._run(*group_key, items)
+                endpoint, model, fresh = group_key
+                outcomes = await self._run(endpoint, model, items, fresh)
             except Exception as exc:
                 log.error("batch job failed: %s", exc, exc_info=exc)
                 outcomes = {k: LineFailure(type(exc).__name__, str(exc)) for k in items}
