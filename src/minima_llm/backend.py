@@ -821,7 +821,9 @@ async def _run_collected(
             return set()  # unknown: the job just stays open to a later run
         return {key for key, row in rows.items() if row is not None}
 
-    return await jobs.run(endpoint, model, bodies, report, store, fresh, cached)
+    return await jobs.run(
+        endpoint, model, bodies, report=report, store=store, fresh=fresh, cached=cached
+    )
 
 
 def _line_size(item: tuple[str, tuple[OpenAIMinimaLlm, _Call]]) -> int:

@@ -571,7 +571,7 @@ async def test_a_batch_that_fails_validation_says_why_in_each_failure(
         # Each line now names another endpoint than the batch: the mock fails it as OpenAI does.
         if (request.method, request.path) != ("POST", FILES):
             return None
-        wrong = body.replace(b'"url": "/v1/chat/completions"', b'"url": "/v1/completions"')
+        wrong = body.replace(b'"url":"/v1/chat/completions"', b'"url":"/v1/completions"')
         assert wrong != body
         return await proxy.forward(request, wrong)
 

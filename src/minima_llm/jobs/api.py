@@ -203,7 +203,10 @@ class BatchApi:
                 with _OPENER.open(request, timeout=self.timeout_s) as resp:
                     return bytes(resp.read())
             except urllib.error.HTTPError as exc:
-                detail = exc.read()[:SNIPPET].decode("utf-8", "replace")
+                try:
+                    detail = exc.read()[:SNIPPET].decode("utf-8", "replace")
+                except (OSError, http.client.HTTPException) as cut:
+                    detail = f"(body unreadable: {cut!r})"  # the status still says what happened
                 problem = f"HTTP {exc.code}: {detail}"
                 if not is_retryable_status(exc.code) or (not idempotent and exc.code != 429):
                     raise BatchApiError(f"{method} {url}: {problem}", exc.code) from exc

@@ -3,8 +3,10 @@
 Held while a run decides which jobs to take over and submits the rest, and while it
 records what it collected: never while it waits on the provider. An ``O_EXCL``
 create works across threads, processes and (unlike ``flock``) NFS, which SLURM
-nodes often share state directories on. A holder that died leaves its file behind,
-so a lock older than ``STALE_S`` is broken.
+nodes often share state directories on. The file names its holder (host, pid and a
+token); a holder refreshes its time stamp while it works, so a file left by a
+holder that died is recognised (its pid is gone on this host, or its time stamp is
+older than ``STALE_S``) and broken, and a release removes only the holder's own file.
 """
 
 from __future__ import annotations
@@ -14,16 +16,19 @@ import contextlib
 import os
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from ..clock import SYSTEM_CLOCK, Clock
 from .api import BatchApiError
 
-# Long enough for the slowest step held under it (uploading a 200 MB file).
-STALE_S = 900.0
-_RETRY_S = 0.05
 NAME = ".minima-batch.lock"
+# A holder touches its file this often; one untouched for STALE_S has no live holder.
+TOUCH_S = 30.0
+STALE_S = 300.0
+_RETRY_S = 0.05
+_HOST = socket.gethostname()
 
 
 def lock_path(state_dir: str | os.PathLike[str]) -> Path:
@@ -36,61 +41,123 @@ async def locked(
     path: Path, clock: Clock = SYSTEM_CLOCK, wait_s: float = STALE_S
 ) -> AsyncIterator[None]:
     """Hold the lock file ``path`` for the block; waits at most ``wait_s`` for it."""
+    token = uuid.uuid4().hex
     deadline = clock.monotonic() + wait_s
-    # File calls go to a thread: a state directory on NFS can take a while to answer.
-    while not await asyncio.to_thread(_try_take, path):
+    while not await _uncancelled(
+        asyncio.ensure_future(asyncio.to_thread(_try_take, path, token)), path, token
+    ):
         if clock.monotonic() >= deadline:
             raise BatchApiError(f"batch state is locked by {_holder(path)} ({path})")
         await clock.sleep(_RETRY_S)
+    toucher = asyncio.ensure_future(_keep_fresh(path, token))
     try:
         yield
     finally:
-        await asyncio.to_thread(_release, path)
+        toucher.cancel()
+        # File calls go to a thread: a state directory on NFS can take a while to answer.
+        await asyncio.shield(asyncio.to_thread(_release, path, token))
 
 
 @contextlib.contextmanager
 def held(path: Path, wait_s: float = STALE_S) -> Iterator[None]:
     """``locked`` for synchronous callers (the management functions)."""
+    token = uuid.uuid4().hex
     deadline = time.monotonic() + wait_s
-    while not _try_take(path):
+    while not _try_take(path, token):
         if time.monotonic() >= deadline:
             raise BatchApiError(f"batch state is locked by {_holder(path)} ({path})")
         time.sleep(_RETRY_S)
     try:
         yield
     finally:
-        _release(path)
+        _release(path, token)
 
 
-def _try_take(path: Path) -> bool:
-    """Create the lock file (breaking a stale one); False if someone else holds it."""
+async def _uncancelled(taking: asyncio.Future[bool], path: Path, token: str) -> bool:
+    """Await a take; if cancelled meanwhile, undo a take that succeeded, then re-raise."""
+    try:
+        return await asyncio.shield(taking)
+    except asyncio.CancelledError:
+        if await taking:
+            await asyncio.to_thread(_release, path, token)
+        raise
+
+
+async def _keep_fresh(path: Path, token: str) -> None:
+    """Touch the lock while it is held, so a long upload does not look like a dead holder."""
+    while True:
+        await asyncio.sleep(TOUCH_S)
+        await asyncio.to_thread(_touch, path, token)
+
+
+def _touch(path: Path, token: str) -> None:
+    if _owner(path) == token:
+        with contextlib.suppress(OSError):
+            os.utime(path)
+
+
+def _try_take(path: Path, token: str) -> bool:
+    """Create the lock file (breaking an abandoned one); False if someone else holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
-        if _stale(path):
-            _release(path)
-            return _try_take(path)
-        return False
+        if not _abandoned(path):
+            return False
+        # Renamed aside before removal: of several runs breaking it, one rename wins,
+        # and none removes a lock another run has taken meanwhile.
+        aside = path.with_name(f"{path.name}.{uuid.uuid4().hex}.broken")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return False
+        if not _abandoned(aside):  # taken and refreshed between our look and the rename
+            with contextlib.suppress(OSError):
+                os.rename(aside, path)
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            aside.unlink()
+        return _try_take(path, token)
     with os.fdopen(fd, "w") as fh:
-        fh.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+        fh.write(f"{_HOST} {os.getpid()} {token}\n")
     return True
 
 
-def _release(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+def _release(path: Path, token: str) -> None:
+    if _owner(path) == token:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
-def _stale(path: Path) -> bool:
+def _fields(path: Path) -> list[str]:
     try:
-        return time.time() - path.stat().st_mtime > STALE_S
+        return path.read_text().split()
+    except OSError:
+        return []
+
+
+def _owner(path: Path) -> str | None:
+    fields = _fields(path)
+    return fields[2] if len(fields) == 3 else None
+
+
+def _abandoned(path: Path) -> bool:
+    """Whether the lock's holder is gone: a dead pid on this host, or no touch for STALE_S."""
+    try:
+        age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return True
+    fields = _fields(path)
+    if len(fields) == 3 and fields[0] == _HOST and fields[1].isdigit():
+        try:
+            os.kill(int(fields[1]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass  # alive, someone else's
+    return age > STALE_S
 
 
 def _holder(path: Path) -> str:
-    try:
-        return path.read_text().strip() or "another run"
-    except OSError:
-        return "another run"
+    fields = _fields(path)
+    return f"{fields[0]} pid {fields[1]}" if len(fields) >= 2 else "another run"

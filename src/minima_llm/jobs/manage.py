@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any, TextIO
 
 from ..config import MinimaLlmConfig
@@ -62,6 +63,7 @@ def cancel_batch(batch_id: str, config: MinimaLlmConfig) -> dict[str, Any]:
     answer = api.cancel(batch_id)
     for state in local:
         state.update(answer)
+        state.cancel_requested_at = time.time()
         with held(lock_path(state_dir_of(config))):
             save_merged(state)
     log.info("batch %s: %s", batch_id, answer.get("status"))
@@ -92,6 +94,7 @@ def _cancel(config: MinimaLlmConfig, states: list[JobState]) -> list[str]:
         api = _api_for(state, config)
         try:
             state.update(api.cancel(state.batch_id))
+            state.cancel_requested_at = time.time()
             cancelled.append(state.batch_id)
         except BatchApiError as exc:
             # One refusal (it finished meanwhile, say) must not stop the others.

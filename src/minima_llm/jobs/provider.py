@@ -13,6 +13,7 @@ runs from submitting the same requests at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -113,6 +114,7 @@ class ProviderJobs:
         endpoint: str,
         model: str,
         bodies: Mapping[str, Mapping[str, Any]],
+        *,
         report: Report | None = None,
         store: Store | None = None,
         fresh: bool = False,
@@ -130,8 +132,10 @@ class ProviderJobs:
         if again:
             # A job taken over ended before answering these (cancelled, expired, a 5xx
             # line): this run was asked for them, so they go in a job of their own.
+            # Not fresh: another run resending the same lines has a job this one can share,
+            # and take-over skips the jobs that left them unanswered.
             (report or log.info)(f"[batch-job] sending {len(again)} requests again")
-            resent = await self._run_once(endpoint, model, again, report, store, True, cached)
+            resent = await self._run_once(endpoint, model, again, report, store, fresh, cached)
             outcomes.update(resent)
         return {k: o.failure if isinstance(o, _Resend) else o for k, o in outcomes.items()}
 
@@ -148,24 +152,11 @@ class ProviderJobs:
         if not bodies:
             return {}
         say = report or log.info
-        url = "/v1/" + endpoint
+        # Shielded: a run cancelled while it uploads or creates must still record (and
+        # unlock) what the provider did, or the next run would pay for it again.
+        choosing = asyncio.ensure_future(self._choose("/v1/" + endpoint, model, bodies, fresh, say))
         try:
-            async with self._lock():
-                taken = (
-                    []
-                    if fresh
-                    else await asyncio.to_thread(self._take_over, url, model, set(bodies))
-                )
-                for state, keys in taken:
-                    say(
-                        f"[batch-job] {state.batch_id}: {len(keys)} requests from it, {state.status}"
-                    )
-                    if state.batch_id is None:
-                        await self._create(state, say)
-                rest = [k for k in bodies if not any(k in keys for _, keys in taken)]
-                if rest:
-                    state = await self._submit(url, model, {k: bodies[k] for k in rest}, say)
-                    taken.append((state, set(rest)))
+            taken = await asyncio.shield(choosing)
         except (BatchApiError, OSError) as exc:
             return dict.fromkeys(bodies, _failure(exc))
         finished = await asyncio.gather(
@@ -180,9 +171,13 @@ class ProviderJobs:
                 # The job may well be running: its state file stays for the next run.
                 outcomes.update(dict.fromkeys(keys, _failure(result)))
                 continue
-            resumed = state.created_in_run is False
+            # Lines of a job taken over are sent again, unless someone cancelled it while
+            # this run waited: a cancel is a wish to stop spending. (A run started after
+            # the cancel was asked for the answers, and sends them.)
+            cancelled = state.cancel_requested_at or 0.0
+            resend = state.created_in_run is False and cancelled <= (state.taken_at or 0.0)
             for key, outcome in result.items():
-                if resumed and isinstance(outcome, LineFailure) and outcome.worth_resending:
+                if resend and isinstance(outcome, LineFailure) and outcome.worth_resending:
                     outcomes[key] = _Resend(outcome)
                 else:
                     outcomes[key] = outcome
@@ -191,7 +186,32 @@ class ProviderJobs:
             await self._delivered(taken, plain, cached)
         return outcomes
 
-    def _lock(self) -> Any:
+    async def _choose(
+        self,
+        url: str,
+        model: str,
+        bodies: Mapping[str, Mapping[str, Any]],
+        fresh: bool,
+        say: Report,
+    ) -> list[tuple[JobState, set[str]]]:
+        """The jobs that will answer ``bodies``: earlier ones taken over, and a new one for the rest."""
+        async with self._lock():
+            offered = (
+                [] if fresh else await asyncio.to_thread(self._take_over, url, model, set(bodies))
+            )
+            taken: list[tuple[JobState, set[str]]] = []
+            for state, keys in offered:
+                if state.batch_id is None and not await self._created(state, say):
+                    continue  # refused: its keys go in the new job
+                say(f"[batch-job] {state.batch_id}: {len(keys)} requests from it, {state.status}")
+                taken.append((state, keys))
+            rest = [k for k in bodies if not any(k in keys for _, keys in taken)]
+            if rest:
+                state = await self._submit(url, model, {k: bodies[k] for k in rest}, say)
+                taken.append((state, set(rest)))
+        return taken
+
+    def _lock(self) -> contextlib.AbstractAsyncContextManager[None]:
         return locked(lock_path(self.state_dir), self._clock)
 
     def _take_over(self, url: str, model: str, wanted: set[str]) -> list[tuple[JobState, set[str]]]:
@@ -208,6 +228,7 @@ class ProviderJobs:
             keys = state.takes(wanted)
             if keys:
                 state.created_in_run = False
+                state.taken_at = time.time()
                 taken.append((state, keys))
                 wanted -= keys
         return taken
@@ -225,7 +246,11 @@ class ProviderJobs:
         state.keys = list(bodies)
         state.created_in_run = True
         lines = (
-            json.dumps({"custom_id": key, "method": "POST", "url": url, "body": body})
+            # Compact, like the canonical JSON that run_batched sizes its jobs by.
+            json.dumps(
+                {"custom_id": key, "method": "POST", "url": url, "body": body},
+                separators=(",", ":"),
+            )
             for key, body in bodies.items()
         )
         data = ("\n".join(lines) + "\n").encode("utf-8")
@@ -236,6 +261,20 @@ class ProviderJobs:
         await self._create(state, say, new_file=True)
         say(f"[batch-job] {state.batch_id}: submitted {len(bodies)} requests ({path.name})")
         return state
+
+    async def _created(self, state: JobState, say: Report) -> bool:
+        """Create the batch of a file an earlier run uploaded; False if the provider refuses."""
+        try:
+            await self._create(state, say)
+        except BatchApiError as exc:
+            if exc.status is None or exc.status == 429 or is_retryable_status(exc.status):
+                raise  # it may yet work: the state stays for the next run
+            # A 4xx: the provider surely did nothing (its file is gone, say).
+            state.status, state.errors = "failed", [str(exc)]
+            await asyncio.to_thread(state.save)
+            say(f"[batch-job] the upload in {state.path} was refused: {exc}")
+            return False
+        return True
 
     async def _create(self, state: JobState, say: Report, new_file: bool = False) -> None:
         """Create the batch of an uploaded file, unless an earlier try already did."""

@@ -33,7 +33,7 @@ TERMINAL = frozenset({"completed", "failed", "expired", "cancelled", "lost"})
 # Terminal statuses that can still carry answers (a partial output file).
 WITH_OUTPUT = frozenset({"completed", "expired", "cancelled"})
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
-_UNSAVED = frozenset({"path", "created_in_run"})
+_UNSAVED = frozenset({"path", "created_in_run", "taken_at"})
 
 
 @dataclass
@@ -64,9 +64,13 @@ class JobState:
     delivered: list[str] = field(default_factory=list)
     # Why the provider refused the batch as a whole (validation errors).
     errors: list[str] = field(default_factory=list)
+    # When someone cancelled it through the management functions: its lines stay unsent.
+    cancel_requested_at: float | None = None
     path: Path | None = field(default=None, compare=False, repr=False)
     # Not saved: whether this process submitted the job (False: taken over from a file).
     created_in_run: bool | None = field(default=None, compare=False, repr=False)
+    # Not saved: when this process took the job over (a cancel after that stops its resends).
+    taken_at: float | None = field(default=None, compare=False, repr=False)
 
     @property
     def terminal(self) -> bool:
@@ -94,8 +98,12 @@ class JobState:
         self.updated_at = time.time()
 
     def takes(self, wanted: set[str]) -> set[str]:
-        """The keys among ``wanted`` this job can still answer (none once collected)."""
-        if self.collected_at is not None or (self.batch_id is None and not self.input_file_id):
+        """The keys among ``wanted`` this job can answer; reading its output again is free.
+
+        A collected job still answers what it answered: a run that found those keys
+        missing from the cache a moment before another run cached them must not pay.
+        """
+        if self.batch_id is None and not self.input_file_id:
             return set()
         if self.terminal:
             if self.status not in WITH_OUTPUT:
@@ -172,6 +180,9 @@ def load(path: Path) -> JobState:
         state = JobState(**{k: v for k, v in data.items() if k in names})
     except TypeError as exc:
         raise ValueError(f"batch state {path} is incomplete: {exc}") from exc
+    lists = (state.keys, state.delivered, state.errors, state.answered or [])
+    if not all(isinstance(v, list) for v in lists) or not isinstance(state.request_counts, dict):
+        raise ValueError(f"batch state {path} has fields of the wrong type")
     state.path = path
     return state
 
@@ -186,6 +197,7 @@ def save_merged(state: JobState, delivered: set[str] | None = None) -> None:
         else:
             state.delivered = sorted(set(state.delivered).union(disk.delivered))
             state.collected_at = state.collected_at or disk.collected_at
+            state.cancel_requested_at = state.cancel_requested_at or disk.cancel_requested_at
             if state.answered is None:
                 state.answered = disk.answered
     if delivered is not None:
