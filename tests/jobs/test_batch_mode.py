@@ -7,85 +7,23 @@ import io
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
+from jobs_support import BAD, LIVE, Factory, answers, config, parasail, questions, route
 
-from backend_support import FAST, req
+from backend_support import req
 from minima_llm import (
-    BatchConfig,
     ConfigError,
-    MinimaLlmConfig,
     MinimaLlmFailure,
     MinimaLlmRequest,
     MinimaLlmResponse,
     OpenAIMinimaLlm,
-    ParasailBatchConfig,
     cancel_all_local_batches,
 )
 from minima_llm.jobs.state import list_states
 from minima_llm.testing import MockServer
 
-BAD = "[mock:batch-error]"
-Factory = Callable[..., OpenAIMinimaLlm]
-
-
-def parasail(**overrides: Any) -> ParasailBatchConfig:
-    return ParasailBatchConfig(**{"llm_batch_prefix": "p", "poll_interval_s": 0.05, **overrides})
-
-
-def config(base_url: str, cache_dir: Path | None, **overrides: Any) -> MinimaLlmConfig:
-    fields: dict[str, Any] = {
-        "base_url": base_url,
-        "model": "mock-model",
-        "cache_dir": None if cache_dir is None else str(cache_dir),
-        "batch": BatchConfig(num_workers=16, heartbeat_s=0, stall_s=0),
-        **FAST,
-        **overrides,
-    }
-    return MinimaLlmConfig(**fields)
-
-
-@pytest.fixture
-async def make(mock: MockServer, tmp_path: Path) -> AsyncIterator[Factory]:
-    """``make()`` is a batch-mode backend on the mock, ``make(live=True)`` a normal one."""
-    made: list[OpenAIMinimaLlm] = []
-
-    def factory(*, live: bool = False, **overrides: Any) -> OpenAIMinimaLlm:
-        overrides.setdefault("cache_dir", tmp_path / "cache")
-        if not live:
-            overrides.setdefault("parasail", parasail())
-        base_url = overrides.pop("base_url", mock.url)
-        cache_dir = overrides.pop("cache_dir")
-        backend = OpenAIMinimaLlm(config(base_url, cache_dir, **overrides))
-        made.append(backend)
-        return backend
-
-    yield factory
-    for backend in made:
-        await backend.aclose()
-
-
-def questions(*numbers: int) -> list[MinimaLlmRequest]:
-    """One request per number, each with its own request id (numbers may repeat)."""
-    return [
-        MinimaLlmRequest(f"q{n}-{at}", [{"role": "user", "content": f"question {n}"}])
-        for at, n in enumerate(numbers)
-    ]
-
-
-def answers(results: list[Any]) -> list[MinimaLlmResponse]:
-    assert all(isinstance(r, MinimaLlmResponse) for r in results), results
-    return results
-
-
-def route(mock: MockServer, name: str) -> int:
-    return int(mock.stats()["by_route"].get(name, 0))
-
-
-LIVE = "/v1/chat/completions"
 # Twenty requests, eight distinct questions, repeats scattered through.
 MIXED = (0, 1, 2, 0, 3, 4, 1, 5, 6, 7, 2, 0, 3, 7, 7, 4, 5, 1, 6, 0)
 

@@ -14,21 +14,34 @@ import json
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
+from jobs_support import (
+    BAD,
+    CONTENT,
+    FILES,
+    GIVE_UP,
+    POLL,
+    SLOW,
+    Factory,
+    Proxy,
+    config,
+    error_types,
+    parasail,
+    questions,
+    quietly,
+    replies,
+    route,
+    texts,
+)
 
-from backend_support import FAST
 from minima_llm import (
-    BatchConfig,
-    MinimaLlmConfig,
     MinimaLlmFailure,
     MinimaLlmRequest,
-    MinimaLlmResponse,
     MinimaLlmResult,
     OpenAIMinimaLlm,
     ParasailBatchConfig,
@@ -44,148 +57,14 @@ from minima_llm.jobs.state import list_states
 from minima_llm.testing import MockConfig, MockServer, run_mock_server_in_thread
 from minima_llm.upstream import Completion
 
-BAD = "[mock:batch-error]"
-SLOW = 60.0  # batch_delay_s that keeps a batch in_progress for the whole test
-GIVE_UP = 0.0001  # max_poll_hours: a run gives up after 0.36 s and leaves its job
 CHAT = "chat/completions"
-FILES = "/v1/files"
-POLL = r"/v1/batches/batch_\w+"
-CONTENT = r"/v1/files/[\w-]+/content"
-Factory = Callable[..., OpenAIMinimaLlm]
-
-
-def parasail(**overrides: Any) -> ParasailBatchConfig:
-    return ParasailBatchConfig(**{"llm_batch_prefix": "p", "poll_interval_s": 0.05, **overrides})
-
-
-def config(base_url: str, cache_dir: Path, **overrides: Any) -> MinimaLlmConfig:
-    fields: dict[str, Any] = {
-        "base_url": base_url,
-        "model": "mock-model",
-        "cache_dir": str(cache_dir),
-        "batch": BatchConfig(num_workers=16, heartbeat_s=0, stall_s=0),
-        **FAST,
-        **overrides,
-    }
-    return MinimaLlmConfig(**fields)
-
-
-@pytest.fixture
-async def make(mock: MockServer, tmp_path: Path) -> AsyncIterator[Factory]:
-    """``make()`` is a batch-mode backend on the mock, ``make(live=True)`` a normal one.
-
-    All share ``tmp_path/cache`` (cache and state files) unless told otherwise.
-    """
-    made: list[OpenAIMinimaLlm] = []
-
-    def factory(
-        *,
-        live: bool = False,
-        base_url: str | None = None,
-        cache_dir: Path | None = None,
-        cache: PromptCache | None = None,
-        **overrides: Any,
-    ) -> OpenAIMinimaLlm:
-        if not live:
-            overrides.setdefault("parasail", parasail())
-        cfg = config(base_url or mock.url, cache_dir or tmp_path / "cache", **overrides)
-        backend = OpenAIMinimaLlm(cfg, cache=cache)
-        made.append(backend)
-        return backend
-
-    yield factory
-    for backend in made:
-        await backend.aclose()
 
 
 def giving_up() -> ParasailBatchConfig:
     return parasail(max_poll_hours=GIVE_UP)
 
 
-def questions(*numbers: int) -> list[MinimaLlmRequest]:
-    return [
-        MinimaLlmRequest(f"q{n}-{at}", [{"role": "user", "content": f"question {n}"}])
-        for at, n in enumerate(numbers)
-    ]
-
-
-def replies(numbers: Iterable[int]) -> list[str]:
-    return [f"mock reply: question {n}" for n in numbers]
-
-
-def texts(results: Iterable[MinimaLlmResult]) -> list[str]:
-    results = list(results)
-    assert all(isinstance(r, MinimaLlmResponse) for r in results), results
-    return [r.text for r in results]  # type: ignore[union-attr]
-
-
-def error_types(results: Iterable[MinimaLlmResult]) -> set[str | None]:
-    return {getattr(r, "error_type", None) for r in results}
-
-
-def route(mock: MockServer, name: str) -> int:
-    return int(mock.stats()["by_route"].get(name, 0))
-
-
-async def quietly(backend: OpenAIMinimaLlm, requests: list[MinimaLlmRequest]) -> list[Any]:
-    """``run_batched`` without progress output, bounded so a hang fails the test."""
-    return await asyncio.wait_for(backend.run_batched(requests, progress=False), 10)
-
-
 # --- a proxy for faults on the batch routes ----------------------------------------------
-
-Fault = Callable[[web.Request, bytes], Awaitable[web.StreamResponse | None]]
-
-
-class Proxy:
-    """Forwards to the mock; ``fault(request, body)`` may answer a request itself (None: forward)."""
-
-    def __init__(self, target: str) -> None:
-        self.target = target.rstrip("/").removesuffix("/v1")
-        self.fault: Fault | None = None
-        self.seen: list[str] = []  # "METHOD /path" of every request, in order
-        self.url = ""
-        self._runner = web.AppRunner(web.Application(), shutdown_timeout=1.0)
-        self._runner.app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._session: aiohttp.ClientSession | None = None
-
-    def count(self, method: str, path: str) -> int:
-        """Requests seen so far whose method and path (a regex) match."""
-        return sum(1 for seen in self.seen if re.fullmatch(f"{method} {path}", seen))
-
-    async def forward(self, request: web.Request, body: bytes) -> web.Response:
-        assert self._session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() == "content-type"}
-        url = self.target + request.path_qs
-        async with self._session.request(request.method, url, data=body, headers=headers) as resp:
-            data = await resp.read()
-            kind = resp.headers.get("Content-Type", "application/json")
-            return web.Response(body=data, status=resp.status, headers={"Content-Type": kind})
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        self.seen.append(f"{request.method} {request.path}")
-        answer = await self.fault(request, body) if self.fault is not None else None
-        return answer if answer is not None else await self.forward(request, body)
-
-    async def __aenter__(self) -> Proxy:
-        self._session = aiohttp.ClientSession()
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/v1"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._runner.cleanup()
-        if self._session is not None:
-            await self._session.close()
-
-
-@pytest.fixture
-async def proxy(mock: MockServer) -> AsyncIterator[Proxy]:
-    async with Proxy(mock.url) as running:
-        yield running
 
 
 def unavailable() -> web.Response:

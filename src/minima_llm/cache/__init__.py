@@ -1,6 +1,6 @@
 """Prompt cache: keys, the store interface, SQLite and memory stores, lookups and tracing."""
 
-from .keys import cache_key, canonical_json, key_of
+from .keys import cache_key, canonical_json, json_default, key_of
 from .memory import MemoryStore
 from .prompt import CacheHit, PromptCache, TraceWriter
 from .sqlite import DB_NAME, SqliteStore
@@ -17,6 +17,7 @@ __all__ = [
     "TraceWriter",
     "cache_key",
     "canonical_json",
+    "json_default",
     "key_of",
     "newest",
 ]

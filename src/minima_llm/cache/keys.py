@@ -26,8 +26,8 @@ def canonical_json(
     return _CANONICAL.encode(obj)
 
 
-def _tuple_default(value: Any) -> Any:
-    # Mappings that are not dicts (MappingProxyType, frozen dicts) hash like the dict they show.
+def json_default(value: Any) -> Any:
+    """``json.dumps``' ``default``: a Mapping that is not a dict (MappingProxyType) as the dict it shows."""
     if isinstance(value, Mapping):
         return dict(value)
     raise TypeError(f"cannot put {type(value).__name__} in a cache key")
@@ -35,7 +35,7 @@ def _tuple_default(value: Any) -> Any:
 
 # What json.dumps would build from these arguments on every call; encode keeps no state.
 _CANONICAL = json.JSONEncoder(
-    sort_keys=True, ensure_ascii=True, separators=(",", ":"), default=_tuple_default
+    sort_keys=True, ensure_ascii=True, separators=(",", ":"), default=json_default
 )
 
 

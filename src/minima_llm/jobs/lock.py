@@ -28,6 +28,7 @@ NAME = ".minima-batch.lock"
 TOUCH_S = 30.0
 STALE_S = 300.0
 _RETRY_S = 0.05
+BREAK_STALE_S = 10.0
 _HOST = socket.gethostname()
 
 
@@ -102,25 +103,52 @@ def _try_take(path: Path, token: str) -> bool:
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
-        if not _abandoned(path):
+        if not _abandoned(path) or not _break(path):
             return False
-        # Renamed aside before removal: of several runs breaking it, one rename wins,
-        # and none removes a lock another run has taken meanwhile.
-        aside = path.with_name(f"{path.name}.{uuid.uuid4().hex}.broken")
-        try:
-            os.rename(path, aside)
-        except FileNotFoundError:
-            return False
-        if not _abandoned(aside):  # taken and refreshed between our look and the rename
-            with contextlib.suppress(OSError):
-                os.rename(aside, path)
-            return False
-        with contextlib.suppress(FileNotFoundError):
-            aside.unlink()
         return _try_take(path, token)
     with os.fdopen(fd, "w") as fh:
         fh.write(f"{_HOST} {os.getpid()} {token}\n")
     return True
+
+
+def _break(path: Path) -> bool:
+    """Remove an abandoned lock; True if it is gone. One breaker at a time.
+
+    Breakers take a second lock file first and look again under it: a breaker that
+    judged the lock abandoned just before another broke it and took it fresh sees
+    the fresh one and leaves it alone.
+    """
+    breaking = path.with_name(path.name + ".breaking")
+    try:
+        fd = os.open(breaking, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        with contextlib.suppress(FileNotFoundError):
+            # A breaker holds it for microseconds; one this old died holding it.
+            if time.time() - breaking.stat().st_mtime > BREAK_STALE_S:
+                breaking.unlink()
+        return False
+    os.close(fd)
+    try:
+        if not path.exists():
+            return True  # freed meanwhile: nothing to remove (and no one's lock to remove)
+        if not _abandoned(path):
+            return False  # another breaker broke it and took it fresh
+        # Moved aside and looked at again, so what is removed is surely the dead lock.
+        aside = path.with_name(f"{path.name}.{uuid.uuid4().hex}.broken")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return True
+        if not _abandoned(aside):  # its holder woke and touched it: give it back
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, path)
+            aside.unlink()
+            return False
+        aside.unlink()
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            breaking.unlink()
 
 
 def _release(path: Path, token: str) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..cache import json_default
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import MinimaLlmConfig
 from ..errors import ConfigError
@@ -250,6 +251,7 @@ class ProviderJobs:
             json.dumps(
                 {"custom_id": key, "method": "POST", "url": url, "body": body},
                 separators=(",", ":"),
+                default=json_default,  # messages may be any Mapping, as in a cache key
             )
             for key, body in bodies.items()
         )

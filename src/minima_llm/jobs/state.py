@@ -180,9 +180,11 @@ def load(path: Path) -> JobState:
         state = JobState(**{k: v for k, v in data.items() if k in names})
     except TypeError as exc:
         raise ValueError(f"batch state {path} is incomplete: {exc}") from exc
-    lists = (state.keys, state.delivered, state.errors, state.answered or [])
-    if not all(isinstance(v, list) for v in lists) or not isinstance(state.request_counts, dict):
-        raise ValueError(f"batch state {path} has fields of the wrong type")
+    # Every saved field has a check: a field added without one fails here, in the tests.
+    saved = [f.name for f in dataclasses.fields(JobState) if f.name not in _UNSAVED]
+    wrong = [name for name in saved if not _FIELD_CHECKS[name](getattr(state, name))]
+    if wrong:
+        raise ValueError(f"batch state {path} has fields of the wrong type: {', '.join(wrong)}")
     state.path = path
     return state
 
@@ -203,6 +205,51 @@ def save_merged(state: JobState, delivered: set[str] | None = None) -> None:
     if delivered is not None:
         state.deliver(delivered)
     state.save()
+
+
+def _str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _opt_str(v: Any) -> bool:
+    return v is None or isinstance(v, str)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _opt_number(v: Any) -> bool:
+    return v is None or _number(v)
+
+
+def _strs(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# A file another version (or a hand) wrote wrongly must be skipped, not break every run.
+_FIELD_CHECKS: dict[str, Any] = {
+    "prefix": _str,
+    "digest": _str,
+    "endpoint": _str,
+    "base_url": _str,
+    "model": _str,
+    "request_count": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "batch_id": _opt_str,
+    "input_file_id": _opt_str,
+    "status": _str,
+    "request_counts": lambda v: isinstance(v, dict),
+    "output_file_id": _opt_str,
+    "error_file_id": _opt_str,
+    "created_at": _number,
+    "updated_at": _number,
+    "collected_at": _opt_number,
+    "keys": _strs,
+    "answered": lambda v: v is None or _strs(v),
+    "delivered": _strs,
+    "errors": _strs,
+    "cancel_requested_at": _opt_number,
+}
 
 
 def list_states(state_dir: str | os.PathLike[str]) -> list[JobState]:
