@@ -128,7 +128,10 @@ class ProviderJobs:
         new job (force refresh). ``cached`` tells which of a job's other answers are in
         the cache already, so a job whose answers all are counts as collected too.
         """
-        outcomes = await self._run_once(endpoint, model, bodies, report, store, fresh, cached)
+        # One bound for the whole call, resend round included.
+        deadline = self._clock.monotonic() + self.max_wait_s
+        args = (report, store, fresh, cached, deadline)
+        outcomes = await self._run_once(endpoint, model, bodies, *args)
         again = {k: bodies[k] for k, o in outcomes.items() if isinstance(o, _Resend)}
         if again:
             # A job taken over ended before answering these (cancelled, expired, a 5xx
@@ -136,7 +139,7 @@ class ProviderJobs:
             # Not fresh: another run resending the same lines has a job this one can share,
             # and take-over skips the jobs that left them unanswered.
             (report or log.info)(f"[batch-job] sending {len(again)} requests again")
-            resent = await self._run_once(endpoint, model, again, report, store, fresh, cached)
+            resent = await self._run_once(endpoint, model, again, *args)
             outcomes.update(resent)
         return {k: o.failure if isinstance(o, _Resend) else o for k, o in outcomes.items()}
 
@@ -149,6 +152,7 @@ class ProviderJobs:
         store: Store | None,
         fresh: bool,
         cached: Cached | None,
+        deadline: float,
     ) -> dict[str, Outcome | _Resend]:
         if not bodies:
             return {}
@@ -161,7 +165,7 @@ class ProviderJobs:
         except (BatchApiError, OSError) as exc:
             return dict.fromkeys(bodies, _failure(exc))
         finished = await asyncio.gather(
-            *(self._finish(state, keys, endpoint, say) for state, keys in taken),
+            *(self._finish(state, keys, endpoint, say, deadline) for state, keys in taken),
             return_exceptions=True,
         )
         outcomes: dict[str, Outcome | _Resend] = {}
@@ -293,10 +297,10 @@ class ProviderJobs:
         await asyncio.to_thread(state.save)
 
     async def _finish(
-        self, state: JobState, keys: set[str], endpoint: str, say: Report
+        self, state: JobState, keys: set[str], endpoint: str, say: Report, deadline: float
     ) -> dict[str, Outcome]:
         """Wait for the job to end, then read the outcomes of ``keys`` from its files."""
-        await self._wait(state, say)
+        await self._wait(state, say, deadline)
         outcomes: dict[str, Outcome] = {}
         try:
             for file_id in (state.output_file_id, state.error_file_id):
@@ -317,9 +321,9 @@ class ProviderJobs:
         )
         return {key: outcomes.get(key, missing) for key in keys}
 
-    async def _wait(self, state: JobState, say: Report) -> None:
-        """Poll until the provider is done with the batch, or ``max_poll_hours`` have passed."""
-        started = self._clock.monotonic()
+    async def _wait(self, state: JobState, say: Report, deadline: float) -> None:
+        """Poll until the provider is done with the batch, or the run's ``deadline``."""
+        started = deadline - self.max_wait_s
         last = ""
         batch_id = state.batch_id
         while not state.terminal and batch_id is not None:
@@ -341,13 +345,13 @@ class ProviderJobs:
                 last = line
             if state.terminal:
                 break
-            waited = self._clock.monotonic() - started
-            if waited >= self.max_wait_s:
+            now = self._clock.monotonic()
+            if now >= deadline:
                 raise BatchApiError(
-                    f"batch {batch_id} still {state.status} after {waited / 3600:.2f} h "
+                    f"batch {batch_id} still {state.status} after {(now - started) / 3600:.2f} h "
                     f"(max_poll_hours); run again to resume it"
                 )
-            await self._clock.sleep(min(self.poll_interval_s, self.max_wait_s - waited))
+            await self._clock.sleep(min(self.poll_interval_s, deadline - now))
 
     async def _save(self, state: JobState) -> None:
         """Save without undoing what another run recorded meanwhile (its deliveries)."""
