@@ -359,7 +359,7 @@ async def test_a_task_cancelled_while_waiting_for_the_lock_leaves_the_holder_s_f
         async with locked(path):
             pytest.fail("took a lock someone holds")
 
-    with pytest.raises(TimeoutError):
+    with pytest.raises(asyncio.TimeoutError):  # TimeoutError itself from 3.11 on
         await asyncio.wait_for(wait_for_it(), 0.2)
     assert path.read_text() == foreign
     path.unlink()
