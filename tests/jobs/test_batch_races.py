@@ -57,12 +57,14 @@ from minima_llm import (
 from minima_llm.cache.memory import MemoryStore
 from minima_llm.cache.prompt import PromptCache
 from minima_llm.cache.store import CacheRow
-from minima_llm.jobs import BatchApi, BatchApiError, JobState
+from minima_llm.clock import FakeClock
+from minima_llm.jobs import BatchApi, BatchApiError, JobState, LineFailure, ProviderJobs
 from minima_llm.jobs import lock as lock_module
 from minima_llm.jobs.lines import MISSING
 from minima_llm.jobs.lock import held, lock_path, locked
 from minima_llm.jobs.state import list_states
 from minima_llm.testing import MockConfig, MockServer, run_mock_server_in_thread
+from minima_llm.upstream import Completion
 
 HOST = socket.gethostname()
 
@@ -690,3 +692,55 @@ async def test_a_message_that_is_a_mapping_but_not_a_dict_can_be_sent_in_a_job(
 
     assert not isinstance(results[0], MinimaLlmFailure), results[0]
     assert texts(results) == replies((0,))
+
+
+# --- 10. one max_poll_hours for a whole call ---------------------------------------------------
+
+
+async def test_the_resend_round_shares_the_call_s_max_poll_hours(
+    mock: MockServer, proxy: Proxy, tmp_path: Path
+) -> None:
+    limit_s = 50.0
+    clock = FakeClock()
+    cfg = config(
+        proxy.url,
+        tmp_path / "cache",
+        parasail=parasail(max_poll_hours=limit_s / 3600, poll_interval_s=1.0),
+    )
+    jobs = ProviderJobs(cfg, clock=clock)
+    bodies = {
+        key: {"model": "mock-model", "messages": [{"role": "user", "content": text}]}
+        for key, text in (("k-ok", "fine"), ("k-bad", f"fails {BAD}"))
+    }
+    mock.update_config(batch_delay_s=SLOW)
+    first = await jobs.run("chat/completions", "mock-model", bodies)  # gives up, leaves its job
+    assert {o.error_type for o in first.values() if isinstance(o, LineFailure)} == {"BatchApiError"}
+    (left,) = list_states(tmp_path / "cache")
+    mock.update_config(batch_delay_s=0)
+    polls: dict[str, int] = {}
+
+    async def slow_progress(request: web.Request, body: bytes) -> web.StreamResponse | None:
+        # The job taken over answers "in_progress" to its first 20 polls (20 s of the
+        # fake clock); the resend job never finishes.
+        if request.method != "GET" or not re.fullmatch(POLL, request.path):
+            return None
+        batch_id = request.path.rsplit("/", 1)[1]
+        polls[batch_id] = polls.get(batch_id, 0) + 1
+        answer = await proxy.forward(request, body)
+        if batch_id == left.batch_id and polls[batch_id] > 20:
+            return answer
+        assert answer.body is not None
+        batch = json.loads(bytes(answer.body))
+        return web.json_response({**batch, "status": "in_progress", "output_file_id": None})
+
+    proxy.fault = slow_progress
+    started = clock.monotonic()
+
+    second = await jobs.run("chat/completions", "mock-model", bodies)
+
+    assert isinstance(second["k-ok"], Completion)  # from the job taken over
+    resent = second["k-bad"]
+    assert isinstance(resent, LineFailure) and "max_poll_hours" in resent.message
+    assert len(polls) == 2  # the job taken over, then the resend job
+    # Without one bound the resend round would wait its own 50 s after the first 20.
+    assert clock.monotonic() - started <= limit_s + 1.0
