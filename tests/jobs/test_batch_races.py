@@ -744,3 +744,28 @@ async def test_the_resend_round_shares_the_call_s_max_poll_hours(
     assert len(polls) == 2  # the job taken over, then the resend job
     # Without one bound the resend round would wait its own 50 s after the first 20.
     assert clock.monotonic() - started <= limit_s + 1.0
+
+
+# --- 11. a state directory shared by several API keys -------------------------------------------
+
+
+async def test_a_job_of_another_api_key_is_not_taken_over(
+    make: Factory, mock: MockServer, tmp_path: Path
+) -> None:
+    # A lab sharing one project directory, each with a key of their own: a real provider
+    # answers 404 for another key's batch, which would mark the job lost for its owner.
+    mock.update_config(batch_delay_s=SLOW)
+    mine = await quietly(
+        make(api_key="sk-alice", parasail=parasail(max_poll_hours=GIVE_UP)), questions(0, 1)
+    )
+    assert error_types(mine) == {"BatchApiError"}  # left running
+    mock.update_config(batch_delay_s=0)
+
+    theirs = await quietly(make(api_key="sk-bob"), questions(0, 1))
+    again = await quietly(make(api_key="sk-alice"), questions(0, 1))
+
+    assert texts(theirs) == texts(again) == replies([0, 1])
+    assert route(mock, FILES) == 2  # Alice's job, taken over by Alice; Bob's own
+    states = list_states(tmp_path / "cache")
+    assert len({s.key_id for s in states}) == 2
+    assert all("sk-" not in s.path.read_text() for s in states if s.path)  # no key on disk

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -64,6 +65,11 @@ def split(
     return [part for part in parts if part]
 
 
+def key_id_of(api_key: str | None) -> str | None:
+    """A name for an API key that reveals nothing of it (state files may be shared)."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:16] if api_key else None
+
+
 def state_dir_of(config: MinimaLlmConfig) -> str:
     """Where batch state files live: ``parasail.state_dir``, else ``cache_dir``."""
     directory = config.parasail.state_dir or config.cache_dir
@@ -99,6 +105,7 @@ class ProviderJobs:
         self.prefix = parasail.llm_batch_prefix or "minima-llm"
         self.state_dir = Path(state_dir_of(config))
         self.base_url = config.base_url
+        self.key_id = key_id_of(config.api_key)
         self.poll_interval_s = parasail.poll_interval_s
         self.max_wait_s = parasail.max_poll_hours * 3600.0
         # The most requests, and bytes of requests, one job takes; more become several jobs.
@@ -223,12 +230,10 @@ class ProviderJobs:
         """Earlier jobs of this endpoint and model that can answer some of ``wanted``."""
         taken: list[tuple[JobState, set[str]]] = []
         for state in list_states(self.state_dir):
-            if (state.prefix, state.base_url, state.endpoint, state.model) != (
-                self.prefix,
-                self.base_url,
-                url,
-                model,
-            ):
+            # Another API key's job (a lab sharing a directory) is one this key cannot
+            # read: the provider answers 404, which would look like a lost job.
+            mine = (self.prefix, self.base_url, self.key_id, url, model)
+            if (state.prefix, state.base_url, state.key_id, state.endpoint, state.model) != mine:
                 continue
             keys = state.takes(wanted)
             if keys:
@@ -248,6 +253,7 @@ class ProviderJobs:
             # The same requests again (force refresh): the earlier job keeps its own file.
             path = path.with_name(path.name.removesuffix(SUFFIX) + f"-{time.time_ns()}{SUFFIX}")
         state = JobState(self.prefix, digest, url, self.base_url, model, len(bodies), path=path)
+        state.key_id = self.key_id
         state.keys = list(bodies)
         state.created_in_run = True
         lines = (

@@ -66,6 +66,8 @@ class JobState:
     errors: list[str] = field(default_factory=list)
     # When someone cancelled it through the management functions: its lines stay unsent.
     cancel_requested_at: float | None = None
+    # Which API key sent it (a hash): only that key's runs take it over.
+    key_id: str | None = None
     path: Path | None = field(default=None, compare=False, repr=False)
     # Not saved: whether this process submitted the job (False: taken over from a file).
     created_in_run: bool | None = field(default=None, compare=False, repr=False)
@@ -249,6 +251,7 @@ _FIELD_CHECKS: dict[str, Any] = {
     "delivered": _strs,
     "errors": _strs,
     "cancel_requested_at": _opt_number,
+    "key_id": _opt_str,
 }
 
 
