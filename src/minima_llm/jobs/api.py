@@ -88,7 +88,7 @@ class BatchApi:
             ]
         )
         content_type = f"multipart/form-data; boundary={boundary}"
-        return self._json("POST", "/files", body, content_type)
+        return _object("POST /files", self._call("POST", "/files", body, content_type))
 
     def create(
         self, input_file_id: str, endpoint: str, metadata: Mapping[str, str] | None = None
@@ -107,13 +107,15 @@ class BatchApi:
         if metadata:
             payload["metadata"] = dict(metadata)
         body = json.dumps(payload).encode()
-        return self._json("POST", "/batches", body, "application/json", idempotent=False)
+        raw = self._call("POST", "/batches", body, "application/json", idempotent=False)
+        return _object("POST /batches", raw)
 
     def find(self, input_file_id: str, pages: int = 10) -> dict[str, Any] | None:
         """The newest batch made from ``input_file_id``, among the last ``pages`` hundred."""
         after = ""
         for _ in range(pages):
-            listing = self._json("GET", f"/batches?limit=100{after}")
+            path = f"/batches?limit=100{after}"
+            listing = _object(f"GET {path}", self._call("GET", path))
             data = listing.get("data")
             if not isinstance(data, list):
                 return None
@@ -128,11 +130,13 @@ class BatchApi:
 
     def get(self, batch_id: str) -> dict[str, Any]:
         """The batch object as the provider sees it now."""
-        return self._json("GET", f"/batches/{batch_id}")
+        path = f"/batches/{batch_id}"
+        return _object(f"GET {path}", self._call("GET", path))
 
     def cancel(self, batch_id: str) -> dict[str, Any]:
         """Ask the provider to cancel a batch; returns the batch object."""
-        return self._json("POST", f"/batches/{batch_id}/cancel", b"", "application/json")
+        path = f"/batches/{batch_id}/cancel"
+        return _object(f"POST {path}", self._call("POST", path, b"", "application/json"))
 
     def content(self, file_id: str) -> bytes:
         """The bytes of a file (a batch's output or error file)."""
@@ -163,23 +167,6 @@ class BatchApi:
         return await asyncio.to_thread(self.content, file_id)
 
     # --- plumbing --------------------------------------------------------------------
-
-    def _json(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None = None,
-        content_type: str | None = None,
-        idempotent: bool = True,
-    ) -> dict[str, Any]:
-        raw = self._call(method, path, body, content_type, idempotent)
-        try:
-            parsed = json.loads(raw)
-        except ValueError as exc:
-            raise BatchApiError(f"{method} {path}: unreadable answer: {raw[:SNIPPET]!r}") from exc
-        if not isinstance(parsed, dict):
-            raise BatchApiError(f"{method} {path}: expected a JSON object, got {raw[:SNIPPET]!r}")
-        return parsed
 
     def _call(
         self,
@@ -225,3 +212,14 @@ class BatchApi:
                 )
                 self._sleep(min(max(delay, retry_after or 0.0), self.max_backoff_s))
         raise BatchApiError(f"{method} {url}: no answer after {self.attempts} attempts ({problem})")
+
+
+def _object(what: str, raw: bytes) -> dict[str, Any]:
+    """The JSON object the batch API answered ``what`` with."""
+    try:
+        parsed = json.loads(raw)
+    except ValueError as exc:
+        raise BatchApiError(f"{what}: unreadable answer: {raw[:SNIPPET]!r}") from exc
+    if not isinstance(parsed, dict):
+        raise BatchApiError(f"{what}: expected a JSON object, got {raw[:SNIPPET]!r}")
+    return parsed

@@ -148,7 +148,7 @@ class ProviderJobs:
             (report or log.info)(f"[batch-job] sending {len(again)} requests again")
             resent = await self._run_once(endpoint, model, again, *args)
             outcomes.update(resent)
-        return {k: o.failure if isinstance(o, _Resend) else o for k, o in outcomes.items()}
+        return _plain(outcomes)
 
     async def _run_once(
         self,
@@ -193,7 +193,7 @@ class ProviderJobs:
                     outcomes[key] = _Resend(outcome)
                 else:
                     outcomes[key] = outcome
-        plain = {k: o.failure if isinstance(o, _Resend) else o for k, o in outcomes.items()}
+        plain = _plain(outcomes)
         if store is not None and await store(plain):
             await self._delivered(taken, plain, cached)
         return outcomes
@@ -229,10 +229,10 @@ class ProviderJobs:
     def _take_over(self, url: str, model: str, wanted: set[str]) -> list[tuple[JobState, set[str]]]:
         """Earlier jobs of this endpoint and model that can answer some of ``wanted``."""
         taken: list[tuple[JobState, set[str]]] = []
+        # Another API key's job (a lab sharing a directory) is one this key cannot read:
+        # the provider answers 404, which would look like a lost job.
+        mine = (self.prefix, self.base_url, self.key_id, url, model)
         for state in list_states(self.state_dir):
-            # Another API key's job (a lab sharing a directory) is one this key cannot
-            # read: the provider answers 404, which would look like a lost job.
-            mine = (self.prefix, self.base_url, self.key_id, url, model)
             if (state.prefix, state.base_url, state.key_id, state.endpoint, state.model) != mine:
                 continue
             keys = state.takes(wanted)
@@ -279,7 +279,7 @@ class ProviderJobs:
         try:
             await self._create(state, say)
         except BatchApiError as exc:
-            if exc.status is None or exc.status == 429 or is_retryable_status(exc.status):
+            if exc.status is None or is_retryable_status(exc.status):
                 raise  # it may yet work: the state stays for the next run
             # A 4xx: the provider surely did nothing (its file is gone, say).
             state.status, state.errors = "failed", [str(exc)]
@@ -359,10 +359,10 @@ class ProviderJobs:
                 )
             await self._clock.sleep(min(self.poll_interval_s, deadline - now))
 
-    async def _save(self, state: JobState) -> None:
-        """Save without undoing what another run recorded meanwhile (its deliveries)."""
+    async def _save(self, state: JobState, delivered: set[str] | None = None) -> None:
+        """Save (recording ``delivered`` answers) without undoing another run's deliveries."""
         async with self._lock():
-            await asyncio.to_thread(save_merged, state)
+            await asyncio.to_thread(save_merged, state, delivered)
 
     async def _delivered(
         self,
@@ -378,8 +378,7 @@ class ProviderJobs:
                 if rest and cached is not None:
                     # Answers of this job asked for by nobody now: cached by another route?
                     answered |= await cached(sorted(rest))
-                async with self._lock():
-                    await asyncio.to_thread(save_merged, state, answered)
+                await self._save(state, answered)
         except (BatchApiError, OSError) as exc:
             log.warning("batch state not updated (the answers are cached): %s", exc)
 
@@ -393,13 +392,13 @@ class _Resend:
         self.failure = failure
 
 
+def _plain(outcomes: Mapping[str, Outcome | _Resend]) -> dict[str, Outcome]:
+    """The outcomes with each resend mark taken off."""
+    return {k: o.failure if isinstance(o, _Resend) else o for k, o in outcomes.items()}
+
+
 def _progress(state: JobState) -> str:
-    counts = state.request_counts
-    return (
-        f"[batch-job] {state.batch_id}: {state.status}, "
-        f"{counts.get('completed', 0)}/{counts.get('total', state.request_count)} done, "
-        f"{counts.get('failed', 0)} failed"
-    )
+    return f"[batch-job] {state.batch_id}: {state.status}, {state.counts()}"
 
 
 def _failure(exc: BaseException) -> LineFailure:

@@ -143,16 +143,18 @@ class JobState:
                 os.unlink(tmp)
             raise
 
+    def counts(self) -> str:
+        """``done/total done, failed failed``, as the provider last counted."""
+        counts = self.request_counts
+        total = counts.get("total", self.request_count)
+        return f"{counts.get('completed', 0)}/{total} done, {counts.get('failed', 0)} failed"
+
     def summary(self) -> str:
         """One line for a status table."""
-        counts = self.request_counts
-        done = counts.get("completed", 0)
-        failed = counts.get("failed", 0)
-        total = counts.get("total", self.request_count)
         collected = "collected" if self.collected_at else "not collected"
         return (
             f"{self.prefix:<20} {self.batch_id or '-':<32} {self.status:<12} "
-            f"{done}/{total} done, {failed} failed, {collected}"
+            f"{self.counts()}, {collected}"
         )
 
 
