@@ -343,6 +343,11 @@ class OpenAIMinimaLlm:
             log.error("cache read failed, asking the upstream: %s", exc)
             return None
 
+    async def _cached(self, call: _Call, known: Mapping[str, CacheRow | None]) -> CacheHit | None:
+        """The cached answer for ``call`` given prefetched rows, reading more only if needed."""
+        found = self.cache.find_now(call.key, call.model, known)
+        return await self._find(call, known) if found is ... else found
+
     def _from_hit(
         self, request: MinimaLlmRequest, hit: CacheHit, started: float
     ) -> MinimaLlmResponse:
@@ -656,11 +661,8 @@ class OpenAIMinimaLlm:
                 call = self._prepare(request, CHAT, None, True)
                 if call.key in groups.get(call.model, {}):
                     continue
-                if not refresh:
-                    found = self.cache.find_now(call.key, call.model, batch.known)
-                    hit = await self._find(call, batch.known) if found is ... else found
-                    if hit is not None:
-                        continue
+                if not refresh and await self._cached(call, batch.known) is not None:
+                    continue
                 groups.setdefault(call.model, {})[call.key] = (self, call)
         finally:
             _batch.reset(token)
@@ -736,8 +738,7 @@ class OpenAIMinimaLlm:
         answers: list[MinimaLlmResponse | None] = []
         for call in calls:
             started = self._clock.monotonic()
-            found = self.cache.find_now(call.key, call.model, known)
-            hit = await self._find(call, known) if found is ... else found
+            hit = await self._cached(call, known)
             if hit is None:
                 answers.append(None)
                 continue
