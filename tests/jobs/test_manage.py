@@ -70,6 +70,13 @@ async def submit(cfg: MinimaLlmConfig, prefix: str, *questions: str, wait: bool 
     return state.batch_id
 
 
+@pytest.fixture
+async def running_job(mock: MockServer, cfg: MinimaLlmConfig) -> str:
+    """The batch id of a one-line job with prefix ``p`` left in progress (the mock is slow)."""
+    mock.update_config(batch_delay_s=SLOW)
+    return await submit(cfg, "p", "a")
+
+
 def local(cache_dir: Path, batch_id: str) -> JobState:
     (state,) = [s for s in list_states(cache_dir) if s.batch_id == batch_id]
     return state
@@ -155,10 +162,9 @@ async def test_overview_asks_only_about_unfinished_jobs(
 
 
 async def test_overview_without_refresh_asks_nothing(
-    mock: MockServer, cfg: MinimaLlmConfig, cache_dir: Path
+    running_job: str, mock: MockServer, cfg: MinimaLlmConfig, cache_dir: Path
 ) -> None:
-    mock.update_config(batch_delay_s=SLOW)
-    batch_id = await submit(cfg, "p", "a")
+    batch_id = running_job
     mock.update_config(batch_delay_s=0)
     before = mock.stats()["requests"]
     out = io.StringIO()
@@ -171,10 +177,9 @@ async def test_overview_without_refresh_asks_nothing(
 
 
 async def test_overview_notes_a_status_it_could_not_refresh(
-    mock: MockServer, cfg: MinimaLlmConfig, cache_dir: Path
+    running_job: str, mock: MockServer, cfg: MinimaLlmConfig, cache_dir: Path
 ) -> None:
-    mock.update_config(batch_delay_s=SLOW)
-    batch_id = await submit(cfg, "p", "a")
+    batch_id = running_job
     mock.reset()  # the provider no longer knows the batch: 404
     out = io.StringIO()
 
@@ -322,14 +327,14 @@ async def cli(*argv: str) -> int:
 
 
 async def test_cli_lists_jobs_from_a_yaml_config(
+    running_job: str,
     mock: MockServer,
     cfg: MinimaLlmConfig,
     cache_dir: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    mock.update_config(batch_delay_s=SLOW)
-    batch_id = await submit(cfg, "p", "a")
+    batch_id = running_job
     config_file = yaml_config(tmp_path / "minima.yaml", mock, cache_dir)
 
     for flag in ("--config", "-c"):
@@ -340,13 +345,13 @@ async def test_cli_lists_jobs_from_a_yaml_config(
 
 
 async def test_cli_lists_jobs_with_only_cache_dir_in_the_environment(
+    running_job: str,
     mock: MockServer,
     cfg: MinimaLlmConfig,
     env_cache_dir: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    mock.update_config(batch_delay_s=SLOW)
-    batch_id = await submit(cfg, "p", "a")
+    batch_id = running_job
     mock.update_config(batch_delay_s=0)
 
     assert await cli() == 0
@@ -357,13 +362,13 @@ async def test_cli_lists_jobs_with_only_cache_dir_in_the_environment(
 
 
 async def test_cli_no_refresh_shows_the_state_files_as_they_are(
+    running_job: str,
     mock: MockServer,
     cfg: MinimaLlmConfig,
     env_cache_dir: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    mock.update_config(batch_delay_s=SLOW)
-    batch_id = await submit(cfg, "p", "a")
+    batch_id = running_job
     mock.update_config(batch_delay_s=0)
     before = mock.stats()["requests"]
 
@@ -382,13 +387,13 @@ async def test_cli_with_no_state_files(
 
 
 async def test_cli_cancel_remote(
+    running_job: str,
     mock: MockServer,
     cfg: MinimaLlmConfig,
     env_cache_dir: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    mock.update_config(batch_delay_s=SLOW)
-    batch_id = await submit(cfg, "p", "a")
+    batch_id = running_job
 
     assert await cli("--cancel-remote", batch_id) == 0
 
