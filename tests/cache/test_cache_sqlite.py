@@ -297,12 +297,42 @@ async def test_close_waits_for_queued_writes(tmp_path: Path) -> None:
 
 
 def test_repr_shows_path_mode_and_counts(store: SqliteStore) -> None:
-    assert repr(store) == f"<SqliteStore {store.path} rw rows_written=0 commits=0>"
+    assert repr(store) == f"<SqliteStore {store.path} rw rows_written=0 commits=0 checkpoints=0>"
     store.put_many_sync([row(1), row(2), row(3)])
     assert "rows_written=3 commits=1" in repr(store)
     ro = SqliteStore(store.path, readonly=True)
     try:
-        assert repr(ro) == f"<SqliteStore {store.path} ro rows_written=0 commits=0>"
+        assert repr(ro) == f"<SqliteStore {store.path} ro rows_written=0 commits=0 checkpoints=0>"
+    finally:
+        ro.close()
+
+
+async def test_the_checkpointer_copies_the_wal_into_the_file_and_bounds_it(
+    tmp_path: Path,
+) -> None:
+    # The writer's own autocheckpoint is a backstop for 4,000 frames; these 600 single-row
+    # commits (about 3 frames each) stay under it, so only the checkpointer can move them.
+    store = SqliteStore(tmp_path / DB_NAME, checkpoint_frames=100)
+    try:
+        for i in range(600):
+            await store.put_many([row(i, text="x" * 1000)])
+        assert store.checkpoints >= 1, store
+        wal = store.path.with_name(DB_NAME + "-wal")
+        # Checkpointed pages are in the database file itself, and the WAL is reused
+        # from its start instead of growing with every commit.
+        assert store.path.stat().st_size > 600 * 1000
+        assert wal.stat().st_size < 2_000_000  # 7 MB if it never restarted
+        assert count(store.path) == 600
+    finally:
+        store.close()
+
+
+async def test_a_readonly_store_never_checkpoints(store: SqliteStore) -> None:
+    await store.put_many([row(1)])
+    ro = SqliteStore(store.path, readonly=True, checkpoint_frames=1)
+    try:
+        assert await ro.get_many([row(1).key]) == {row(1).key: row(1)}
+        assert ro.checkpoints == 0
     finally:
         ro.close()
 

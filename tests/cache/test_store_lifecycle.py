@@ -71,6 +71,11 @@ def settle(check: Callable[[], bool], timeout: float = 10.0) -> bool:
     return True
 
 
+def checkpointed(store: SqliteStore, times: int) -> bool:
+    """Wait for the checkpointer thread to have run ``times`` checkpoints."""
+    return settle(lambda: store.checkpoints >= times)
+
+
 def test_threads_start_at_first_use_not_at_construction(
     tmp_path: Path, workers: Callable[[], list[str]]
 ) -> None:
@@ -190,6 +195,26 @@ def test_a_dropped_store_stops_its_threads_and_closes_its_files(
     assert settle(lambda: workers() == []), workers()
     assert settle(lambda: open_files(tmp_path) == []), open_files(tmp_path)
     assert count(tmp_path / DB_NAME) == 20
+
+
+def test_the_checkpointer_thread_ends_with_the_store(
+    tmp_path: Path, workers: Callable[[], list[str]]
+) -> None:
+    store = SqliteStore(tmp_path / DB_NAME, checkpoint_frames=1)
+    store.put_many_sync([row(1)])
+    assert checkpointed(store, 1), store
+    assert f"minima-cache-checkpoint:{DB_NAME}" in workers()
+    store.close()
+    assert workers() == []
+    assert open_files(tmp_path) == []
+    # The next write reopens the writer and, once due, the checkpointer.
+    store.put_many_sync([row(2)])
+    assert checkpointed(store, 2), store
+    del store
+    gc.collect()
+    assert settle(lambda: workers() == []), workers()
+    assert settle(lambda: open_files(tmp_path) == []), open_files(tmp_path)
+    assert count(tmp_path / DB_NAME) == 2
 
 
 async def test_dropping_a_store_commits_its_queued_write_without_waiting_for_it(
