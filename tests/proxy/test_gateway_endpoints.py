@@ -225,6 +225,11 @@ async def test_metrics_prometheus(mock: MockServer, tmp_path: Path) -> None:
         assert value("minima_gateway_tokens_total", kind="completion", source="coalesced") == 3
         assert value("minima_gateway_in_flight") == 2  # the slow request and this scrape
         assert value("minima_gateway_upstream_latency_seconds_count") == 1
+        # The one live call took the mock's 0.2 s: counted from the 0.25 s bucket up.
+        bucket = "minima_gateway_upstream_latency_seconds_bucket"
+        assert value(bucket, le="0.1") == 0
+        assert value(bucket, le="0.25") == value(bucket, le="+Inf") == 1
+        assert 0.2 <= value("minima_gateway_upstream_latency_seconds_sum") < 0.25
         after = _samples((await gw.get("/metrics/prometheus")).text)
         assert after[("minima_gateway_in_flight", ())] == 1
         assert after[(route, (("route", "/metrics/prometheus"), ("status", "200")))] == 1

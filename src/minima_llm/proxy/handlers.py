@@ -205,7 +205,7 @@ async def _stream(
 ) -> web.StreamResponse:
     opened = await _open_while_connected(request, gw, parsed, options)
     if opened is None:
-        gw.metrics.client_disconnects.inc()
+        gw.metrics.client_disconnects += 1
         return error_response(499, "client closed the request before the stream opened")
     if isinstance(opened, MinimaLlmFailure):
         return _answer(gw, parsed, opened, started, request.path)
@@ -223,7 +223,7 @@ async def _stream(
         usage = await _pump(resp, opened, parsed.include_usage)
         await resp.write(_DONE)
     except StreamInterrupted as exc:
-        gw.metrics.streams_interrupted.inc()
+        gw.metrics.streams_interrupted += 1
         gw.log.answered(
             "failed",
             request.path,
@@ -246,7 +246,7 @@ async def _stream(
         return resp
     except _GONE:
         # The client left: stop reading so the upstream stream is cancelled unless others follow it.
-        gw.metrics.client_disconnects.inc()
+        gw.metrics.client_disconnects += 1
         if label in ("miss", "refresh"):
             _count_if_finished(gw, label, opened, started)
         return resp
