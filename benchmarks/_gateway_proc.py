@@ -1,4 +1,4 @@
-"""``minimallm-proxy`` in its own process, in front of a mock, for the gateway benchmarks."""
+"""``minimallm-proxy`` and the bare relay, each in its own process in front of a mock."""
 
 from __future__ import annotations
 
@@ -56,3 +56,18 @@ class GatewayProcess(ServerProcess):
         """Stop the process and remove its cache."""
         super().stop()
         self._dir.cleanup()
+
+
+class RelayProcess(ServerProcess):
+    """``benchmarks._relay`` in front of ``upstream``: the floor the gateway is measured against."""
+
+    listening = re.compile(r"relay listening on (\S+)")
+    name = "relay"
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__()
+        self.upstream = upstream
+
+    def command(self) -> list[str]:
+        """The relay on a free port."""
+        return [sys.executable, "-m", "benchmarks._relay", self.upstream]

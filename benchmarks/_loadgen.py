@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,24 +117,24 @@ async def drive(base_url: str, bodies: list[dict[str, Any]], concurrency: int) -
 
 
 async def drive_alternating(
-    base_urls: tuple[str, str], bodies: tuple[list[dict[str, Any]], list[dict[str, Any]]]
-) -> tuple[Load, Load]:
-    """One request at a time, taking turns between two servers: both see the same machine.
+    base_urls: Sequence[str], bodies: Sequence[list[dict[str, Any]]]
+) -> list[Load]:
+    """One request at a time, taking turns between servers: all see the same machine.
 
-    Run one after the other, a change in the machine's load between the two runs
-    would show up as a difference between the servers.
+    Run one after the other, a change in the machine's load between the runs would
+    show up as a difference between the servers.
     """
     urls = [url + "/chat/completions" for url in base_urls]
-    seen = (_Recorder(), _Recorder())
-    spent = [0.0, 0.0]
-    async with _session(1) as first, _session(1) as second:
-        sessions = (first, second)
-        for pair in zip(*bodies, strict=True):
-            for side in (0, 1):
+    seen = [_Recorder() for _ in urls]
+    spent = [0.0 for _ in urls]
+    async with contextlib.AsyncExitStack() as stack:
+        sessions = [await stack.enter_async_context(_session(1)) for _ in urls]
+        for turn in zip(*bodies, strict=True):
+            for side, body in enumerate(turn):
                 started = time.perf_counter()
-                seen[side].add(await _one(sessions[side], urls[side], pair[side]))
+                seen[side].add(await _one(sessions[side], urls[side], body))
                 spent[side] += time.perf_counter() - started
-    return seen[0].load(spent[0]), seen[1].load(spent[1])
+    return [recorder.load(elapsed) for recorder, elapsed in zip(seen, spent, strict=True)]
 
 
 def run(base_url: str, bodies: list[dict[str, Any]], concurrency: int, timeout_s: float) -> Load:
@@ -141,9 +143,7 @@ def run(base_url: str, bodies: list[dict[str, Any]], concurrency: int, timeout_s
 
 
 def run_alternating(
-    base_urls: tuple[str, str],
-    bodies: tuple[list[dict[str, Any]], list[dict[str, Any]]],
-    timeout_s: float,
-) -> tuple[Load, Load]:
+    base_urls: Sequence[str], bodies: Sequence[list[dict[str, Any]]], timeout_s: float
+) -> list[Load]:
     """``drive_alternating`` on a fresh loop, bounded."""
     return asyncio.run(asyncio.wait_for(drive_alternating(base_urls, bodies), timeout_s))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 
 from ._context import Context
-from ._gateway_proc import GatewayProcess
+from ._gateway_proc import GatewayProcess, RelayProcess
 from ._loadgen import Load, payloads, run, run_alternating
 from ._mock import MockProcess, process_cpu_s
 from ._report import Row
@@ -13,14 +15,23 @@ from ._report import Row
 TIMEOUT_S = 180.0
 # The load generator, the gateway and the mock share two cores here, so none is pinned:
 # each benchmark runs unpinned, as do the servers it starts.
+# Each also measures a bare aiohttp relay (benchmarks._relay) the same way, so the notes
+# show what the HTTP stack alone costs on this machine in this run.
 
 
 def _best(loads: list[Load]) -> Load:
     return max(loads, key=lambda load: load.rate)
 
 
-def _cpu_us(before: dict[str, float], after: dict[str, float], count: int) -> str:
-    return ", ".join(f"{name} {(after[name] - before[name]) / count * 1e6:.0f}" for name in before)
+def _cpu_us(pids: dict[str, int], run_once: Callable[[], Load], count: int) -> tuple[Load, str]:
+    """One run, and the CPU per request each of ``pids`` spent on it."""
+    before = {name: process_cpu_s(pid) for name, pid in pids.items()}
+    load = run_once()
+    spent = ", ".join(
+        f"{name} {(process_cpu_s(pid) - before[name]) / count * 1e6:.0f}"
+        for name, pid in pids.items()
+    )
+    return load, spent
 
 
 def gateway_throughput(ctx: Context) -> list[Row]:
@@ -28,37 +39,42 @@ def gateway_throughput(ctx: Context) -> list[Row]:
     count, reps = (1_500, 2) if ctx.quick else (4_000, 3)
     direct: list[Load] = []
     through: list[Load] = []
-    spent: dict[str, list[str]] = {"direct": [], "gateway": []}
-    with ctx.unpinned(), MockProcess() as mock, GatewayProcess(mock.url) as gateway:
-        run(mock.url, payloads(256), 64, TIMEOUT_S)
-        run(gateway.url, payloads(256), 64, TIMEOUT_S)
+    relayed: list[Load] = []
+    spent: dict[str, list[str]] = {"direct": [], "gateway": [], "relay": []}
+    with (
+        ctx.unpinned(),
+        MockProcess() as mock,
+        GatewayProcess(mock.url) as gateway,
+        RelayProcess(mock.url) as relay,
+    ):
+        for url in (mock.url, gateway.url, relay.url):
+            run(url, payloads(256), 64, TIMEOUT_S)
 
-        def cpu() -> dict[str, float]:
-            return {
-                "gateway": process_cpu_s(gateway.pid),
-                "mock": process_cpu_s(mock.pid),
-                "load generator": process_cpu_s(os.getpid()),
-            }
-
+        ends = {"mock": mock.pid, "load generator": os.getpid()}
         for _ in range(reps):
-            for name, url, loads in (
-                ("direct", mock.url, direct),
-                ("gateway", gateway.url, through),
+            for name, url, loads, pids in (
+                ("direct", mock.url, direct, ends),
+                ("gateway", gateway.url, through, {"gateway": gateway.pid, **ends}),
+                ("relay", relay.url, relayed, {"relay": relay.pid, **ends}),
             ):
-                before = cpu()
-                loads.append(run(url, payloads(count), 64, TIMEOUT_S))
-                spent[name].append(_cpu_us(before, cpu(), count))
-    ref, sub = _best(direct), _best(through)
+                load, cpu = _cpu_us(
+                    pids, functools.partial(run, url, payloads(count), 64, TIMEOUT_S), count
+                )
+                loads.append(load)
+                spent[name].append(cpu)
+    ref, sub, floor = _best(direct), _best(through), _best(relayed)
     ctx.log(
-        f"  direct {[round(d.rate) for d in direct]}/s, gateway {[round(t.rate) for t in through]}/s"
+        f"  direct {[round(d.rate) for d in direct]}/s, gateway {[round(t.rate) for t in through]}/s, "
+        f"relay {[round(r.rate) for r in relayed]}/s"
     )
     # CPU per request of each process in the fastest run of each kind: where the time goes.
     cpu_note = (
         f"CPU us/request through the gateway: {spent['gateway'][through.index(sub)]}; "
-        f"direct: {spent['direct'][direct.index(ref)]}"
+        f"direct: {spent['direct'][direct.index(ref)]}; "
+        f"through the relay: {spent['relay'][relayed.index(floor)]}"
     )
     ratio = sub.rate / ref.rate
-    errors = sum(x.errors for x in (*direct, *through))
+    errors = sum(x.errors for x in (*direct, *through, *relayed))
     return [
         Row(
             "gateway_throughput",
@@ -68,6 +84,7 @@ def gateway_throughput(ctx: Context) -> list[Row]:
             "ratio >= 0.45",
             ratio >= 0.45 and not errors,
             f"{count:,} distinct requests, concurrency 64, best of {reps}; {errors} errors; "
+            f"a bare aiohttp relay: {floor.rate:,.0f} req/s, ratio {floor.rate / ref.rate:.3f}; "
             + cpu_note,
         )
     ]
@@ -101,15 +118,20 @@ def gateway_cache_hits(ctx: Context) -> list[Row]:
 def gateway_latency(ctx: Context) -> list[Row]:
     """Latency added by the gateway at concurrency 1 (cache misses), p50 and p99."""
     count = 500 if ctx.quick else 2_000
-    with ctx.unpinned(), MockProcess() as mock, GatewayProcess(mock.url) as gateway:
-        run(mock.url, payloads(100), 1, TIMEOUT_S)
-        run(gateway.url, payloads(100), 1, TIMEOUT_S)
-        direct, through = run_alternating(
-            (mock.url, gateway.url), (payloads(count), payloads(count)), TIMEOUT_S
-        )
+    with (
+        ctx.unpinned(),
+        MockProcess() as mock,
+        GatewayProcess(mock.url) as gateway,
+        RelayProcess(mock.url) as relay,
+    ):
+        urls = (mock.url, gateway.url, relay.url)
+        for url in urls:
+            run(url, payloads(100), 1, TIMEOUT_S)
+        direct, through, relayed = run_alternating(urls, [payloads(count) for _ in urls], TIMEOUT_S)
     rows = []
     for q, limit_ms in ((50, 1.0), (99, 3.0)):
         added = (through.percentile(q) - direct.percentile(q)) * 1000
+        floor = (relayed.percentile(q) - direct.percentile(q)) * 1000
         rows.append(
             Row(
                 f"gateway_added_p{q}",
@@ -118,7 +140,8 @@ def gateway_latency(ctx: Context) -> list[Row]:
                 None,
                 f"< {limit_ms:.0f} ms",
                 added < limit_ms,
-                f"{count:,} requests each way, one at a time, taking turns; through p{q} {through.percentile(q) * 1000:.2f} ms",
+                f"{count:,} requests each way, one at a time, taking turns; through p{q} "
+                f"{through.percentile(q) * 1000:.2f} ms; a bare aiohttp relay adds {floor:.2f} ms",
             )
         )
     return rows
@@ -127,12 +150,19 @@ def gateway_latency(ctx: Context) -> list[Row]:
 def gateway_ttft(ctx: Context) -> list[Row]:
     """Time to the first content chunk of a stream, through the gateway minus direct."""
     count = 200 if ctx.quick else 1_000
-    with ctx.unpinned(), MockProcess() as mock, GatewayProcess(mock.url) as gateway:
-        run(mock.url, payloads(50, stream=True), 1, TIMEOUT_S)
-        run(gateway.url, payloads(50, stream=True), 1, TIMEOUT_S)
-        streams = (payloads(count, stream=True), payloads(count, stream=True))
-        direct, through = run_alternating((mock.url, gateway.url), streams, TIMEOUT_S)
+    with (
+        ctx.unpinned(),
+        MockProcess() as mock,
+        GatewayProcess(mock.url) as gateway,
+        RelayProcess(mock.url) as relay,
+    ):
+        urls = (mock.url, gateway.url, relay.url)
+        for url in urls:
+            run(url, payloads(50, stream=True), 1, TIMEOUT_S)
+        streams = [payloads(count, stream=True) for _ in urls]
+        direct, through, relayed = run_alternating(urls, streams, TIMEOUT_S)
     added = (through.median_ttft_s - direct.median_ttft_s) * 1000
+    floor = (relayed.median_ttft_s - direct.median_ttft_s) * 1000
     return [
         Row(
             "gateway_ttft",
@@ -141,7 +171,8 @@ def gateway_ttft(ctx: Context) -> list[Row]:
             None,
             "<= 1 ms added",
             added <= 1.0 and len(through.first_token_s) == count,
-            f"{count:,} streams each way, one at a time, taking turns (median time to first content chunk)",
+            f"{count:,} streams each way, one at a time, taking turns (median time to first "
+            f"content chunk); a bare aiohttp relay adds {floor:.2f} ms",
         )
     ]
 
