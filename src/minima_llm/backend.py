@@ -9,23 +9,38 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextvars import ContextVar
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from types import EllipsisType
-from typing import Any, NamedTuple
+from typing import Any
 
+from .batch_mode import job_result, run_collected, send_jobs
 from .cache import CacheHit, CacheRow, PromptCache, cache_key
+from .calls import (
+    BATCH,
+    CHAT,
+    BatchScope,
+    Call,
+    Flight,
+    OwnerLeft,
+    joined,
+    kind_of,
+    payload_of,
+    replay_row,
+    response_of,
+    store_answer,
+    usage_of,
+)
 from .clock import SYSTEM_CLOCK, Clock
 from .config import MinimaLlmConfig
 from .context import get_force_refresh, set_last_cached
 from .errors import MinimaLlmError
 from .flight import Broadcast
 from .http import Transport, make_transport
-from .jobs import BATCHABLE, JobCollector, LineFailure, Outcome, ProviderJobs, split
+from .jobs import BATCHABLE, JobCollector, Outcome, ProviderJobs
 from .loopbound import LoopBound
 from .progress import ProgressSink, ProgressTarget
 from .stats import LiveStats, StatsSnapshot
-from .streaming import ChunkAssembler, replay_chunks
+from .streaming import ChunkAssembler
 from .types import MinimaLlmFailure, MinimaLlmRequest, MinimaLlmResponse, MinimaLlmResult, Usage
 from .upstream import (
     Completion,
@@ -36,25 +51,6 @@ from .upstream import (
 )
 
 log = logging.getLogger("minima_llm")
-CHAT = "chat/completions"
-
-
-@dataclass
-class _Batch:
-    """What ``run_batched`` learned up front: each request's key, and the primary rows for them."""
-
-    keys: dict[int, tuple[str, str]]
-    known: dict[str, CacheRow | None]
-    # Batch mode: the provider job's outcome for each key it was sent, by key.
-    answered: dict[str, Outcome] | None = None
-    job_started: float = 0.0
-    # Keys whose answer a request already took: repeats are shared, not spent again.
-    delivered: set[str] = field(default_factory=set)
-
-
-# Set while a batch runs, so each request's canonical JSON is built once and the
-# primary cache is read once for the whole batch, not once per request.
-_batch: ContextVar[_Batch | None] = ContextVar("minima_llm_batch", default=None)
 
 
 class StreamError(MinimaLlmError):
@@ -85,58 +81,6 @@ class ChunkStream:
             await closer()
 
 
-class _Call(NamedTuple):
-    """Everything about one request the backend needs besides its payload.
-
-    A named tuple: one is built for every request, several times faster than a
-    frozen dataclass.
-    """
-
-    request: MinimaLlmRequest
-    endpoint: str
-    model: str
-    key: str
-    canonical: str
-    store: bool
-    key_extra: Mapping[str, Any] | None = None
-    api_key: str | None = None
-    # The body to send instead of one built from ``request`` (the gateway forwards its caller's).
-    payload: Mapping[str, Any] | None = None
-
-
-class _Flight:
-    """A live call others may join; its future exists only once someone does.
-
-    Most calls are never joined, so they skip making and resolving a future.
-    """
-
-    __slots__ = ("future",)
-
-    def __init__(self) -> None:
-        self.future: asyncio.Future[MinimaLlmResult] | None = None
-
-    def joined(self) -> asyncio.Future[MinimaLlmResult]:
-        """The future a joiner waits on."""
-        if self.future is None:
-            self.future = asyncio.get_running_loop().create_future()
-        return self.future
-
-    def succeed(self, result: MinimaLlmResult) -> None:
-        """Hand the answer to every joiner."""
-        if self.future is not None and not self.future.done():
-            self.future.set_result(result)
-
-    def fail(self, exc: BaseException) -> None:
-        """Hand the error to every joiner (retrieved here: only joiners re-raise it)."""
-        if self.future is not None and not self.future.done():
-            self.future.set_exception(exc)
-            self.future.exception()
-
-
-class _OwnerLeft(Exception):
-    """The request that made a shared call was cancelled before the answer came."""
-
-
 class OpenAIMinimaLlm:
     """Async client for an OpenAI-compatible endpoint."""
 
@@ -155,8 +99,8 @@ class OpenAIMinimaLlm:
         self.jobs = jobs = ProviderJobs(config, clock=clock) if config.parasail.enabled else None
         # One per event loop: DSPy's synchronous LM calls asyncio.run in each of its
         # threads, and a future may only be resolved on (and by) its own loop.
-        self._collectors: LoopBound[JobCollector[tuple[OpenAIMinimaLlm, _Call]]] | None = (
-            LoopBound(lambda: JobCollector(_run_collected, jobs.max_lines))
+        self._collectors: LoopBound[JobCollector[tuple[OpenAIMinimaLlm, Call]]] | None = (
+            LoopBound(lambda: JobCollector(run_collected, jobs.max_lines))
             if jobs is not None
             else None
         )
@@ -176,7 +120,7 @@ class OpenAIMinimaLlm:
         self.cache.on_lookup_error = _counting_into(self.stats)
         self.upstream = UpstreamCaller(config, self.transport, clock, self.stats, rng, headers)
         self._clock = clock
-        self._inflight: LoopBound[dict[str, _Flight]] = LoopBound(dict)
+        self._inflight: LoopBound[dict[str, Flight]] = LoopBound(dict)
         self._streams: LoopBound[dict[str, Broadcast]] = LoopBound(dict)
         # Live streams on every loop: a whole request looks for one to join only when
         # there are any, without the running-loop lookup on every call.
@@ -218,12 +162,12 @@ class OpenAIMinimaLlm:
         store: bool,
         api_key: str | None = None,
         payload: Mapping[str, Any] | None = None,
-    ) -> _Call:
-        batch = _batch.get()
+    ) -> Call:
+        batch = BATCH.get()
         computed = batch.keys.get(id(request)) if batch is not None and not key_extra else None
         key, canonical = computed or self.key_for(request, key_extra)
         model = request.model or self.cfg.model
-        return _Call(request, endpoint, model, key, canonical, store, key_extra, api_key, payload)
+        return Call(request, endpoint, model, key, canonical, store, key_extra, api_key, payload)
 
     def _refresh(self, force_refresh: bool) -> bool:
         return force_refresh or self.cfg.force_refresh or get_force_refresh()
@@ -256,13 +200,13 @@ class OpenAIMinimaLlm:
         started = self._clock.monotonic()
         call = self._prepare(request, endpoint, key_extra, store, api_key, payload)
         if self.jobs is not None:
-            batch = _batch.get()
+            batch = BATCH.get()
             if batch is not None and batch.answered and call.key in batch.answered:
                 self._noted(call, None, False)  # traced as the miss it was
                 shared = call.key in batch.delivered
                 batch.delivered.add(call.key)
                 outcome = batch.answered[call.key]
-                return self._job_result(call, outcome, batch.job_started, shared)
+                return job_result(self.stats, self._clock, call, outcome, batch.job_started, shared)
         refresh = self._refresh(force_refresh)
         # Decided without a coroutine when no I/O is needed (memory, batch prefetch, no cache).
         found = self._lookup_now(call, refresh)
@@ -279,10 +223,10 @@ class OpenAIMinimaLlm:
         return await self._coalesced(call, started, refresh)
 
     async def _follow_whole(
-        self, call: _Call, flight: Broadcast, started: float
+        self, call: Call, flight: Broadcast, started: float
     ) -> MinimaLlmResponse | None:
         """An identical stream in flight, read to the end and assembled; None if it breaks."""
-        assembler = ChunkAssembler(_kind(call.endpoint))
+        assembler = ChunkAssembler(kind_of(call.endpoint))
         follower = flight.follow()
         try:
             async for chunk in follower:
@@ -299,28 +243,28 @@ class OpenAIMinimaLlm:
         completion = assembler.completion()
         outcome = Completion(json.dumps(completion), completion, assembler.text(0))
         latency = self._clock.monotonic() - started
-        return _response(call, outcome, Usage.from_body(completion), latency, "inflight")
+        return response_of(call, outcome, Usage.from_body(completion), latency, "inflight")
 
-    def _lookup_now(self, call: _Call, refresh: bool) -> CacheHit | EllipsisType | None:
+    def _lookup_now(self, call: Call, refresh: bool) -> CacheHit | EllipsisType | None:
         """The hit or None (traced, context variable set) when no I/O is needed; else ``...``."""
         if refresh or not self.cache.enabled:
             return self._noted(call, None, refresh)
-        batch = _batch.get()
+        batch = BATCH.get()
         known = batch.known if batch is not None else None
         found = self.cache.find_now(call.key, call.model, known)
         return found if found is ... else self._noted(call, found, refresh)
 
-    async def _lookup_slow(self, call: _Call, refresh: bool) -> CacheHit | None:
+    async def _lookup_slow(self, call: Call, refresh: bool) -> CacheHit | None:
         return self._noted(call, await self._find(call), refresh)
 
-    def _noted(self, call: _Call, hit: CacheHit | None, refresh: bool) -> CacheHit | None:
+    def _noted(self, call: Call, hit: CacheHit | None, refresh: bool) -> CacheHit | None:
         source = hit.source if hit else ("refresh" if refresh else "miss")
         self.cache.note(call.key, call.canonical, source)
         set_last_cached(hit is not None)
         return hit
 
     async def _find(
-        self, call: _Call, known: Mapping[str, CacheRow | None] | None = None
+        self, call: Call, known: Mapping[str, CacheRow | None] | None = None
     ) -> CacheHit | None:
         request = call.request
 
@@ -334,7 +278,7 @@ class OpenAIMinimaLlm:
 
         try:
             if known is None:
-                batch = _batch.get()
+                batch = BATCH.get()
                 known = batch.known if batch is not None else None
             return await self.cache.find(call.key, call.model, rekey, known, call.store)
         except Exception as exc:
@@ -343,7 +287,7 @@ class OpenAIMinimaLlm:
             log.error("cache read failed, asking the upstream: %s", exc)
             return None
 
-    async def _cached(self, call: _Call, known: Mapping[str, CacheRow | None]) -> CacheHit | None:
+    async def _cached(self, call: Call, known: Mapping[str, CacheRow | None]) -> CacheHit | None:
         """The cached answer for ``call`` given prefetched rows, reading more only if needed."""
         found = self.cache.find_now(call.key, call.model, known)
         return await self._find(call, known) if found is ... else found
@@ -352,7 +296,7 @@ class OpenAIMinimaLlm:
         self, request: MinimaLlmRequest, hit: CacheHit, started: float
     ) -> MinimaLlmResponse:
         row = hit.row
-        usage = _usage_of(row.response_raw)
+        usage = usage_of(row.response_raw)
         self.stats.hit(hit.source, usage)
         return MinimaLlmResponse(
             request_id=request.request_id,
@@ -366,7 +310,7 @@ class OpenAIMinimaLlm:
         )
 
     async def _coalesced(
-        self, call: _Call, started: float, refresh: bool = False
+        self, call: Call, started: float, refresh: bool = False
     ) -> MinimaLlmResult:
         inflight = self._inflight.get()
         flight = inflight.get(call.key)
@@ -375,17 +319,17 @@ class OpenAIMinimaLlm:
             self.stats.coalesced += 1
             try:
                 shared = await asyncio.shield(flight.joined())
-            except _OwnerLeft:
+            except OwnerLeft:
                 # Its owner was cancelled, not this request: ask again (join or go live).
                 self.stats.coalesced -= 1
                 return await self._coalesced(call, started, refresh)
-            return _joined(shared, call.request.request_id)
-        flight = inflight[call.key] = _Flight()
+            return joined(shared, call.request.request_id)
+        flight = inflight[call.key] = Flight()
         try:
             result = await self._live(call, started, refresh)
         except asyncio.CancelledError:
             # The owner's own timeout or cancellation is no failure of the requests that joined.
-            flight.fail(_OwnerLeft())
+            flight.fail(OwnerLeft())
             raise
         except BaseException as exc:
             flight.fail(exc)
@@ -396,14 +340,14 @@ class OpenAIMinimaLlm:
         flight.succeed(result)
         return result
 
-    async def _live(self, call: _Call, started: float, refresh: bool = False) -> MinimaLlmResult:
+    async def _live(self, call: Call, started: float, refresh: bool = False) -> MinimaLlmResult:
         request = call.request
         if self._collectors is not None and call.endpoint in BATCHABLE:
             # Batch mode, one call at a time (DSPy, say): calls close together share a job.
             job = await self._collectors.get().submit(
                 call.endpoint, call.model, call.key, (self, call), refresh
             )
-            return self._job_result(call, job, started)
+            return job_result(self.stats, self._clock, call, job, started)
         url = f"{self.cfg.base_url}/{call.endpoint}"
         # Without extra fields the canonical JSON of the key is itself a valid chat
         # body for the same question: send it rather than encode the request twice.
@@ -414,34 +358,18 @@ class OpenAIMinimaLlm:
         elif call.endpoint == CHAT and not request.extra and not call.key_extra:
             body = call.canonical.encode("ascii")
         else:
-            payload = _payload(request, call.model, call.endpoint)
+            payload = payload_of(request, call.model, call.endpoint)
         outcome = await self.upstream.complete(
             request.request_id, url, payload, call.endpoint, call.api_key, body
         )
         if isinstance(outcome, MinimaLlmFailure):
             return outcome
         if call.store:
-            await self._store(call, outcome.text, outcome.body_text)
+            await store_answer(self.cache, self.stats, call, outcome.text, outcome.body_text)
         latency = self._clock.monotonic() - started
         usage = Usage.from_body(outcome.body)
         self.stats.live(usage, latency)
-        return _response(call, outcome, usage, latency)
-
-    async def _store(self, call: _Call, text: str, raw: str) -> bool:
-        """Cache an answer; whether it is now in the cache (False: no cache, or a fault)."""
-        if not call.store:
-            return False
-        try:
-            row = await self.cache.store(call.key, call.canonical, call.model, text, raw)
-            batch = _batch.get()
-            if batch is not None and row is not None and call.key in batch.known:
-                batch.known[call.key] = row  # a repeat later in the batch is a hit
-        except Exception as exc:
-            # The answer arrived and the caller gets it; losing it to a cache fault would be worse.
-            self.stats.cache_errors += 1
-            log.error("cache write failed, answer returned uncached: %s", exc)
-            return False
-        return row is not None
+        return response_of(call, outcome, usage, latency)
 
     async def open_stream(
         self,
@@ -468,11 +396,11 @@ class OpenAIMinimaLlm:
         hit = await self._lookup_slow(call, refresh) if found is ... else found
         if hit is not None:
             self._from_hit(request, hit, started)
-            chunks = _replay(hit.row, _kind(endpoint))
+            chunks = replay_row(hit.row, kind_of(endpoint))
             return ChunkStream(request.request_id, chunks, cached=True, cache_source=hit.source)
         return await self._open_live(call, started)
 
-    async def _open_live(self, call: _Call, started: float) -> ChunkStream | MinimaLlmFailure:
+    async def _open_live(self, call: Call, started: float) -> ChunkStream | MinimaLlmFailure:
         """``open_stream`` past the cache: join an identical live stream, or start one."""
         streams = self._streams.get()
         flight = streams.get(call.key)
@@ -516,12 +444,12 @@ class OpenAIMinimaLlm:
         return ChunkStream(request_id, flight.follow(reserved=True), coalesced=coalesced)
 
     async def _stream_shared(
-        self, call: _Call, shared: _Flight
+        self, call: Call, shared: Flight
     ) -> ChunkStream | MinimaLlmFailure | None:
         """An identical non-streamed call in flight, replayed as a stream once it answers."""
         try:
             result = await asyncio.shield(shared.joined())
-        except _OwnerLeft:
+        except OwnerLeft:
             return None  # its owner was cancelled: this request makes its own call
         self.stats.coalesced += 1
         request_id = call.request.request_id
@@ -530,9 +458,9 @@ class OpenAIMinimaLlm:
         row = CacheRow(
             call.key, result.text, result.raw_text, time.time(), call.model, call.canonical
         )
-        return ChunkStream(request_id, _replay(row, _kind(call.endpoint)), coalesced=True)
+        return ChunkStream(request_id, replay_row(row, kind_of(call.endpoint)), coalesced=True)
 
-    def _producer_done(self, flight: Broadcast, upstream: UpstreamStream, call: _Call) -> None:
+    def _producer_done(self, flight: Broadcast, upstream: UpstreamStream, call: Call) -> None:
         """Clean up after a producer cancelled before its first step, whose own cleanup never ran."""
         if flight.done:
             return
@@ -547,12 +475,12 @@ class OpenAIMinimaLlm:
             del streams[key]
             self._live_streams -= 1
 
-    async def _launch(self, flight: Broadcast, call: _Call, started: float) -> None:
+    async def _launch(self, flight: Broadcast, call: Call, started: float) -> None:
         url = f"{self.cfg.base_url}/{call.endpoint}"
         payload = (
             dict(call.payload)
             if call.payload is not None
-            else _payload(call.request, call.model, call.endpoint)
+            else payload_of(call.request, call.model, call.endpoint)
         )
         payload["stream"] = True
         payload["stream_options"] = {"include_usage": True}
@@ -573,9 +501,9 @@ class OpenAIMinimaLlm:
         producer.add_done_callback(lambda _: self._producer_done(flight, opened, call))
 
     async def _produce(
-        self, flight: Broadcast, upstream: UpstreamStream, call: _Call, started: float
+        self, flight: Broadcast, upstream: UpstreamStream, call: Call, started: float
     ) -> None:
-        assembler = ChunkAssembler(_kind(call.endpoint))
+        assembler = ChunkAssembler(kind_of(call.endpoint))
         streams = self._streams.get()
         try:
             async for chunk in upstream.events():
@@ -583,7 +511,9 @@ class OpenAIMinimaLlm:
                 flight.publish(chunk)
             completion = assembler.completion()
             usage = Usage.from_body(completion)
-            await self._store(call, assembler.text(0), json.dumps(completion))
+            await store_answer(
+                self.cache, self.stats, call, assembler.text(0), json.dumps(completion)
+            )
             self.stats.live(usage, self._clock.monotonic() - started)
             flight.finish()
         except StreamInterrupted as exc:
@@ -632,7 +562,7 @@ class OpenAIMinimaLlm:
         from .runner import run_batched_callable
 
         requests = list(requests)
-        batch = _Batch({id(r): self.key_for(r) for r in requests}, {})
+        batch = BatchScope({id(r): self.key_for(r) for r in requests}, {})
         if not self._refresh(False):
             batch.known = await self._prefetch([k for k, _ in batch.keys.values()])
         if self.jobs is not None:
@@ -640,22 +570,22 @@ class OpenAIMinimaLlm:
             # its answers (and reports its failures) like any other batch's.
             batch.job_started = self._clock.monotonic()
             batch.answered = await self._run_jobs(requests, batch, progress)
-        token = _batch.set(batch)
+        token = BATCH.set(batch)
         try:
             results: list[Any] = await run_batched_callable(
                 requests, self.generate, self.cfg.batch, progress=progress, stats=self.snapshot
             )
         finally:
-            _batch.reset(token)
+            BATCH.reset(token)
         return results
 
     async def _run_jobs(
-        self, requests: list[MinimaLlmRequest], batch: _Batch, progress: ProgressTarget
+        self, requests: list[MinimaLlmRequest], batch: BatchScope, progress: ProgressTarget
     ) -> dict[str, Outcome]:
         """Send the batch's cache misses as provider jobs (one per model); each key's outcome."""
         refresh = self._refresh(False)
-        groups: dict[str, dict[str, tuple[OpenAIMinimaLlm, _Call]]] = {}
-        token = _batch.set(batch)
+        groups: dict[str, dict[str, tuple[OpenAIMinimaLlm, Call]]] = {}
+        token = BATCH.set(batch)
         try:
             for request in requests:
                 call = self._prepare(request, CHAT, None, True)
@@ -665,61 +595,10 @@ class OpenAIMinimaLlm:
                     continue
                 groups.setdefault(call.model, {})[call.key] = (self, call)
         finally:
-            _batch.reset(token)
-        sink = ProgressSink(progress)
+            BATCH.reset(token)
         provider = self.jobs
         assert provider is not None  # run_batched calls this in batch mode only
-        parts = [
-            dict(part)
-            for calls in groups.values()
-            for part in split(
-                list(calls.items()), provider.max_lines, provider.max_bytes, _line_size
-            )
-        ]
-        runs = [
-            _run_collected(CHAT, next(iter(p.values()))[1].model, p, refresh, sink.report)
-            for p in parts
-        ]
-        answered: dict[str, Outcome] = {}
-        for part, outcomes in zip(
-            parts, await asyncio.gather(*runs, return_exceptions=True), strict=True
-        ):
-            if isinstance(outcomes, BaseException):
-                if not isinstance(outcomes, Exception):
-                    raise outcomes
-                # One job's trouble (a bug, a full disk) must not cost the batch its other answers.
-                log.error("batch job failed: %s", outcomes, exc_info=outcomes)
-                failure = LineFailure(type(outcomes).__name__, str(outcomes))
-                outcomes = dict.fromkeys(part, failure)
-            answered.update(outcomes)
-        return answered
-
-    def _job_result(
-        self, call: _Call, outcome: Outcome, started: float, shared: bool = False
-    ) -> MinimaLlmResult:
-        """A provider job's outcome as this call's answer (already cached) or failure.
-
-        ``shared``: an earlier request of the batch took this answer; this one's tokens
-        were not spent again.
-        """
-        latency = self._clock.monotonic() - started
-        if isinstance(outcome, LineFailure):
-            self.stats.failures += 1
-            return MinimaLlmFailure(
-                request_id=call.request.request_id,
-                error_type=outcome.error_type,
-                message=outcome.message,
-                attempts=1,
-                status=outcome.status,
-                body_snippet=outcome.snippet,
-                attempt_timestamps=(started,),
-            )
-        usage = Usage.from_body(outcome.body)
-        if shared:
-            self.stats.coalesced += 1
-            return _response(call, outcome, usage, latency, "inflight")
-        self.stats.live(usage, latency)
-        return _response(call, outcome, usage, latency)
+        return await send_jobs(provider, groups, refresh, ProgressSink(progress).report)
 
     async def lookup_many(
         self, requests: Sequence[MinimaLlmRequest]
@@ -782,58 +661,6 @@ class OpenAIMinimaLlm:
         )
 
 
-async def _run_collected(
-    endpoint: str,
-    model: str,
-    items: Mapping[str, tuple[OpenAIMinimaLlm, _Call]],
-    fresh: bool = False,
-    report: Callable[[str], None] | None = None,
-) -> dict[str, Outcome]:
-    """One provider job over ``items`` (key -> backend and call); answers are cached before return.
-
-    A function, not a method: the collector keeps it, and a bound method would tie
-    the backend into a cycle with its own collector.
-    """
-    if not items:
-        return {}
-    backend = next(iter(items.values()))[0]
-    jobs = backend.jobs
-    assert jobs is not None  # only batch-mode backends make jobs
-    bodies = {
-        key: call.payload or _payload(call.request, call.model, call.endpoint)
-        for key, (_, call) in items.items()
-    }
-
-    async def store(outcomes: dict[str, Outcome]) -> bool:
-        # Written before anyone gets an answer, in one commit: the writes share it. Only a
-        # job whose answers all reached the cache may count as collected; else a rerun
-        # takes its (free) output again rather than paying for a new job.
-        stored = await asyncio.gather(
-            *(
-                backend._store(call, outcome.text, outcome.body_text)
-                for key, (_, call) in items.items()
-                if isinstance(outcome := outcomes.get(key), Completion)
-            )
-        )
-        return all(stored)
-
-    async def cached(keys: list[str]) -> set[str]:
-        try:
-            rows = await backend.cache.prefetch(keys)
-        except Exception:
-            return set()  # unknown: the job just stays open to a later run
-        return {key for key, row in rows.items() if row is not None}
-
-    return await jobs.run(
-        endpoint, model, bodies, report=report, store=store, fresh=fresh, cached=cached
-    )
-
-
-def _line_size(item: tuple[str, tuple[OpenAIMinimaLlm, _Call]]) -> int:
-    # The key's canonical JSON holds the messages the body does, plus room for the line's fields.
-    return len(item[1][1].canonical) + 200
-
-
 def _counting_into(stats: LiveStats) -> Callable[[Exception], None]:
     """A lookup error counter on ``stats`` alone: holding the backend would make a cycle."""
 
@@ -841,97 +668,3 @@ def _counting_into(stats: LiveStats) -> Callable[[Exception], None]:
         stats.cache_errors += 1
 
     return count
-
-
-def _kind(endpoint: str) -> str:
-    return "chat" if endpoint == CHAT else "text"
-
-
-def _payload(request: MinimaLlmRequest, model: str, endpoint: str) -> dict[str, Any]:
-    payload: dict[str, Any] = dict(request.extra or {})
-    payload["model"] = model
-    if endpoint == CHAT:
-        payload["messages"] = list(request.messages)
-    if request.temperature is not None:
-        payload["temperature"] = request.temperature
-    if request.max_tokens is not None:
-        payload["max_tokens"] = request.max_tokens
-    return payload
-
-
-def _response(
-    call: _Call, outcome: Completion, usage: Usage, latency: float, source: str | None = None
-) -> MinimaLlmResponse:
-    return MinimaLlmResponse(
-        request_id=call.request.request_id,
-        text=outcome.text,
-        cached=False,
-        raw_text=outcome.body_text,
-        usage=usage,
-        latency_s=latency,
-        cache_source=source,
-        model=call.model,
-    )
-
-
-async def _replay(row: CacheRow, kind: str) -> AsyncIterator[dict[str, Any]]:
-    completion = _completion_of(row, kind)
-    for chunk in replay_chunks(completion, kind):
-        yield chunk
-
-
-def _completion_of(row: CacheRow, kind: str) -> dict[str, Any]:
-    """The stored completion, or one rebuilt from the text for rows without a raw body."""
-    if row.response_raw:
-        try:
-            body = json.loads(row.response_raw)
-            if isinstance(body, dict) and body.get("choices"):
-                return body
-        except ValueError:
-            pass
-    message: dict[str, Any] = (
-        {"message": {"role": "assistant", "content": row.response_text}}
-        if kind == "chat"
-        else {"text": row.response_text}
-    )
-    return {
-        "id": f"cached-{row.key[:24]}",
-        "created": int(row.created_at),
-        "model": row.model or "",
-        "choices": [{"index": 0, **message, "finish_reason": "stop"}],
-    }
-
-
-_decoder = json.JSONDecoder()
-
-
-def _usage_of(raw: str | None) -> Usage:
-    """The ``usage`` object of a stored body, without parsing the whole body.
-
-    A cached replay reads usage for every hit; bodies put ``usage`` last, so
-    decoding just that object from its key onwards is far cheaper than ``loads``.
-    """
-    if not raw:
-        return Usage()
-    at = raw.rfind('"usage"')
-    if at >= 0:
-        start = raw.find("{", at)
-        if start >= 0 and raw[at + 7 : start].strip() == ":":
-            try:
-                usage, _ = _decoder.raw_decode(raw, start)
-            except ValueError:
-                usage = None
-            if isinstance(usage, dict):
-                return Usage.from_body({"usage": usage})
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        return Usage()
-    return Usage.from_body(body)
-
-
-def _joined(result: MinimaLlmResult, request_id: str) -> MinimaLlmResult:
-    """A shared answer for one of the requests that joined it (marked ``cache_source="inflight"``)."""
-    if isinstance(result, MinimaLlmResponse):
-        return replace(result, request_id=request_id, cache_source="inflight")
-    return replace(result, request_id=request_id)

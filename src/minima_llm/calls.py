@@ -1,0 +1,207 @@
+"""One request on its way through the backend: what is known of it, and the answers built for it.
+
+The backend, its streaming path and its batch mode share these; none holds a backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
+
+from .cache import CacheRow, PromptCache
+from .jobs import Outcome
+from .stats import LiveStats
+from .streaming import replay_chunks
+from .types import MinimaLlmRequest, MinimaLlmResponse, MinimaLlmResult, Usage
+from .upstream import Completion
+
+log = logging.getLogger("minima_llm")
+CHAT = "chat/completions"
+
+
+@dataclass
+class BatchScope:
+    """What ``run_batched`` learned up front: each request's key, and the primary rows for them."""
+
+    keys: dict[int, tuple[str, str]]
+    known: dict[str, CacheRow | None]
+    # Batch mode: the provider job's outcome for each key it was sent, by key.
+    answered: dict[str, Outcome] | None = None
+    job_started: float = 0.0
+    # Keys whose answer a request already took: repeats are shared, not spent again.
+    delivered: set[str] = field(default_factory=set)
+
+
+# Set while a batch runs, so each request's canonical JSON is built once and the
+# primary cache is read once for the whole batch, not once per request.
+BATCH: ContextVar[BatchScope | None] = ContextVar("minima_llm_batch", default=None)
+
+
+class Call(NamedTuple):
+    """Everything about one request the backend needs besides its payload.
+
+    A named tuple: one is built for every request, several times faster than a
+    frozen dataclass.
+    """
+
+    request: MinimaLlmRequest
+    endpoint: str
+    model: str
+    key: str
+    canonical: str
+    store: bool
+    key_extra: Mapping[str, Any] | None = None
+    api_key: str | None = None
+    # The body to send instead of one built from ``request`` (the gateway forwards its caller's).
+    payload: Mapping[str, Any] | None = None
+
+
+class Flight:
+    """A live call others may join; its future exists only once someone does.
+
+    Most calls are never joined, so they skip making and resolving a future.
+    """
+
+    __slots__ = ("future",)
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[MinimaLlmResult] | None = None
+
+    def joined(self) -> asyncio.Future[MinimaLlmResult]:
+        """The future a joiner waits on."""
+        if self.future is None:
+            self.future = asyncio.get_running_loop().create_future()
+        return self.future
+
+    def succeed(self, result: MinimaLlmResult) -> None:
+        """Hand the answer to every joiner."""
+        if self.future is not None and not self.future.done():
+            self.future.set_result(result)
+
+    def fail(self, exc: BaseException) -> None:
+        """Hand the error to every joiner (retrieved here: only joiners re-raise it)."""
+        if self.future is not None and not self.future.done():
+            self.future.set_exception(exc)
+            self.future.exception()
+
+
+class OwnerLeft(Exception):
+    """The request that made a shared call was cancelled before the answer came."""
+
+
+async def store_answer(
+    cache: PromptCache, stats: LiveStats, call: Call, text: str, raw: str
+) -> bool:
+    """Cache an answer; whether it is now in the cache (False: no cache, or a fault)."""
+    if not call.store:
+        return False
+    try:
+        row = await cache.store(call.key, call.canonical, call.model, text, raw)
+        batch = BATCH.get()
+        if batch is not None and row is not None and call.key in batch.known:
+            batch.known[call.key] = row  # a repeat later in the batch is a hit
+    except Exception as exc:
+        # The answer arrived and the caller gets it; losing it to a cache fault would be worse.
+        stats.cache_errors += 1
+        log.error("cache write failed, answer returned uncached: %s", exc)
+        return False
+    return row is not None
+
+
+def kind_of(endpoint: str) -> str:
+    return "chat" if endpoint == CHAT else "text"
+
+
+def payload_of(request: MinimaLlmRequest, model: str, endpoint: str) -> dict[str, Any]:
+    payload: dict[str, Any] = dict(request.extra or {})
+    payload["model"] = model
+    if endpoint == CHAT:
+        payload["messages"] = list(request.messages)
+    if request.temperature is not None:
+        payload["temperature"] = request.temperature
+    if request.max_tokens is not None:
+        payload["max_tokens"] = request.max_tokens
+    return payload
+
+
+def response_of(
+    call: Call, outcome: Completion, usage: Usage, latency: float, source: str | None = None
+) -> MinimaLlmResponse:
+    return MinimaLlmResponse(
+        request_id=call.request.request_id,
+        text=outcome.text,
+        cached=False,
+        raw_text=outcome.body_text,
+        usage=usage,
+        latency_s=latency,
+        cache_source=source,
+        model=call.model,
+    )
+
+
+async def replay_row(row: CacheRow, kind: str) -> AsyncIterator[dict[str, Any]]:
+    completion = completion_of(row, kind)
+    for chunk in replay_chunks(completion, kind):
+        yield chunk
+
+
+def completion_of(row: CacheRow, kind: str) -> dict[str, Any]:
+    """The stored completion, or one rebuilt from the text for rows without a raw body."""
+    if row.response_raw:
+        try:
+            body = json.loads(row.response_raw)
+            if isinstance(body, dict) and body.get("choices"):
+                return body
+        except ValueError:
+            pass
+    message: dict[str, Any] = (
+        {"message": {"role": "assistant", "content": row.response_text}}
+        if kind == "chat"
+        else {"text": row.response_text}
+    )
+    return {
+        "id": f"cached-{row.key[:24]}",
+        "created": int(row.created_at),
+        "model": row.model or "",
+        "choices": [{"index": 0, **message, "finish_reason": "stop"}],
+    }
+
+
+_decoder = json.JSONDecoder()
+
+
+def usage_of(raw: str | None) -> Usage:
+    """The ``usage`` object of a stored body, without parsing the whole body.
+
+    A cached replay reads usage for every hit; bodies put ``usage`` last, so
+    decoding just that object from its key onwards is far cheaper than ``loads``.
+    """
+    if not raw:
+        return Usage()
+    at = raw.rfind('"usage"')
+    if at >= 0:
+        start = raw.find("{", at)
+        if start >= 0 and raw[at + 7 : start].strip() == ":":
+            try:
+                usage, _ = _decoder.raw_decode(raw, start)
+            except ValueError:
+                usage = None
+            if isinstance(usage, dict):
+                return Usage.from_body({"usage": usage})
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return Usage()
+    return Usage.from_body(body)
+
+
+def joined(result: MinimaLlmResult, request_id: str) -> MinimaLlmResult:
+    """A shared answer for one of the requests that joined it (marked ``cache_source="inflight"``)."""
+    if isinstance(result, MinimaLlmResponse):
+        return replace(result, request_id=request_id, cache_source="inflight")
+    return replace(result, request_id=request_id)
