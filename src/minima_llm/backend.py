@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
-import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from types import EllipsisType
 from typing import Any
 
@@ -33,52 +31,22 @@ from .calls import (
 from .clock import SYSTEM_CLOCK, Clock
 from .config import MinimaLlmConfig
 from .context import get_force_refresh, set_last_cached
-from .errors import MinimaLlmError
-from .flight import Broadcast
 from .http import Transport, make_transport
 from .jobs import BATCHABLE, JobCollector, Outcome, ProviderJobs
+from .live_streams import ChunkStream, LiveStreams, StreamError
 from .loopbound import LoopBound
 from .progress import ProgressSink, ProgressTarget
 from .stats import LiveStats, StatsSnapshot
-from .streaming import ChunkAssembler
 from .types import MinimaLlmFailure, MinimaLlmRequest, MinimaLlmResponse, MinimaLlmResult, Usage
 from .upstream import (
-    Completion,
-    StreamInterrupted,
     UpstreamCaller,
-    UpstreamStream,
     request_headers,
 )
 
+# ChunkStream and StreamError live with the stream path; importing them from here still works.
+__all__ = ["ChunkStream", "OpenAIMinimaLlm", "StreamError"]
+
 log = logging.getLogger("minima_llm")
-
-
-class StreamError(MinimaLlmError):
-    """A stream could not be opened; ``failure`` says why."""
-
-    def __init__(self, failure: MinimaLlmFailure) -> None:
-        super().__init__(f"{failure.error_type}: {failure.message}")
-        self.failure = failure
-
-
-@dataclass
-class ChunkStream:
-    """Chunks of one streamed answer: live, joined to an identical live one, or replayed from cache."""
-
-    request_id: str
-    chunks: AsyncIterator[dict[str, Any]]
-    cached: bool = False
-    cache_source: str | None = None
-    coalesced: bool = False
-
-    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
-        return self.chunks
-
-    async def aclose(self) -> None:
-        """Stop reading; a live upstream stream nobody else follows is cancelled."""
-        closer = getattr(self.chunks, "aclose", None)
-        if closer is not None:
-            await closer()
 
 
 class OpenAIMinimaLlm:
@@ -121,12 +89,9 @@ class OpenAIMinimaLlm:
         self.upstream = UpstreamCaller(config, self.transport, clock, self.stats, rng, headers)
         self._clock = clock
         self._inflight: LoopBound[dict[str, Flight]] = LoopBound(dict)
-        self._streams: LoopBound[dict[str, Broadcast]] = LoopBound(dict)
-        # Live streams on every loop: a whole request looks for one to join only when
-        # there are any, without the running-loop lookup on every call.
-        self._live_streams = 0
-        # Upstream streams being closed in the background: held so they finish.
-        self._closing: set[asyncio.Future[None]] = set()
+        self.streams = LiveStreams(
+            self.upstream, self.cache, self.stats, clock, config.base_url, self._inflight
+        )
 
     @property
     def config(self) -> MinimaLlmConfig:
@@ -213,37 +178,14 @@ class OpenAIMinimaLlm:
         hit = await self._lookup_slow(call, refresh) if found is ... else found
         if hit is not None:
             return self._from_hit(request, hit, started)
-        if self._live_streams:
-            flight = self._streams.get().get(call.key)
+        if self.streams.live:
+            flight = self.streams.on_wire(call.key)
             if flight is not None:
                 # The same question is being streamed right now: take its answer whole.
-                whole = await self._follow_whole(call, flight, started)
+                whole = await self.streams.follow_whole(call, flight, started)
                 if whole is not None:
                     return whole
         return await self._coalesced(call, started, refresh)
-
-    async def _follow_whole(
-        self, call: Call, flight: Broadcast, started: float
-    ) -> MinimaLlmResponse | None:
-        """An identical stream in flight, read to the end and assembled; None if it breaks."""
-        assembler = ChunkAssembler(kind_of(call.endpoint))
-        follower = flight.follow()
-        try:
-            async for chunk in follower:
-                assembler.add(chunk)
-        except BaseException as exc:
-            # The stream's failure (it did not open, broke, or its opener was cancelled)
-            # is not this request's: it makes its own call. Its own cancellation is.
-            if isinstance(exc, Exception) or exc is flight.error:
-                return None
-            raise
-        finally:
-            follower.close()
-        self.stats.coalesced += 1
-        completion = assembler.completion()
-        outcome = Completion(json.dumps(completion), completion, assembler.text(0))
-        latency = self._clock.monotonic() - started
-        return response_of(call, outcome, Usage.from_body(completion), latency, "inflight")
 
     def _lookup_now(self, call: Call, refresh: bool) -> CacheHit | EllipsisType | None:
         """The hit or None (traced, context variable set) when no I/O is needed; else ``...``."""
@@ -398,147 +340,7 @@ class OpenAIMinimaLlm:
             self._from_hit(request, hit, started)
             chunks = replay_row(hit.row, kind_of(endpoint))
             return ChunkStream(request.request_id, chunks, cached=True, cache_source=hit.source)
-        return await self._open_live(call, started)
-
-    async def _open_live(self, call: Call, started: float) -> ChunkStream | MinimaLlmFailure:
-        """``open_stream`` past the cache: join an identical live stream, or start one."""
-        streams = self._streams.get()
-        flight = streams.get(call.key)
-        coalesced = flight is not None
-        shared = self._inflight.get().get(call.key) if flight is None else None
-        if shared is not None:
-            # The same question is on the wire as a whole answer: stream that one.
-            replayed = await self._stream_shared(call, shared)
-            if replayed is not None:
-                return replayed
-            # Its owner left while we waited: someone may have started this stream since.
-            flight = streams.get(call.key)
-            coalesced = flight is not None
-        if flight is None:
-            flight = streams[call.key] = Broadcast()
-            self._live_streams += 1
-            flight.reserve()
-            try:
-                await self._launch(flight, call, started)
-            except BaseException:
-                flight.leave()
-                raise
-        else:
-            flight.reserve()
-            self.stats.coalesced += 1
-        try:
-            await flight.started()
-        except BaseException:
-            flight.leave()
-            raise
-        request_id = call.request.request_id
-        if flight.done and not flight.chunks and isinstance(flight.error, StreamError):
-            flight.leave()
-            return replace(flight.error.failure, request_id=request_id)
-        if flight.done and not flight.chunks and isinstance(flight.error, asyncio.CancelledError):
-            # The stream's opener was cancelled before the first byte, not this reader:
-            # raising its cancellation here would end this reader's task as cancelled.
-            flight.leave()
-            self.stats.coalesced -= 1
-            return await self._open_live(call, started)
-        return ChunkStream(request_id, flight.follow(reserved=True), coalesced=coalesced)
-
-    async def _stream_shared(
-        self, call: Call, shared: Flight
-    ) -> ChunkStream | MinimaLlmFailure | None:
-        """An identical non-streamed call in flight, replayed as a stream once it answers."""
-        try:
-            result = await asyncio.shield(shared.joined())
-        except OwnerLeft:
-            return None  # its owner was cancelled: this request makes its own call
-        self.stats.coalesced += 1
-        request_id = call.request.request_id
-        if isinstance(result, MinimaLlmFailure):
-            return replace(result, request_id=request_id)
-        row = CacheRow(
-            call.key, result.text, result.raw_text, time.time(), call.model, call.canonical
-        )
-        return ChunkStream(request_id, replay_row(row, kind_of(call.endpoint)), coalesced=True)
-
-    def _producer_done(self, flight: Broadcast, upstream: UpstreamStream, call: Call) -> None:
-        """Clean up after a producer cancelled before its first step, whose own cleanup never ran."""
-        if flight.done:
-            return
-        flight.finish(StreamInterrupted("stream cancelled: every reader left"))
-        self._forget_stream(self._streams.get(), call.key, flight)
-        closing = asyncio.ensure_future(upstream.aclose())  # frees the connection and its slot
-        self._closing.add(closing)
-        closing.add_done_callback(self._closing.discard)
-
-    def _forget_stream(self, streams: dict[str, Broadcast], key: str, flight: Broadcast) -> None:
-        if streams.get(key) is flight:
-            del streams[key]
-            self._live_streams -= 1
-
-    async def _launch(self, flight: Broadcast, call: Call, started: float) -> None:
-        url = f"{self.cfg.base_url}/{call.endpoint}"
-        payload = (
-            dict(call.payload)
-            if call.payload is not None
-            else payload_of(call.request, call.model, call.endpoint)
-        )
-        payload["stream"] = True
-        payload["stream_options"] = {"include_usage": True}
-        try:
-            opened = await self.upstream.open_stream(
-                call.request.request_id, url, payload, call.api_key
-            )
-        except BaseException as exc:
-            self._forget_stream(self._streams.get(), call.key, flight)
-            flight.finish(exc)
-            raise
-        if isinstance(opened, MinimaLlmFailure):
-            self._forget_stream(self._streams.get(), call.key, flight)
-            flight.finish(StreamError(opened))
-            return
-        producer = asyncio.ensure_future(self._produce(flight, opened, call, started))
-        flight.producer = producer
-        producer.add_done_callback(lambda _: self._producer_done(flight, opened, call))
-
-    async def _produce(
-        self, flight: Broadcast, upstream: UpstreamStream, call: Call, started: float
-    ) -> None:
-        assembler = ChunkAssembler(kind_of(call.endpoint))
-        streams = self._streams.get()
-        try:
-            async for chunk in upstream.events():
-                assembler.add(chunk)
-                flight.publish(chunk)
-            completion = assembler.completion()
-            usage = Usage.from_body(completion)
-            await store_answer(
-                self.cache, self.stats, call, assembler.text(0), json.dumps(completion)
-            )
-            self.stats.live(usage, self._clock.monotonic() - started)
-            flight.finish()
-        except StreamInterrupted as exc:
-            self.stats.failures += 1
-            log.warning("%s: stream interrupted, not cached: %s", call.request.request_id, exc)
-            flight.finish(exc)
-        except asyncio.CancelledError:
-            flight.finish(StreamInterrupted("stream cancelled: every reader left"))
-            raise
-        except Exception as exc:
-            # A chunk the assembler cannot read (ValueError) or a bug: the flight must still
-            # end, as followers wait on it without a bound and the gateway sends its error
-            # event only for StreamInterrupted.
-            self.stats.failures += 1
-            log.error(
-                "%s: stream failed, not cached: %s", call.request.request_id, exc, exc_info=exc
-            )
-            error = StreamInterrupted(f"stream failed: {exc}")
-            error.__cause__ = exc
-            flight.finish(error)
-        finally:
-            # Idempotent; acts only if a BaseException other than cancellation escaped.
-            flight.finish(StreamInterrupted("stream producer stopped"))
-            self._forget_stream(streams, call.key, flight)
-            await upstream.aclose()
+        return await self.streams.open(call, started)
 
     async def stream(
         self, request: MinimaLlmRequest, force_refresh: bool = False

@@ -11,8 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
-from ..backend import ChunkStream
 from ..flight import Broadcast, Follower
+from ..live_streams import ChunkStream
 from ..streaming import encode_event
 from ..types import MinimaLlmFailure, MinimaLlmResponse, Usage
 from ..upstream import StreamInterrupted
