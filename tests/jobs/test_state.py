@@ -119,6 +119,27 @@ def test_list_states_is_oldest_first(tmp_path: Path) -> None:
     assert [s.prefix for s in list_states(tmp_path)] == ["z", "m", "a"]
 
 
+def test_list_states_of_a_prefix_reads_only_that_prefixs_files(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    mine = state_in(tmp_path, "run")
+    mine.save()
+    longer = state_in(tmp_path, "run-b")  # its file name starts with "run-" too
+    longer.save()
+    (tmp_path / "other-0000000000000000.batch.json").write_text("{not json")
+
+    with caplog.at_level(logging.WARNING, logger="minima_llm.jobs"):
+        assert list_states(tmp_path, "run") == [mine]
+        assert list_states(tmp_path, "run-b") == [longer]
+    assert not caplog.records  # the other prefix's broken file was never opened
+    # Two prefixes with one file-name form ("run b" -> "run_b") both come back: the
+    # caller tells them apart by the prefix inside.
+    spaced = state_in(tmp_path, "run b", keys=("c",))
+    spaced.save()
+    state_in(tmp_path, "run_b", keys=("d",)).save()
+    assert {s.prefix for s in list_states(tmp_path, "run b")} == {"run b", "run_b"}
+
+
 def test_digest_ignores_order_and_repeats_of_keys() -> None:
     assert digest_of(CHAT, "m", ["a", "b", "c"]) == digest_of(CHAT, "m", ["c", "a", "b", "a"])
     assert digest_of(CHAT, "m", ["a", "b"]) != digest_of(CHAT, "m", ["a", "b", "c"])

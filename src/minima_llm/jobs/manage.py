@@ -77,7 +77,8 @@ def cancel_all_batches(config: MinimaLlmConfig, prefix: str | None = None) -> li
         raise ValueError(
             "cancel_all_batches needs a prefix: pass one or set parasail.llm_batch_prefix"
         )
-    return _cancel(config, [s for s in list_states(state_dir_of(config)) if s.prefix == wanted])
+    states = list_states(state_dir_of(config), wanted)
+    return _cancel(config, [s for s in states if s.prefix == wanted])
 
 
 def cancel_all_local_batches(config: MinimaLlmConfig) -> list[str]:

@@ -232,7 +232,7 @@ class ProviderJobs:
         # Another API key's job (a lab sharing a directory) is one this key cannot read:
         # the provider answers 404, which would look like a lost job.
         mine = (self.prefix, self.base_url, self.key_id, url, model)
-        for state in list_states(self.state_dir):
+        for state in list_states(self.state_dir, self.prefix):
             if (state.prefix, state.base_url, state.key_id, state.endpoint, state.model) != mine:
                 continue
             keys = state.takes(wanted)

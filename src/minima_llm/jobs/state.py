@@ -257,13 +257,20 @@ _FIELD_CHECKS: dict[str, Any] = {
 }
 
 
-def list_states(state_dir: str | os.PathLike[str]) -> list[JobState]:
-    """Every readable state file in ``state_dir``, oldest first; unreadable ones are logged."""
+def list_states(state_dir: str | os.PathLike[str], prefix: str | None = None) -> list[JobState]:
+    """Every readable state file in ``state_dir``, oldest first; unreadable ones are logged.
+
+    With ``prefix``, only files named for it are read (a file holds up to 50,000 keys,
+    and a lab's shared directory many prefixes' jobs); the caller still compares each
+    state's own ``prefix``, as two prefixes may share a file-name form.
+    """
     directory = Path(state_dir)
     if not directory.is_dir():
         return []
+    # The digest part is 16 hex digits, so "a-b"'s files never match prefix "a".
+    pattern = path_for("", prefix, "?" * 16).name if prefix is not None else f"*{SUFFIX}"
     states = []
-    for path in sorted(directory.glob(f"*{SUFFIX}")):
+    for path in sorted(directory.glob(pattern)):
         try:
             states.append(load(path))
         except ValueError as exc:
