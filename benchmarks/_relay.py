@@ -43,13 +43,19 @@ async def _close(app: web.Application) -> None:
     await app[_SESSION].close()
 
 
-def main() -> None:
-    """Serve the relay in front of ``sys.argv[1]`` until terminated."""
+def make_app(upstream: str) -> web.Application:
+    """The relay's app, passing ``/v1/chat/completions`` on to ``upstream`` (a ``.../v1`` URL)."""
     app = web.Application()
-    app["upstream"] = sys.argv[1].rstrip("/") + "/chat/completions"
+    app["upstream"] = upstream.rstrip("/") + "/chat/completions"
     app.on_startup.append(_session)
     app.on_cleanup.append(_close)
     app.router.add_post("/v1/chat/completions", _relay)
+    return app
+
+
+def main() -> None:
+    """Serve the relay in front of ``sys.argv[1]`` until terminated."""
+    app = make_app(sys.argv[1])
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

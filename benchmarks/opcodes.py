@@ -2,9 +2,11 @@
 
 ``python -m benchmarks.opcodes [--requests N] [--top K] [SIDE ...]`` runs each side
 (``bare``: the reference aiohttp client; ``client``: ``run_batched`` with the SQLite
-cache; ``nocache``: the same without a cache) against a mock in another process,
-with a trace function counting every bytecode the event loop's thread executes
-during the timed batch. It prints the total per request and the functions that
+cache; ``nocache``: the same without a cache; ``gateway``: the gateway answering cache
+misses from a load generator in a child process, at concurrency 64; ``relay``: the bare
+aiohttp relay of ``benchmarks._relay`` under the same load) against a mock in another
+process, with a trace function counting every bytecode the event loop's
+thread executes during the timed batch. It prints the total per request and the functions that
 execute most, so a change to the hot path can be judged in seconds: two runs of
 the same code agree to within 0.1%. Callgrind (``benchmarks.instructions``) counts
 machine instructions instead, C code included; neither counts the kernel.
@@ -18,18 +20,29 @@ import collections
 import contextlib
 import functools
 import os
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
-from minima_llm import OpenAIMinimaLlm
+from minima_llm import MinimaLlmConfig, OpenAIMinimaLlm
 
 from ._clients import backend_config, bare_aiohttp, make_requests, payloads_of, quiet
 from ._mock import MockProcess
 
-SIDES = ("bare", "client", "nocache")
+SIDES = ("bare", "client", "nocache", "gateway", "relay")
+# The gateway side's load generator: warms up, waits for a line on stdin, then sends.
+_LOAD = """
+import sys
+from benchmarks._loadgen import payloads, run
+url, count = sys.argv[1], int(sys.argv[2])
+run(url, payloads(256), 64, 60.0)
+print("warm", flush=True)
+sys.stdin.readline()
+print("errors", run(url, payloads(count), 64, 60.0).errors, flush=True)
+"""
 WARMUP = 256
 Tracer = Callable[[FrameType, str, Any], Any]
 
@@ -62,7 +75,51 @@ def _tracing(counts: collections.Counter[str]) -> Iterator[None]:
         sys.settrace(None)
 
 
+async def _server(kind: str, url: str, count: int, counts: collections.Counter[str]) -> None:
+    """The gateway or the relay in this process, its load from a child, so only it is counted."""
+    from aiohttp import web
+
+    from minima_llm.proxy import build_app
+
+    from ._relay import make_app
+
+    with tempfile.TemporaryDirectory(prefix="minima-opcodes-") as cache_dir:
+        config = MinimaLlmConfig(
+            base_url=url, model="mock-model", cache_dir=cache_dir, rpm=0, max_outstanding=64
+        )
+        app = build_app(OpenAIMinimaLlm(config)) if kind == "gateway" else make_app(url)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = runner.addresses[0][1]
+            load = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                _LOAD,
+                f"http://127.0.0.1:{port}/v1",
+                str(count),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+            assert load.stdin is not None and load.stdout is not None
+            await asyncio.wait_for(load.stdout.readline(), 60.0)
+            with _tracing(counts):
+                load.stdin.write(b"go\n")
+                await load.stdin.drain()
+                done = await asyncio.wait_for(load.stdout.readline(), 120.0)
+            await load.wait()
+            if done.split() != [b"errors", b"0"]:
+                raise RuntimeError(f"the load generator saw errors: {done!r}")
+        finally:
+            await runner.cleanup()
+
+
 async def _side(kind: str, url: str, count: int, counts: collections.Counter[str]) -> None:
+    if kind in ("gateway", "relay"):
+        await _server(kind, url, count, counts)
+        return
     requests = make_requests(count, f"op-{kind}")
     warmup = make_requests(WARMUP, f"op-{kind}-warm")
     if kind == "bare":
