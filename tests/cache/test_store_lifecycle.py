@@ -217,6 +217,28 @@ def test_the_checkpointer_thread_ends_with_the_store(
     assert count(tmp_path / DB_NAME) == 2
 
 
+def test_a_write_that_lands_after_close_starts_no_checkpointer(
+    tmp_path: Path, workers: Callable[[], list[str]]
+) -> None:
+    store = SqliteStore(tmp_path / DB_NAME, checkpoint_frames=1)
+    store.put_many_sync([row(0)])
+    assert checkpointed(store, 1), store
+    with closing(sqlite3.connect(store.path, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")  # the writer's next commit waits for this lock
+        late = threading.Thread(target=store.put_many_sync, args=([row(1)],))
+        late.start()
+        time.sleep(0.2)
+        store.close(timeout=0.2)  # gives up on the blocked writer, which commits later
+        assert f"minima-cache-writer:{DB_NAME}" in workers()
+        other.execute("COMMIT")
+    late.join(10)
+    # The late commit (due a checkpoint at one frame) found the checkpointer stopped.
+    assert settle(lambda: workers() == []), workers()
+    assert settle(lambda: open_files(tmp_path) == []), open_files(tmp_path)
+    assert count(tmp_path / DB_NAME) == 2
+    assert not (tmp_path / f"{DB_NAME}-wal").exists()
+
+
 async def test_dropping_a_store_commits_its_queued_write_without_waiting_for_it(
     tmp_path: Path, workers: Callable[[], list[str]]
 ) -> None:
@@ -282,6 +304,42 @@ def test_exit_with_an_unclosed_store_commits_what_is_queued(tmp_path: Path) -> N
     with closing(sqlite3.connect(tmp_path / DB_NAME)) as conn:
         assert [k for (k,) in conn.execute("SELECT key FROM cache")] == ["queued"]
     # The connections were closed, not abandoned: SQLite checkpointed and removed the WAL.
+    assert not (tmp_path / f"{DB_NAME}-wal").exists()
+
+
+BUSY_EXIT_SCRIPT = """
+import asyncio, sys
+from minima_llm.cache import DB_NAME, CacheRow, SqliteStore
+
+store = SqliteStore(sys.argv[1] + "/" + DB_NAME, checkpoint_frames=1)  # never closed
+store.put_many_sync([CacheRow("warm", "w", None, 1.0)])
+store.put_many_sync([CacheRow("warm-2", "w", None, 1.0)])  # the checkpointer is running
+
+async def main():
+    # Queued and never awaited: the writer commits them during exit, each due a checkpoint.
+    for i in range(20):
+        rows = [CacheRow(f"k{i}-{j}", "x" * 200, None, 1.0) for j in range(5000)]
+        asyncio.ensure_future(store.put_many(rows))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+asyncio.run(main())
+"""
+
+
+def test_exit_while_checkpoints_run_leaves_every_row_and_no_wal(tmp_path: Path) -> None:
+    # A checkpointer that restarted or still ran while the writer closed would keep a
+    # connection open, and the WAL would outlive the process (a race: it showed in
+    # about one exit in five, with 100,000 rows queued).
+    done = subprocess.run(
+        [sys.executable, "-c", BUSY_EXIT_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert count(tmp_path / DB_NAME) == 20 * 5000 + 2
+    # Every connection closed before the last one did: it removed the WAL.
     assert not (tmp_path / f"{DB_NAME}-wal").exists()
 
 

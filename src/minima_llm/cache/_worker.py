@@ -88,10 +88,6 @@ class ConnectionWorker:
             loop.call_soon(self._flush, outbox)
         return fut
 
-    def post(self, payload: Any) -> None:
-        """Queue a payload nobody waits for, from any thread (its errors are logged)."""
-        self._put(_Job(payload, None, None))
-
     def flush_pending(self) -> None:
         """Hand this loop's not-yet-sent payloads to the thread now (before a stop)."""
         outbox = self._outbox.get()

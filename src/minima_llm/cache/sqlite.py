@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CacheError
+from ._checkpoint import Checkpointer, checkpoint
 from ._worker import ConnectionWorker
 from .store import CacheRow
 
@@ -42,17 +43,16 @@ _INSERT = f"INSERT OR REPLACE INTO cache ({_COLUMNS}) VALUES"
 _ROW_MARKS = "(?, ?, ?, ?, ?, ?)"
 # Other processes may hold the write lock; wait this long before giving up on a write.
 BUSY_TIMEOUT_S = 60.0
-# WAL frames (pages) written between two checkpoints. SQLite's own default is 1,000,
-# run inside the commit that crosses it, and that commit waits while the pages are
-# copied and synced: 4-30 ms on the benchmark VM, against 50 us for a commit that only
-# appends to the WAL. So the checkpointer thread copies them beside the commits, and
-# the writer then copies only the few frames committed meanwhile: the WAL restarts
-# from its start only after a checkpoint the writer itself completes, so without that
-# step it would grow for as long as commits keep coming.
+# Estimated WAL frames (pages) written between two checkpoints by the checkpointer
+# thread (see _checkpoint.py). The writer then copies only the few frames committed
+# meanwhile: the WAL restarts from its start only after a checkpoint that leaves nothing
+# behind, which a copy running beside the commits never does, so without that step it
+# would grow for as long as commits keep coming. The estimate runs low (real WAL growth
+# reaches 1.5-2.5 times it), so this lands near SQLite's own default of 1,000.
 CHECKPOINT_FRAMES = 500
 # The writer's own autocheckpoint stays as a backstop for a checkpointer that falls behind.
 _BACKSTOP_FRAMES = 4_000
-_PAGE_GUESS = 2048  # bytes of row text per WAL frame, erring high (a page holds ~4,000)
+_PAGE_GUESS = 2048  # characters of row text per WAL frame (a page holds about 4,000 bytes)
 # A surrogate alone in a str (a JSON "\ud800" escape decodes to one) has no UTF-8 form.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -70,8 +70,8 @@ class _SqliteFile:
         self.rows_written = 0
         self.commits = 0
         self.checkpoints = 0
-        # Set by the store once its checkpointer exists; None for a read-only file.
-        self.checkpointer: ConnectionWorker | None = None
+        # Set by the store before its writer opens; None for a read-only file.
+        self.checkpointer: Checkpointer | None = None
         self._checkpoint_frames = checkpoint_frames
         # The writer thread's: frames since the last checkpoint, and whether one is asked for.
         self._frames_since_checkpoint = 0
@@ -97,24 +97,21 @@ class _SqliteFile:
         except BaseException:
             conn.close()  # else Python 3.13 warns about an unclosed database
             raise
+        if self.checkpointer is not None:
+            self.checkpointer.arm()  # a store reopened after a close checkpoints again
         return conn
 
-    def connect_checkpointer(self) -> sqlite3.Connection:
-        return sqlite3.connect(
-            self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-        )
-
-    def checkpoint(self, conn: sqlite3.Connection, requests: list[Any]) -> list[Any]:
-        if _checkpoint(conn, self.path):
+    def checkpointed(self, ok: bool) -> None:
+        """The checkpointer's report: the writer catches up at its next batch, whatever the outcome."""
+        if ok:
             self.checkpoints += 1
         self._checkpoint_done = True
-        return [None] * len(requests)
 
     def _catch_up(self, conn: sqlite3.Connection) -> None:
         """On the writer, after the checkpointer's copy: the rest, so the next write restarts the WAL."""
         self._checkpoint_done = self._checkpoint_asked = False
         self._frames_since_checkpoint = 0
-        _checkpoint(conn, self.path)
+        checkpoint(conn, self.path)
 
     def _wrote(self, rows: list[CacheRow]) -> None:
         """Count a commit's frames (an estimate erring high) and ask for a checkpoint when due."""
@@ -125,12 +122,8 @@ class _SqliteFile:
             and not self._checkpoint_asked
             and self.checkpointer is not None
         ):
-            try:
-                self.checkpointer.post(None)
-            except CacheError as exc:  # no thread to be had: the backstop checkpoints instead
-                log.debug("cache: no checkpointer for %s: %s", self.path, exc)
-            else:
-                self._checkpoint_asked = True
+            # Refused while the store closes, or without a thread: asked again next commit.
+            self._checkpoint_asked = self.checkpointer.request()
 
     def connect_reader(self) -> sqlite3.Connection:
         if not self.readonly:
@@ -251,17 +244,16 @@ class SqliteStore:
         self.readonly = readonly
         self._file = file = _SqliteFile(self.path, readonly, checkpoint_frames)
         self._writer: ConnectionWorker | None = None
-        self._checkpointer: ConnectionWorker | None = None
+        self._checkpointer: Checkpointer | None = None
         try:
             if not readonly:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                # Before the writer, whose opening arms it.
+                self._checkpointer = file.checkpointer = Checkpointer(
+                    self.path, f"minima-cache-checkpoint:{self.path.name}", file.checkpointed
+                )
                 self._writer = ConnectionWorker(
                     f"minima-cache-writer:{self.path.name}", file.connect_writer, file.write_batch
-                )
-                self._checkpointer = file.checkpointer = ConnectionWorker(
-                    f"minima-cache-checkpoint:{self.path.name}",
-                    file.connect_checkpointer,
-                    file.checkpoint,
                 )
             self._reader = ConnectionWorker(
                 f"minima-cache-reader:{self.path.name}", file.connect_reader, file.read
@@ -271,7 +263,7 @@ class SqliteStore:
             raise CacheError(f"cannot open cache {self.path}: {exc}{_why(self.path)}") from exc
         # A store dropped without aclose (reference 002 builds a backend per item and never
         # closes it) must not keep its threads and files open for the rest of the process.
-        weakref.finalize(self, _release, self._writer, self._checkpointer, self._reader)
+        weakref.finalize(self, _release, self._checkpointer, self._writer, self._reader)
 
     @classmethod
     def in_dir(cls, cache_dir: str | os.PathLike[str], readonly: bool = False) -> SqliteStore:
@@ -330,24 +322,29 @@ class SqliteStore:
                 worker.flush_pending()
         await asyncio.to_thread(self.close)
 
-    def close(self) -> None:
-        """Synchronous ``aclose``."""
-        self._stop_workers()
+    def close(self, timeout: float = 30.0) -> None:
+        """Synchronous ``aclose``, waiting up to ``timeout`` for each thread to finish."""
+        self._stop_workers(timeout)
 
-    def _stop_workers(self) -> None:
-        # The writer first: a checkpoint its last commits ask for is then served before the stop.
-        names = ("_writer", "_checkpointer", "_reader")
-        for worker in [getattr(self, name, None) for name in names]:
+    def _stop_workers(self, timeout: float = 30.0) -> None:
+        # The checkpointer first: the writer's last commits then ask it for nothing, and
+        # the writer, closing last, removes the WAL.
+        checkpointer = getattr(self, "_checkpointer", None)
+        if checkpointer is not None:
+            checkpointer.stop(timeout)
+        for worker in (getattr(self, "_writer", None), getattr(self, "_reader", None)):
             if worker is not None:
-                worker.stop()
+                worker.stop(timeout)
 
     def __repr__(self) -> str:
         mode = "ro" if self.readonly else "rw"
         return f"<SqliteStore {self.path} {mode} rows_written={self.rows_written} commits={self.commits} checkpoints={self.checkpoints}>"
 
 
-def _release(*workers: ConnectionWorker | None) -> None:
+def _release(checkpointer: Checkpointer | None, *workers: ConnectionWorker | None) -> None:
     """The finalizer of a store nobody closed: queued work still commits, nothing waits for it."""
+    if checkpointer is not None:
+        checkpointer.stop()
     for worker in workers:
         if worker is not None:
             worker.release()
@@ -398,16 +395,6 @@ def _migrate(conn: sqlite3.Connection) -> None:
             if "duplicate column" not in str(exc):
                 raise
         log.info("cache: added column %s to an older cache file", column)
-
-
-def _checkpoint(conn: sqlite3.Connection, path: Path) -> bool:
-    """One PASSIVE checkpoint: it never waits for readers or writers, and copies what it can."""
-    try:
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-    except sqlite3.Error as exc:  # the backstop, or the next checkpoint, copies what this did not
-        log.debug("cache: checkpoint of %s failed: %s", path, exc)
-        return False
-    return True
 
 
 def _retry_locked(fn: Any, deadline_s: float = BUSY_TIMEOUT_S) -> Any:
