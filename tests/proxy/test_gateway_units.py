@@ -7,13 +7,16 @@ from typing import Any
 
 import pytest
 from multidict import CIMultiDict
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from minima_llm import MinimaLlmFailure
 from minima_llm.cache import cache_key
 from minima_llm.errors import ConfigError
-from minima_llm.proxy import ProxySettings
+from minima_llm.proxy import GatewayMetrics, ProxySettings
 from minima_llm.proxy.errors import RequestError, failure_response, failure_status
 from minima_llm.proxy.normalize import CHAT, COMPLETIONS, EMBEDDINGS, Parsed, parse_body
+from minima_llm.types import Usage
 
 MSGS = [{"role": "user", "content": "hi"}]
 
@@ -382,3 +385,33 @@ def test_check_exposure(host: str, keys: tuple[str, ...], allow: bool, refused: 
     with pytest.raises(ConfigError) as info:
         settings.check_exposure()
     assert info.value.field == "proxy.host"
+
+
+def test_a_registry_refuses_a_second_gateways_metrics() -> None:
+    # Two gateways' series in one registry would be scraped as duplicates.
+    registry = CollectorRegistry()
+    GatewayMetrics(registry)
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        GatewayMetrics(registry)
+
+
+def test_prometheus_series_follow_the_counters() -> None:
+    metrics = GatewayMetrics()
+    metrics.count_request("/v1/chat/completions", 200)
+    metrics.count_request("/v1/chat/completions", 200)
+    metrics.count_answer("miss", Usage(5, 7), "upstream", 0.005)  # on a bucket's bound
+    metrics.count_answer("hit", Usage(5, 7), "cache")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics.exposition().decode())
+        for s in family.samples
+    }
+    route = (("route", "/v1/chat/completions"), ("status", "200"))
+    assert samples[("minima_gateway_requests_total", route)] == 2
+    assert (
+        samples[("minima_gateway_tokens_total", (("kind", "completion"), ("source", "cache")))] == 7
+    )
+    bucket = "minima_gateway_upstream_latency_seconds_bucket"
+    assert samples[(bucket, (("le", "0.005"),))] == 1  # le is inclusive
+    assert samples[(bucket, (("le", "+Inf"),))] == 1
+    assert samples[("minima_gateway_upstream_latency_seconds_count", ())] == 1

@@ -107,6 +107,10 @@ class _Collector:
     def __init__(self, metrics: GatewayMetrics) -> None:
         self._m = metrics
 
+    def describe(self) -> list[Metric]:
+        """The families by name, so a registry refuses a second gateway's series."""
+        return list(self.collect())
+
     def collect(self) -> Iterator[Metric]:
         """Every series, from the counters as they stand."""
         m = self._m
