@@ -114,7 +114,7 @@ class _SqliteFile:
         checkpoint(conn, self.path)
 
     def _wrote(self, rows: list[CacheRow]) -> None:
-        """Count a commit's frames (an estimate erring high) and ask for a checkpoint when due."""
+        """Count a commit's frames (an estimate; see CHECKPOINT_FRAMES) and ask for a checkpoint when due."""
         text = sum(len(r[1]) + len(r[2] or "") + len(r[5] or "") for r in rows)
         self._frames_since_checkpoint += 1 + 2 * len(rows) + text // _PAGE_GUESS
         if (
@@ -230,8 +230,8 @@ class _SqliteFile:
 class SqliteStore:
     """A ``CacheStore`` on one SQLite file; ``readonly`` for lookup caches of other runs.
 
-    ``checkpoint_frames`` is how many WAL pages the writer appends before the
-    checkpointer thread copies them into the file.
+    ``checkpoint_frames`` is about how many WAL pages (an estimate from the rows' size)
+    the writer appends before the checkpointer thread copies them into the file.
     """
 
     def __init__(
@@ -244,12 +244,11 @@ class SqliteStore:
         self.readonly = readonly
         self._file = file = _SqliteFile(self.path, readonly, checkpoint_frames)
         self._writer: ConnectionWorker | None = None
-        self._checkpointer: Checkpointer | None = None
         try:
             if not readonly:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 # Before the writer, whose opening arms it.
-                self._checkpointer = file.checkpointer = Checkpointer(
+                file.checkpointer = Checkpointer(
                     self.path, f"minima-cache-checkpoint:{self.path.name}", file.checkpointed
                 )
                 self._writer = ConnectionWorker(
@@ -263,7 +262,7 @@ class SqliteStore:
             raise CacheError(f"cannot open cache {self.path}: {exc}{_why(self.path)}") from exc
         # A store dropped without aclose (reference 002 builds a backend per item and never
         # closes it) must not keep its threads and files open for the rest of the process.
-        weakref.finalize(self, _release, self._checkpointer, self._writer, self._reader)
+        weakref.finalize(self, _release, file.checkpointer, self._writer, self._reader)
 
     @classmethod
     def in_dir(cls, cache_dir: str | os.PathLike[str], readonly: bool = False) -> SqliteStore:
@@ -329,7 +328,8 @@ class SqliteStore:
     def _stop_workers(self, timeout: float = 30.0) -> None:
         # The checkpointer first: the writer's last commits then ask it for nothing, and
         # the writer, closing last, removes the WAL.
-        checkpointer = getattr(self, "_checkpointer", None)
+        file = getattr(self, "_file", None)
+        checkpointer = file.checkpointer if file is not None else None
         if checkpointer is not None:
             checkpointer.stop(timeout)
         for worker in (getattr(self, "_writer", None), getattr(self, "_reader", None)):
