@@ -138,3 +138,58 @@ async def test_a_stream_whose_opener_left_before_the_first_byte_opens_again_for_
     assert await asyncio.wait_for(_read(opened), 5) > 0
     assert mock.stats()["requests"] == 2
     assert be.stats.coalesced == 0
+
+
+class _Burst:
+    """A streaming response whose lines all arrive at once: read ahead, then handed out without a wait."""
+
+    def __init__(self, resp: StreamingResponse) -> None:
+        self._resp = resp
+        self.status = resp.status
+        self.headers = resp.headers
+        self.total = 0
+        self.handed = 0
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        buffered = [line async for line in self._resp.lines()]
+        self.total = len(buffered)
+        for line in buffered:
+            self.handed += 1
+            yield line
+
+    async def read(self) -> bytes:
+        return await self._resp.read()
+
+    async def aclose(self) -> None:
+        await self._resp.aclose()
+
+
+class BurstTransport(SlowFirstToken):
+    """A transport whose streams come in one burst; ``last`` is the latest one opened."""
+
+    last: _Burst | None = None
+
+    async def open_stream(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
+    ) -> Any:
+        self.last = _Burst(await self.inner.open_stream(url, body, headers, timeout_s))
+        return self.last
+
+
+async def test_a_burst_of_chunks_reaches_the_reader_from_the_first_not_after_the_last() -> None:
+    async with MockServer(MockConfig()) as mock:
+        config = MinimaLlmConfig(base_url=mock.url, model="mock-model", rpm=0, timeout_s=5.0)
+        transport = BurstTransport(make_transport("aiohttp", 8), 0.0)
+        be = OpenAIMinimaLlm(config, transport=transport)
+        try:
+            opened = await be.open_stream(req(1, text="a question with a long answer"))
+            assert not isinstance(opened, MinimaLlmFailure)
+            first = await anext(aiter(opened))
+            burst = transport.last
+            assert burst is not None and burst.total >= 10, burst and burst.total
+            # The first chunk went out before the producer read on through the burst.
+            assert burst.handed <= 3, (burst.handed, burst.total)
+            assert first and await asyncio.wait_for(_read(opened), 5) > 0
+            assert burst.handed == burst.total
+        finally:
+            await be.aclose()

@@ -24,10 +24,10 @@ class Broadcast:
         self._waiters: list[asyncio.Future[None]] = []
         self._on_finish: list[Callable[[Broadcast], None]] = []
 
-    def publish(self, chunk: dict[str, Any]) -> None:
-        """Add a chunk and wake the followers."""
+    def publish(self, chunk: dict[str, Any]) -> bool:
+        """Add a chunk and wake the followers; whether any was waiting for it."""
         self.chunks.append(chunk)
-        self._wake()
+        return self._wake()
 
     def finish(self, error: BaseException | None = None) -> None:
         """End the stream; followers raise ``error`` after the chunks, if given."""
@@ -74,11 +74,12 @@ class Broadcast:
         self._waiters.append(fut)
         await fut
 
-    def _wake(self) -> None:
+    def _wake(self) -> bool:
         waiters, self._waiters = self._waiters, []
         for fut in waiters:
             if not fut.done():
                 fut.set_result(None)
+        return bool(waiters)
 
     def __repr__(self) -> str:
         state = "done" if self.done else "live"
