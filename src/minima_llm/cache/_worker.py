@@ -47,7 +47,11 @@ EXIT_WAIT_S = 10.0
 
 
 class ConnectionWorker:
-    """Runs ``handler(conn, payloads) -> results`` on batches of queued payloads."""
+    """Runs ``handler(conn, payloads) -> results`` on batches of queued payloads.
+
+    ``after(conn)``, if given, runs after each batch's results are handed back: work
+    no caller should wait for, done while the thread would otherwise sleep.
+    """
 
     def __init__(
         self,
@@ -55,11 +59,13 @@ class ConnectionWorker:
         connect: Callable[[], sqlite3.Connection],
         handler: Handler,
         max_batch: int = 1024,
+        after: Callable[[sqlite3.Connection], None] | None = None,
     ) -> None:
         self.name = name
         self._connect = connect
         self._handler = handler
         self._max_batch = max_batch
+        self._after = after
         # Guards _queue against a racing put: a job queued after _STOP would never be answered.
         # Reentrant because a finalizer calling ``release`` may run inside a held block (gc).
         self._lock = threading.RLock()
@@ -230,6 +236,11 @@ class ConnectionWorker:
             log.error("%s: batch of %d failed: %s", self.name, len(jobs), exc)
             results = [exc] * len(jobs)
         self._deliver(jobs, results)
+        if self._after is not None:
+            try:
+                self._after(conn)
+            except Exception as exc:
+                log.error("%s: work after a batch failed: %s", self.name, exc)
 
     def _deliver(self, jobs: list[Any], results: list[Any]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}

@@ -107,8 +107,13 @@ class _SqliteFile:
             self.checkpoints += 1
         self._checkpoint_done = True
 
-    def _catch_up(self, conn: sqlite3.Connection) -> None:
-        """On the writer, after the checkpointer's copy: the rest, so the next write restarts the WAL."""
+    def catch_up(self, conn: sqlite3.Connection) -> None:
+        """On the writer, once the checkpointer has copied: the rest, so the next write restarts the WAL.
+
+        Run after a batch's answers are out, so it delays only a batch already waiting.
+        """
+        if not self._checkpoint_done:
+            return
         self._checkpoint_done = self._checkpoint_asked = False
         self._frames_since_checkpoint = 0
         checkpoint(conn, self.path)
@@ -184,8 +189,6 @@ class _SqliteFile:
             raise CacheError(f"cache read from {self.path} failed: {exc}") from exc
 
     def write_batch(self, conn: sqlite3.Connection, batches: list[list[CacheRow]]) -> list[Any]:
-        if self._checkpoint_done:
-            self._catch_up(conn)
         rows = [row for batch in batches for row in batch]
 
         def commit() -> None:
@@ -252,7 +255,10 @@ class SqliteStore:
                     self.path, f"minima-cache-checkpoint:{self.path.name}", file.checkpointed
                 )
                 self._writer = ConnectionWorker(
-                    f"minima-cache-writer:{self.path.name}", file.connect_writer, file.write_batch
+                    f"minima-cache-writer:{self.path.name}",
+                    file.connect_writer,
+                    file.write_batch,
+                    after=file.catch_up,
                 )
             self._reader = ConnectionWorker(
                 f"minima-cache-reader:{self.path.name}", file.connect_reader, file.read
