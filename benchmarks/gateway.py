@@ -115,9 +115,8 @@ def gateway_cache_hits(ctx: Context) -> list[Row]:
     ]
 
 
-def gateway_latency(ctx: Context) -> list[Row]:
-    """Latency added by the gateway at concurrency 1 (cache misses), p50 and p99."""
-    count = 500 if ctx.quick else 2_000
+def _taking_turns(ctx: Context, count: int, warmup: int, stream: bool) -> list[Load]:
+    """``count`` requests one at a time to the mock, the gateway and the relay, taking turns."""
     with (
         ctx.unpinned(),
         MockProcess() as mock,
@@ -126,8 +125,15 @@ def gateway_latency(ctx: Context) -> list[Row]:
     ):
         urls = (mock.url, gateway.url, relay.url)
         for url in urls:
-            run(url, payloads(100), 1, TIMEOUT_S)
-        direct, through, relayed = run_alternating(urls, [payloads(count) for _ in urls], TIMEOUT_S)
+            run(url, payloads(warmup, stream=stream), 1, TIMEOUT_S)
+        bodies = [payloads(count, stream=stream) for _ in urls]
+        return run_alternating(urls, bodies, TIMEOUT_S)
+
+
+def gateway_latency(ctx: Context) -> list[Row]:
+    """Latency added by the gateway at concurrency 1 (cache misses), p50 and p99."""
+    count = 500 if ctx.quick else 2_000
+    direct, through, relayed = _taking_turns(ctx, count, warmup=100, stream=False)
     rows = []
     for q, limit_ms in ((50, 1.0), (99, 3.0)):
         added = (through.percentile(q) - direct.percentile(q)) * 1000
@@ -150,17 +156,7 @@ def gateway_latency(ctx: Context) -> list[Row]:
 def gateway_ttft(ctx: Context) -> list[Row]:
     """Time to the first content chunk of a stream, through the gateway minus direct."""
     count = 200 if ctx.quick else 1_000
-    with (
-        ctx.unpinned(),
-        MockProcess() as mock,
-        GatewayProcess(mock.url) as gateway,
-        RelayProcess(mock.url) as relay,
-    ):
-        urls = (mock.url, gateway.url, relay.url)
-        for url in urls:
-            run(url, payloads(50, stream=True), 1, TIMEOUT_S)
-        streams = [payloads(count, stream=True) for _ in urls]
-        direct, through, relayed = run_alternating(urls, streams, TIMEOUT_S)
+    direct, through, relayed = _taking_turns(ctx, count, warmup=50, stream=True)
     added = (through.median_ttft_s - direct.median_ttft_s) * 1000
     floor = (relayed.median_ttft_s - direct.median_ttft_s) * 1000
     return [
