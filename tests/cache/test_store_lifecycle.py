@@ -71,6 +71,12 @@ def settle(check: Callable[[], bool], timeout: float = 10.0) -> bool:
     return True
 
 
+def assert_released(workers: Callable[[], list[str]], under: Path) -> None:
+    """Every cache thread started in the test has ended, and no file under ``under`` is open."""
+    assert settle(lambda: workers() == []), workers()
+    assert settle(lambda: open_files(under) == []), open_files(under)
+
+
 def checkpointed(store: SqliteStore, times: int) -> bool:
     """Wait for the checkpointer thread to have run ``times`` checkpoints."""
     return settle(lambda: store.checkpoints >= times)
@@ -192,8 +198,7 @@ def test_a_dropped_store_stops_its_threads_and_closes_its_files(
         assert store.get_many_sync([row(i).key])
         del store
     gc.collect()
-    assert settle(lambda: workers() == []), workers()
-    assert settle(lambda: open_files(tmp_path) == []), open_files(tmp_path)
+    assert_released(workers, tmp_path)
     assert count(tmp_path / DB_NAME) == 20
 
 
@@ -214,8 +219,7 @@ def test_the_checkpointer_thread_ends_with_the_store(
     assert checkpointed(store, 2), store
     del store
     gc.collect()
-    assert settle(lambda: workers() == []), workers()
-    assert settle(lambda: open_files(tmp_path) == []), open_files(tmp_path)
+    assert_released(workers, tmp_path)
     assert count(tmp_path / DB_NAME) == 3
 
 
@@ -235,8 +239,7 @@ def test_a_write_that_lands_after_close_starts_no_checkpointer(
         other.execute("COMMIT")
     late.join(10)
     # The late commit (due a checkpoint at one frame) found the checkpointer stopped.
-    assert settle(lambda: workers() == []), workers()
-    assert settle(lambda: open_files(tmp_path) == []), open_files(tmp_path)
+    assert_released(workers, tmp_path)
     assert count(tmp_path / DB_NAME) == 2
     assert not (tmp_path / f"{DB_NAME}-wal").exists()
 

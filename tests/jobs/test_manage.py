@@ -77,6 +77,12 @@ async def running_job(mock: MockServer, cfg: MinimaLlmConfig) -> str:
     return await submit(cfg, "p", "a")
 
 
+def the_line(text: str, batch_id: str) -> str:
+    """The one line of ``text`` that names ``batch_id``."""
+    (line,) = [x for x in text.splitlines() if batch_id in x]
+    return line
+
+
 def local(cache_dir: Path, batch_id: str) -> JobState:
     (state,) = [s for s in list_states(cache_dir) if s.batch_id == batch_id]
     return state
@@ -120,7 +126,7 @@ async def test_overview_refreshes_an_unfinished_job_from_the_provider(
 
     assert state.status == "completed"
     assert local(cache_dir, batch_id).status == "completed"  # saved, not only shown
-    (line,) = [x for x in out.getvalue().splitlines() if batch_id in x]
+    line = the_line(out.getvalue(), batch_id)
     assert line.split()[:5] == ["nightly", batch_id, "completed", "3/3", "done,"]
     assert out.getvalue().startswith(f"Batch jobs in {cache_dir}:\n")
 
@@ -186,7 +192,7 @@ async def test_overview_notes_a_status_it_could_not_refresh(
     (state,) = await asyncio.to_thread(batch_status_overview, cfg, out=out)
 
     assert state.status == "in_progress"
-    (line,) = [x for x in out.getvalue().splitlines() if batch_id in x]
+    line = the_line(out.getvalue(), batch_id)
     assert "status not refreshed" in line and "404" in line
     assert local(cache_dir, batch_id).status == "in_progress"
 
@@ -357,7 +363,7 @@ async def test_cli_lists_jobs_with_only_cache_dir_in_the_environment(
     assert await cli() == 0
 
     # Refreshed at the endpoint the state file names, though none is configured.
-    (line,) = [x for x in capsys.readouterr().out.splitlines() if batch_id in x]
+    line = the_line(capsys.readouterr().out, batch_id)
     assert "completed" in line
 
 
@@ -374,7 +380,7 @@ async def test_cli_no_refresh_shows_the_state_files_as_they_are(
 
     assert await cli("--no-refresh") == 0
 
-    (line,) = [x for x in capsys.readouterr().out.splitlines() if batch_id in x]
+    line = the_line(capsys.readouterr().out, batch_id)
     assert "in_progress" in line
     assert mock.stats()["requests"] == before
 
