@@ -28,7 +28,6 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     One layer, not three: each middleware costs a coroutine and a call per request.
     """
     gw = request.app[GATEWAY]
-    gw.metrics.in_flight += 1
     task = asyncio.current_task()
     if task is not None:
         gw.answering.add(task)
@@ -40,7 +39,6 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         return resp
     finally:
         gw.answering.discard(task)
-        gw.metrics.in_flight -= 1
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         gw.metrics.count_request(route, status)

@@ -40,6 +40,7 @@ class Gateway:
         self._session: aiohttp.ClientSession | None = None
         # The tasks answering requests right now: a shutdown stops those that overstay.
         self.answering: set[asyncio.Task[Any]] = set()
+        self.metrics.watch_in_flight(self.answering.__len__)
 
     def key_is_valid(self, presented: str) -> bool:
         """Constant-time comparison against every configured key."""

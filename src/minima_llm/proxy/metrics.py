@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -38,7 +38,8 @@ class GatewayMetrics:
         self.requests: dict[tuple[str, int], int] = {}
         self.cache: dict[str, int] = {}
         self.tokens: dict[tuple[str, str], int] = {}
-        self.in_flight = 0
+        # Read from the gateway's own record of the requests it is answering.
+        self._in_flight: Callable[[], int] = lambda: 0
         self.coalesced = 0
         self.streams_interrupted = 0
         self.client_disconnects = 0
@@ -47,6 +48,15 @@ class GatewayMetrics:
         self.latency_sum = 0.0
         self.registry = registry or CollectorRegistry()
         self.registry.register(_Collector(self))
+
+    def watch_in_flight(self, source: Callable[[], int]) -> None:
+        """Take the number of requests in flight from ``source`` when read."""
+        self._in_flight = source
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being answered now."""
+        return self._in_flight()
 
     def count_request(self, route: str, status: int) -> None:
         """One HTTP request finished."""
