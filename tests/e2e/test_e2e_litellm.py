@@ -7,6 +7,7 @@ litellm is imported inside the tests: the offline fixture must set
 from __future__ import annotations
 
 import asyncio
+import inspect
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -16,15 +17,22 @@ from _e2e_support import API_KEY, MODEL, MockControl, Service, expected_reply, u
 
 
 @pytest.fixture
-def litellm() -> Any:
-    """litellm, imported offline, with telemetry and callbacks off."""
+def litellm() -> Iterator[Any]:
+    """litellm, imported offline, with telemetry and callbacks off; its cached sync clients closed after."""
     import litellm
 
     litellm.telemetry = False
     litellm.callbacks = []
     litellm.success_callback = []
     litellm.failure_callback = []
-    return litellm
+    yield litellm
+    # litellm keeps each provider client it builds; left open, a sync client's socket
+    # is reported unclosed when the interpreter exits, long after this test.
+    cached = getattr(litellm.in_memory_llm_clients_cache, "cache_dict", {})
+    for client in list(cached.values()):
+        close = getattr(client, "close", None)
+        if callable(close) and not inspect.iscoroutinefunction(close):
+            close()
 
 
 @pytest.fixture
