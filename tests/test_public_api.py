@@ -123,3 +123,35 @@ def test_reference_002s_dspy_imports_work_from_the_package(name: str) -> None:
 def test_an_unknown_name_is_still_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
         minima_llm.nothing_here  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("module", "names"),
+    [
+        # References 000 and 001 map the package as protocol.py, batch.py, proxy.py, ...
+        ("minima_llm.protocol", ["AsyncMinimaLlmBackend", "MinimaLlmRequest", "MinimaLlmResponse"]),
+        ("minima_llm.protocol", ["MinimaLlmFailure", "MinimaLlmResult", "Result"]),
+        ("minima_llm.batch", ["run_batched_callable", "BatchConfig", "ParasailBatchConfig"]),
+        ("minima_llm.batch", ["batch_status_overview", "cancel_batch", "cancel_all_batches"]),
+        ("minima_llm.batch", ["cancel_all_local_batches"]),
+    ],
+)
+def test_the_reference_module_map_imports(module: str, names: list[str]) -> None:
+    namespace: dict[str, object] = {}
+    exec(f"from {module} import {', '.join(names)}", namespace)
+    for name in names:
+        # The same objects as the package's own, not look-alikes.
+        same = minima_llm.MinimaLlmResult if name == "Result" else getattr(minima_llm, name)
+        assert namespace[name] is same
+
+
+def test_the_reference_module_map_loads_nothing_optional() -> None:
+    code = (
+        "import json, sys\n"
+        "import minima_llm.protocol, minima_llm.batch\n"
+        f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert json.loads(out.stdout) == []
