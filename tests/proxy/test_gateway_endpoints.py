@@ -9,6 +9,7 @@ import pytest
 from gateway_harness import MODEL, chat_body, chunks_of, eventually, serve, stream_text
 from prometheus_client.parser import text_string_to_metric_families
 
+import minima_llm
 from minima_llm.proxy.settings import ProxySettings
 from minima_llm.testing import MockServer
 
@@ -133,6 +134,7 @@ async def test_health(mock: MockServer, tmp_path: Path) -> None:
         assert body["status"] == "ok"
         assert body["upstream"]["reachable"] is True and body["upstream"]["status"] == 200
         assert body["model"] == MODEL and body["cache"].endswith("minima_llm.db")
+        assert body["version"] == minima_llm.__version__
 
 
 async def test_health_with_the_upstream_stopped(mock: MockServer, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .._version import __version__
 from ..flight import Broadcast, Follower
 from ..live_streams import ChunkStream
 from ..streaming import encode_event
@@ -408,6 +409,7 @@ async def health(request: web.Request) -> web.Response:
             "upstream": upstream,
             "cache": str(gw.config.cache_path) if gw.config.cache_path else None,
             "model": gw.config.model,
+            "version": __version__,
         }
     )
 
