@@ -208,7 +208,7 @@ class LiveStreams:
         payload["stream_options"] = {"include_usage": True}
         try:
             opened = await self.upstream.open_stream(
-                call.request.request_id, url, payload, call.api_key
+                call.request.request_id, url, payload, call.api_key, call.endpoint
             )
         except BaseException as exc:
             self._forget_stream(self._streams.get(), call.key, flight)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, NamedTuple, TypeVar
 
 from ._version import USER_AGENT
@@ -27,7 +28,7 @@ from .resilience import (
     parse_retry_after,
 )
 from .stats import LiveStats
-from .streaming import DONE, SseDecoder, parts_text
+from .streaming import DONE, SseDecoder, parts_text, replay_chunks
 from .types import MinimaLlmFailure
 
 log = logging.getLogger("minima_llm")
@@ -119,9 +120,38 @@ class UpstreamStream:
         self.resp = resp
         self._release: Callable[[], None] | None = release
         self._stats = stats
+        self._events: AsyncIterator[dict[str, Any]] | None = None
+        self._first: dict[str, Any] | None = None
+
+    async def start(self, endpoint: str = "chat/completions") -> None:
+        """Read up to the first chunk, so a stream that fails before it can still be retried.
+
+        Raises ``StreamInterrupted`` (or a ``Problem`` for an unreadable whole body).
+        A server that answers a stream request with one JSON completion, ignoring
+        ``stream``, is replayed as the chunks that completion would have streamed.
+        """
+        if self.resp.headers.get("content-type", "").startswith("application/json"):
+            body = await self.resp.read()
+            whole = parse_completion(
+                HttpResponse(self.resp.status, self.resp.headers, body), endpoint
+            )
+            kind = "chat" if endpoint == "chat/completions" else "text"
+            self._events = _replayed(replay_chunks(whole.body, kind))
+            return
+        self._events = self._read()
+        with contextlib.suppress(StopAsyncIteration):  # [DONE] at once: empty, but whole
+            self._first = await self._events.__anext__()
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """Parsed JSON chunks until ``[DONE]``; a stream that ends without it is interrupted."""
+        events = self._events if self._events is not None else self._read()
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+        async for chunk in events:
+            yield chunk
+
+    async def _read(self) -> AsyncIterator[dict[str, Any]]:
         decoder = SseDecoder()
         try:
             async for line in self.resp.lines():
@@ -146,6 +176,11 @@ class UpstreamStream:
                 await self.resp.aclose()
             finally:
                 release()
+
+
+async def _replayed(chunks: Iterable[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    for chunk in chunks:
+        yield chunk
 
 
 def _chunk(data: str) -> dict[str, Any]:
@@ -245,9 +280,18 @@ class UpstreamCaller:
             return await self._retrying(request_id, attempt, stamps, problem)
 
     async def open_stream(
-        self, request_id: str, url: str, payload: Mapping[str, Any], api_key: str | None = None
+        self,
+        request_id: str,
+        url: str,
+        payload: Mapping[str, Any],
+        api_key: str | None = None,
+        endpoint: str = "chat/completions",
     ) -> UpstreamStream | MinimaLlmFailure:
-        """Open a stream, retrying until the upstream answers 2xx; the slot is held until closed."""
+        """Open a stream, retrying until the upstream sends a first chunk; the slot is held until closed.
+
+        Retries cover everything before that chunk: statuses, connection errors, and a
+        2xx whose stream breaks, ends or carries an error before any chunk of an answer.
+        """
         body, shared = self.encode(payload, api_key)
         headers = {**shared, "Accept": "text/event-stream"}
 
@@ -266,9 +310,24 @@ class UpstreamCaller:
                 raise
             self.pacer.observe(parse_rate_limits(resp.headers))
             if 200 <= resp.status < 300:
-                slots.succeeded()
                 self.stats.in_flight += 1
-                return UpstreamStream(resp, lambda: self._release_stream(slots), self.stats)
+                stream = UpstreamStream(resp, lambda: self._release_stream(slots), self.stats)
+                try:
+                    await stream.start(endpoint)
+                except StreamInterrupted as exc:
+                    await stream.aclose()
+                    raise Problem(
+                        "MalformedResponse",
+                        f"stream failed before its first chunk: {exc}",
+                        resp.status,
+                        str(exc)[:SNIPPET],
+                        True,
+                    ) from exc
+                except BaseException:
+                    await stream.aclose()
+                    raise
+                slots.succeeded()
+                return stream
             try:
                 data = await asyncio.wait_for(resp.read(), self.cfg.timeout_s)
             except (TransportError, asyncio.TimeoutError):

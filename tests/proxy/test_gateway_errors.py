@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from gateway_harness import Reply, chat_body, closed_port_url, serve
+from gateway_harness import MODEL, Reply, chat_body, closed_port_url, serve, stream_text
 
 from minima_llm.proxy import ProxySettings
 from minima_llm.proxy.handlers import MAX_JSON_DEPTH
@@ -209,6 +209,73 @@ async def test_upstream_400_keeps_its_message(
         assert error["type"] == "invalid_request_error"
         assert mock.stats()["requests"] == 1  # a 400 is not retried
         assert (await gw.chat("too long", stream=stream)).status == 200  # and not cached
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"status": 200, "body": "not json"},  # a body cut to nothing useful by a proxy
+        {"status": 200, "body": ""},
+        {"status": 200, "body": "", "headers": {"Content-Type": "text/event-stream"}},
+        {
+            "status": 200,
+            "body": 'data: {"error": {"message": "overloaded"}}\n\n',
+            "headers": {"Content-Type": "text/event-stream"},
+        },
+    ],
+)
+async def test_a_stream_that_fails_before_its_first_chunk_is_retried(
+    mock: MockServer, tmp_path: Path, fault: dict[str, object]
+) -> None:
+    # Nothing has reached the client yet, so the gateway may still ask again, as it
+    # would for a whole answer, rather than answer 200 with only an error event.
+    mock.fail_next(1, **fault)
+    async with serve(mock.url, tmp_path, max_attempts=3) as gw:
+        reply = await gw.chat("second time lucky", stream=True)
+        assert reply.status == 200
+        assert reply.events()[-1] == "[DONE]"
+        assert stream_text(reply.events()) == "mock reply: second time lucky"
+        assert mock.stats()["requests"] == 2
+
+
+async def test_a_stream_that_never_starts_is_a_json_error(mock: MockServer, tmp_path: Path) -> None:
+    mock.fail_next(2, status=200, body="", headers={"Content-Type": "text/event-stream"})
+    async with serve(mock.url, tmp_path, max_attempts=2) as gw:
+        error = error_of(await gw.chat("never starts", stream=True), 502)
+        assert "MalformedResponse" in str(error["message"]) and "[DONE]" in str(error["message"])
+        assert mock.stats()["requests"] == 2
+        assert (await gw.chat("never starts")).cache == "miss"  # nothing was cached
+
+
+async def test_a_whole_answer_to_a_stream_request_is_streamed(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    # Some servers ignore "stream": true and answer with one JSON completion.
+    whole = {
+        "id": "chatcmpl-whole",
+        "object": "chat.completion",
+        "created": 1,
+        "model": MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "all at once"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+    }
+    mock.fail_next(1, status=200, body=whole)
+    async with serve(mock.url, tmp_path) as gw:
+        reply = await gw.chat("ignored stream flag", stream=True)
+        assert reply.status == 200 and reply.events()[-1] == "[DONE]"
+        assert stream_text(reply.events()) == "all at once"
+        again = await gw.chat("ignored stream flag")
+        assert (
+            again.cache == "hit"
+            and again.json()["choices"][0]["message"]["content"] == "all at once"
+        )
+        assert mock.stats()["requests"] == 1
 
 
 async def test_errors_are_counted_by_status(mock: MockServer, tmp_path: Path) -> None:
