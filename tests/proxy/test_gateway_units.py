@@ -314,6 +314,8 @@ def test_a_failure_after_retries_says_so_and_keeps_the_upstreams_code() -> None:
         ({"log_every": -1}, "proxy.log_every"),
         ({"shutdown_timeout_s": 0}, "proxy.shutdown_timeout_s"),
         ({"health_check_timeout_s": -1}, "proxy.health_check_timeout_s"),
+        ({"client_timeout_s": 0}, "proxy.client_timeout_s"),
+        ({"client_timeout_s": "60"}, "proxy.client_timeout_s"),
         ({"api_keys": ("good-secret-1", "")}, "proxy.api_keys"),
         ({"partition_cache_by_key": True}, "proxy.partition_cache_by_key"),
         ({"api_keys": 123}, "proxy.api_keys"),
@@ -344,15 +346,20 @@ def test_settings_values() -> None:
         "MINIMA_PROXY_LOG_EVERY": "7",
         "MINIMA_PROXY_STRICT_PARAMS": "yes",
         "MINIMA_PROXY_PASS_THROUGH_KEY": "0",
+        "MINIMA_PROXY_CLIENT_TIMEOUT_S": "2.5",
     }
     assert ProxySettings.env_overrides(env) == {
         "api_keys": ("k1", "k2"),
         "log_every": 7,
+        "client_timeout_s": 2.5,
         "strict_params": True,
         "pass_through_client_key": False,
     }
     with pytest.raises(ConfigError):
         ProxySettings.env_overrides({"MINIMA_PROXY_MAX_BODY_BYTES": "lots"})
+    with pytest.raises(ConfigError) as timeout:
+        ProxySettings.env_overrides({"MINIMA_PROXY_CLIENT_TIMEOUT_S": "soon"})
+    assert timeout.value.field == "MINIMA_PROXY_CLIENT_TIMEOUT_S"
 
 
 def test_repr_hides_keys() -> None:

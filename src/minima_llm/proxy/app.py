@@ -9,10 +9,10 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from ..backend import OpenAIMinimaLlm
-from .errors import RequestError, error_response
+from .errors import ClientLeft, RequestError, error_response
 from .gateway import Gateway
 from .handlers import CLIENT_KEY, GATEWAY, TENANT, add_routes
-from .log import ProxyLog
+from .log import ProxyLog, quiet_malformed_requests
 from .metrics import GatewayMetrics
 from .settings import ProxySettings
 
@@ -33,8 +33,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         gw.answering.add(task)
     status = 500
     try:
-        refused = _authenticate(request, gw)
-        resp = refused if refused is not None else await _shaped(request, handler)
+        resp = await _shaped(request, handler, gw)
         status = resp.status
         return resp
     finally:
@@ -44,17 +43,23 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         gw.metrics.count_request(route, status)
 
 
-async def _shaped(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error as OpenAI-shaped JSON; never a stack trace to the client."""
+async def _shaped(request: web.Request, handler: Handler, gw: Gateway) -> web.StreamResponse:
+    """Auth, then the handler; every error as OpenAI-shaped JSON, never a stack trace."""
     try:
-        return await handler(request)
+        refused = _authenticate(request, gw)
+        return refused if refused is not None else await handler(request)
     except RequestError as exc:
         resp = error_response(exc.status, str(exc), exc.param, exc.code)
-        if isinstance(exc.__cause__, web.RequestPayloadError):
+        if exc.close or isinstance(exc.__cause__, web.RequestPayloadError):
             # The body was not read to its end: the connection cannot carry another
             # request, so say so (Connection: close) rather than reset the client's next one.
             resp.force_close()
         return resp
+    except ClientLeft:
+        # Nobody is there to answer: counted apart from the gateway's own errors.
+        gw.metrics.client_disconnects += 1
+        log.debug("client left %s %s before its request was read", request.method, request.path)
+        return error_response(499, "client closed the request")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -113,6 +118,7 @@ def build_app(
     """The gateway app in front of ``backend``; closing the app closes the backend."""
     settings = settings or ProxySettings()
     gateway = Gateway(backend, settings, metrics, proxy_log)
+    quiet_malformed_requests(logging.getLogger("aiohttp.server"))
     app = web.Application(
         middlewares=[gateway_middleware],
         client_max_size=settings.max_body_bytes,

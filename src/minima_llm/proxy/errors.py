@@ -16,21 +16,36 @@ _TYPES = {
     403: "permission_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
 }
 
 
 class RequestError(Exception):
-    """A request the gateway refuses, with the status and OpenAI error fields to answer."""
+    """A request the gateway refuses, with the status and OpenAI error fields to answer.
+
+    ``close`` ends the connection after the answer: the body was not read to its end,
+    so the connection cannot carry another request.
+    """
 
     def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.param = param
         self.code = code
+        self.close = close
+
+
+class ClientLeft(Exception):
+    """The client closed its connection before its request could be answered."""
 
 
 def error_body(

@@ -55,7 +55,8 @@ class Gateway:
     @staticmethod
     def tenant_of(key: str) -> str:
         """A stable, non-reversible name for a key's cache partition."""
-        return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+        # As in key_is_valid: a header that is not UTF-8 arrives with surrogates in it.
+        return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
     async def upstream_health(self) -> dict[str, Any]:
         """Whether the upstream answers ``GET /models`` (cached for a few seconds)."""

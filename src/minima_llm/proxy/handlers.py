@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -17,9 +19,10 @@ from ..live_streams import ChunkStream
 from ..streaming import encode_event
 from ..types import MinimaLlmFailure, MinimaLlmResponse, Usage
 from ..upstream import StreamInterrupted
-from .errors import RequestError, error_body, error_response, failure_response
+from .errors import ClientLeft, RequestError, error_body, error_response, failure_response
 from .gateway import Gateway
 from .normalize import CHAT, COMPLETIONS, EMBEDDINGS, Parsed, key_extra, parse_body
+from .settings import ProxySettings
 
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
 
@@ -42,16 +45,72 @@ _GONE = (ConnectionResetError, ConnectionError)
 # busy model, for each of hundreds of streams) costs a few wake-ups, not one every 0.1 s.
 _WATCH_S = 0.1
 _WATCH_MAX_S = 1.0
+T = TypeVar("T")
+log = logging.getLogger("minima_llm.proxy")
 
 
-async def _json_body(request: web.Request) -> Any:
+async def bounded(awaitable: Awaitable[T], timeout_s: float) -> T:
+    """``await awaitable``, raising ``asyncio.TimeoutError`` after ``timeout_s``.
+
+    Unlike ``asyncio.wait_for`` before Python 3.12 it makes no task: a timer cancels
+    the calling task itself, and the cancellation is taken back when it was the timer's.
+    """
+    task = asyncio.current_task()
+    if task is None:  # not in a task (never so under aiohttp): nothing to cancel
+        return await awaitable
+    fired = False
+
+    def fire() -> None:
+        nonlocal fired
+        fired = True
+        task.cancel()
+
+    handle = asyncio.get_running_loop().call_later(timeout_s, fire)
     try:
-        raw = await request.read()  # aiohttp raises 413 past client_max_size
+        return await awaitable
+    except asyncio.CancelledError:
+        if not fired or _take_back_cancel(task) > 0:
+            raise  # someone else's cancellation too
+        raise asyncio.TimeoutError from None
+    finally:
+        handle.cancel()
+
+
+def _take_back_cancel(task: asyncio.Task[Any]) -> int:
+    """Undo one ``cancel()`` of ``task`` (Python 3.11+); the cancellations still pending."""
+    uncancel = getattr(task, "uncancel", None)
+    return int(uncancel()) if uncancel is not None else 0
+
+
+async def _json_body(request: web.Request, settings: ProxySettings) -> Any:
+    limit = settings.max_body_bytes
+    declared = request.content_length
+    if declared is not None and declared > limit and not request.headers.get("Content-Encoding"):
+        # Refused before a byte of it is read: waiting for a body we would refuse anyway
+        # ties up a connection (and, at a slow sender's pace, a handler) for nothing.
+        raise RequestError(
+            413, f"request body of {declared} bytes is over the limit of {limit} bytes", close=True
+        )
+    try:
+        # A body that came whole with the headers (nearly all of them) needs no timer.
+        if request.content.is_eof():
+            raw = await request.read()
+        else:
+            raw = await bounded(request.read(), settings.client_timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestError(
+            408,
+            f"the request body did not arrive within {settings.client_timeout_s:g}s",
+            code="request_timeout",
+            close=True,
+        ) from None
     except web.RequestPayloadError as exc:
         # A body aiohttp cannot decode (Content-Encoding: gzip over bytes that are not
         # gzip) is the caller's mistake, not an internal error with a traceback.
         reason = getattr(exc.__cause__, "message", None) or str(exc)
         raise RequestError(400, f"request body could not be read: {reason}") from exc
+    except ConnectionResetError as exc:
+        raise ClientLeft() from exc
     try:
         # As json.loads reads bytes (UTF-8, -16 or -32), with the one decoder built below.
         body = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
@@ -103,7 +162,7 @@ def _inference(endpoint: str) -> Any:
     async def handler(request: web.Request) -> web.StreamResponse:
         gw = request.app[GATEWAY]
         started = time.monotonic()
-        body = await _json_body(request)
+        body = await _json_body(request, gw.settings)
         parsed = parse_body(
             endpoint,
             body,
@@ -219,10 +278,11 @@ async def _stream(
         }
     )
     usage = Usage()
+    send = _Sender(resp, request, gw.settings.client_timeout_s)
     try:
         await resp.prepare(request)
-        usage = await _pump(resp, opened, parsed.include_usage)
-        await resp.write(_DONE)
+        usage = await _pump(send, opened, parsed.include_usage)
+        await send(_DONE)
     except StreamInterrupted as exc:
         gw.metrics.streams_interrupted += 1
         gw.log.answered(
@@ -234,7 +294,7 @@ async def _stream(
             f"stream interrupted: {exc}",
         )
         await _try_write(
-            resp,
+            send,
             encode_event(
                 error_body(
                     502,
@@ -287,9 +347,7 @@ async def _open_while_connected(
     except asyncio.CancelledError:
         if not watch.fired:
             raise
-        uncancel = getattr(task, "uncancel", None)  # Python 3.11+: undo our own cancel
-        if uncancel is not None:
-            uncancel()
+        _take_back_cancel(task)
         return None
     finally:
         watch.stop()
@@ -349,7 +407,39 @@ def _count_if_finished(gw: Gateway, label: str, opened: ChunkStream, started: fl
     opened.chunks.flight.when_finished(count)
 
 
-async def _pump(resp: web.StreamResponse, opened: ChunkStream, include_usage: bool) -> Usage:
+class _Sender:
+    """Writes a stream to its client, dropping a client that takes no data for ``timeout_s``.
+
+    A write waits only when the connection's buffer passes its high-water mark, so
+    a write onto an empty buffer goes straight through; only the others get a timer.
+    """
+
+    __slots__ = ("_high", "_resp", "_timeout_s", "_transport")
+
+    def __init__(self, resp: web.StreamResponse, request: web.Request, timeout_s: float) -> None:
+        self._resp = resp
+        self._transport = request.transport
+        self._high = self._transport.get_write_buffer_limits()[1] if self._transport else 0
+        self._timeout_s = timeout_s
+
+    async def __call__(self, data: bytes) -> None:
+        """Write ``data``; raises ``ConnectionResetError`` for a client gone or too slow."""
+        transport = self._transport
+        if transport is None or (
+            transport.get_write_buffer_size() == 0 and len(data) <= self._high
+        ):
+            await self._resp.write(data)
+            return
+        try:
+            await bounded(self._resp.write(data), self._timeout_s)
+        except asyncio.TimeoutError:
+            # Aborted, not closed: closing would wait to flush what it will not take.
+            transport.abort()
+            log.warning("dropped a stream's client: it took no data for %gs", self._timeout_s)
+            raise ConnectionResetError(f"client took no data for {self._timeout_s:g}s") from None
+
+
+async def _pump(send: _Sender, opened: ChunkStream, include_usage: bool) -> Usage:
     usage = Usage()
     async for chunk in opened:
         if isinstance(chunk.get("usage"), dict):
@@ -359,13 +449,13 @@ async def _pump(resp: web.StreamResponse, opened: ChunkStream, include_usage: bo
                 continue
             if "usage" in chunk:
                 chunk = {k: v for k, v in chunk.items() if k != "usage"}
-        await resp.write(encode_event(chunk))
+        await send(encode_event(chunk))
     return usage
 
 
-async def _try_write(resp: web.StreamResponse, data: bytes) -> None:
+async def _try_write(send: _Sender, data: bytes) -> None:
     with contextlib.suppress(*_GONE):
-        await resp.write(data)
+        await send(data)
 
 
 def _model_cards(gw: Gateway) -> list[dict[str, Any]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 log = logging.getLogger("minima_llm.proxy")
 LINE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -70,3 +72,30 @@ class ProxyLog:
                 self.failed,
                 joined,
             )
+
+
+class MalformedRequestFilter(logging.Filter):
+    """Logs a request aiohttp could not parse as one line that quotes none of it.
+
+    aiohttp's parser errors repeat the offending bytes (an over-long ``Authorization``
+    header, say), and aiohttp logs them with a traceback; a caller's key must never
+    reach the log, and a client's bad request is no error of the gateway's.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite records carrying an HTTP parse error; let every other record through."""
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            where = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.msg = "refused a malformed request from %s: %s (HTTP %s)"
+            record.args = (where, type(exc).__name__, exc.code)
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def quiet_malformed_requests(logger: logging.Logger) -> None:
+    """Install :class:`MalformedRequestFilter` on ``logger`` once."""
+    if not any(isinstance(f, MalformedRequestFilter) for f in logger.filters):
+        logger.addFilter(MalformedRequestFilter())

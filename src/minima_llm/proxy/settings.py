@@ -39,6 +39,9 @@ class ProxySettings:
     verbose: bool = False
     shutdown_timeout_s: float = 30.0
     health_check_timeout_s: float = 2.0
+    # How long the gateway waits on a client: for the rest of a request body, and for a
+    # stream's reader to take data it has not taken. A client past it is disconnected.
+    client_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_keys", _keys(self.api_keys))
@@ -51,7 +54,7 @@ class ProxySettings:
         _check_int("proxy.port", self.port, 0, 65535)
         _check_int("proxy.max_body_bytes", self.max_body_bytes, 1024, 2**31)
         _check_int("proxy.log_every", self.log_every, 0, 2**31)
-        for name in ("shutdown_timeout_s", "health_check_timeout_s"):
+        for name in ("shutdown_timeout_s", "health_check_timeout_s", "client_timeout_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"proxy.{name}", value, "a number > 0")
@@ -111,6 +114,15 @@ class ProxySettings:
                     out[name] = int(env[var])
                 except ValueError as exc:
                     raise ConfigError(var, env[var], "an integer") from exc
+        if env.get("MINIMA_PROXY_CLIENT_TIMEOUT_S"):
+            try:
+                out["client_timeout_s"] = float(env["MINIMA_PROXY_CLIENT_TIMEOUT_S"])
+            except ValueError as exc:
+                raise ConfigError(
+                    "MINIMA_PROXY_CLIENT_TIMEOUT_S",
+                    env["MINIMA_PROXY_CLIENT_TIMEOUT_S"],
+                    "a number",
+                ) from exc
         for var, name in (
             ("MINIMA_PROXY_PARTITION_CACHE", "partition_cache_by_key"),
             ("MINIMA_PROXY_PASS_THROUGH_KEY", "pass_through_client_key"),

@@ -1,0 +1,180 @@
+"""Clients that misbehave on the wire: slow senders, slow readers, odd bytes, early exits.
+
+Raw sockets, so each test controls exactly what reaches the gateway and when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from pathlib import Path
+
+import pytest
+from gateway_harness import Served, chat_body, eventually, serve
+
+from minima_llm.proxy import ProxySettings
+from minima_llm.testing import MockServer
+
+HOLD_S = 0.5  # the client timeout these tests give the gateway
+
+
+def head(path: str, length: int, extra: str = "") -> bytes:
+    """A request line and headers announcing ``length`` body bytes."""
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n{extra}\r\n"
+    ).encode("latin-1")
+
+
+async def connect(gw: Served) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = gw.url.removeprefix("http://").split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+async def answer_of(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body of one HTTP/1.1 answer with a Content-Length."""
+    status_line = await asyncio.wait_for(reader.readline(), 10)
+    status = int(status_line.split()[1])
+    headers: dict[str, str] = {}
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, headers, body
+
+
+def error_code_of(body: bytes) -> object:
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error["code"]
+
+
+def settings(**changes: object) -> ProxySettings:
+    return ProxySettings(port=0, client_timeout_s=HOLD_S, **changes)  # type: ignore[arg-type]
+
+
+async def metrics(gw: Served) -> dict[str, object]:
+    return (await gw.get("/metrics")).json()  # type: ignore[no-any-return]
+
+
+async def test_a_body_that_stops_arriving_gets_a_408(mock: MockServer, tmp_path: Path) -> None:
+    async with serve(mock.url, tmp_path, settings()) as gw:
+        reader, writer = await connect(gw)
+        writer.write(head("/v1/chat/completions", 100) + b'{"mess')
+        await writer.drain()
+        started = asyncio.get_running_loop().time()
+        status, headers, body = await answer_of(reader)
+        waited = asyncio.get_running_loop().time() - started
+        assert status == 408 and error_code_of(body) == "request_timeout"
+        assert HOLD_S * 0.8 < waited < HOLD_S + 5
+        assert headers.get("connection", "").lower() == "close"
+        assert not gw.gateway.answering  # aiohttp still lingers, bounded, over the rest
+        writer.close()
+    assert mock.stats()["requests"] == 0
+
+
+async def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    async with serve(mock.url, tmp_path, settings(max_body_bytes=4096)) as gw:
+        reader, writer = await connect(gw)
+        writer.write(head("/v1/chat/completions", 99_999_999_999))
+        await writer.drain()
+        status, headers, body = await answer_of(reader)  # no body was sent at all
+        assert status == 413 and "over the limit of 4096 bytes" in body.decode()
+        assert headers.get("connection", "").lower() == "close"
+        writer.close()
+
+
+async def test_a_client_that_leaves_mid_body_is_no_server_error(
+    mock: MockServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with serve(mock.url, tmp_path, settings()) as gw:
+        _, writer = await connect(gw)
+        writer.write(head("/v1/chat/completions", 100) + b'{"messages": [')
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()
+        await writer.wait_closed()
+        assert await eventually(lambda: gw.gateway.metrics.client_disconnects == 1)
+        counted = await metrics(gw)
+        assert "500" not in counted["by_status"]  # type: ignore[operator]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_stream_reader_that_stops_reading_is_dropped(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    # A long answer to a client whose socket buffer is tiny and who never reads it.
+    words = "w " * 150_000
+    body = json.dumps(chat_body("ECHO:" + words, stream=True)).encode()
+    async with serve(mock.url, tmp_path, settings()) as gw:
+        host, port = gw.url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+        try:
+            await asyncio.get_running_loop().sock_sendall(
+                sock, head("/v1/chat/completions", len(body)) + body
+            )
+            assert await eventually(lambda: len(gw.gateway.answering) == 1)
+            # Dropped within the client timeout of its last write, not when it hangs up.
+            assert await eventually(lambda: not gw.gateway.answering, timeout_s=HOLD_S + 10)
+            assert gw.gateway.metrics.client_disconnects == 1
+        finally:
+            sock.close()
+        # Its upstream stream was cancelled with it (nobody else read it); the next works.
+        assert (await gw.chat("after the slow one")).status == 200
+
+
+async def test_a_fast_stream_reader_is_never_dropped(mock: MockServer, tmp_path: Path) -> None:
+    # The same long answer, read as it comes: the timer must not cut a client that keeps up.
+    async with serve(mock.url, tmp_path, settings()) as gw:
+        reply = await gw.chat("ECHO:" + "w " * 150_000, stream=True)
+        assert reply.status == 200 and reply.events()[-1] == "[DONE]"
+        assert gw.gateway.metrics.client_disconnects == 0
+
+
+@pytest.mark.parametrize("key", [b"caf\xe9", b"\xff\xfe"])
+async def test_a_key_that_is_not_utf8_is_refused_as_json(
+    mock: MockServer, tmp_path: Path, key: bytes
+) -> None:
+    keyed = settings(api_keys=("sekrit-k1",), partition_cache_by_key=True)
+    async with serve(mock.url, tmp_path, keyed) as gw:
+        for method, path in (("GET", "/health"), ("POST", "/v1/chat/completions")):
+            reader, writer = await connect(gw)
+            body = json.dumps(chat_body("hi")).encode() if method == "POST" else b""
+            writer.write(
+                f"{method} {path} HTTP/1.1\r\nHost: gw\r\nContent-Length: {len(body)}\r\n".encode()
+                + b"Authorization: Bearer "
+                + key
+                + b"\r\n\r\n"
+                + body
+            )
+            await writer.drain()
+            status, _, answer = await answer_of(reader)
+            writer.close()
+            if path == "/health":
+                assert status == 200 and json.loads(answer) == {"status": "ok"}
+            else:
+                assert status == 401 and error_code_of(answer) == "invalid_api_key"
+    assert "/v1/chat/completions" not in mock.stats()["by_route"]
+
+
+async def test_a_malformed_request_is_logged_without_its_bytes(
+    mock: MockServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "sk-" + "Z" * 9000  # past aiohttp's 8,190-byte line limit
+    async with serve(mock.url, tmp_path, settings()) as gw:
+        reader, writer = await connect(gw)
+        writer.write(
+            f"GET /v1/models HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {secret}\r\n\r\n".encode()
+        )
+        await writer.drain()
+        assert (await asyncio.wait_for(reader.readline(), 10)).split()[1] == b"400"
+        writer.close()
+        assert await eventually(lambda: "malformed request" in caplog.text)
+    assert "ZZZZ" not in caplog.text and "Traceback" not in caplog.text
