@@ -465,3 +465,16 @@ async def test_non_ascii_questions_reach_the_upstream_intact(
     assert isinstance(answer, MinimaLlmResponse)
     assert answer.text == f"mock reply: {question}"
     assert mock.stats()["requests"] == 1
+
+
+async def test_a_redirect_is_a_failure_that_says_where_to_point(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    moved = "https://api.example.invalid/v1/chat/completions"
+    mock.fail_next(1, status=301, headers={"Location": moved})
+    backend = make_backend(max_attempts=5)
+    failure = await backend.generate(req(1))
+    assert isinstance(failure, MinimaLlmFailure)
+    assert failure.status == 301 and failure.attempts == 1  # not retried, not followed
+    assert f"redirected to {moved}" in failure.message and "base_url" in failure.message
+    assert mock.stats()["requests"] == 1

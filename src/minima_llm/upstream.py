@@ -411,9 +411,11 @@ class UpstreamCaller:
         self, status: int, headers: Mapping[str, str], body: bytes, sent_at: float, slots: Slots
     ) -> Problem:
         snippet = _error_snippet(body)
-        problem = Problem(
-            "HTTPError", f"HTTP {status}", status, snippet, is_retryable_status(status)
-        )
+        message = f"HTTP {status}"
+        if 300 <= status < 400 and headers.get("location"):
+            # Not followed (a POST must not become a GET elsewhere): say where to point instead.
+            message += f", redirected to {headers['location']}: set base_url to the new address"
+        problem = Problem("HTTPError", message, status, snippet, is_retryable_status(status))
         problem.retry_after = parse_retry_after(headers)
         if status == 429:
             self.stats.rate_limited += 1

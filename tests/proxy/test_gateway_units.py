@@ -203,6 +203,8 @@ INVALID = [
     (CHAT, {"messages": MSGS, "stream": "yes"}, "stream"),
     (CHAT, {"messages": MSGS, "stream": True, "stream_options": "x"}, "stream_options"),
     (CHAT, {"messages": MSGS, "cache": "no-cache"}, "cache"),
+    (CHAT, {"messages": MSGS, "cache": {"no-cache": "false"}}, "cache.no-cache"),
+    (CHAT, {"messages": MSGS, "cache": {"no_store": 1}}, "cache.no_store"),
     (COMPLETIONS, {"model": "m"}, "prompt"),
     (COMPLETIONS, {"model": "m", "prompt": []}, "prompt"),  # "" is valid: a new document
     (EMBEDDINGS, {"model": "m"}, "input"),

@@ -105,6 +105,23 @@ async def test_error_status_is_a_response_not_an_exception(
     assert resp.status == 503 and resp.headers["retry-after"] == "2"
 
 
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_is_a_response_not_followed(
+    client: Transport, mock: MockServer, status: int
+) -> None:
+    # Followed, a 301 or 302 turns the POST into a GET; the caller decides instead.
+    elsewhere = {"Location": mock.url + "/models"}
+    mock.fail_next(2, status=status, headers=elsewhere)
+    resp = await client.post(mock.url + "/chat/completions", BODY, JSON, 5.0)
+    assert resp.status == status and resp.headers["location"] == elsewhere["Location"]
+    stream = await client.open_stream(mock.url + "/chat/completions", BODY, JSON, 5.0)
+    try:
+        assert stream.status == status
+    finally:
+        await stream.aclose()
+    assert mock.stats()["by_route"] == {"/v1/chat/completions": 2}
+
+
 async def test_gzip_request_body_is_accepted(client: Transport, mock: MockServer) -> None:
     headers = {**JSON, "Content-Encoding": "gzip"}
     resp = await client.post(mock.url + "/chat/completions", gzip.compress(BODY), headers, 5.0)

@@ -105,8 +105,10 @@ class AiohttpTransport:
             timeout = self._timeouts[timeout_s] = aiohttp.ClientTimeout(total=timeout_s)
         try:
             extra = None if headers is self._default_headers else headers
+            # Redirects come back as responses, as from the stdlib transport: followed,
+            # a 301 or 302 would turn the POST into a GET at the new address.
             async with session.post(
-                self._url(url), data=body, headers=extra, timeout=timeout
+                self._url(url), data=body, headers=extra, timeout=timeout, allow_redirects=False
             ) as resp:
                 data = await resp.read()
                 return HttpResponse(resp.status, _Headers(resp.headers), data)
@@ -120,7 +122,9 @@ class AiohttpTransport:
         session = await self._session()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
         try:
-            resp = await session.post(url, data=body, headers=headers, timeout=timeout)
+            resp = await session.post(
+                url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+            )
         except Exception as exc:
             raise _translate(exc, timeout_s) from exc
         return _AiohttpStream(resp, timeout_s)

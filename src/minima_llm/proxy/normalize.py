@@ -194,9 +194,17 @@ def _cache_directives(body: dict[str, Any], headers: Mapping[str, str]) -> tuple
             raise RequestError(
                 400, "'cache' must be an object such as {\"no-cache\": true}", param="cache"
             )
-        no_cache = no_cache or bool(directive.get("no-cache") or directive.get("no_cache"))
-        no_store = no_store or bool(directive.get("no-store") or directive.get("no_store"))
+        no_cache = no_cache or _flag(directive, "no-cache") or _flag(directive, "no_cache")
+        no_store = no_store or _flag(directive, "no-store") or _flag(directive, "no_store")
     return no_cache, no_store
+
+
+def _flag(directive: dict[str, Any], name: str) -> bool:
+    value = directive.get(name)
+    if value is not None and not isinstance(value, bool):
+        # bool("false") is True: a quoted "false" would skip the cache when asked not to.
+        raise RequestError(400, f"'cache.{name}' must be a boolean", param=f"cache.{name}")
+    return bool(value)
 
 
 def _number(body: dict[str, Any], name: str, low: float, high: float) -> float | None:
