@@ -140,6 +140,27 @@ async def test_a_stream_whose_opener_left_before_the_first_byte_opens_again_for_
     assert be.stats.coalesced == 0
 
 
+async def test_a_whole_request_on_a_stream_whose_opener_left_shares_the_next_call(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    be = make_backend()
+    mock.update_config(latency_s=0.3)
+    opener = asyncio.ensure_future(be.open_stream(req(1, text="asked thrice")))
+    await asyncio.sleep(0.05)
+    streamed = asyncio.ensure_future(be.open_stream(req(2, text="asked thrice")))
+    whole = asyncio.ensure_future(be.call(req(3, text="asked thrice")))
+    await asyncio.sleep(0.05)
+    opener.cancel()  # both others were following its stream when it went away
+    await asyncio.gather(opener, return_exceptions=True)
+    opened = await asyncio.wait_for(streamed, 5)
+    assert not isinstance(opened, MinimaLlmFailure)
+    assert await asyncio.wait_for(_read(opened), 5) > 0
+    answer = await asyncio.wait_for(whole, 5)
+    assert isinstance(answer, MinimaLlmResponse) and answer.cache_source == "inflight"
+    # The cancelled open, then one call that the stream and the whole request shared.
+    assert mock.stats()["requests"] == 2
+
+
 class _Burst:
     """A streaming response whose lines all arrive at once: read ahead, then handed out without a wait."""
 

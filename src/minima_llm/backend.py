@@ -49,6 +49,10 @@ __all__ = ["ChunkStream", "OpenAIMinimaLlm", "StreamError"]
 log = logging.getLogger("minima_llm")
 
 
+# Identical live streams a whole request follows, one after another as each breaks.
+_STREAMS_TO_FOLLOW = 3
+
+
 class OpenAIMinimaLlm:
     """Async client for an OpenAI-compatible endpoint."""
 
@@ -178,13 +182,18 @@ class OpenAIMinimaLlm:
         hit = await self._lookup_slow(call, refresh) if found is ... else found
         if hit is not None:
             return self._from_hit(request, hit, started)
-        if self.streams.live:
-            flight = self.streams.on_wire(call.key)
-            if flight is not None:
-                # The same question is being streamed right now: take its answer whole.
-                whole = await self.streams.follow_whole(call, flight, started)
-                if whole is not None:
-                    return whole
+        followed = None
+        # The same question may be streaming right now: take its answer whole. If that
+        # stream breaks (its opener left, say), a reader of it may have started another;
+        # a few of those, and this request stops waiting on others and asks itself.
+        for _ in range(_STREAMS_TO_FOLLOW):
+            flight = self.streams.on_wire(call.key) if self.streams.live else None
+            if flight is None or flight is followed:
+                break
+            whole = await self.streams.follow_whole(call, flight, started)
+            if whole is not None:
+                return whole
+            followed = flight
         return await self._coalesced(call, started, refresh)
 
     def _lookup_now(self, call: Call, refresh: bool) -> CacheHit | EllipsisType | None:
