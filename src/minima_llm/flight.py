@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,8 @@ class Broadcast:
         self.chunks: list[dict[str, Any]] = []
         self.done = False
         self.error: BaseException | None = None
+        # When the upstream stream ended: a reader's own pace must not count as the upstream's.
+        self.finished_at: float | None = None
         self.followers = 0
         self.producer: asyncio.Task[None] | None = None
         self._waiters: list[asyncio.Future[None]] = []
@@ -33,6 +36,7 @@ class Broadcast:
         """End the stream; followers raise ``error`` after the chunks, if given."""
         if not self.done:
             self.done, self.error = True, error
+            self.finished_at = time.monotonic()
             self._wake()
             callbacks, self._on_finish = self._on_finish, []
             for callback in callbacks:

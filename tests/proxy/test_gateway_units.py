@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -13,8 +14,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from minima_llm import MinimaLlmFailure
 from minima_llm.cache import cache_key
 from minima_llm.errors import ConfigError
+from minima_llm.flight import Broadcast
+from minima_llm.live_streams import ChunkStream
 from minima_llm.proxy import GatewayMetrics, ProxySettings
 from minima_llm.proxy.errors import RequestError, failure_response, failure_status
+from minima_llm.proxy.handlers import _upstream_s
 from minima_llm.proxy.normalize import CHAT, COMPLETIONS, EMBEDDINGS, Parsed, parse_body
 from minima_llm.types import Usage
 
@@ -424,3 +428,16 @@ def test_prometheus_series_follow_the_counters() -> None:
     assert samples[(bucket, (("le", "0.005"),))] == 1  # le is inclusive
     assert samples[(bucket, (("le", "+Inf"),))] == 1
     assert samples[("minima_gateway_upstream_latency_seconds_count", ())] == 1
+
+
+def test_a_streams_upstream_time_ends_when_its_upstream_ended() -> None:
+    # A reader dropped long after its stream ended (it stopped reading) must not put
+    # its own hold time into the upstream latency histogram.
+    flight = Broadcast()
+    stream = ChunkStream("r", flight.follow())
+    started = time.monotonic() - 5.0
+    flight.finish()
+    time.sleep(0.05)
+    assert 5.0 <= _upstream_s(stream, started) < 5.04
+    still_open = ChunkStream("r", Broadcast().follow())
+    assert _upstream_s(still_open, started) >= 5.05  # not ended: until now

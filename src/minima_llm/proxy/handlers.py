@@ -314,7 +314,7 @@ async def _stream(
     finally:
         await opened.aclose()
     gw.metrics.count_answer(
-        label, usage, _token_source(label), None if opened.cached else time.monotonic() - started
+        label, usage, _token_source(label), None if opened.cached else _upstream_s(opened, started)
     )
     gw.log.answered(
         label,
@@ -402,9 +402,16 @@ def _count_if_finished(gw: Gateway, label: str, opened: ChunkStream, started: fl
                 ),
                 Usage(),
             )
-            gw.metrics.count_answer(label, usage, "upstream", time.monotonic() - started)
+            gw.metrics.count_answer(label, usage, "upstream", _upstream_s(opened, started))
 
     opened.chunks.flight.when_finished(count)
+
+
+def _upstream_s(opened: ChunkStream, started: float) -> float:
+    """From the request's start until its upstream stream ended, however slowly it was read."""
+    chunks = opened.chunks
+    ended = chunks.flight.finished_at if isinstance(chunks, Follower) else None
+    return (ended if ended is not None else time.monotonic()) - started
 
 
 class _Sender:
