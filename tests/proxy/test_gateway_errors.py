@@ -34,6 +34,10 @@ async def test_malformed_json(mock: MockServer, tmp_path: Path) -> None:
         assert error["type"] == "invalid_request_error"
         assert "JSON" in str(error["message"])
         error_of(await gw.request("POST", "/v1/chat/completions", data=b"\xff\xfe"), 400)
+        huge = b'{"model": "m", "messages": [], "seed": ' + b"9" * 5000 + b"}"
+        long_number = error_of(await gw.request("POST", "/v1/chat/completions", data=huge), 400)
+        assert "too long" in str(long_number["message"])
+        assert "sys." not in str(long_number["message"])
 
 
 async def test_deeply_nested_json_is_a_bad_request(mock: MockServer, tmp_path: Path) -> None:

@@ -115,6 +115,9 @@ async def _json_body(request: web.Request, settings: ProxySettings) -> Any:
         # As json.loads reads bytes (UTF-8, -16 or -32), with the one decoder built below.
         body = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except (ValueError, UnicodeDecodeError) as exc:
+        if "int_max_str_digits" in str(exc):
+            # Python's own wording names an interpreter setting the caller cannot change.
+            raise RequestError(400, "request body has a number too long to read") from exc
         raise RequestError(400, f"request body is not valid JSON: {exc}") from exc
     except RecursionError as exc:
         raise RequestError(400, "request body is nested too deeply") from exc
