@@ -478,3 +478,17 @@ async def test_a_redirect_is_a_failure_that_says_where_to_point(
     assert failure.status == 301 and failure.attempts == 1  # not retried, not followed
     assert f"redirected to {moved}" in failure.message and "base_url" in failure.message
     assert mock.stats()["requests"] == 1
+
+
+async def test_a_per_call_key_no_header_can_carry_is_a_failure_not_an_exception(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    # A gateway passing its caller's key through: the transport must never see it.
+    backend = make_backend()
+    for key in ("sk-caf\u2019", "sk-\udcff", "sk-a\r\nX-Injected: 1"):
+        failure = await backend.call(req(1), api_key=key)
+        assert isinstance(failure, MinimaLlmFailure) and failure.error_type == "InvalidApiKey"
+        assert failure.attempts == 0 and key not in failure.message
+        opened = await backend.open_stream(req(2), api_key=key)
+        assert isinstance(opened, MinimaLlmFailure) and opened.error_type == "InvalidApiKey"
+    assert mock.stats()["requests"] == 0

@@ -95,6 +95,31 @@ async def test_backend_works_after_aclose_in_the_same_loop(
     assert backend_threads("minima-cache-", before) == []
 
 
+async def test_aclose_while_requests_run_gives_each_an_answer_or_a_failure(
+    transport: str, mock: MockServer, tmp_path: Path
+) -> None:
+    # The close cuts the requests on the wire; with a short, jittered backoff some are
+    # retried while the close is still under way.
+    mock.update_config(latency_s=0.3, latency_jitter_s=0.2)
+    cfg = MinimaLlmConfig(
+        base_url=mock.url,
+        model="m",
+        cache_dir=str(tmp_path),
+        rpm=0,
+        transport=transport,
+        max_outstanding=32,
+        base_backoff_s=0.05,
+        max_backoff_s=0.2,
+    )
+    async with OpenAIMinimaLlm(cfg) as backend:
+        calls = [asyncio.ensure_future(backend.generate(req(i))) for i in range(40)]
+        await asyncio.sleep(0.15)
+        await backend.aclose()
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 30)
+    # Never an exception out of generate: a closed session is no reason to raise.
+    assert [r for r in results if isinstance(r, BaseException)] == []
+
+
 async def settle(baseline_threads: int, baseline_fds: int, timeout: float = 20.0) -> bool:
     """Let dropped backends' threads end and sessions close (some need the loop to run)."""
     deadline = time.monotonic() + timeout

@@ -291,6 +291,14 @@ INVALID = [
     ("transport", "curl"),
     ("base_url", ""),
     ("base_url", "localhost:8000"),
+    ("base_url", "http://"),
+    ("base_url", "http://127.0.0.1:99999/v1"),
+    ("base_url", "http://host:abc/v1"),
+    ("base_url", "http://host:0/v1"),
+    ("base_url", "http://[::1/v1"),
+    ("base_url", "http://127.0.0.1:8000 /v1"),
+    ("base_url", "http://host/v1\n"),
+    ("timeout_s", 1e10),
     ("model", ""),
     ("cache_lookup_dirs", "/a,/b"),
     ("cache_lookup_dirs", [1]),
@@ -706,6 +714,9 @@ def test_api_key_is_masked_in_repr() -> None:
         lambda: make(api_key=12345),
         lambda: make(api_key=SECRET, rpm=-1),
         lambda: make(api_key=SECRET, base_url="ftp://x"),
+        lambda: make(api_key=SECRET + "\x01"),
+        lambda: make(api_key=SECRET + "\u2019"),
+        lambda: make(api_key=f"Bearer {SECRET}\r\nX-Injected: 1"),
         lambda: MinimaLlmConfig.from_dict({"base_url": URL, "model": "m", "apikey": SECRET}),
         lambda: MinimaLlmConfig.from_dict({"model": "m", "api_key": SECRET}),
         lambda: MinimaLlmConfig.from_env(
@@ -768,3 +779,14 @@ def test_an_infinite_value_is_refused_at_construction(field: str, value: float) 
 def test_an_infinite_variable_is_refused(var: str) -> None:
     with pytest.raises(ConfigError, match="finite"):
         env(**{var: "inf"})
+
+
+def test_api_key_read_from_a_file_loses_its_newline() -> None:
+    assert make(api_key=f"  {SECRET}\n").api_key == SECRET
+    env = {**BASE_ENV, "OPENAI_API_KEY": f"{SECRET}\n"}
+    assert MinimaLlmConfig.from_env(environ=env).api_key == SECRET
+
+
+def test_base_urls_that_are_valid_stay_valid() -> None:
+    for url in ("http://[::1]:8000/v1", "https://api.example.com", "http://h:65535/v1/"):
+        assert make(base_url=url).base_url.endswith("/v1")

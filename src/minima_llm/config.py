@@ -15,10 +15,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
 TRANSPORTS = ("auto", "stdlib", "aiohttp")
+# A per-request timeout past a day is a mistake, and sockets overflow on very large ones.
+MAX_TIMEOUT_S = 86_400.0
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 _VERSION_SEGMENT = re.compile(r"/v\d+[a-z0-9]*$")
@@ -194,6 +197,12 @@ class MinimaLlmConfig:
             self.base_url,
             "a URL starting with http:// or https://",
         )
+        _check(
+            _is_sendable_url(self.base_url),
+            "base_url",
+            self.base_url,
+            "an http(s) URL with a host, a port from 1 to 65535 if any, and no spaces",
+        )
         object.__setattr__(self, "base_url", normalize_base_url(self.base_url))
         _check(
             isinstance(self.model, str) and bool(self.model),
@@ -207,6 +216,15 @@ class MinimaLlmConfig:
             "<hidden>",
             "a string or None",
         )
+        if self.api_key is not None:
+            # A key read from a file or $(cat key) keeps its newline; no key has one.
+            object.__setattr__(self, "api_key", self.api_key.strip())
+            _check(
+                is_header_safe(self.api_key),
+                "api_key",
+                "<hidden>",
+                "printable ASCII characters (it is sent in an HTTP header)",
+            )
         _check(
             self.cache_dir is None or isinstance(self.cache_dir, (str, os.PathLike)),
             "cache_dir",
@@ -219,6 +237,12 @@ class MinimaLlmConfig:
         _check_int("memory_cache_entries", self.memory_cache_entries, 0)
         _check_int("rpm", self.rpm, 0)
         _check_float("timeout_s", self.timeout_s, 0.0, strict=True)
+        _check(
+            self.timeout_s <= MAX_TIMEOUT_S,
+            "timeout_s",
+            self.timeout_s,
+            f"at most {MAX_TIMEOUT_S:g} seconds (a day)",
+        )
         _check_int("max_attempts", self.max_attempts, 0)
         _check_float("base_backoff_s", self.base_backoff_s, 0.0)
         _check_float("max_backoff_s", self.max_backoff_s, 0.0)
@@ -420,6 +444,22 @@ def _lookup_dirs(dirs: Any) -> tuple[str, ...]:
         "a list of directory paths",
     )
     return tuple(os.fspath(d) for d in items)
+
+
+def is_header_safe(value: str) -> bool:
+    """Whether ``value`` can go in an HTTP header unchanged by any transport: printable ASCII."""
+    return value.isascii() and value.isprintable()
+
+
+def _is_sendable_url(url: str) -> bool:
+    if any(c.isspace() or not c.isprintable() for c in url):
+        return False
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a port that is not a number or past 65535
+    except ValueError:
+        return False
+    return bool(parts.hostname) and port != 0
 
 
 def normalize_base_url(url: str) -> str:

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from ._version import USER_AGENT
 from .clock import Clock
-from .config import MinimaLlmConfig
+from .config import MinimaLlmConfig, is_header_safe
 from .errors import MinimaLlmError, TransportError
 from .http import HttpResponse, StreamingResponse, Transport, encode_body
 from .loopbound import LoopBound
@@ -266,6 +266,8 @@ class UpstreamCaller:
         body: bytes | None = None,
     ) -> Completion | MinimaLlmFailure:
         """Send until success, a permanent error, or attempts run out (``body``: ``payload`` encoded)."""
+        if api_key and not is_header_safe(api_key):
+            return self._unsendable_key(request_id)
         data, headers = self.encode(payload, api_key, body)
         stamps: list[float] = []
         # The first attempt runs inline: most calls succeed at once, and the retry
@@ -292,6 +294,8 @@ class UpstreamCaller:
         Retries cover everything before that chunk: statuses, connection errors, and a
         2xx whose stream breaks, ends or carries an error before any chunk of an answer.
         """
+        if api_key and not is_header_safe(api_key):
+            return self._unsendable_key(request_id)
         body, shared = self.encode(payload, api_key)
         headers = {**shared, "Accept": "text/event-stream"}
 
@@ -338,6 +342,14 @@ class UpstreamCaller:
             raise self._status_problem(resp.status, resp.headers, data, stamps[-1], slots)
 
         return await self._retrying(request_id, attempt)
+
+    def _unsendable_key(self, request_id: str) -> MinimaLlmFailure:
+        # A caller's key passed through that no HTTP header can carry: a failure of this
+        # call, never an exception from inside a transport quoting the key.
+        problem = Problem(
+            "InvalidApiKey", "the API key for this call is not printable ASCII", None, None, False
+        )
+        return self._failure(request_id, problem, 0, [])
 
     def _release_stream(self, slots: Slots) -> None:
         self.stats.in_flight -= 1

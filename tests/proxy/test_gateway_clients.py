@@ -178,3 +178,18 @@ async def test_a_malformed_request_is_logged_without_its_bytes(
         writer.close()
         assert await eventually(lambda: "malformed request" in caplog.text)
     assert "ZZZZ" not in caplog.text and "Traceback" not in caplog.text
+
+
+async def test_a_passed_through_key_no_header_can_carry_is_refused(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    async with serve(mock.url, tmp_path, settings(pass_through_client_key=True)) as gw:
+        reader, writer = await connect(gw)
+        body = json.dumps(chat_body("hi")).encode()
+        key = "Authorization: Bearer sk-caf\u2019\r\n".encode()  # UTF-8, not ASCII
+        writer.write(head("/v1/chat/completions", len(body))[:-2] + key + b"\r\n" + body)
+        await writer.drain()
+        status, _, answer = await answer_of(reader)
+        writer.close()
+        assert status == 401 and error_code_of(answer) == "invalid_api_key"
+    assert "/v1/chat/completions" not in mock.stats()["by_route"]

@@ -321,3 +321,19 @@ def test_ready_only_when_nothing_could_make_a_start_wait() -> None:
     learned.observe(RateLimitInfo(limit_requests=600, remaining_requests=0, reset_requests_s=1))
     assert not learned.ready()  # the server set a limit: every start is paced
     assert not make(600)[0].ready()
+
+
+def test_a_probe_left_pending_by_a_closed_loop_is_let_go() -> None:
+    # One backend, two asyncio.run() calls: the first loop's probe request failed with
+    # no headers, so nothing finished the probe before that loop closed.
+    pacer = RpmPacer(0)
+    asyncio.run(pacer.acquire())
+    pacer.observe(RateLimitInfo(limit_requests=600, remaining_requests=100))  # no loop at all
+
+    async def second_run() -> None:
+        pacer.penalize(1.0)
+        pacer.observe(RateLimitInfo(limit_requests=600, remaining_requests=99))
+        await pacer.acquire()
+
+    asyncio.run(second_run())
+    assert pacer.server_rpm == 600

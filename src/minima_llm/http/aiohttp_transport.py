@@ -132,12 +132,14 @@ class AiohttpTransport:
     async def aclose(self) -> None:
         """Close the running loop's session; the next request opens a new one."""
         entry = self._sessions.get()
+        # Replaced before the close is awaited: a request retried meanwhile (its
+        # connection cut by this close) must get the new session, not the closing one.
+        self._sessions = self._new_sessions()
         if entry.keeper is not None:
             keeper, entry.keeper = entry.keeper, None
             await keeper.aclose()  # type: ignore[attr-defined]
         elif not entry.session.closed:
             await entry.session.close()
-        self._sessions = self._new_sessions()
 
     def __repr__(self) -> str:
         return f"<AiohttpTransport max_connections={self.max_connections}>"

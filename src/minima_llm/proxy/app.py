@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from ..backend import OpenAIMinimaLlm
+from ..config import is_header_safe
 from .errors import ClientLeft, RequestError, error_response
 from .gateway import Gateway
 from .handlers import CLIENT_KEY, GATEWAY, TENANT, add_routes
@@ -92,6 +93,9 @@ def _authenticate(request: web.Request, gw: Gateway) -> web.Response | None:
         if not gw.key_is_valid(presented):
             return error_response(401, "Incorrect API key provided.", code="invalid_api_key")
     if presented:
+        if settings.pass_through_client_key and not is_header_safe(presented):
+            # It would go upstream in a header, which no transport can send as it is.
+            return error_response(401, "Incorrect API key provided.", code="invalid_api_key")
         request[CLIENT_KEY] = presented
         # A key passed through is the upstream's to judge: a shared cache would hand
         # answers to a caller whose key the upstream never saw (or would refuse), so

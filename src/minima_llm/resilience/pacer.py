@@ -142,9 +142,15 @@ class RpmPacer:
 
     def _finish_probe(self) -> None:
         self._learned = True
-        probe = self._probe
-        if probe is not None and not probe.done():
-            probe.get_loop().call_soon_threadsafe(_resolve, probe)
+        probe, self._probe = self._probe, None
+        if probe is None or probe.done():
+            return
+        loop = probe.get_loop()
+        # A probe whose request failed without headers outlives its loop (asyncio.run
+        # ended); a backend reused under the next loop must not touch the closed one.
+        if not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # it closed just now, in its own thread
+                loop.call_soon_threadsafe(_resolve, probe)
 
     def __repr__(self) -> str:
         return (
