@@ -218,6 +218,31 @@ async def test_a_late_create_answer_is_not_retried_and_the_rerun_finds_the_batch
     assert done.status == "completed" and done.input_file_id == left.input_file_id
 
 
+@pytest.mark.parametrize("status", [400, 404, 405])
+async def test_a_look_up_refused_leaves_the_job_for_the_next_run_not_sent_again(
+    make: Factory, mock: MockServer, proxy: Proxy, tmp_path: Path, status: int
+) -> None:
+    # The create's answer was lost (a 500 after the batch was made); the next run's
+    # look-up for it is refused. That says nothing of the create: never pay twice.
+    async def faults(request: web.Request, body: bytes) -> web.Response | None:
+        if (request.method, request.path) == ("POST", "/v1/batches"):
+            await proxy.forward(request, body)
+            return web.json_response(api_error("try later"), status=500)
+        if (request.method, request.path) == ("GET", "/v1/batches"):
+            return web.json_response(api_error("no listing here"), status=status)
+        return None
+
+    proxy.fault = faults
+    backend = make(base_url=proxy.url, max_attempts=1)
+    await quietly(backend, questions(0, 1))
+    again = await quietly(backend, questions(0, 1))
+
+    assert error_types(again) == {"BatchApiError"}
+    assert proxy.count("POST", "/v1/files") == 1  # nothing uploaded a second time
+    (left,) = list_states(tmp_path / "cache")
+    assert (left.status, left.batch_id) == ("uploaded", None)  # still there to be found
+
+
 async def test_two_runs_on_one_state_dir_share_one_upload_and_one_batch(
     make: Factory, mock: MockServer
 ) -> None:
@@ -329,6 +354,31 @@ async def test_a_job_the_provider_no_longer_knows_is_lost_and_sent_again(
     assert [s.status for s in states.values()] == ["completed"]
 
 
+async def test_a_missing_error_file_keeps_the_answers_of_the_output_file(
+    make: Factory, mock: MockServer, proxy: Proxy, tmp_path: Path
+) -> None:
+    async def error_file_gone(request: web.Request, body: bytes) -> web.Response | None:
+        if request.method == "GET" and request.path.endswith("/content"):
+            answer = await proxy.forward(request, body)
+            content = answer.body if isinstance(answer.body, bytes) else b""
+            if b"choices" not in content:  # the error file: only the failed line is in it
+                return web.json_response(api_error("no such file"), status=404)
+            return answer
+        return None
+
+    proxy.fault = error_file_gone
+    backend = make(base_url=proxy.url)
+    asked = [*questions(0, 1, 2), MinimaLlmRequest("bad", [{"role": "user", "content": BAD}])]
+    results = await quietly(backend, asked)
+
+    assert texts(results[:3]) == replies((0, 1, 2))  # the output file's answers are kept
+    assert isinstance(results[3], MinimaLlmFailure)
+    (state,) = list_states(tmp_path / "cache")
+    assert state.status != "lost" and any("error file" in e for e in state.errors)
+    again = await quietly(backend, questions(0, 1, 2))
+    assert texts(again) == replies((0, 1, 2)) and mock.stats()["batch_lines"] == 4
+
+
 @pytest.mark.parametrize(
     ("method", "path", "cuts"),
     [("GET", CONTENT, 1), ("GET", POLL, 1), ("POST", FILES, 1)],
@@ -424,6 +474,20 @@ def test_the_codes_of_lines_never_run_keep_their_message() -> None:
 
     assert outcomes["expired"].message == "late"
     assert "batch_expired" in (outcomes["expired"].snippet or "")
+
+
+def test_a_key_answered_and_failed_keeps_its_answer() -> None:
+    # Output file first, then the error file; a provider that lists one request in both
+    # must not cost us the completion already paid for.
+    outcomes: dict[str, Any] = {}
+    answered = result_line("k", 200, COMPLETION)
+    failed = result_line("k", 500, api_error("server error"))
+    read_lines(answered.encode(), CHAT, {"k"}, outcomes)
+    read_lines(failed.encode(), CHAT, {"k"}, outcomes)
+    assert isinstance(outcomes["k"], Completion)
+    later: dict[str, Any] = {}
+    read_lines(f"{failed}\n{answered}".encode(), CHAT, {"k"}, later)
+    assert isinstance(later["k"], Completion)
 
 
 def test_a_failed_batch_keeps_its_errors_in_the_state_file(tmp_path: Path) -> None:

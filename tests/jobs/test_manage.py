@@ -269,6 +269,41 @@ async def test_cancel_all_batches_defaults_to_the_configured_prefix(
     assert await remote_status(mock, other) == "in_progress"
 
 
+async def test_a_job_whose_create_answer_was_lost_is_found_and_cancelled(
+    mock: MockServer, cfg: MinimaLlmConfig, cache_dir: Path
+) -> None:
+    # A create that timed out leaves the file uploaded and no batch id, while the
+    # provider runs (and bills) the batch: the tools must find it by its input file.
+    mock.update_config(batch_delay_s=SLOW)
+    batch_id = await submit(cfg, "mine", "a")
+    state = local(cache_dir, batch_id)
+    state.batch_id, state.status = None, "uploaded"
+    state.save()
+    out = io.StringIO()
+
+    await asyncio.to_thread(batch_status_overview, cfg, out=out)
+    assert the_line(out.getvalue(), batch_id)  # refreshed: named by its batch again
+
+    state.batch_id, state.status = None, "uploaded"
+    state.save()
+    assert await asyncio.to_thread(cancel_all_batches, cfg, prefix="mine") == [batch_id]
+    assert await remote_status(mock, batch_id) == "cancelled"
+    assert local(cache_dir, batch_id).status in ("cancelling", "cancelled")
+
+
+async def test_a_repeat_job_of_a_prefix_is_cancelled_by_that_prefix(
+    mock: MockServer, cfg: MinimaLlmConfig, cache_dir: Path
+) -> None:
+    # The second job for one set of requests has a -<time_ns> tail on its file name.
+    mock.update_config(batch_delay_s=SLOW)
+    batch_id = await submit(cfg, "mine", "a")
+    path = local(cache_dir, batch_id).path
+    assert path is not None
+    path.rename(path.with_name(path.name.replace(".batch.json", "-1764612345678901234.batch.json")))
+
+    assert await asyncio.to_thread(cancel_all_batches, cfg, prefix="mine") == [batch_id]
+
+
 def test_cancel_all_batches_needs_a_prefix(cfg: MinimaLlmConfig) -> None:
     with pytest.raises(ValueError, match="prefix"):
         cancel_all_batches(cfg)

@@ -140,6 +140,22 @@ def test_list_states_of_a_prefix_reads_only_that_prefixs_files(
     assert {s.prefix for s in list_states(tmp_path, "run b")} == {"run b", "run_b"}
 
 
+def test_list_states_of_a_prefix_finds_a_job_that_repeats_an_earlier_ones_requests(
+    tmp_path: Path,
+) -> None:
+    # The second job for one set of requests (a rerun resending what a dead job left
+    # unanswered) gets a -<time_ns> tail: take-over and cancel-by-prefix must see it.
+    first = state_in(tmp_path, "run")
+    first.save()
+    again = state_in(tmp_path, "run")
+    tail = "-1764612345678901234.batch.json"
+    again.path = again.path.with_name(again.path.name.replace(".batch.json", tail))
+    again.created_at = first.created_at + 1
+    again.save()
+    assert [s.path for s in list_states(tmp_path, "run")] == [first.path, again.path]
+    assert list_states(tmp_path, "ru") == []
+
+
 def test_digest_ignores_order_and_repeats_of_keys() -> None:
     assert digest_of(CHAT, "m", ["a", "b", "c"]) == digest_of(CHAT, "m", ["c", "a", "b", "a"])
     assert digest_of(CHAT, "m", ["a", "b"]) != digest_of(CHAT, "m", ["a", "b", "c"])

@@ -56,7 +56,11 @@ def read_lines(
             log.warning("batch output line %d unreadable: %.200s", number, raw)
             continue
         if key in wanted:
-            outcomes[key] = _outcome(line, text_of)
+            outcome = _outcome(line, text_of)
+            # A key answered twice (output and error file, say) keeps an answer it has:
+            # a paid-for completion is never dropped for a failure of the same request.
+            if isinstance(outcome, Completion) or not isinstance(outcomes.get(key), Completion):
+                outcomes[key] = outcome
 
 
 def _outcome(line: dict[str, Any], text_of: Callable[[dict[str, Any]], str]) -> Outcome:

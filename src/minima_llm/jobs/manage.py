@@ -44,11 +44,14 @@ def batch_status_overview(
     stream.write(f"Batch jobs in {directory}:\n")
     for state in states:
         note = ""
-        if refresh and not state.terminal and state.batch_id:
+        if refresh and not state.terminal and (state.batch_id or state.input_file_id):
             try:
-                state.update(_api_for(state, config).get(state.batch_id))
-                with held(lock_path(directory)):
-                    save_merged(state)
+                api = _api_for(state, config)
+                if _located(state, api):
+                    assert state.batch_id is not None
+                    state.update(api.get(state.batch_id))
+                    with held(lock_path(directory)):
+                        save_merged(state)
             except BatchApiError as exc:
                 note = f"  (status not refreshed: {exc})"
         stream.write(f"  {state.summary()}{note}\n")
@@ -90,9 +93,16 @@ def _cancel(config: MinimaLlmConfig, states: list[JobState]) -> list[str]:
     """Cancel the unfinished ones among ``states``; the ids the provider accepted to cancel."""
     cancelled: list[str] = []
     for state in states:
-        if state.terminal or not state.batch_id:
+        if state.terminal:
             continue
         api = _api_for(state, config)
+        try:
+            if not _located(state, api):
+                continue
+        except BatchApiError as exc:
+            log.warning("%s: its batch could not be looked up: %s", state.path, exc)
+            continue
+        assert state.batch_id is not None
         try:
             state.update(api.cancel(state.batch_id))
             state.cancel_requested_at = time.time()
@@ -107,3 +117,20 @@ def _cancel(config: MinimaLlmConfig, states: list[JobState]) -> list[str]:
         with held(lock_path(state_dir_of(config))):
             save_merged(state)
     return cancelled
+
+
+def _located(state: JobState, api: BatchApi) -> bool:
+    """Whether ``state`` names its batch, looking it up by input file if a create's answer was lost.
+
+    A create that timed out (or a run killed during it) leaves a file uploaded and no
+    batch id, though the provider may be running, and billing, that batch.
+    """
+    if state.batch_id:
+        return True
+    if not state.input_file_id:
+        return False
+    found = api.find(state.input_file_id)
+    if found is None:
+        return False
+    state.update(found)
+    return bool(state.batch_id)

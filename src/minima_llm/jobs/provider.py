@@ -270,14 +270,19 @@ class ProviderJobs:
         state.input_file_id = _id_of(file, "file")
         state.status = "uploaded"
         await asyncio.to_thread(state.save)
-        await self._create(state, say, new_file=True)
+        await self._create(state, say, look=False)  # a new file: no batch can exist yet
         say(f"[batch-job] {state.batch_id}: submitted {len(bodies)} requests ({path.name})")
         return state
 
     async def _created(self, state: JobState, say: Report) -> bool:
         """Create the batch of a file an earlier run uploaded; False if the provider refuses."""
+        assert state.input_file_id is not None  # takes() only gets here with a file
+        # Outside the try: a look-up that fails, even with a 4xx (no listing on this
+        # provider, say), tells nothing of whether the earlier create worked. It is
+        # raised, and the state stays for the next run rather than being sent again.
+        found = await self.api.afind(state.input_file_id)
         try:
-            await self._create(state, say)
+            await self._create(state, say, found, look=False)
         except BatchApiError as exc:
             if exc.status is None or is_retryable_status(exc.status):
                 raise  # it may yet work: the state stays for the next run
@@ -288,11 +293,18 @@ class ProviderJobs:
             return False
         return True
 
-    async def _create(self, state: JobState, say: Report, new_file: bool = False) -> None:
-        """Create the batch of an uploaded file, unless an earlier try already did."""
+    async def _create(
+        self,
+        state: JobState,
+        say: Report,
+        found: dict[str, Any] | None = None,
+        look: bool = True,
+    ) -> None:
+        """Create the batch of an uploaded file, unless an earlier try did (``found``, or looked up)."""
         file_id = state.input_file_id
         assert file_id is not None  # takes() and _submit only get here with a file
-        found = None if new_file else await self.api.afind(file_id)
+        if found is None and look:
+            found = await self.api.afind(file_id)
         if found is None:
             metadata = {"minima_llm_prefix": self.prefix, "minima_llm_digest": state.digest[:16]}
             found = await self.api.acreate(file_id, state.endpoint, metadata)
@@ -308,17 +320,21 @@ class ProviderJobs:
         """Wait for the job to end, then read the outcomes of ``keys`` from its files."""
         await self._wait(state, say, deadline)
         outcomes: dict[str, Outcome] = {}
-        try:
-            for file_id in (state.output_file_id, state.error_file_id):
-                if file_id:
-                    read_lines(
-                        await self.api.acontent(file_id), endpoint, set(state.keys), outcomes
-                    )
-        except BatchApiError as exc:
-            if exc.status != 404:
-                raise
-            say(f"[batch-job] {state.batch_id}: its result files are gone ({exc})")
-            state.status, outcomes = "lost", {}
+        for file_id, kind in ((state.output_file_id, "output"), (state.error_file_id, "error")):
+            if not file_id:
+                continue
+            try:
+                read_lines(await self.api.acontent(file_id), endpoint, set(state.keys), outcomes)
+            except BatchApiError as exc:
+                if exc.status != 404:
+                    raise
+                say(f"[batch-job] {state.batch_id}: its {kind} file is gone ({exc})")
+                state.errors = [*state.errors, f"{kind} file {file_id} is gone"]
+                if kind == "output":
+                    # The answers are gone with it; only then is the whole job lost.
+                    state.status, outcomes = "lost", {}
+                    break
+                # Only failures were in an error file: the answers already read stay.
         state.answered = sorted(k for k, o in outcomes.items() if isinstance(o, Completion))
         await self._save(state)
         why = f" ({'; '.join(state.errors)})" if state.errors else ""

@@ -267,10 +267,15 @@ def list_states(state_dir: str | os.PathLike[str], prefix: str | None = None) ->
     directory = Path(state_dir)
     if not directory.is_dir():
         return []
-    # The digest part is 16 hex digits, so "a-b"'s files never match prefix "a".
-    pattern = path_for("", prefix, "?" * 16).name if prefix is not None else f"*{SUFFIX}"
+    paths = sorted(directory.glob(f"*{SUFFIX}"))
+    if prefix is not None:
+        # A digest of 16 hex digits, then a -<time_ns> tail on a job that repeats an earlier
+        # job's requests (a force refresh, or lines a dead job left unanswered): so "a-b"'s
+        # files never match prefix "a", and a repeat job is found as surely as the first.
+        named = re.compile(rf"{re.escape(_UNSAFE.sub('_', prefix))}-[0-9a-f]{{16}}(-\d+)?")
+        paths = [p for p in paths if named.fullmatch(p.name.removesuffix(SUFFIX))]
     states = []
-    for path in sorted(directory.glob(pattern)):
+    for path in paths:
         try:
             states.append(load(path))
         except ValueError as exc:
