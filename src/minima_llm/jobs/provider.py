@@ -232,7 +232,9 @@ class ProviderJobs:
         # Another API key's job (a lab sharing a directory) is one this key cannot read:
         # the provider answers 404, which would look like a lost job.
         mine = (self.prefix, self.base_url, self.key_id, url, model)
-        for state in list_states(self.state_dir, self.prefix):
+        # Strict: a state file of this prefix that cannot be read may be a job holding
+        # some of these requests, and sending them anyway could pay for them twice.
+        for state in list_states(self.state_dir, self.prefix, strict=True):
             if (state.prefix, state.base_url, state.key_id, state.endpoint, state.model) != mine:
                 continue
             keys = state.takes(wanted)

@@ -257,12 +257,19 @@ _FIELD_CHECKS: dict[str, Any] = {
 }
 
 
-def list_states(state_dir: str | os.PathLike[str], prefix: str | None = None) -> list[JobState]:
+class UnreadableState(OSError):
+    """A state file named for this prefix cannot be read: it may hold a job already paid for."""
+
+
+def list_states(
+    state_dir: str | os.PathLike[str], prefix: str | None = None, strict: bool = False
+) -> list[JobState]:
     """Every readable state file in ``state_dir``, oldest first; unreadable ones are logged.
 
     With ``prefix``, only files named for it are read (a file holds up to 50,000 keys,
     and a lab's shared directory many prefixes' jobs); the caller still compares each
-    state's own ``prefix``, as two prefixes may share a file-name form.
+    state's own ``prefix``, as two prefixes may share a file-name form. ``strict``
+    raises ``UnreadableState`` for an unreadable file instead of stepping over it.
     """
     directory = Path(state_dir)
     if not directory.is_dir():
@@ -279,6 +286,11 @@ def list_states(state_dir: str | os.PathLike[str], prefix: str | None = None) ->
         try:
             states.append(load(path))
         except ValueError as exc:
+            if strict:
+                raise UnreadableState(
+                    f"{exc}. It may name a job that already has these requests, so none is"
+                    " sent again: move the file aside, or delete it, to send them anew"
+                ) from exc
             log.warning("%s", exc)
     states.sort(key=lambda s: s.created_at)
     return states
