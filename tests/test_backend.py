@@ -344,7 +344,9 @@ async def test_learns_the_server_rate_limit_without_bouncing(
     assert all(isinstance(r, MinimaLlmResponse) for r in results)
     assert mock.stats()["rate_limited"] <= 1
     assert backend.upstream.pacer.server_rpm == 1200
-    assert 0.8 <= elapsed <= 2.5  # 20 from the burst, then 20 at 20/s
+    # 20 from the burst, then 20 at 20/s: about 1 s. The upper bound only catches a
+    # bounce (a cooldown of seconds), with room for a machine busy with other work.
+    assert 0.8 <= elapsed <= 5.0
 
 
 async def test_gzip_request_bodies(make_backend: BackendFactory) -> None:
