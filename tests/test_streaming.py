@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 
 import pytest
+from aiohttp import web
 
 from backend_support import BackendFactory, req
 from minima_llm import MinimaLlmFailure, MinimaLlmResponse
@@ -193,3 +194,38 @@ async def test_reader_leaving_cancels_the_upstream_stream(
         await opened.aclose()
     again = await backend.generate(req(7, text=" ".join(["word"] * 60)))
     assert isinstance(again, MinimaLlmResponse) and not again.cached
+
+
+async def test_a_stream_that_only_drips_keep_alives_gives_up_in_time(
+    make_backend: BackendFactory,
+) -> None:
+    # Each read gets bytes (an SSE comment) well within the timeout, but no chunk ever
+    # comes: the wait for the first one has a bound of its own, and holds no slot after.
+    async def dripping(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(200):
+                await resp.write(b": still thinking\n\n")
+                await asyncio.sleep(0.05)
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", dripping)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+        backend = make_backend(base_url=url, timeout_s=0.3, max_attempts=2)
+        started = asyncio.get_running_loop().time()
+        opened = await asyncio.wait_for(backend.open_stream(req(1)), 10)
+        assert isinstance(opened, MinimaLlmFailure) and opened.error_type == "TimeoutError"
+        assert opened.attempts == 2
+        assert asyncio.get_running_loop().time() - started < 5
+        assert backend.upstream.in_flight_limit == backend.cfg.max_outstanding
+        assert backend.stats.in_flight == 0
+    finally:
+        await runner.cleanup()

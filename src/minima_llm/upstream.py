@@ -65,7 +65,32 @@ class Problem(Exception):
 
 
 class StreamInterrupted(MinimaLlmError):
-    """A stream broke after it started; what arrived is not cached."""
+    """A stream broke after it started; what arrived is not cached.
+
+    ``error`` is the error object of an error event the upstream sent, if that was why.
+    """
+
+    def __init__(self, message: str, error: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+# Error types of OpenAI's error objects that asking again cannot change.
+_PERMANENT_TYPES = frozenset(
+    {"invalid_request_error", "authentication_error", "permission_error", "not_found_error"}
+)
+
+
+def _passing(exc: StreamInterrupted) -> bool:
+    """Whether a stream that failed before its first chunk may succeed if asked again."""
+    error = exc.error
+    if error is None:
+        return True  # cut, empty or unreadable: the faults of a proxy or a restart
+    # vLLM and others put the HTTP status in "code"; OpenAI names the kind in "type".
+    status = error.get("status", error.get("code"))
+    if isinstance(status, int) and not isinstance(status, bool):
+        return is_retryable_status(status)
+    return error.get("type") not in _PERMANENT_TYPES
 
 
 Parse = Callable[[HttpResponse], Completion]
@@ -191,7 +216,11 @@ def _chunk(data: str) -> dict[str, Any]:
     if not isinstance(chunk, dict):
         raise StreamInterrupted(f"stream chunk is not an object: {data[:SNIPPET]!r}")
     if "error" in chunk and "choices" not in chunk:
-        raise StreamInterrupted(f"upstream sent an error mid-stream: {data[:SNIPPET]}")
+        error = chunk["error"]
+        raise StreamInterrupted(
+            f"upstream sent an error mid-stream: {data[:SNIPPET]}",
+            error if isinstance(error, dict) else None,
+        )
     return chunk
 
 
@@ -317,7 +346,9 @@ class UpstreamCaller:
                 self.stats.in_flight += 1
                 stream = UpstreamStream(resp, lambda: self._release_stream(slots), self.stats)
                 try:
-                    await stream.start(endpoint)
+                    # One bound for the whole wait: each read has its own, but a server
+                    # dripping keep-alive comments would otherwise hold the slot forever.
+                    await asyncio.wait_for(stream.start(endpoint), self.cfg.timeout_s)
                 except StreamInterrupted as exc:
                     await stream.aclose()
                     raise Problem(
@@ -325,8 +356,12 @@ class UpstreamCaller:
                         f"stream failed before its first chunk: {exc}",
                         resp.status,
                         str(exc)[:SNIPPET],
-                        True,
+                        _passing(exc),
                     ) from exc
+                except asyncio.TimeoutError as exc:
+                    await stream.aclose()
+                    timed_out = TransportError("timeout", "no first chunk in time")
+                    raise _transport_problem(timed_out, self.cfg.timeout_s) from exc
                 except BaseException:
                     await stream.aclose()
                     raise

@@ -242,6 +242,18 @@ async def test_a_stream_that_fails_before_its_first_chunk_is_retried(
         assert mock.stats()["requests"] == 2
 
 
+async def test_a_stream_refused_for_good_before_its_first_chunk_is_not_retried(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    refusal = {"message": "too long", "type": "invalid_request_error", "code": "context_length"}
+    event = f"data: {json.dumps({'error': refusal})}\n\n"
+    mock.fail_next(3, status=200, body=event, headers={"Content-Type": "text/event-stream"})
+    async with serve(mock.url, tmp_path, max_attempts=3) as gw:
+        error = error_of(await gw.chat("far too long", stream=True), 502)
+        assert "too long" in str(error["message"])
+        assert mock.stats()["requests"] == 1  # asking again cannot change this answer
+
+
 async def test_a_stream_that_never_starts_is_a_json_error(mock: MockServer, tmp_path: Path) -> None:
     mock.fail_next(2, status=200, body="", headers={"Content-Type": "text/event-stream"})
     async with serve(mock.url, tmp_path, max_attempts=2) as gw:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -18,7 +19,7 @@ from minima_llm.flight import Broadcast
 from minima_llm.live_streams import ChunkStream
 from minima_llm.proxy import GatewayMetrics, ProxySettings
 from minima_llm.proxy.errors import RequestError, failure_response, failure_status
-from minima_llm.proxy.handlers import _upstream_s
+from minima_llm.proxy.handlers import _upstream_s, bounded
 from minima_llm.proxy.normalize import CHAT, COMPLETIONS, EMBEDDINGS, Parsed, parse_body
 from minima_llm.types import Usage
 
@@ -441,3 +442,14 @@ def test_a_streams_upstream_time_ends_when_its_upstream_ended() -> None:
     assert 5.0 <= _upstream_s(stream, started) < 5.04
     still_open = ChunkStream("r", Broadcast().follow())
     assert _upstream_s(still_open, started) >= 5.05  # not ended: until now
+
+
+async def test_bounded_times_out_and_lets_other_cancellations_through() -> None:
+    with pytest.raises(asyncio.TimeoutError):
+        await bounded(asyncio.sleep(10), 0.05)
+    assert await bounded(asyncio.sleep(0, "done"), 1.0) == "done"
+    waiting = asyncio.ensure_future(bounded(asyncio.sleep(10), 5.0))
+    await asyncio.sleep(0.01)
+    waiting.cancel()  # a shutdown, say: it must stay a cancellation, never a timeout
+    with pytest.raises(asyncio.CancelledError):
+        await waiting

@@ -52,28 +52,14 @@ log = logging.getLogger("minima_llm.proxy")
 async def bounded(awaitable: Awaitable[T], timeout_s: float) -> T:
     """``await awaitable``, raising ``asyncio.TimeoutError`` after ``timeout_s``.
 
-    Unlike ``asyncio.wait_for`` before Python 3.12 it makes no task: a timer cancels
-    the calling task itself, and the cancellation is taken back when it was the timer's.
+    ``asyncio.timeout`` where there is one (3.11+): it makes no task, and tells its
+    own cancellation from anyone else's. Python 3.10 has only ``wait_for``.
     """
-    task = asyncio.current_task()
-    if task is None:  # not in a task (never so under aiohttp): nothing to cancel
+    timeout = getattr(asyncio, "timeout", None)
+    if timeout is None:
+        return await asyncio.wait_for(awaitable, timeout_s)
+    async with timeout(timeout_s):
         return await awaitable
-    fired = False
-
-    def fire() -> None:
-        nonlocal fired
-        fired = True
-        task.cancel()
-
-    handle = asyncio.get_running_loop().call_later(timeout_s, fire)
-    try:
-        return await awaitable
-    except asyncio.CancelledError:
-        if not fired or _take_back_cancel(task) > 0:
-            raise  # someone else's cancellation too
-        raise asyncio.TimeoutError from None
-    finally:
-        handle.cancel()
 
 
 def _take_back_cancel(task: asyncio.Task[Any]) -> int:
@@ -286,6 +272,7 @@ async def _stream(
         await resp.prepare(request)
         usage = await _pump(send, opened, parsed.include_usage)
         await send(_DONE)
+        await send.eof()
     except StreamInterrupted as exc:
         gw.metrics.streams_interrupted += 1
         gw.log.answered(
@@ -420,8 +407,9 @@ def _upstream_s(opened: ChunkStream, started: float) -> float:
 class _Sender:
     """Writes a stream to its client, dropping a client that takes no data for ``timeout_s``.
 
-    A write waits only when the connection's buffer passes its high-water mark, so
-    a write onto an empty buffer goes straight through; only the others get a timer.
+    A write can wait only while the transport is paused, which takes its buffer past
+    the high-water mark: a write onto an empty buffer that fits under it cannot, so
+    it goes straight through and only the others get a timer.
     """
 
     __slots__ = ("_high", "_resp", "_timeout_s", "_transport")
@@ -440,11 +428,19 @@ class _Sender:
         ):
             await self._resp.write(data)
             return
+        await self._bounded(self._resp.write(data))
+
+    async def eof(self) -> None:
+        """End the body here, bounded: aiohttp would otherwise end it after the handler, unbounded."""
+        await self._bounded(self._resp.write_eof())
+
+    async def _bounded(self, writing: Awaitable[None]) -> None:
         try:
-            await bounded(self._resp.write(data), self._timeout_s)
+            await bounded(writing, self._timeout_s)
         except asyncio.TimeoutError:
-            # Aborted, not closed: closing would wait to flush what it will not take.
-            transport.abort()
+            if self._transport is not None:
+                # Aborted, not closed: closing would wait to flush what it will not take.
+                self._transport.abort()
             log.warning("dropped a stream's client: it took no data for %gs", self._timeout_s)
             raise ConnectionResetError(f"client took no data for {self._timeout_s:g}s") from None
 
