@@ -624,7 +624,7 @@ async def test_a_state_file_with_a_field_of_the_wrong_type_stops_its_prefix_from
     # fails each request naming the file, and goes on once the file is moved aside.
     refused = await quietly(make(), questions(0, 1))
     assert error_types(refused) == {"BatchStateError"}
-    assert all(bad.name in r.message and "move the file aside" in r.message for r in refused)
+    assert all(bad.name in r.message and "move it aside" in r.message for r in refused)
     assert route(mock, FILES) == 0
     bad.rename(bad.with_suffix(".broken"))
     assert texts(await quietly(make(), questions(0, 1))) == replies((0, 1))

@@ -237,10 +237,13 @@ async def test_a_look_up_refused_leaves_the_job_for_the_next_run_not_sent_again(
     await quietly(backend, questions(0, 1))
     again = await quietly(backend, questions(0, 1))
 
-    assert error_types(again) == {"BatchApiError"}
-    assert proxy.count("POST", "/v1/files") == 1  # nothing uploaded a second time
     (left,) = list_states(tmp_path / "cache")
     assert (left.status, left.batch_id) == ("uploaded", None)  # still there to be found
+    assert proxy.count("POST", "/v1/files") == 1  # nothing uploaded a second time
+    # Refused for good, the look-up would refuse every run: each is told what to do.
+    assert error_types(again) == {"BatchStateError"}
+    assert left.path is not None
+    assert all(left.path.name in r.message and "move the file aside" in r.message for r in again)
 
 
 async def test_two_runs_on_one_state_dir_share_one_upload_and_one_batch(

@@ -103,6 +103,10 @@ def _cancel(config: MinimaLlmConfig, states: list[JobState]) -> list[str]:
             log.warning("%s: its batch could not be looked up: %s", state.path, exc)
             continue
         assert state.batch_id is not None
+        if state.terminal:  # found finished: nothing to cancel, only the file to update
+            with held(lock_path(state_dir_of(config))):
+                save_merged(state)
+            continue
         try:
             state.update(api.cancel(state.batch_id))
             state.cancel_requested_at = time.time()

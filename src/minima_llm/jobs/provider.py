@@ -31,7 +31,16 @@ from ..upstream import Completion
 from .api import DEFAULT_ATTEMPTS, BatchApi, BatchApiError
 from .lines import MISSING, LineFailure, Outcome, read_lines
 from .lock import lock_path, locked
-from .state import SUFFIX, JobState, digest_of, list_states, path_for, save_merged
+from .state import (
+    SUFFIX,
+    JobNeedsAttention,
+    JobState,
+    digest_of,
+    list_states,
+    path_for,
+    repeat_path_for,
+    save_merged,
+)
 
 log = logging.getLogger("minima_llm.jobs")
 
@@ -169,7 +178,7 @@ class ProviderJobs:
         choosing = asyncio.ensure_future(self._choose("/v1/" + endpoint, model, bodies, fresh, say))
         try:
             taken = await asyncio.shield(choosing)
-        except (BatchApiError, OSError) as exc:
+        except (BatchApiError, JobNeedsAttention, OSError) as exc:
             return dict.fromkeys(bodies, _failure(exc))
         finished = await asyncio.gather(
             *(self._finish(state, keys, endpoint, say, deadline) for state, keys in taken),
@@ -253,7 +262,7 @@ class ProviderJobs:
         path = path_for(self.state_dir, self.prefix, digest)
         if path.exists():
             # The same requests again (force refresh): the earlier job keeps its own file.
-            path = path.with_name(path.name.removesuffix(SUFFIX) + f"-{time.time_ns()}{SUFFIX}")
+            path = repeat_path_for(path)
         state = JobState(self.prefix, digest, url, self.base_url, model, len(bodies), path=path)
         state.key_id = self.key_id
         state.keys = list(bodies)
@@ -272,19 +281,28 @@ class ProviderJobs:
         state.input_file_id = _id_of(file, "file")
         state.status = "uploaded"
         await asyncio.to_thread(state.save)
-        await self._create(state, say, look=False)  # a new file: no batch can exist yet
+        await self._create(state, say, None)  # a new file: no batch can exist yet
         say(f"[batch-job] {state.batch_id}: submitted {len(bodies)} requests ({path.name})")
         return state
 
     async def _created(self, state: JobState, say: Report) -> bool:
         """Create the batch of a file an earlier run uploaded; False if the provider refuses."""
         assert state.input_file_id is not None  # takes() only gets here with a file
-        # Outside the try: a look-up that fails, even with a 4xx (no listing on this
-        # provider, say), tells nothing of whether the earlier create worked. It is
-        # raised, and the state stays for the next run rather than being sent again.
-        found = await self.api.afind(state.input_file_id)
+        # A look-up that fails tells nothing of whether the earlier create worked, so the
+        # state stays for the next run. One refused for good (no listing on this
+        # provider, say) would leave its requests stuck without a word: say what to do.
         try:
-            await self._create(state, say, found, look=False)
+            found = await self.api.afind(state.input_file_id)
+        except BatchApiError as exc:
+            if exc.status is None or is_retryable_status(exc.status):
+                raise
+            raise JobNeedsAttention(
+                f"{state.path}: its batch may have been created, but the provider refused"
+                f" to look it up ({exc}), so its requests are not sent again: move the file"
+                " aside to send them anew"
+            ) from exc
+        try:
+            await self._create(state, say, found)
         except BatchApiError as exc:
             if exc.status is None or is_retryable_status(exc.status):
                 raise  # it may yet work: the state stays for the next run
@@ -295,18 +313,10 @@ class ProviderJobs:
             return False
         return True
 
-    async def _create(
-        self,
-        state: JobState,
-        say: Report,
-        found: dict[str, Any] | None = None,
-        look: bool = True,
-    ) -> None:
-        """Create the batch of an uploaded file, unless an earlier try did (``found``, or looked up)."""
+    async def _create(self, state: JobState, say: Report, found: dict[str, Any] | None) -> None:
+        """Create the batch of an uploaded file, unless an earlier try did (``found``)."""
         file_id = state.input_file_id
         assert file_id is not None  # takes() and _submit only get here with a file
-        if found is None and look:
-            found = await self.api.afind(file_id)
         if found is None:
             metadata = {"minima_llm_prefix": self.prefix, "minima_llm_digest": state.digest[:16]}
             found = await self.api.acreate(file_id, state.endpoint, metadata)
@@ -331,7 +341,9 @@ class ProviderJobs:
                 if exc.status != 404:
                     raise
                 say(f"[batch-job] {state.batch_id}: its {kind} file is gone ({exc})")
-                state.errors = [*state.errors, f"{kind} file {file_id} is gone"]
+                gone = f"{kind} file {file_id} is gone"
+                if gone not in state.errors:  # a rerun reads the job again: say it once
+                    state.errors = [*state.errors, gone]
                 if kind == "output":
                     # The answers are gone with it; only then is the whole job lost.
                     state.status, outcomes = "lost", {}
@@ -422,6 +434,8 @@ def _progress(state: JobState) -> str:
 def _failure(exc: BaseException) -> LineFailure:
     if isinstance(exc, BatchApiError):
         return LineFailure("BatchApiError", str(exc), exc.status)
+    if isinstance(exc, JobNeedsAttention):
+        return LineFailure("BatchStateError", str(exc))
     return LineFailure("BatchStateError", f"cannot keep the batch job's state: {exc}")
 
 

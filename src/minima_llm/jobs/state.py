@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import MinimaLlmError
+
 log = logging.getLogger("minima_llm.jobs")
 
 FORMAT = 1
@@ -171,6 +173,20 @@ def path_for(state_dir: str | os.PathLike[str], prefix: str, digest: str) -> Pat
     return Path(state_dir) / f"{_UNSAFE.sub('_', prefix)}-{digest[:16]}{SUFFIX}"
 
 
+def repeat_path_for(path: Path) -> Path:
+    """A state file for a second job of the same requests (force refresh), beside ``path``'s."""
+    return path.with_name(path.name.removesuffix(SUFFIX) + f"-{time.time_ns()}{SUFFIX}")
+
+
+def _name_pattern(prefix: str) -> re.Pattern[str]:
+    # The names path_for and repeat_path_for give: 16 hex digits, then maybe a
+    # -<time_ns> tail. So "a-b"'s files never match prefix "a", and a repeat job is
+    # found as surely as the first (missing it would pay for its requests again).
+    return re.compile(
+        rf"{re.escape(_UNSAFE.sub('_', prefix))}-[0-9a-f]{{16}}(-\d+)?{re.escape(SUFFIX)}"
+    )
+
+
 def load(path: Path) -> JobState:
     """Read one state file; ``ValueError`` if it is not one of ours."""
     try:
@@ -257,8 +273,12 @@ _FIELD_CHECKS: dict[str, Any] = {
 }
 
 
-class UnreadableState(OSError):
-    """A state file named for this prefix cannot be read: it may hold a job already paid for."""
+class JobNeedsAttention(MinimaLlmError):
+    """A state file of the prefix cannot be trusted to say what its job holds.
+
+    Sending its requests anyway might pay for them twice, so nothing is sent until
+    someone moves the file aside (the message names it).
+    """
 
 
 def list_states(
@@ -269,28 +289,27 @@ def list_states(
     With ``prefix``, only files named for it are read (a file holds up to 50,000 keys,
     and a lab's shared directory many prefixes' jobs); the caller still compares each
     state's own ``prefix``, as two prefixes may share a file-name form. ``strict``
-    raises ``UnreadableState`` for an unreadable file instead of stepping over it.
+    raises ``JobNeedsAttention`` naming every unreadable file instead of stepping over them.
     """
     directory = Path(state_dir)
     if not directory.is_dir():
         return []
     paths = sorted(directory.glob(f"*{SUFFIX}"))
     if prefix is not None:
-        # A digest of 16 hex digits, then a -<time_ns> tail on a job that repeats an earlier
-        # job's requests (a force refresh, or lines a dead job left unanswered): so "a-b"'s
-        # files never match prefix "a", and a repeat job is found as surely as the first.
-        named = re.compile(rf"{re.escape(_UNSAFE.sub('_', prefix))}-[0-9a-f]{{16}}(-\d+)?")
-        paths = [p for p in paths if named.fullmatch(p.name.removesuffix(SUFFIX))]
+        named = _name_pattern(prefix)
+        paths = [p for p in paths if named.fullmatch(p.name)]
     states = []
+    unreadable = []
     for path in paths:
         try:
             states.append(load(path))
         except ValueError as exc:
-            if strict:
-                raise UnreadableState(
-                    f"{exc}. It may name a job that already has these requests, so none is"
-                    " sent again: move the file aside, or delete it, to send them anew"
-                ) from exc
             log.warning("%s", exc)
+            unreadable.append(str(exc))
+    if strict and unreadable:
+        raise JobNeedsAttention(
+            f"{'; '.join(unreadable)}. Such a file may name a job that already has these"
+            " requests, so none is sent: move it aside, or delete it, to send them anew"
+        )
     states.sort(key=lambda s: s.created_at)
     return states
