@@ -28,7 +28,7 @@ from .calls import (
 )
 from .clock import Clock
 from .errors import MinimaLlmError
-from .flight import Broadcast
+from .flight import Broadcast, Follower
 from .loopbound import LoopBound
 from .stats import LiveStats
 from .streaming import ChunkAssembler
@@ -58,6 +58,12 @@ class ChunkStream:
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         return self.chunks
+
+    @property
+    def finished_at(self) -> float | None:
+        """When the live stream this reads ended upstream (``time.monotonic``); None if not yet, or not live."""
+        chunks = self.chunks
+        return chunks.flight.finished_at if isinstance(chunks, Follower) else None
 
     async def aclose(self) -> None:
         """Stop reading; a live upstream stream nobody else follows is cancelled."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,10 +35,11 @@ async def test_malformed_json(mock: MockServer, tmp_path: Path) -> None:
         assert error["type"] == "invalid_request_error"
         assert "JSON" in str(error["message"])
         error_of(await gw.request("POST", "/v1/chat/completions", data=b"\xff\xfe"), 400)
-        huge = b'{"model": "m", "messages": [], "seed": ' + b"9" * 5000 + b"}"
-        long_number = error_of(await gw.request("POST", "/v1/chat/completions", data=huge), 400)
-        assert "too long" in str(long_number["message"])
-        assert "sys." not in str(long_number["message"])
+        if hasattr(sys, "get_int_max_str_digits"):  # the limit came in 3.10.7, 3.11
+            huge = b'{"model": "m", "messages": [], "seed": ' + b"9" * 5000 + b"}"
+            reply = await gw.request("POST", "/v1/chat/completions", data=huge)
+            assert "too long" in str(error_of(reply, 400)["message"])
+            assert "sys." not in reply.text
 
 
 async def test_deeply_nested_json_is_a_bad_request(mock: MockServer, tmp_path: Path) -> None:

@@ -210,6 +210,7 @@ INVALID = [
     (CHAT, {"messages": MSGS, "cache": "no-cache"}, "cache"),
     (CHAT, {"messages": MSGS, "cache": {"no-cache": "false"}}, "cache.no-cache"),
     (CHAT, {"messages": MSGS, "cache": {"no_store": 1}}, "cache.no_store"),
+    (CHAT, {"messages": MSGS, "cache": {"no-cache": True, "no_cache": "x"}}, "cache.no_cache"),
     (COMPLETIONS, {"model": "m"}, "prompt"),
     (COMPLETIONS, {"model": "m", "prompt": []}, "prompt"),  # "" is valid: a new document
     (EMBEDDINGS, {"model": "m"}, "input"),
@@ -322,6 +323,8 @@ def test_a_failure_after_retries_says_so_and_keeps_the_upstreams_code() -> None:
         ({"shutdown_timeout_s": 0}, "proxy.shutdown_timeout_s"),
         ({"health_check_timeout_s": -1}, "proxy.health_check_timeout_s"),
         ({"client_timeout_s": 0}, "proxy.client_timeout_s"),
+        ({"client_timeout_s": float("nan")}, "proxy.client_timeout_s"),
+        ({"shutdown_timeout_s": float("inf")}, "proxy.shutdown_timeout_s"),
         ({"client_timeout_s": "60"}, "proxy.client_timeout_s"),
         ({"api_keys": ("good-secret-1", "")}, "proxy.api_keys"),
         ({"partition_cache_by_key": True}, "proxy.partition_cache_by_key"),
@@ -367,6 +370,9 @@ def test_settings_values() -> None:
     with pytest.raises(ConfigError) as timeout:
         ProxySettings.env_overrides({"MINIMA_PROXY_CLIENT_TIMEOUT_S": "soon"})
     assert timeout.value.field == "MINIMA_PROXY_CLIENT_TIMEOUT_S"
+    with pytest.raises(ConfigError) as typo:
+        ProxySettings.env_overrides({"MINIMA_PROXY_PARTITION_CACHE": "ture"})
+    assert typo.value.field == "MINIMA_PROXY_PARTITION_CACHE"
 
 
 def test_repr_hides_keys() -> None:

@@ -187,6 +187,8 @@ def _translate(exc: Exception, timeout_s: float) -> Exception:
         return TransportError("reset", f"server disconnected: {exc}")
     if isinstance(exc, aiohttp.ClientError):
         return TransportError("connect", f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, RuntimeError) and "Session is closed" in str(exc):
+        return TransportError("closed", "the transport was closed")
     return exc
 
 

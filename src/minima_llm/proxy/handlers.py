@@ -399,8 +399,7 @@ def _count_if_finished(gw: Gateway, label: str, opened: ChunkStream, started: fl
 
 def _upstream_s(opened: ChunkStream, started: float) -> float:
     """From the request's start until its upstream stream ended, however slowly it was read."""
-    chunks = opened.chunks
-    ended = chunks.flight.finished_at if isinstance(chunks, Follower) else None
+    ended = opened.finished_at
     return (ended if ended is not None else time.monotonic()) - started
 
 

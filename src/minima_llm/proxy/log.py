@@ -91,7 +91,9 @@ class MalformedRequestFilter(logging.Filter):
             record.args = (where, type(exc).__name__, exc.code)
             record.exc_info = None
             record.exc_text = None
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            # At most a warning: aiohttp logs a port scanner's noise at debug on purpose.
+            record.levelno = min(record.levelno, logging.WARNING)
+            record.levelname = logging.getLevelName(record.levelno)
         return True
 
 

@@ -177,12 +177,7 @@ def _include_usage(body: dict[str, Any]) -> bool:
         return False
     if not isinstance(options, dict):
         raise RequestError(400, "'stream_options' must be an object", param="stream_options")
-    value = options.get("include_usage")
-    if value is not None and not isinstance(value, bool):
-        # bool("false") is True: taken as truthy, a string would turn usage on when asked off.
-        name = "stream_options.include_usage"
-        raise RequestError(400, f"'{name}' must be a boolean", param=name)
-    return bool(value)
+    return _flag(options, "include_usage", "stream_options.")
 
 
 def _cache_directives(body: dict[str, Any], headers: Mapping[str, str]) -> tuple[bool, bool]:
@@ -194,16 +189,21 @@ def _cache_directives(body: dict[str, Any], headers: Mapping[str, str]) -> tuple
             raise RequestError(
                 400, "'cache' must be an object such as {\"no-cache\": true}", param="cache"
             )
-        no_cache = no_cache or _flag(directive, "no-cache") or _flag(directive, "no_cache")
-        no_store = no_store or _flag(directive, "no-store") or _flag(directive, "no_store")
+        # Every flag is read, so a bad one is refused whatever the others say.
+        flags = {name: _flag(directive, name, "cache.") for name in _CACHE_FLAGS}
+        no_cache = no_cache or flags["no-cache"] or flags["no_cache"]
+        no_store = no_store or flags["no-store"] or flags["no_store"]
     return no_cache, no_store
 
 
-def _flag(directive: dict[str, Any], name: str) -> bool:
-    value = directive.get(name)
+_CACHE_FLAGS = ("no-cache", "no_cache", "no-store", "no_store")
+
+
+def _flag(options: Mapping[str, Any], name: str, where: str) -> bool:
+    value = options.get(name)
     if value is not None and not isinstance(value, bool):
-        # bool("false") is True: a quoted "false" would skip the cache when asked not to.
-        raise RequestError(400, f"'cache.{name}' must be a boolean", param=f"cache.{name}")
+        # bool("false") is True: a quoted "false" would turn on what was asked off.
+        raise RequestError(400, f"'{where}{name}' must be a boolean", param=f"{where}{name}")
     return bool(value)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -11,6 +12,8 @@ from typing import Any
 from ..errors import ConfigError
 
 DEFAULT_PORT = 8990
+_ON = frozenset({"1", "true", "yes", "on"})
+_OFF = frozenset({"0", "false", "no", "off"})
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 _FLAGS = (
     "allow_unauthenticated",
@@ -56,8 +59,10 @@ class ProxySettings:
         _check_int("proxy.log_every", self.log_every, 0, 2**31)
         for name in ("shutdown_timeout_s", "health_check_timeout_s", "client_timeout_s"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"proxy.{name}", value, "a number > 0")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            # NaN passes no comparison and fires a timer at once; infinity never fires.
+            if not number or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"proxy.{name}", value, "a finite number > 0")
         if self.partition_cache_by_key and not self.api_keys:
             raise ConfigError(
                 "proxy.partition_cache_by_key", True, "needs proxy.api_keys to partition by"
@@ -129,7 +134,11 @@ class ProxySettings:
             ("MINIMA_PROXY_STRICT_PARAMS", "strict_params"),
         ):
             if env.get(var):
-                out[name] = env[var].strip().lower() in ("1", "true", "yes", "on")
+                word = env[var].strip().lower()
+                if word not in _ON and word not in _OFF:
+                    # A typo must not quietly mean "off": partitioning guards tenants' answers.
+                    raise ConfigError(var, env[var], "one of 1/0, true/false, yes/no, on/off")
+                out[name] = word in _ON
         return out
 
 
