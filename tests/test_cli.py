@@ -85,3 +85,25 @@ def test_demo_stopped_by_too_many_failures_exits_1_without_a_traceback(
     err = capsys.readouterr().err
     assert "minima-llm: Aborting batch: 26 failures (max_failures=25)" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("where", ["missing.yaml", "."])
+def test_batch_status_with_a_config_it_cannot_read_says_so_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    assert main(["batch-status", "--config", str(tmp_path / where)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minima-llm: ") and len(err.strip().splitlines()) == 1
+
+
+def test_the_demo_leaves_no_temporary_directory(tmp_path: Path) -> None:
+    env = {"TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    for args, code in ((["--failure-rate", "2"], 2), (["--requests", "20", "--cache-dir", ""], 0)):
+        proc = subprocess.run(
+            [sys.executable, "-m", "minima_llm.cli", "demo", *args],
+            capture_output=True,
+            timeout=120,
+            env=env,
+        )
+        assert proc.returncode == code, proc.stderr
+        assert list(tmp_path.iterdir()) == [], args

@@ -186,6 +186,22 @@ async def test_heartbeat_reports_progress_and_cache_hits_to_a_logger(
     assert final.startswith("[batch] finished 40") and "cache hits 20, live 20" in final
 
 
+async def test_a_failure_after_a_cached_call_is_counted_once_as_a_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # DSPy's batch: a cached answer that cannot be parsed ends as a failure, while the
+    # item's context still says its last call was a hit.
+    async def fn(i: int) -> object:
+        set_last_cached(True)
+        return _fail(i) if i == 0 else i
+
+    logger = logging.getLogger("test.batch")
+    with caplog.at_level(logging.INFO, logger="test.batch"):
+        await run_batched_callable(range(20), fn, BatchConfig(**QUIET), progress=logger)
+    final = caplog.records[-1].getMessage()
+    assert "cache hits 19, live 0" in final and "failures 1" in final, final
+
+
 async def _heartbeats(total: int, is_hit: Callable[[int], bool], live_s: float) -> io.StringIO:
     """The progress of one worker over ``total`` items: hits where ``is_hit``, else live calls."""
 

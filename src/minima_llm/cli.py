@@ -100,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "batch-status":
             return _batch_status(args)
         return _mock_server(args)
-    except (MinimaLlmError, ValueError, ImportError) as exc:
+    except (MinimaLlmError, ValueError, ImportError, OSError) as exc:
+        # A config file that is missing or a directory: one line, as minimallm-proxy says it.
         print(f"minima-llm: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

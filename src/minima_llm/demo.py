@@ -47,8 +47,10 @@ def run_demo(options: DemoOptions, out: TextIO) -> list[PassResult]:
     """Start the mock server, run the batch cold, replay it warm, print a summary."""
     from .testing import MockConfig, run_mock_server_in_thread
 
-    cache_dir = options.cache_dir or tempfile.mkdtemp(prefix="minima-llm-demo-")
     mock = MockConfig(latency_s=options.latency_s, failure_rate=options.failure_rate, seed=7)
+    # Made after the options are checked, and removed whenever it was made here.
+    temporary = not options.cache_dir
+    cache_dir = options.cache_dir or tempfile.mkdtemp(prefix="minima-llm-demo-")
     results: list[PassResult] = []
     try:
         with run_mock_server_in_thread(mock) as server:
@@ -73,7 +75,7 @@ def run_demo(options: DemoOptions, out: TextIO) -> list[PassResult]:
                 results.append(asyncio.run(_one_pass(name, config, requests, out)))
                 results[-1] = _with_upstream(results[-1], server.stats()["requests"] - before)
     finally:
-        if options.cache_dir is None:
+        if temporary:
             shutil.rmtree(cache_dir, ignore_errors=True)
     _print_summary(results, options.requests, out)
     return results

@@ -61,6 +61,11 @@ class _Tally:
     def record(self, result: Any, cached: bool) -> None:
         self.done += 1
         self.last_progress = time.monotonic()
+        if isinstance(result, MinimaLlmFailure):
+            # A failure is never a hit, whatever the item's last call left in the context
+            # (a cached answer that could not be parsed, say): counted as both, the
+            # heartbeat's live calls (done - hits - failures) went below zero.
+            cached = False
         if isinstance(result, MinimaLlmResponse):
             cached = result.cached
             if result.cache_source == "inflight":

@@ -124,6 +124,19 @@ async def test_params_are_sorted_into_fields_and_extra(fake: FakeBackend) -> Non
     assert fake.requests[1].extra is None
 
 
+async def test_a_copy_with_another_model_asks_that_model(fake: FakeBackend) -> None:
+    fake.answer = "x"
+    lm = MinimaLlmDSPyLM(fake, model="m1")
+    other = lm.copy(model="m2")
+    await other.acall("which model?")
+    await lm.acall("which model?")
+    assert [r.model for r in fake.requests] == ["m2", "m1"]
+    default = MinimaLlmDSPyLM(fake)  # the backend's own model, sent as None
+    await default.acall("and now?")
+    await default.copy(model="m3").acall("and now?")
+    assert [r.model for r in fake.requests[2:]] == [None, "m3"]
+
+
 def test_dspy_lm_switches_get_a_clear_answer(fake: FakeBackend) -> None:
     # Moved over from dspy.LM(..., cache=False), they failed with "got multiple values".
     with pytest.raises(ValueError, match="force_refresh"):

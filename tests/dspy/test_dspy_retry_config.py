@@ -102,6 +102,9 @@ def test_empty_variables_mean_unset() -> None:
         ({"DSPY_PARSE_RETRIES": "-1"}, "parse_retries"),
         ({"RETRY_TEMPERATURE_MAX": "hot"}, "RETRY_TEMPERATURE_MAX"),
         ({"RETRY_TEMPERATURE_HALFLIFE": "0"}, "retry_temperature_halflife"),
+        ({"RETRY_TEMPERATURE_MAX": "nan"}, "retry_temperature_max"),
+        ({"RETRY_TEMPERATURE_MAX": "inf"}, "retry_temperature_max"),
+        ({"RETRY_TEMPERATURE_HALFLIFE": "nan"}, "retry_temperature_halflife"),
         ({"DSPY_RETRY_SEED": "maybe"}, "DSPY_RETRY_SEED"),
     ],
 )

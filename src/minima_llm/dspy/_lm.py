@@ -172,6 +172,7 @@ class MinimaLlmDSPyLM(BaseLM):  # type: ignore[misc]
         )
         self._minimallm = backend
         self._request_model = model
+        self._model_at_start = self.model
         self._ids = itertools.count(1)
 
     @property
@@ -193,7 +194,8 @@ class MinimaLlmDSPyLM(BaseLM):  # type: ignore[misc]
             temperature=params.temperature,
             max_tokens=params.max_tokens,
             extra=params.extra or None,
-            model=self._request_model,
+            # DSPy's copy(model=...) sets the attribute: the model named is the one asked.
+            model=self.model if self.model != self._model_at_start else self._request_model,
         )
         return request, params.rollout_id
 

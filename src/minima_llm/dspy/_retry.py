@@ -7,6 +7,7 @@ every attempt, and a rerun replays the same attempts from the cache.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from contextvars import ContextVar, Token
@@ -120,7 +121,8 @@ class DSPyRetryConfig:
 
 
 def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    # Finite: NaN passes no comparison, and either would be sent upstream as a temperature.
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _parse(env: Mapping[str, str], var: str, kind: type[int] | type[float], allowed: str) -> Any:
