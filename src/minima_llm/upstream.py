@@ -13,6 +13,7 @@ from typing import Any, NamedTuple, TypeVar
 from ._version import USER_AGENT
 from .clock import Clock
 from .config import MinimaLlmConfig, is_header_safe
+from .deadline import bounded
 from .errors import MinimaLlmError, TransportError
 from .http import HttpResponse, StreamingResponse, Transport, encode_body
 from .loopbound import LoopBound
@@ -348,7 +349,7 @@ class UpstreamCaller:
                 try:
                     # One bound for the whole wait: each read has its own, but a server
                     # dripping keep-alive comments would otherwise hold the slot forever.
-                    await asyncio.wait_for(stream.start(endpoint), self.cfg.timeout_s)
+                    await bounded(stream.start(endpoint), self.cfg.timeout_s)
                 except StreamInterrupted as exc:
                     await stream.aclose()
                     raise Problem(

@@ -14,12 +14,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from minima_llm import MinimaLlmFailure
 from minima_llm.cache import cache_key
+from minima_llm.deadline import bounded
 from minima_llm.errors import ConfigError
 from minima_llm.flight import Broadcast
 from minima_llm.live_streams import ChunkStream
 from minima_llm.proxy import GatewayMetrics, ProxySettings
 from minima_llm.proxy.errors import RequestError, failure_response, failure_status
-from minima_llm.proxy.handlers import _upstream_s, bounded
+from minima_llm.proxy.handlers import _upstream_s
 from minima_llm.proxy.normalize import CHAT, COMPLETIONS, EMBEDDINGS, Parsed, parse_body
 from minima_llm.types import Usage
 

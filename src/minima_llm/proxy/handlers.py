@@ -9,11 +9,12 @@ import logging
 import math
 import time
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 from aiohttp import web
 
 from .._version import __version__
+from ..deadline import bounded
 from ..flight import Broadcast, Follower
 from ..live_streams import ChunkStream
 from ..streaming import encode_event
@@ -45,21 +46,7 @@ _GONE = (ConnectionResetError, ConnectionError)
 # busy model, for each of hundreds of streams) costs a few wake-ups, not one every 0.1 s.
 _WATCH_S = 0.1
 _WATCH_MAX_S = 1.0
-T = TypeVar("T")
 log = logging.getLogger("minima_llm.proxy")
-
-
-async def bounded(awaitable: Awaitable[T], timeout_s: float) -> T:
-    """``await awaitable``, raising ``asyncio.TimeoutError`` after ``timeout_s``.
-
-    ``asyncio.timeout`` where there is one (3.11+): it makes no task, and tells its
-    own cancellation from anyone else's. Python 3.10 has only ``wait_for``.
-    """
-    timeout = getattr(asyncio, "timeout", None)
-    if timeout is None:
-        return await asyncio.wait_for(awaitable, timeout_s)
-    async with timeout(timeout_s):
-        return await awaitable
 
 
 def _take_back_cancel(task: asyncio.Task[Any]) -> int:
