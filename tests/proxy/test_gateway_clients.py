@@ -6,6 +6,7 @@ Raw sockets, so each test controls exactly what reaches the gateway and when.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import socket
@@ -18,6 +19,7 @@ from minima_llm.proxy import ProxySettings
 from minima_llm.testing import MockServer
 
 HOLD_S = 0.5  # the client timeout these tests give the gateway
+JSON = {"Content-Type": "application/json"}
 
 
 def head(path: str, length: int, extra: str = "") -> bytes:
@@ -193,3 +195,27 @@ async def test_a_passed_through_key_no_header_can_carry_is_refused(
         writer.close()
         assert status == 401 and error_code_of(answer) == "invalid_api_key"
     assert "/v1/chat/completions" not in mock.stats()["by_route"]
+
+
+async def test_a_client_that_does_not_read_a_large_answer_is_dropped(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    words = "w " * 6_000_000  # a 12 MB answer, more than the sockets' buffers hold (4 MB)
+    body = json.dumps(chat_body("ECHO:" + words)).encode()
+    async with serve(mock.url, tmp_path, settings(max_body_bytes=32 * 2**20)) as gw:
+        host, port = gw.url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, (host, int(port)))
+        try:
+            await loop.sock_sendall(sock, head("/v1/chat/completions", len(body)) + body)
+            metrics = gw.gateway.metrics
+            assert await eventually(lambda: metrics.client_disconnects == 1, timeout_s=HOLD_S + 15)
+        finally:
+            sock.close()
+        # The answer had come whole: it is cached, and the gateway goes on serving.
+        url = gw.url + "/v1/chat/completions"
+        async with gw.http.post(url, data=io.BytesIO(body), headers=JSON) as again:
+            assert again.status == 200 and again.headers["x-minima-cache"] == "hit"

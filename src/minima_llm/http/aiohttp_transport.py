@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import io
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
@@ -22,6 +23,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 
 _MAX_URLS = 256
+_WHOLE_BODY_BYTES = 2**20  # aiohttp's own limit for a body of raw bytes
 
 
 class _LoopSession:
@@ -105,10 +107,13 @@ class AiohttpTransport:
             timeout = self._timeouts[timeout_s] = aiohttp.ClientTimeout(total=timeout_s)
         try:
             extra = None if headers is self._default_headers else headers
+            # Past 1 MiB aiohttp warns that raw bytes are written in one go; a file-like
+            # body is sent in pieces, with the same Content-Length.
+            data: bytes | io.BytesIO = body if len(body) <= _WHOLE_BODY_BYTES else io.BytesIO(body)
             # Redirects come back as responses, as from the stdlib transport: followed,
             # a 301 or 302 would turn the POST into a GET at the new address.
             async with session.post(
-                self._url(url), data=body, headers=extra, timeout=timeout, allow_redirects=False
+                self._url(url), data=data, headers=extra, timeout=timeout, allow_redirects=False
             ) as resp:
                 data = await resp.read()
                 return HttpResponse(resp.status, _Headers(resp.headers), data)
@@ -122,8 +127,9 @@ class AiohttpTransport:
         session = await self._session()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
         try:
+            data: bytes | io.BytesIO = body if len(body) <= _WHOLE_BODY_BYTES else io.BytesIO(body)
             resp = await session.post(
-                url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+                url, data=data, headers=headers, timeout=timeout, allow_redirects=False
             )
         except Exception as exc:
             raise _translate(exc, timeout_s) from exc

@@ -158,9 +158,28 @@ def _inference(endpoint: str) -> Any:
         if parsed.stream:
             return await _stream(request, gw, parsed, options, started)
         result = await gw.backend.call(parsed.request, **options)
-        return _answer(gw, parsed, result, started, request.path)
+        resp = _answer(gw, parsed, result, started, request.path)
+        if isinstance(resp.body, bytes) and len(resp.body) > _MAY_WAIT_BYTES:
+            await _send_whole(request, resp, gw)
+        return resp
 
     return handler
+
+
+# An answer past the connection's usual high-water mark (64 KiB) can wait on its client.
+_MAY_WAIT_BYTES = 64 * 1024
+
+
+async def _send_whole(request: web.Request, resp: web.Response, gw: Gateway) -> None:
+    """Send a large answer here, under the client timeout; aiohttp would send it unbounded.
+
+    A client that stops reading is dropped; aiohttp then finds the answer sent.
+    """
+    await resp.prepare(request)
+    try:
+        await _Sender(resp, request, gw.settings.client_timeout_s).eof()
+    except _GONE:
+        gw.metrics.client_disconnects += 1
 
 
 def _label(parsed: Parsed, cached: bool, coalesced: bool) -> str:
@@ -391,7 +410,7 @@ def _upstream_s(opened: ChunkStream, started: float) -> float:
 
 
 class _Sender:
-    """Writes a stream to its client, dropping a client that takes no data for ``timeout_s``.
+    """Writes an answer to its client, dropping a client that takes no data for ``timeout_s``.
 
     A write can wait only while the transport is paused, which takes its buffer past
     the high-water mark: a write onto an empty buffer that fits under it cannot, so
@@ -427,7 +446,7 @@ class _Sender:
             if self._transport is not None:
                 # Aborted, not closed: closing would wait to flush what it will not take.
                 self._transport.abort()
-            log.warning("dropped a stream's client: it took no data for %gs", self._timeout_s)
+            log.warning("dropped a client: it took no data for %gs", self._timeout_s)
             raise ConnectionResetError(f"client took no data for {self._timeout_s:g}s") from None
 
 
