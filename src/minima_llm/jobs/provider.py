@@ -52,6 +52,8 @@ BATCHABLE = ("chat/completions", "completions", "embeddings")
 
 T = TypeVar("T")
 Report = Callable[[str], None]
+# What a provider without a usable GET /batches answers: a look-up can never succeed there.
+_NO_LISTING = frozenset({400, 404, 405})
 # Caches the answers; True once every completion among them is committed.
 Store = Callable[[dict[str, Outcome]], Awaitable[bool]]
 # Which of these keys the cache already holds (answered some other way).
@@ -289,13 +291,13 @@ class ProviderJobs:
         """Create the batch of a file an earlier run uploaded; False if the provider refuses."""
         assert state.input_file_id is not None  # takes() only gets here with a file
         # A look-up that fails tells nothing of whether the earlier create worked, so the
-        # state stays for the next run. One refused for good (no listing on this
-        # provider, say) would leave its requests stuck without a word: say what to do.
+        # state stays for the next run. A provider without a listing refuses every run
+        # the same way: only a person can decide, so the error says what to do.
         try:
             found = await self.api.afind(state.input_file_id)
         except BatchApiError as exc:
-            if exc.status is None or is_retryable_status(exc.status):
-                raise
+            if exc.status not in _NO_LISTING:
+                raise  # passing, or the caller's to fix (a key refused): the next run looks again
             raise JobNeedsAttention(
                 f"{state.path}: its batch may have been created, but the provider refused"
                 f" to look it up ({exc}), so its requests are not sent again: move the file"

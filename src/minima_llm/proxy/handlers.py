@@ -159,27 +159,39 @@ def _inference(endpoint: str) -> Any:
             return await _stream(request, gw, parsed, options, started)
         result = await gw.backend.call(parsed.request, **options)
         resp = _answer(gw, parsed, result, started, request.path)
-        if isinstance(resp.body, bytes) and len(resp.body) > _MAY_WAIT_BYTES:
-            await _send_whole(request, resp, gw)
+        if isinstance(resp.body, bytes) and len(resp.body) > _SLICE_BYTES:
+            return await _send_in_slices(request, resp, gw)
         return resp
 
     return handler
 
 
-# An answer past the connection's usual high-water mark (64 KiB) can wait on its client.
-_MAY_WAIT_BYTES = 64 * 1024
+# An answer past the connection's usual high-water mark (64 KiB) can wait on its client:
+# it goes in slices of this size, each bounded, rather than as one unbounded write.
+_SLICE_BYTES = 64 * 1024
 
 
-async def _send_whole(request: web.Request, resp: web.Response, gw: Gateway) -> None:
-    """Send a large answer here, under the client timeout; aiohttp would send it unbounded.
+async def _send_in_slices(
+    request: web.Request, resp: web.Response, gw: Gateway
+) -> web.StreamResponse:
+    """Send a large answer here, dropping a client that takes none of it for the client timeout.
 
-    A client that stops reading is dropped; aiohttp then finds the answer sent.
+    aiohttp would write it whole after the handler and wait for it with no bound; one
+    bound on the whole transfer would cut a client that reads steadily but slowly.
     """
-    await resp.prepare(request)
+    assert isinstance(resp.body, bytes)
+    body = resp.body
+    out = web.StreamResponse(status=resp.status, headers=resp.headers)
+    out.content_length = len(body)
+    send = _Sender(out, request, gw.settings.client_timeout_s)
     try:
-        await _Sender(resp, request, gw.settings.client_timeout_s).eof()
+        await out.prepare(request)
+        for at in range(0, len(body), _SLICE_BYTES):
+            await send(body[at : at + _SLICE_BYTES])
+        await send.eof()
     except _GONE:
         gw.metrics.client_disconnects += 1
+    return out
 
 
 def _label(parsed: Parsed, cached: bool, coalesced: bool) -> str:
@@ -300,6 +312,8 @@ async def _stream(
                 )
             ),
         )
+        with contextlib.suppress(*_GONE):
+            await send.eof()
         return resp
     except _GONE:
         # The client left: stop reading so the upstream stream is cancelled unless others follow it.
