@@ -200,9 +200,7 @@ async def test_a_passed_through_key_no_header_can_carry_is_refused(
 async def test_a_client_that_does_not_read_a_large_answer_is_dropped(
     mock: MockServer, tmp_path: Path
 ) -> None:
-    # An answer three times what the kernel may buffer for a socket (tcp_wmem's maximum).
-    words = "w " * (3 * _max_send_buffer() // 2)
-    body = json.dumps(chat_body("ECHO:" + words)).encode()
+    _, body = large_echo()
     async with serve(mock.url, tmp_path, settings(max_body_bytes=2**31 - 1)) as gw:
         host, port = gw.url.removeprefix("http://").split(":")
         sock = socket.socket()
@@ -222,22 +220,23 @@ async def test_a_client_that_does_not_read_a_large_answer_is_dropped(
             assert again.status == 200 and again.headers["x-minima-cache"] == "hit"
 
 
-def _max_send_buffer() -> int:
+def large_echo() -> tuple[str, bytes]:
+    """An answer three times what the kernel may buffer for a socket, and the body asking it."""
     try:
         with open("/proc/sys/net/ipv4/tcp_wmem") as f:
-            return int(f.read().split()[2])
+            most = int(f.read().split()[2])
     except (OSError, ValueError, IndexError):
-        return 4 * 2**20
+        most = 4 * 2**20
+    words = "w " * (3 * most // 2)
+    return words, json.dumps(chat_body("ECHO:" + words)).encode()
 
 
 async def test_a_client_that_reads_a_large_answer_slowly_gets_all_of_it(
     mock: MockServer, tmp_path: Path
 ) -> None:
     # Steady but slow: the bound is on a wait for progress, never on the whole transfer.
-    # More than the sockets buffer, read at about 12 MB/s: over a second in all, against
-    # a client timeout of half that.
-    words = "w " * (3 * _max_send_buffer() // 2)
-    body = json.dumps(chat_body("ECHO:" + words)).encode()
+    # Read at about 12 MB/s, it takes over a second, against a client timeout of half that.
+    words, body = large_echo()
     async with serve(mock.url, tmp_path, settings(max_body_bytes=2**31 - 1)) as gw:
         reader, writer = await connect(gw)
         writer.write(head("/v1/chat/completions", len(body)) + body)
