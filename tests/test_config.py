@@ -299,6 +299,7 @@ INVALID = [
     ("base_url", "http://127.0.0.1:8000 /v1"),
     ("base_url", "http://host/v1\n"),
     ("timeout_s", 1e10),
+    ("timeout_s", 10**400),  # past a float's range: YAML reads such digits as an int
     ("model", ""),
     ("cache_lookup_dirs", "/a,/b"),
     ("cache_lookup_dirs", [1]),

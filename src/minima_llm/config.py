@@ -61,9 +61,19 @@ def _float_fields(cls: Any) -> frozenset[str]:
     return frozenset(f.name for f in fields(cls) if f.type == "float")
 
 
+def is_finite_number(value: Any) -> bool:
+    """An int or float (never a bool) that is neither NaN nor infinite, nor past a float's range."""
+    if not _is_num(value):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int of hundreds of digits (YAML allows them)
+        return False
+
+
 def _check_float(name: str, value: Any, minimum: float, strict: bool = False) -> None:
     # Infinity passes a >= check, then overflows a timer or makes a wait unbounded.
-    ok = _is_num(value) and math.isfinite(value)
+    ok = is_finite_number(value)
     ok = ok and (value > minimum if strict else value >= minimum)
     _check(ok, name, value, f"a finite number {'>' if strict else '>='} {minimum}")
 

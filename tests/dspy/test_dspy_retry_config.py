@@ -119,3 +119,5 @@ def test_bad_values_are_refused_at_construction() -> None:
         DSPyRetryConfig(retry_temperature_max=-0.1)
     with pytest.raises(ConfigError, match="parse_retries"):
         DSPyRetryConfig(parse_retries=True)
+    with pytest.raises(ConfigError, match="retry_temperature_max"):
+        DSPyRetryConfig(retry_temperature_max=10**400)

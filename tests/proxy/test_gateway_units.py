@@ -326,6 +326,7 @@ def test_a_failure_after_retries_says_so_and_keeps_the_upstreams_code() -> None:
         ({"client_timeout_s": 0}, "proxy.client_timeout_s"),
         ({"client_timeout_s": float("nan")}, "proxy.client_timeout_s"),
         ({"shutdown_timeout_s": float("inf")}, "proxy.shutdown_timeout_s"),
+        ({"client_timeout_s": 10**400}, "proxy.client_timeout_s"),
         ({"client_timeout_s": "60"}, "proxy.client_timeout_s"),
         ({"api_keys": ("good-secret-1", "")}, "proxy.api_keys"),
         ({"partition_cache_by_key": True}, "proxy.partition_cache_by_key"),

@@ -7,14 +7,13 @@ every attempt, and a rerun replays the same attempts from the cache.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import env_set
+from ..config import env_set, is_finite_number
 from ..errors import ConfigError
 
 
@@ -122,7 +121,7 @@ class DSPyRetryConfig:
 
 def _number(value: object) -> bool:
     # Finite: NaN passes no comparison, and either would be sent upstream as a temperature.
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return is_finite_number(value)
 
 
 def _parse(env: Mapping[str, str], var: str, kind: type[int] | type[float], allowed: str) -> Any:

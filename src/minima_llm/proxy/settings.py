@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ..config import is_finite_number
 from ..errors import ConfigError
 
 DEFAULT_PORT = 8990
@@ -59,9 +59,8 @@ class ProxySettings:
         _check_int("proxy.log_every", self.log_every, 0, 2**31)
         for name in ("shutdown_timeout_s", "health_check_timeout_s", "client_timeout_s"):
             value = getattr(self, name)
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
             # NaN passes no comparison and fires a timer at once; infinity never fires.
-            if not number or not math.isfinite(value) or value <= 0:
+            if not is_finite_number(value) or value <= 0:
                 raise ConfigError(f"proxy.{name}", value, "a finite number > 0")
         if self.partition_cache_by_key and not self.api_keys:
             raise ConfigError(
