@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import shutil
 import sqlite3
 import time
 from contextlib import closing
@@ -494,3 +496,18 @@ async def test_a_per_call_key_no_header_can_carry_is_a_failure_not_an_exception(
         opened = await backend.open_stream(req(2), api_key=key)
         assert isinstance(opened, MinimaLlmFailure) and opened.error_type == "InvalidApiKey"
     assert mock.stats()["requests"] == 0
+
+
+async def test_a_cache_directory_deleted_mid_run_is_reported_and_answers_still_come(
+    make_backend: BackendFactory, mock: MockServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # SQLite would go on writing into the deleted file: every answer "cached", none kept.
+    backend = make_backend(cache_dir=str(tmp_path / "cache"))
+    assert isinstance(await backend.generate(req(1)), MinimaLlmResponse)
+    shutil.rmtree(tmp_path / "cache")
+    await asyncio.sleep(0.6)  # the writer looks at its file at most twice a second
+    with caplog.at_level(logging.ERROR, logger="minima_llm"):
+        answer = await backend.generate(req(2))
+    assert isinstance(answer, MinimaLlmResponse) and answer.text == "mock reply: question 2"
+    assert backend.stats.cache_errors == 1
+    assert "was deleted or replaced" in caplog.text

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -52,6 +53,8 @@ BUSY_TIMEOUT_S = 60.0
 CHECKPOINT_FRAMES = 500
 # The writer's own autocheckpoint stays as a backstop for a checkpointer that falls behind.
 _BACKSTOP_FRAMES = 4_000
+# How often the writer looks whether its file is still the one at the path.
+_IDENTITY_EVERY_S = 0.5
 _PAGE_GUESS = 2048  # characters of row text per WAL frame (a page holds about 4,000 bytes)
 # A surrogate alone in a str (a JSON "\ud800" escape decodes to one) has no UTF-8 form.
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -82,6 +85,9 @@ class _SqliteFile:
         self._select = _COLUMNS
         # Set when the file sits in a directory we cannot write: see ``_read_now``.
         self._immutable = False
+        # The file the writer opened (device, inode), to notice it being deleted under us.
+        self._identity: tuple[int, int] | None = None
+        self._identity_checked_at = -math.inf
 
     def connect_writer(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -99,7 +105,18 @@ class _SqliteFile:
             raise
         if self.checkpointer is not None:
             self.checkpointer.arm()  # a store reopened after a close checkpoints again
+        self._identity = _identity(self.path)
         return conn
+
+    def _file_changed(self) -> bool:
+        # SQLite goes on writing into an open file that was deleted (the cache directory
+        # cleared mid-run, say): those rows would vanish with it, and no error says so.
+        # Looked at twice a second, not per commit: a stat is one more GIL hand-off.
+        now = time.monotonic()
+        if now < self._identity_checked_at + _IDENTITY_EVERY_S:
+            return False
+        self._identity_checked_at = now
+        return _identity(self.path) != self._identity
 
     def checkpointed(self, ok: bool) -> None:
         """The checkpointer's report: the writer catches up at its next batch, whatever the outcome."""
@@ -224,6 +241,11 @@ class _SqliteFile:
                 _retry_locked(commit)
         except sqlite3.Error as exc:
             raise CacheError(f"cache write to {self.path} failed: {exc}") from exc
+        if self._file_changed():
+            raise CacheError(
+                f"cache file {self.path} was deleted or replaced while open: answers since "
+                "are not cached; restart to cache at that path again"
+            )
         self.rows_written += len(rows)
         self.commits += 1
         self._wrote(rows)
@@ -419,3 +441,12 @@ def _retry_locked(fn: Any, deadline_s: float = BUSY_TIMEOUT_S) -> Any:
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 0.25)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The (device, inode) of the file at ``path``; None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
