@@ -21,7 +21,6 @@ from .calls import (
     Flight,
     OwnerLeft,
     joined,
-    kind_of,
     payload_of,
     replay_row,
     response_of,
@@ -37,6 +36,7 @@ from .live_streams import ChunkStream, LiveStreams, StreamError
 from .loopbound import LoopBound
 from .progress import ProgressSink, ProgressTarget
 from .stats import LiveStats, StatsSnapshot
+from .streaming import kind_of
 from .types import MinimaLlmFailure, MinimaLlmRequest, MinimaLlmResponse, MinimaLlmResult, Usage
 from .upstream import (
     UpstreamCaller,

@@ -113,10 +113,6 @@ async def store_answer(
     return row is not None
 
 
-def kind_of(endpoint: str) -> str:
-    return "chat" if endpoint == CHAT else "text"
-
-
 def payload_of(request: MinimaLlmRequest, model: str, endpoint: str) -> dict[str, Any]:
     payload: dict[str, Any] = dict(request.extra or {})
     payload["model"] = model

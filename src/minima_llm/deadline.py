@@ -15,8 +15,10 @@ async def bounded(awaitable: Awaitable[T], timeout_s: float) -> T:
     ``asyncio.timeout`` where there is one (3.11+): it makes no task, and tells its
     own cancellation from anyone else's. Python 3.10 has only ``wait_for``.
     """
-    timeout = getattr(asyncio, "timeout", None)
-    if timeout is None:
+    if _TIMEOUT is None:
         return await asyncio.wait_for(awaitable, timeout_s)
-    async with timeout(timeout_s):
+    async with _TIMEOUT(timeout_s):
         return await awaitable
+
+
+_TIMEOUT = getattr(asyncio, "timeout", None)  # looked up once, not on every stream

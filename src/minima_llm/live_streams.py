@@ -20,7 +20,6 @@ from .calls import (
     Call,
     Flight,
     OwnerLeft,
-    kind_of,
     payload_of,
     replay_row,
     response_of,
@@ -31,7 +30,7 @@ from .errors import MinimaLlmError
 from .flight import Broadcast, Follower
 from .loopbound import LoopBound
 from .stats import LiveStats
-from .streaming import ChunkAssembler
+from .streaming import ChunkAssembler, kind_of
 from .types import MinimaLlmFailure, MinimaLlmResponse, Usage
 from .upstream import Completion, StreamInterrupted, UpstreamCaller, UpstreamStream
 

@@ -53,6 +53,11 @@ class SseDecoder:
         return data
 
 
+def kind_of(endpoint: str) -> str:
+    """The chunk shape an endpoint streams: ``chat`` (deltas) or ``text`` (completions)."""
+    return "chat" if endpoint == "chat/completions" else "text"
+
+
 def encode_event(data: Mapping[str, Any] | str) -> bytes:
     """One SSE event carrying JSON (or the literal ``[DONE]``)."""
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))

@@ -29,7 +29,7 @@ from .resilience import (
     parse_retry_after,
 )
 from .stats import LiveStats
-from .streaming import DONE, SseDecoder, parts_text, replay_chunks
+from .streaming import DONE, SseDecoder, kind_of, parts_text, replay_chunks
 from .types import MinimaLlmFailure
 
 log = logging.getLogger("minima_llm")
@@ -161,8 +161,7 @@ class UpstreamStream:
             whole = parse_completion(
                 HttpResponse(self.resp.status, self.resp.headers, body), endpoint
             )
-            kind = "chat" if endpoint == "chat/completions" else "text"
-            self._events = _replayed(replay_chunks(whole.body, kind))
+            self._events = _replayed(replay_chunks(whole.body, kind_of(endpoint)))
             return
         self._events = self._read()
         with contextlib.suppress(StopAsyncIteration):  # [DONE] at once: empty, but whole
