@@ -50,8 +50,7 @@ def batch_status_overview(
                 if _located(state, api):
                     assert state.batch_id is not None
                     state.update(api.get(state.batch_id))
-                    with held(lock_path(directory)):
-                        save_merged(state)
+                    _save(state, config)
             except BatchApiError as exc:
                 note = f"  (status not refreshed: {exc})"
         stream.write(f"  {state.summary()}{note}\n")
@@ -67,8 +66,7 @@ def cancel_batch(batch_id: str, config: MinimaLlmConfig) -> dict[str, Any]:
     for state in local:
         state.update(answer)
         state.cancel_requested_at = time.time()
-        with held(lock_path(state_dir_of(config))):
-            save_merged(state)
+        _save(state, config)
     log.info("batch %s: %s", batch_id, answer.get("status"))
     return answer
 
@@ -104,8 +102,7 @@ def _cancel(config: MinimaLlmConfig, states: list[JobState]) -> list[str]:
             continue
         assert state.batch_id is not None
         if state.terminal:  # found finished: nothing to cancel, only the file to update
-            with held(lock_path(state_dir_of(config))):
-                save_merged(state)
+            _save(state, config)
             continue
         try:
             state.update(api.cancel(state.batch_id))
@@ -118,9 +115,14 @@ def _cancel(config: MinimaLlmConfig, states: list[JobState]) -> list[str]:
                 state.update(api.get(state.batch_id))  # so the file says where it stands
             except BatchApiError:
                 continue
-        with held(lock_path(state_dir_of(config))):
-            save_merged(state)
+        _save(state, config)
     return cancelled
+
+
+def _save(state: JobState, config: MinimaLlmConfig) -> None:
+    """Write what was learned of ``state`` into its file, under the state directory's lock."""
+    with held(lock_path(state_dir_of(config))):
+        save_merged(state)
 
 
 def _located(state: JobState, api: BatchApi) -> bool:
