@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from backend_support import BackendFactory, req
 from minima_llm import MinimaLlmConfig, MinimaLlmFailure, MinimaLlmResponse, OpenAIMinimaLlm
+from minima_llm.flight import JOINABLE_CHUNKS, Broadcast, Follower
 from minima_llm.http import HttpResponse, StreamingResponse, Transport, make_transport
 from minima_llm.testing import MockConfig, MockServer
 
@@ -214,3 +218,132 @@ async def test_a_burst_of_chunks_reaches_the_reader_from_the_first_not_after_the
             assert burst.handed == burst.total
         finally:
             await be.aclose()
+
+
+def _content(chunk: dict[str, Any]) -> str:
+    choices = chunk.get("choices") or [{}]
+    return str(choices[0].get("delta", {}).get("content") or "")
+
+
+async def test_a_long_stream_keeps_only_what_its_reader_has_still_to_read(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    # A reasoning model's 30,000-token answer used to stay in memory, chunk by chunk,
+    # until its stream ended, in case an identical request joined it late.
+    be = make_backend()
+    words = [f"w{i}" for i in range(JOINABLE_CHUNKS + 3_000)]
+    opened = await be.open_stream(req(1, text="ECHO:" + " ".join(words)))
+    assert not isinstance(opened, MinimaLlmFailure) and isinstance(opened.chunks, Follower)
+    reader, flight = opened.chunks, opened.chunks.flight
+    text = []
+    async for chunk in opened:
+        text.append(_content(chunk))
+        if not flight.joinable:
+            # Held: what the reader has not read yet, and what came since the last trim.
+            assert len(flight.chunks) <= flight.published - reader.position + 257
+    assert "".join(text).split() == words
+    assert flight.base > JOINABLE_CHUNKS - 256 and not flight.joinable
+    # Still cached whole: the answer was assembled as it came, not from the held chunks.
+    again = await be.call(req(2, text="ECHO:" + " ".join(words)))
+    assert isinstance(again, MinimaLlmResponse) and again.cached
+    assert again.text.split() == words
+
+
+class _HeldLines(_SlowFirstLine):
+    """A streaming response that stops after ``count`` lines until ``go`` is set."""
+
+    def __init__(self, resp: StreamingResponse, count: int, go: asyncio.Event) -> None:
+        super().__init__(resp, 0.0)
+        self._count = count
+        self._go = go
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        async for line in self._resp.lines():
+            self._count -= 1
+            if self._count == 0:
+                await self._go.wait()
+            yield line
+
+
+class HoldFirstStream(SlowFirstToken):
+    """A transport whose first stream stops after ``count`` lines until ``go`` is set."""
+
+    def __init__(self, inner: Transport, count: int) -> None:
+        super().__init__(inner, 0.0)
+        self.count = count
+        self.go = asyncio.Event()
+        self.opened = 0
+
+    async def open_stream(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
+    ) -> Any:
+        resp = await self.inner.open_stream(url, body, headers, timeout_s)
+        self.opened += 1
+        return _HeldLines(resp, self.count, self.go) if self.opened == 1 else resp
+
+
+async def test_a_request_for_a_stream_past_its_joinable_length_makes_its_own_call(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    words = [f"w{i}" for i in range(JOINABLE_CHUNKS + 500)]
+    question = "ECHO:" + " ".join(words)
+    config = MinimaLlmConfig(
+        base_url=mock.url, model="mock-model", rpm=0, timeout_s=5.0, cache_dir=str(tmp_path)
+    )
+    # Two lines an event: its data line and the blank line that ends it.
+    transport = HoldFirstStream(make_transport("aiohttp", 8), 2 * (JOINABLE_CHUNKS + 200))
+    be = OpenAIMinimaLlm(config, transport=transport)
+    try:
+        first = await be.open_stream(req(1, text=question))
+        assert not isinstance(first, MinimaLlmFailure)
+        iterator = aiter(first)
+        for _ in range(JOINABLE_CHUNKS + 100):  # past the length a newcomer may join at
+            await anext(iterator)
+        second = await be.open_stream(req(2, text=question))
+        assert not isinstance(second, MinimaLlmFailure) and not second.coalesced
+        # The newcomer reads its own stream from the first word; the first reader goes on.
+        late = "".join([_content(chunk) async for chunk in second]).split()
+        assert late == words and transport.opened == 2
+        transport.go.set()
+        rest = "".join([_content(chunk) async for chunk in first]).split()
+        assert rest == words[JOINABLE_CHUNKS + 99 :]  # the role chunk came first, empty
+        assert be.streams.live == 0  # both forgotten once ended, neither counted twice
+        answer = await be.call(req(3, text=question))
+        assert isinstance(answer, MinimaLlmResponse) and answer.cached
+    finally:
+        await be.aclose()
+
+
+async def _take(reader: Follower, count: int) -> None:
+    for _ in range(count):
+        await anext(reader)
+
+
+async def test_a_broadcast_drops_only_what_every_reader_has_read() -> None:
+    flight = Broadcast(joinable_chunks=300)
+    fast, slow = flight.follow(), flight.follow()
+    for i in range(300):
+        flight.publish({"i": i})
+    await _take(fast, 300)
+    await _take(slow, 100)
+    flight.publish({"i": 300})  # one past the joinable length: trimmed behind the slow reader
+    assert flight.base == 100 and not flight.joinable
+    with pytest.raises(RuntimeError):
+        flight.follow()  # a newcomer would miss the first 100 chunks
+    flight.reserve()  # a reader about to follow holds every chunk from the first, so
+    await _take(slow, 200)
+    for i in range(301, 512):
+        flight.publish({"i": i})
+    assert flight.base == 100  # nothing is dropped at 512 while it has no place yet
+    late = flight.follow(reserved=True)
+    await _take(late, 400)
+    await _take(fast, 212)
+    for i in range(512, 768):
+        flight.publish({"i": i})
+    assert flight.base == 300  # the slow reader's place, the least of the three
+    assert flight.chunks[0] == {"i": 300} and flight.published == 768
+    slow.close()
+    await _take(fast, 256)
+    for i in range(768, 1024):
+        flight.publish({"i": i})
+    assert flight.base == 400  # the late reader's place now

@@ -7,17 +7,31 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+# Chunks a stream keeps for readers who join late. Each parsed chunk holds about 1.7 KB,
+# so a 30,000-token answer from a reasoning model would hold some 50 MB while it runs.
+# Past this many, the stream takes no new readers and drops what its readers have read.
+JOINABLE_CHUNKS = 4_096
+# How often (in chunks) a stream past that point drops what its readers are done with.
+_TRIM_EVERY = 256
+
 
 class Broadcast:
     """Chunks of one stream, replayed to each follower from the first one on.
 
     The producer task publishes chunks and finally finishes (with or without an
     error). When the last follower leaves before the end, the producer is
-    cancelled so the upstream connection and its slot are freed.
+    cancelled so the upstream connection and its slot are freed. Past
+    ``joinable_chunks`` chunks it takes no new followers (``joinable`` turns false)
+    and keeps only the chunks some follower has still to read.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, joinable_chunks: int = JOINABLE_CHUNKS) -> None:
+        # The chunks still held; ``base`` is the index of the first in the whole stream.
         self.chunks: list[dict[str, Any]] = []
+        self.base = 0
+        self.joinable = True
+        self._joinable_chunks = joinable_chunks
+        self._readers: set[Follower] = set()
         self.done = False
         self.error: BaseException | None = None
         # When the upstream stream ended: a reader's own pace must not count as the upstream's.
@@ -30,7 +44,28 @@ class Broadcast:
     def publish(self, chunk: dict[str, Any]) -> bool:
         """Add a chunk and wake the followers; whether any was waiting for it."""
         self.chunks.append(chunk)
+        published = self.published
+        if published > self._joinable_chunks and (self.joinable or published % _TRIM_EVERY == 0):
+            self.joinable = False
+            self._trim()
         return self._wake()
+
+    @property
+    def published(self) -> int:
+        """Chunks published so far, including those already dropped."""
+        return self.base + len(self.chunks)
+
+    def _trim(self) -> None:
+        # A reservation has no position yet (its reader follows from the first chunk
+        # once the stream starts), so nothing is dropped while one is outstanding.
+        if self.followers != len(self._readers):
+            return
+        read = min((r.position for r in self._readers), default=self.published)
+        # The newest chunk stays: the gateway reads a finished stream's usage from its tail.
+        drop = min(read, self.published - 1) - self.base
+        if drop > 0:
+            del self.chunks[:drop]
+            self.base += drop
 
     def finish(self, error: BaseException | None = None) -> None:
         """End the stream; followers raise ``error`` after the chunks, if given."""
@@ -51,7 +86,7 @@ class Broadcast:
 
     async def started(self) -> None:
         """Wait until the first chunk arrives or the stream ends."""
-        while not self.chunks and not self.done:
+        while not self.published and not self.done:
             await self._wait()
 
     def reserve(self) -> None:
@@ -65,6 +100,8 @@ class Broadcast:
 
     def follow(self, reserved: bool = False) -> Follower:
         """A reader of every chunk from the first (``reserved``: counted already by ``reserve``)."""
+        if self.base and not reserved:
+            raise RuntimeError("a stream past its joinable length has dropped its first chunks")
         return Follower(self, reserved)
 
     def leave(self) -> None:
@@ -87,7 +124,8 @@ class Broadcast:
 
     def __repr__(self) -> str:
         state = "done" if self.done else "live"
-        return f"<Broadcast {state} chunks={len(self.chunks)} followers={self.followers}>"
+        held = f" held={len(self.chunks)}" if self.base else ""
+        return f"<Broadcast {state} chunks={self.published}{held} followers={self.followers}>"
 
 
 class Follower:
@@ -104,6 +142,12 @@ class Follower:
         self._left = False
         if not reserved:
             flight.followers += 1
+        flight._readers.add(self)
+
+    @property
+    def position(self) -> int:
+        """How many chunks this reader has taken."""
+        return self._index
 
     @property
     def flight(self) -> Broadcast:
@@ -118,9 +162,10 @@ class Follower:
         while True:
             if self._left:
                 raise StopAsyncIteration
-            if self._index < len(flight.chunks):
+            at = self._index - flight.base
+            if at < len(flight.chunks):
                 self._index += 1
-                return flight.chunks[self._index - 1]
+                return flight.chunks[at]
             if flight.done:
                 self.close()
                 if flight.error is not None:
@@ -136,6 +181,7 @@ class Follower:
         """Stop following (idempotent)."""
         if not self._left:
             self._left = True
+            self._flight._readers.discard(self)
             self._flight.leave()
 
     async def aclose(self) -> None:

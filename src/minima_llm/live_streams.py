@@ -101,8 +101,11 @@ class LiveStreams:
         self._closing: set[asyncio.Future[None]] = set()
 
     def on_wire(self, key: str) -> Broadcast | None:
-        """The running loop's stream for ``key``, if one is on the wire."""
-        return self._streams.get().get(key) if self.live else None
+        """The running loop's stream for ``key``, if one is on the wire that can still be joined."""
+        if not self.live:
+            return None
+        flight = self._streams.get().get(key)
+        return flight if flight is not None and flight.joinable else None
 
     async def follow_whole(
         self, call: Call, flight: Broadcast, started: float
@@ -130,7 +133,7 @@ class LiveStreams:
     async def open(self, call: Call, started: float) -> ChunkStream | MinimaLlmFailure:
         """``open_stream`` past the cache: join an identical live stream, or start one."""
         streams = self._streams.get()
-        flight = streams.get(call.key)
+        flight = self._joinable(streams, call.key)
         coalesced = flight is not None
         shared = self._whole.get().get(call.key) if flight is None else None
         if shared is not None:
@@ -139,7 +142,7 @@ class LiveStreams:
             if replayed is not None:
                 return replayed
             # Its owner left while we waited: someone may have started this stream since.
-            flight = streams.get(call.key)
+            flight = self._joinable(streams, call.key)
             coalesced = flight is not None
         if flight is None:
             flight = streams[call.key] = Broadcast()
@@ -159,10 +162,14 @@ class LiveStreams:
             flight.leave()
             raise
         request_id = call.request.request_id
-        if flight.done and not flight.chunks and isinstance(flight.error, StreamError):
+        if flight.done and not flight.published and isinstance(flight.error, StreamError):
             flight.leave()
             return replace(flight.error.failure, request_id=request_id)
-        if flight.done and not flight.chunks and isinstance(flight.error, asyncio.CancelledError):
+        if (
+            flight.done
+            and not flight.published
+            and isinstance(flight.error, asyncio.CancelledError)
+        ):
             # The stream's opener was cancelled before the first byte, not this reader:
             # raising its cancellation here would end this reader's task as cancelled.
             flight.leave()
@@ -196,6 +203,17 @@ class LiveStreams:
         closing = asyncio.ensure_future(upstream.aclose())  # frees the connection and its slot
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
+
+    def _joinable(self, streams: dict[str, Broadcast], key: str) -> Broadcast | None:
+        """The stream on the wire for ``key`` if a new reader can join it from its first chunk.
+
+        One too long to join is forgotten here, so the new reader's own stream takes its place.
+        """
+        flight = streams.get(key)
+        if flight is not None and not flight.joinable:
+            self._forget_stream(streams, key, flight)
+            return None
+        return flight
 
     def _forget_stream(self, streams: dict[str, Broadcast], key: str, flight: Broadcast) -> None:
         if streams.get(key) is flight:
