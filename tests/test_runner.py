@@ -363,6 +363,38 @@ async def test_cancelling_the_batch_cancels_its_workers() -> None:
     assert cancelled == 4
 
 
+async def test_a_worker_whose_cancellation_was_lost_takes_no_more_items() -> None:
+    # wait_for before Python 3.12 can drop a cancellation that arrives as its awaitable
+    # finishes; such a worker used to go on sending the cancelled batch's requests.
+    started = asyncio.Event()
+    calls = 0
+
+    async def fn(i: int) -> int:
+        nonlocal calls
+        calls += 1
+        started.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            if i % 2:
+                raise
+            await asyncio.sleep(0.02)  # like a call that ended as it was cancelled
+        return i
+
+    batch = BatchConfig(num_workers=4, **QUIET)
+    task = asyncio.ensure_future(run_batched_callable(range(400), fn, batch, progress=False))
+    await started.wait()
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # Returned only once every worker had ended, and none took another item.
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert others == [] and calls == 4
+    await asyncio.sleep(0.1)
+    assert calls == 4
+
+
 async def test_a_batch_reports_the_tokens_it_spent_not_the_backends_lifetime_total(
     mock: MockServer, tmp_path: Path
 ) -> None:

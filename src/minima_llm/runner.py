@@ -146,9 +146,15 @@ async def run_batched_callable(
     tally = _Tally(len(pending), batch, sink, stats() if stats else None)
     feed = iter(enumerate(pending))
     abort = asyncio.Event()
+    ended = False
 
     async def worker() -> None:
         for count, (index, item) in enumerate(feed, 1):
+            # A cancellation can be lost (wait_for before 3.12 drops one that arrives as
+            # its awaitable finishes), and a worker that lost it would go on sending the
+            # cancelled batch's requests: so each also looks whether the batch has ended.
+            if ended:
+                return
             set_last_cached(False)
             try:
                 result: Any = await fn(item)
@@ -173,9 +179,12 @@ async def run_batched_callable(
         try:
             await asyncio.wait([finished, aborter], return_when=asyncio.FIRST_COMPLETED)
         finally:
+            ended = True
             for task in (*workers, watcher, aborter):
                 task.cancel()
-            await asyncio.gather(finished, watcher, aborter, return_exceptions=True)
+            # Each worker awaited, not ``finished``: that gather ends at the first
+            # cancelled worker, and the batch would return while others still ran.
+            await asyncio.gather(finished, *workers, watcher, aborter, return_exceptions=True)
             sink.close()
     if tally.aborted is not None:
         sink.report(str(tally.aborted), logging.ERROR)

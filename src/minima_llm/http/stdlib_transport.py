@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from ..deadline import bounded
 from ..errors import TransportError
 from .base import HttpResponse, LowerHeaders, decode_body
 
@@ -102,7 +103,7 @@ class StdlibTransport:
         )
         try:
             # The socket timeout applies per read; the outer bound caps a server that trickles bytes.
-            return await asyncio.wait_for(job, timeout_s * 2 + 1.0)
+            return await bounded(job, timeout_s * 2 + 1.0)
         except asyncio.TimeoutError as exc:
             handoff.abort()
             raise TransportError("timeout", f"no {awaited} within {timeout_s}s") from exc
