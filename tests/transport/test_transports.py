@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import os
+import signal
 import socket
+import time
+import warnings
 from collections.abc import AsyncIterator
 
 import pytest
@@ -13,7 +17,7 @@ import pytest
 from minima_llm.errors import ConfigError
 from minima_llm.http import StdlibTransport, Transport, TransportError, make_transport
 from minima_llm.http.stdlib_transport import _Handoff
-from minima_llm.testing import MockServer
+from minima_llm.testing import MockServer, run_mock_server_in_thread
 
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
 JSON = {"Content-Type": "application/json"}
@@ -292,3 +296,40 @@ def test_a_late_abort_never_shuts_a_socket_already_handed_back() -> None:
 def test_unknown_transport_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="transport"):
         make_transport("curl", 1)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_sends_with_a_transport_its_parent_used(transport: str) -> None:
+    # multiprocessing forks by default on Linux before 3.14; the stdlib transport's
+    # child used to hand every request to pool threads that exist only in the parent.
+    with run_mock_server_in_thread() as mock:
+        client = make_transport(transport, 8)
+        url = mock.url + "/chat/completions"
+        assert asyncio.run(client.post(url, BODY, JSON, 5.0)).status == 200
+        with warnings.catch_warnings():
+            # 3.12+ warns that forking a threaded process may deadlock: the case at hand.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through its exit status
+            try:
+                resp = asyncio.run(asyncio.wait_for(client.post(url, BODY, JSON, 2.0), 5.0))
+                os._exit(0 if resp.status == 200 else 1)
+            except BaseException:
+                os._exit(2)
+        assert _exit_status(pid, 10.0) == 0
+        # The parent's own pool and connections are untouched by the child.
+        assert asyncio.run(client.post(url, BODY, JSON, 5.0)).status == 200
+        asyncio.run(client.aclose())
+
+
+def _exit_status(pid: int, timeout_s: float) -> int:
+    """The child's exit status, killing it if it has not ended within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return -1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import os
 import socket
 import ssl
 import threading
@@ -49,8 +50,19 @@ class StdlibTransport:
         self._ssl: ssl.SSLContext | None = None
         self.opened = 0
         # A transport dropped unclosed would leave its idle sockets to the GC (ResourceWarning);
-        # its pool threads end by themselves once the executor is collected.
-        weakref.finalize(self, _close_idle, self._idle, self._lock)
+        # its pool threads end by themselves once the executor is collected. No lock: it
+        # runs once nothing else holds the transport.
+        weakref.finalize(self, _close_idle, self._idle)
+        _LIVE.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's pool threads, lock holders and sockets are not ours."""
+        # A thread that held the lock at the fork does not exist here to release it, and a
+        # job handed to the inherited executor would wait forever for a thread to run it.
+        self._lock = threading.Lock()
+        self._executor = None
+        # Closing a socket's inherited descriptor leaves the parent's connection open.
+        _close_idle(self._idle)
 
     def _tls(self) -> ssl.SSLContext:
         """The TLS context, made once (racing threads may both make one; either is fine)."""
@@ -319,13 +331,27 @@ class _Handoff:
 
 
 def _close_idle(
-    idle: dict[_Origin, list[http.client.HTTPConnection]], lock: threading.Lock
+    idle: dict[_Origin, list[http.client.HTTPConnection]], lock: threading.Lock | None = None
 ) -> None:
-    with lock:
+    with lock or contextlib.nullcontext():
         conns = [c for pooled in idle.values() for c in pooled]
         idle.clear()
     for conn in conns:
         conn.close()
+
+
+_LIVE: weakref.WeakSet[StdlibTransport] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for transport in list(_LIVE):
+        transport._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork
+    # multiprocessing forks by default on Linux before 3.14: a worker using a backend its
+    # parent made sent every request to pool threads the child does not have.
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _split(url: str) -> tuple[_Origin, str]:
