@@ -100,7 +100,7 @@ def test_content_sent_as_parts_is_read_as_their_text() -> None:
 
 
 def test_a_pretty_printed_error_body_is_kept_whole_in_the_snippet() -> None:
-    from minima_llm.upstream import SNIPPET, _error_snippet
+    from minima_llm.upstream import SNIPPET, _error_parts
 
     error = {
         "error": {
@@ -113,8 +113,10 @@ def test_a_pretty_printed_error_body_is_kept_whole_in_the_snippet() -> None:
     }
     body = json.dumps(error, indent=4).encode()
     assert len(body) > SNIPPET  # as api.openai.com sends it
-    assert json.loads(_error_snippet(body)) == error
-    assert _error_snippet(b"<html>" + b"x" * 1000) == ("<html>" + "x" * 1000)[:SNIPPET]
+    snippet, whole = _error_parts(body)
+    assert json.loads(snippet) == error and whole == error["error"]
+    html = b"<html>" + b"x" * 1000
+    assert _error_parts(html) == (("<html>" + "x" * 1000)[:SNIPPET], None)
 
 
 async def test_a_long_retry_after_waits_no_longer_than_the_wait_bound(mock: MockServer) -> None:

@@ -105,6 +105,10 @@ class MinimaLlmFailure:
     body_snippet: str | None = None
     timeout_s: float | None = None
     attempt_timestamps: tuple[float, ...] = ()
+    # The error object (message, type, param, code) of the upstream's last answer,
+    # whole: ``body_snippet`` is cut at 300 characters, and OpenAI's context-length
+    # error runs past that, code and all.
+    upstream_error: Mapping[str, Any] | None = field(default=None, hash=False)
 
     def format_attempts(self) -> str:
         """Attempt send times relative to the first, e.g. ``[+0.0s, +1.2s, +3.5s]``."""

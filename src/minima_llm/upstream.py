@@ -63,6 +63,8 @@ class Problem(Exception):
         self.snippet = snippet
         self.retryable = retryable
         self.retry_after: float | None = None
+        # The upstream's OpenAI-style error object, when its answer carried one.
+        self.error: Mapping[str, Any] | None = None
 
 
 class StreamInterrupted(MinimaLlmError):
@@ -77,6 +79,8 @@ class StreamInterrupted(MinimaLlmError):
 
 
 # Error types of OpenAI's error objects that asking again cannot change.
+# OpenAI's code and type for a 429 that means the account is out of credit, not too fast.
+_QUOTA = "insufficient_quota"
 _PERMANENT_TYPES = frozenset(
     {"invalid_request_error", "authentication_error", "permission_error", "not_found_error"}
 )
@@ -351,13 +355,15 @@ class UpstreamCaller:
                     await bounded(stream.start(endpoint), self.cfg.timeout_s)
                 except StreamInterrupted as exc:
                     await stream.aclose()
-                    raise Problem(
+                    problem = Problem(
                         "MalformedResponse",
                         f"stream failed before its first chunk: {exc}",
                         resp.status,
                         str(exc)[:SNIPPET],
                         _passing(exc),
-                    ) from exc
+                    )
+                    problem.error = exc.error
+                    raise problem from exc
                 except asyncio.TimeoutError as exc:
                     await stream.aclose()
                     timed_out = TransportError("timeout", "no first chunk in time")
@@ -457,13 +463,21 @@ class UpstreamCaller:
     def _status_problem(
         self, status: int, headers: Mapping[str, str], body: bytes, sent_at: float, slots: Slots
     ) -> Problem:
-        snippet = _error_snippet(body)
+        snippet, error = _error_parts(body)
         message = f"HTTP {status}"
         if 300 <= status < 400 and headers.get("location"):
             # Not followed (a POST must not become a GET elsewhere): say where to point instead.
             message += f", redirected to {headers['location']}: set base_url to the new address"
-        problem = Problem("HTTPError", message, status, snippet, is_retryable_status(status))
+        # A spent quota is a 429 that no wait will lift; retried, it only delays the answer.
+        quota = (
+            status == 429 and error is not None and _QUOTA in (error.get("code"), error.get("type"))
+        )
+        retryable = is_retryable_status(status) and not quota
+        problem = Problem("HTTPError", message, status, snippet, retryable)
+        problem.error = error
         problem.retry_after = parse_retry_after(headers)
+        if quota:
+            return problem
         if status == 429:
             self.stats.rate_limited += 1
             self.pacer.penalize(problem.retry_after)
@@ -493,14 +507,15 @@ class UpstreamCaller:
             body_snippet=problem.snippet,
             timeout_s=self.cfg.timeout_s,
             attempt_timestamps=tuple(stamps),
+            upstream_error=problem.error,
         )
 
 
-def _error_snippet(body: bytes) -> str:
-    """The start of an error body; JSON is compacted first, so a pretty-printed error fits whole.
+def _error_parts(body: bytes) -> tuple[str, Mapping[str, Any] | None]:
+    """The start of an error body (JSON compacted first), and its ``error`` object if it has one.
 
-    api.openai.com indents its error objects: a context-length error runs just past
-    ``SNIPPET`` characters as sent, and cut there it no longer parses.
+    api.openai.com indents its error objects, and a context-length error runs past
+    ``SNIPPET`` characters even compacted: the object itself is kept whole beside the snippet.
     """
     if len(body) <= 65_536:
         try:
@@ -508,8 +523,10 @@ def _error_snippet(body: bytes) -> str:
         except (ValueError, UnicodeDecodeError):
             pass
         else:
-            return json.dumps(parsed, separators=(",", ":"), ensure_ascii=False)[:SNIPPET]
-    return body[:SNIPPET].decode("utf-8", "replace")
+            compact = json.dumps(parsed, separators=(",", ":"), ensure_ascii=False)[:SNIPPET]
+            error = parsed.get("error") if isinstance(parsed, dict) else None
+            return compact, error if isinstance(error, dict) else None
+    return body[:SNIPPET].decode("utf-8", "replace"), None
 
 
 def _transport_problem(exc: TransportError, timeout_s: float) -> Problem:

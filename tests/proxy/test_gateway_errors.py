@@ -13,6 +13,7 @@ from gateway_harness import MODEL, Reply, chat_body, closed_port_url, serve, str
 from minima_llm.proxy import ProxySettings
 from minima_llm.proxy.handlers import MAX_JSON_DEPTH
 from minima_llm.testing import MockServer
+from minima_llm.upstream import SNIPPET
 
 
 def error_of(reply: Reply, status: int) -> dict[str, object]:
@@ -184,8 +185,11 @@ async def test_upstream_429_storm(mock: MockServer, tmp_path: Path) -> None:
     mock.fail_next(10, status=429, headers={"Retry-After": "0"})
     async with serve(mock.url, tmp_path, max_attempts=2) as gw:
         reply = await gw.chat("limited")
-        assert error_of(reply, 429)["type"] == "rate_limit_error"
+        # The upstream's last refusal as it said it (SDKs pick RateLimitError by status).
+        error = error_of(reply, 429)
+        assert error["message"] == "mock: injected 429" and error["code"] == "injected_fault"
         assert int(reply.headers["Retry-After"]) >= 1
+        assert mock.stats()["requests"] == 2  # an ordinary 429 is retried
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -215,6 +219,57 @@ async def test_upstream_400_keeps_its_message(
         assert error["type"] == "invalid_request_error"
         assert mock.stats()["requests"] == 1  # a 400 is not retried
         assert (await gw.chat("too long", stream=stream)).status == 200  # and not cached
+
+
+# api.openai.com's answer to an over-long prompt, indented as it sends it: past the
+# failure record's 300-character snippet even compacted, code and param at the end.
+CONTEXT_LENGTH = {
+    "error": {
+        "message": "This model's maximum context length is 128000 tokens. However, your "
+        "messages resulted in 130532 tokens (130000 in the messages, 532 in the functions). "
+        "Please reduce the length of the messages or functions.",
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": "context_length_exceeded",
+    }
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_long_upstream_error_reaches_the_client_whole(
+    mock: MockServer, tmp_path: Path, stream: bool
+) -> None:
+    assert len(json.dumps(CONTEXT_LENGTH, separators=(",", ":"))) > SNIPPET
+    mock.fail_next(1, status=400, body=json.dumps(CONTEXT_LENGTH, indent=4))
+    async with serve(mock.url, tmp_path) as gw:
+        error = error_of(await gw.chat("too long", stream=stream), 400)
+        # SDK users branch on the code: it used to come back as "upstream_error".
+        assert error == {**CONTEXT_LENGTH["error"]}
+
+
+async def test_a_spent_quota_is_answered_at_once_as_the_upstream_said_it(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    quota = {
+        "message": "You exceeded your current quota, please check your plan and billing details.",
+        "type": "insufficient_quota",
+        "param": None,
+        "code": "insufficient_quota",
+    }
+    mock.fail_next(3, status=429, body={"error": quota})
+    async with serve(mock.url, tmp_path, max_attempts=3) as gw:
+        error = error_of(await gw.chat("out of credit"), 429)
+        assert error == quota
+        assert mock.stats()["requests"] == 1  # no wait lifts a spent quota
+
+
+async def test_a_conflict_that_outlasts_the_retries_is_a_conflict(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    conflict = {"message": "busy", "type": "conflict", "param": None, "code": None}
+    mock.fail_next(2, status=409, body={"error": conflict})
+    async with serve(mock.url, tmp_path, max_attempts=2) as gw:
+        assert error_of(await gw.chat("contended"), 409)["message"] == "busy"
 
 
 @pytest.mark.parametrize(

@@ -87,7 +87,9 @@ def failure_status(failure: MinimaLlmFailure) -> int:
         return 504
     if status is None:
         return 502
-    if status == 429 or (400 <= status < 500 and status not in (408, 409, 425)):
+    if status == 408:
+        return 504  # the upstream's own request timeout, after retries: a gateway timeout
+    if 400 <= status < 500:
         return status  # the caller's own problem (or limit), reported as the upstream said it
     if status in (503, 504):
         return status
@@ -108,11 +110,12 @@ def failure_response(failure: MinimaLlmFailure, retry_after_s: float = 0.0) -> w
         {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if status in (429, 503) else None
     )
     snippet = failure.body_snippet
-    parsed = _upstream_error(snippet)
+    parsed = failure.upstream_error or _upstream_error(snippet)
     upstream = parsed or {}
     detail = _text(upstream.get("message"))
-    if detail and status == failure.status and status < 500 and status != 429:
-        # Refused at once, not retried: the upstream's answer is the whole story.
+    if detail and status == failure.status and status < 500:
+        # A refusal or limit passed through: the upstream's answer is the whole story,
+        # and SDKs pick their exception and its fields from it.
         return error_response(
             status,
             detail,
