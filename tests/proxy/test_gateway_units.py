@@ -100,6 +100,11 @@ SAME_KEY = [
         id="max_completion_tokens",
     ),
     pytest.param(
+        {"model": "m", "messages": MSGS, "max_tokens": 64},
+        {"model": "m", "messages": MSGS, "max_tokens": 64, "max_completion_tokens": 64},
+        id="both-token-limits-alike",
+    ),
+    pytest.param(
         {"model": "m", "messages": MSGS, "temperature": 0},
         {"model": "m", "messages": MSGS, "temperature": 0.0},
         id="temperature-int-or-float",
@@ -122,6 +127,17 @@ DIFFERENT_KEY = [
     pytest.param({}, {"seed": 1}, id="seed"),
     pytest.param({}, {"model": "other"}, id="model"),
     pytest.param({"max_tokens": 5}, {"max_tokens": 6}, id="max_tokens"),
+    # The server may apply either limit: a 2-token answer must not serve max_tokens=100.
+    pytest.param(
+        {"max_tokens": 100},
+        {"max_tokens": 100, "max_completion_tokens": 2},
+        id="both-token-limits",
+    ),
+    pytest.param(
+        {"max_completion_tokens": 2},
+        {"max_tokens": 100, "max_completion_tokens": 2},
+        id="both-token-limits-other-way",
+    ),
 ]
 
 

@@ -271,6 +271,11 @@ def _extra(endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
         if body.get(field) in missing:
             raise RequestError(400, f"'{field}' is a required property", param=field)
     extra = {}
+    both = body.get("max_tokens"), body.get("max_completion_tokens")
+    if None not in both and both[0] != both[1]:
+        # Two different limits: which one applies is up to the server (vLLM and OpenAI
+        # take max_completion_tokens), so the answer is keyed by both, not by max_tokens.
+        extra["max_completion_tokens"] = both[1]
     for name, value in body.items():
         if name in _NOT_EXTRA or value is None:
             continue
