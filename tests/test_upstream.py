@@ -6,11 +6,14 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+import pytest
+
 from minima_llm import MinimaLlmConfig, MinimaLlmFailure
 from minima_llm.clock import FakeClock
 from minima_llm.http import HttpResponse, StdlibTransport
 from minima_llm.stats import LiveStats
 from minima_llm.testing import MockServer
+from minima_llm.types import Usage
 from minima_llm.upstream import Completion, UpstreamCaller, parse_completion
 
 BODY = json.dumps({"choices": [{"message": {"content": "ok"}}]}).encode()
@@ -136,3 +139,28 @@ async def test_a_long_retry_after_waits_no_longer_than_the_wait_bound(mock: Mock
         await transport.aclose()
     assert isinstance(outcome, Completion)
     assert sum(clock.sleeps) <= 7.0, clock.sleeps
+
+
+USAGE = '{"prompt_tokens": 11, "completion_tokens": 5}'
+NESTED = '{"prompt_tokens": 999, "completion_tokens": 999}'
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"id": "x", "choices": [], "usage": ' + USAGE + "}",
+        # OpenAI's own order: usage, then plain values.
+        '{"id": "x", "usage": '
+        + USAGE
+        + ', "service_tier": "default", "system_fingerprint": "fp"}',
+        # A "usage" nested after the body's own must not stand in for it.
+        '{"id": "x", "usage": ' + USAGE + ', "choices": [{"usage": ' + NESTED + "}]}",
+        '{"id": "x", "choices": [{"usage": ' + NESTED + '}], "usage": ' + USAGE + "}",
+        '{"usage": ' + USAGE + ', "note": "a } in a string"}',
+    ],
+)
+def test_a_stored_bodys_usage_is_its_own(raw: str) -> None:
+    from minima_llm.calls import usage_of
+
+    assert json.loads(raw)["usage"] == json.loads(USAGE)  # the table is what it says
+    assert usage_of(raw) == Usage(prompt_tokens=11, completion_tokens=5)

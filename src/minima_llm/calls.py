@@ -184,16 +184,26 @@ def usage_of(raw: str | None) -> Usage:
         start = raw.find("{", at)
         if start >= 0 and raw[at + 7 : start].strip() == ":":
             try:
-                usage, _ = _decoder.raw_decode(raw, start)
+                usage, end = _decoder.raw_decode(raw, start)
             except ValueError:
                 usage = None
-            if isinstance(usage, dict):
+            # Only the body's own: a "usage" nested deeper (in a choice, say) is followed by
+            # two closing brackets at least, the top-level one (OpenAI puts service_tier and
+            # system_fingerprint after it) by one and plain values. A bracket in a string
+            # after it only sends this to the full parse below.
+            if isinstance(usage, dict) and _closes_body(raw, end):
                 return Usage.from_body({"usage": usage})
     try:
         body = json.loads(raw)
     except ValueError:
         return Usage()
     return Usage.from_body(body)
+
+
+def _closes_body(raw: str, end: int) -> bool:
+    """Whether ``raw[end:]`` holds only scalar members and the top-level object's ``}``."""
+    tail = raw[end:]
+    return tail.count("}") == 1 and "{" not in tail and "[" not in tail and "]" not in tail
 
 
 def joined(result: MinimaLlmResult, request_id: str) -> MinimaLlmResult:
