@@ -268,7 +268,9 @@ class LiveStreams:
             flight.finish()
         except StreamInterrupted as exc:
             self.stats.failures += 1
-            log.warning("%s: stream interrupted, not cached: %s", call.request.request_id, exc)
+            # Debug, not a warning: every reader gets the error raised, and the gateway
+            # logs its own line for it, so a warning here made two of one event.
+            log.debug("%s: stream interrupted, not cached: %s", call.request.request_id, exc)
             flight.finish(exc)
         except asyncio.CancelledError:
             flight.finish(StreamInterrupted("stream cancelled: every reader left"))

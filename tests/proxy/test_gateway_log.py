@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from gateway_harness import serve
+from gateway_harness import chat_body, eventually, serve
 
 from minima_llm.proxy import ProxySettings
 from minima_llm.proxy.log import ProxyLog
@@ -103,3 +103,47 @@ async def test_gateway_log(
     assert len(hits) == (2 if verbose else 0)
     assert got[-1] == "5 requests: 2 cache hits, 1 llm calls, 2 failed"
     assert len(got) == len(live) + len(failed) + len(hits) + 1
+
+
+async def test_a_stream_whose_opener_left_is_logged_as_the_llm_call_it_was(
+    mock: MockServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The opener leaves mid-stream, a coalesced reader reads it to the end: the upstream
+    # answered in full (cached, counted in the metrics), so the log must say so too.
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    mock.update_config(stream_chunk_delay_s=0.01)
+    text = " ".join(f"w{i}" for i in range(40))
+    settings = ProxySettings(port=0, log_every=2)
+    async with serve(mock.url, tmp_path, settings) as gw:
+        url = gw.url + "/v1/chat/completions"
+        opener = await gw.http.post(url, json=chat_body(text, stream=True))
+        assert (await opener.content.readline()).startswith(b"data: ")
+        async with gw.http.post(url, json=chat_body(text, stream=True)) as follower:
+            assert (await follower.content.readline()).startswith(b"data: ")
+            opener.close()
+            assert (await follower.read()).decode().rstrip().endswith("[DONE]")
+        metrics = gw.gateway.metrics
+        assert await eventually(lambda: metrics.coalesced == 1 and metrics.client_disconnects == 1)
+        assert metrics.snapshot(gw.backend.snapshot())["cache"]["miss"] == 1
+    got = [text for _, text in lines(caplog)]
+    live = [t for t in got if " miss " in t]
+    assert len(live) == 1 and "client left" in live[0]
+    assert got[-1] == "2 requests: 0 cache hits, 1 llm calls, 0 failed, 1 joined a call in flight"
+
+
+async def test_an_interrupted_stream_is_one_warning(
+    mock: MockServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with serve(mock.url, tmp_path, max_attempts=1) as gw:
+        mock.fail_next(1, mode="truncate_stream")
+        reply = await gw.chat("cut short", stream=True)
+        assert reply.status == 200 and "upstream_error" in reply.text
+    warnings = [
+        (r.name, r.getMessage())
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and "interrupted" in r.getMessage()
+    ]
+    assert len(warnings) == 1, warnings
+    name, message = warnings[0]
+    assert name == LOGGER and "stream interrupted, not cached" in message

@@ -6,9 +6,11 @@ import asyncio
 import hashlib
 import hmac
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from .._version import USER_AGENT
 from ..backend import OpenAIMinimaLlm
@@ -18,6 +20,113 @@ from .settings import ProxySettings
 
 # Health checks hit the upstream at most this often, however often /health is polled.
 HEALTH_TTL_S = 5.0
+# How often the whole requests waiting on an answer are looked over for clients that left.
+# One timer for them all, not one per request: most are answered in milliseconds.
+SWEEP_S = 0.5
+# What the sweep holds of a waiting whole request: its HTTP request (to see whether its
+# client is still there), and the backend request and call options (for its cache key).
+Waiting = tuple[web.Request, Any, dict[str, Any]]
+
+
+def client_gone(request: web.Request) -> bool:
+    """Whether the client of ``request`` has closed its connection."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def take_back_cancel(task: asyncio.Task[Any]) -> int:
+    """Undo one ``cancel()`` of ``task`` (Python 3.11+); the cancellations still pending."""
+    uncancel = getattr(task, "uncancel", None)
+    return int(uncancel()) if uncancel is not None else 0
+
+
+class ClientSweep:
+    """Cancels the whole requests still waiting on an answer whose clients have left.
+
+    aiohttp does not cancel a handler whose client left, and nothing is written to
+    the client before the answer: without the sweep, a request nobody waits for any
+    more would still queue for a slot and be sent upstream. A handler puts itself in
+    ``waiting`` while it waits (a dict entry, no timer); one timer looks every
+    ``SWEEP_S`` at the requests that were waiting at the look before too, so the
+    many answered within ``SWEEP_S`` are never looked at, and a client gone is seen
+    within two looks.
+    """
+
+    def __init__(
+        self, key_of: Callable[[Any, Any], tuple[str, str]], metrics: GatewayMetrics
+    ) -> None:
+        self._key_of = key_of
+        self._metrics = metrics
+        self.waiting: dict[asyncio.Task[Any], Waiting] = {}
+        # The requests waiting at the last look: the ones the next look looks at.
+        self._seen: set[asyncio.Task[Any]] = set()
+        # Requests whose client has left: True once cancelled, False while kept for
+        # identical requests that share their call.
+        self.left: dict[asyncio.Task[Any], bool] = {}
+        self.timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        """Look in ``SWEEP_S`` (the caller has just added a request and no look is due)."""
+        self.timer = asyncio.get_running_loop().call_later(SWEEP_S, self._look)
+
+    def _look(self) -> None:
+        self.timer = None
+        waiting, left = self.waiting, self.left
+        for task in [t for t in left if t not in waiting]:
+            del left[task]  # answered or cancelled since
+        seen = self._seen
+        # Inline, not client_gone(): under load this looks at every request that waited long.
+        gone = [
+            task
+            for task in seen
+            if task in waiting
+            and task not in left
+            and ((transport := waiting[task][0].transport) is None or transport.is_closing())
+        ]
+        for task in gone:
+            left[task] = False
+        self._metrics.client_disconnects += len(gone)
+        if gone:
+            self._cancel_abandoned()
+        self._seen = set(waiting)
+        if waiting:
+            self.start()
+
+    def _cancel_abandoned(self) -> None:
+        """Cancel each request whose client left, unless a client still there asked the same.
+
+        Identical requests share one call (the first one's): cancelling it would send
+        the question of those still waiting again, so it is kept while any of them waits.
+        """
+        waiting, left = self.waiting, self.left
+        present = {self._key(w) for task, w in waiting.items() if task not in left}
+        for task, cancelled in list(left.items()):
+            if not cancelled and self._key(waiting[task]) not in present:
+                left[task] = True
+                task.cancel()
+
+    def _key(self, waiting: Waiting) -> str:
+        _, request, options = waiting
+        return self._key_of(request, options["key_extra"])[0]
+
+    def took_back(self, task: asyncio.Task[Any]) -> bool:
+        """Whether the cancellation ``task`` is handling is the sweep's alone (now taken back).
+
+        Another one too (a shutdown stopping the request) must still end the task.
+        """
+        return self.left.get(task) is True and take_back_cancel(task) == 0
+
+    def stop(self) -> None:
+        """No more looks."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def __repr__(self) -> str:
+        cancelled = sum(self.left.values())
+        return (
+            f"<ClientSweep waiting={len(self.waiting)} left={len(self.left)} cancelled={cancelled}>"
+        )
 
 
 class Gateway:
@@ -37,10 +146,13 @@ class Gateway:
         self.log = log or ProxyLog(settings.log_every, settings.verbose)
         self._keys = [k.encode("utf-8") for k in settings.api_keys]
         self._health: tuple[float, dict[str, Any]] | None = None
+        # The probe under way: concurrent polls share it rather than each opening a connection.
+        self._probe: asyncio.Task[dict[str, Any]] | None = None
         self._session: aiohttp.ClientSession | None = None
         # The tasks answering requests right now: a shutdown stops those that overstay.
         self.answering: set[asyncio.Task[Any]] = set()
         self.metrics.watch_in_flight(self.answering.__len__)
+        self.sweep = ClientSweep(backend.key_for, self.metrics)
 
     def key_is_valid(self, presented: str) -> bool:
         """Constant-time comparison against every configured key."""
@@ -59,10 +171,29 @@ class Gateway:
         return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
     async def upstream_health(self) -> dict[str, Any]:
-        """Whether the upstream answers ``GET /models`` (cached for a few seconds)."""
+        """Whether the upstream answers ``GET /models`` (cached for a few seconds).
+
+        One probe at a time: polls that come while it runs wait for its result (each
+        poll is still bounded by the probe's timeout), so a herd of polls against a
+        hanging upstream opens one connection, not one per poll.
+        """
         now = time.monotonic()
         if self._health is not None and now - self._health[0] < HEALTH_TTL_S:
             return self._health[1]
+        probe = self._probe
+        if probe is None:
+            probe = self._probe = asyncio.ensure_future(self._check_upstream(now))
+            probe.add_done_callback(self._probe_done)
+        # Shielded: a poll cancelled (at shutdown, say) must not cancel the others' probe.
+        return await asyncio.shield(probe)
+
+    def _probe_done(self, probe: asyncio.Task[dict[str, Any]]) -> None:
+        if self._probe is probe:
+            self._probe = None
+        if not probe.cancelled():
+            probe.exception()  # retrieved here: the polls that awaited it may all have gone
+
+    async def _check_upstream(self, now: float) -> dict[str, Any]:
         url = f"{self.config.base_url}/models"
         headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
         started = time.monotonic()
@@ -94,6 +225,11 @@ class Gateway:
 
     async def aclose(self) -> None:
         """Close the health-check session and the backend (flushing the cache)."""
+        self.sweep.stop()
+        probe = self._probe
+        if probe is not None:
+            probe.cancel()
+            await asyncio.gather(probe, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
             self._session = None

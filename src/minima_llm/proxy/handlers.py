@@ -21,7 +21,7 @@ from ..streaming import encode_event
 from ..types import MinimaLlmFailure, MinimaLlmResponse, Usage
 from ..upstream import StreamInterrupted
 from .errors import ClientLeft, RequestError, error_body, error_response, failure_response
-from .gateway import Gateway
+from .gateway import Gateway, client_gone, take_back_cancel
 from .normalize import CHAT, COMPLETIONS, EMBEDDINGS, Parsed, key_extra, parse_body
 from .settings import ProxySettings
 
@@ -41,18 +41,12 @@ TENANT = _request_key("tenant")  # the caller's cache partition
 _DONE = b"data: [DONE]\n\n"
 # What clients may disconnect with while we write to them.
 _GONE = (ConnectionResetError, ConnectionError)
-# How soon a stream still opening first looks whether its client is still there; the
-# looks then space out to _WATCH_MAX_S, so a long wait for a first token (seconds from a
-# busy model, for each of hundreds of streams) costs a few wake-ups, not one every 0.1 s.
+# How soon a stream first looks whether its client is still there; the looks then space
+# out to _WATCH_MAX_S, so a long wait for a first token (seconds from a busy model, for
+# each of hundreds of streams) costs a few wake-ups, not one every 0.1 s.
 _WATCH_S = 0.1
 _WATCH_MAX_S = 1.0
 log = logging.getLogger("minima_llm.proxy")
-
-
-def _take_back_cancel(task: asyncio.Task[Any]) -> int:
-    """Undo one ``cancel()`` of ``task`` (Python 3.11+); the cancellations still pending."""
-    uncancel = getattr(task, "uncancel", None)
-    return int(uncancel()) if uncancel is not None else 0
 
 
 async def _json_body(request: web.Request, settings: ProxySettings) -> Any:
@@ -157,7 +151,23 @@ def _inference(endpoint: str) -> Any:
         }
         if parsed.stream:
             return await _stream(request, gw, parsed, options, started)
-        result = await gw.backend.call(parsed.request, **options)
+        # Looked after by the gateway's sweep while it waits, for a client that leaves.
+        # request.task is the task running this handler (and cheaper than current_task).
+        task = request.task
+        sweep = gw.sweep
+        waiting = sweep.waiting
+        waiting[task] = (request, parsed.request, options)
+        if sweep.timer is None:
+            sweep.start()
+        try:
+            result = await gw.backend.call(parsed.request, **options)
+        except asyncio.CancelledError:
+            if not sweep.took_back(task):
+                raise
+            # Nobody reads this; the sweep counted the disconnect.
+            return error_response(499, "client closed the request before it was answered")
+        finally:
+            del waiting[task]
         resp = _answer(gw, parsed, result, started, request.path)
         if isinstance(resp.body, bytes) and len(resp.body) > _SLICE_BYTES:
             return await _send_in_slices(request, resp, gw)
@@ -270,12 +280,43 @@ def _header(label: str) -> str:
 async def _stream(
     request: web.Request, gw: Gateway, parsed: Parsed, options: dict[str, Any], started: float
 ) -> web.StreamResponse:
-    opened = await _open_while_connected(request, gw, parsed, options)
-    if opened is None:
-        gw.metrics.client_disconnects += 1
-        return error_response(499, "client closed the request before the stream opened")
-    if isinstance(opened, MinimaLlmFailure):
-        return _answer(gw, parsed, opened, started, request.path)
+    """A streamed answer, watched for its client leaving from the first step to the last.
+
+    aiohttp does not cancel a handler whose client left, and nothing is written before
+    the first chunk (a stalled upstream, a queue for a slot, retries) nor while the
+    upstream sends only SSE comments (``: keep-alive``, which reset the per-read
+    timeout and give the client nothing): without the watch a stream nobody reads
+    would keep its upstream slot, perhaps for good. The watch is a timer, not a task
+    beside the stream.
+    """
+    watch = _ClientWatch(request)
+    try:
+        try:
+            opened = await gw.backend.open_stream(parsed.request, **options)
+        except asyncio.CancelledError:
+            if not watch.took_back():
+                raise
+            gw.metrics.client_disconnects += 1
+            return error_response(499, "client closed the request before the stream opened")
+        if isinstance(opened, MinimaLlmFailure):
+            return _answer(gw, parsed, opened, started, request.path)
+        try:
+            return await _send_stream(request, gw, parsed, opened, started, watch)
+        finally:
+            watch.stop()  # before the close: a look must not cancel it halfway
+            await opened.aclose()
+    finally:
+        watch.stop()
+
+
+async def _send_stream(
+    request: web.Request,
+    gw: Gateway,
+    parsed: Parsed,
+    opened: ChunkStream,
+    started: float,
+    watch: _ClientWatch,
+) -> web.StreamResponse:
     label = _label(parsed, opened.cached, opened.coalesced)
     resp = web.StreamResponse(
         headers={
@@ -292,6 +333,8 @@ async def _stream(
         await send(_DONE)
         await send.eof()
     except StreamInterrupted as exc:
+        # What follows only writes, and a write notices a client gone by itself.
+        watch.stop()
         gw.metrics.streams_interrupted += 1
         gw.log.answered(
             "failed",
@@ -299,7 +342,7 @@ async def _stream(
             parsed.model,
             502,
             time.monotonic() - started,
-            f"stream interrupted: {exc}",
+            f"stream interrupted, not cached: {exc}",
         )
         await _try_write(
             send,
@@ -316,13 +359,14 @@ async def _stream(
             await send.eof()
         return resp
     except _GONE:
-        # The client left: stop reading so the upstream stream is cancelled unless others follow it.
-        gw.metrics.client_disconnects += 1
-        if label in ("miss", "refresh"):
-            _count_if_finished(gw, label, opened, started)
+        _client_left(request, gw, parsed, label, opened, started)
         return resp
-    finally:
-        await opened.aclose()
+    except asyncio.CancelledError:
+        watch.stop()
+        if not watch.took_back():
+            raise
+        _client_left(request, gw, parsed, label, opened, started)
+        return resp
     gw.metrics.count_answer(
         label, usage, _token_source(label), None if opened.cached else _upstream_s(opened, started)
     )
@@ -337,67 +381,70 @@ async def _stream(
     return resp
 
 
-async def _open_while_connected(
-    request: web.Request, gw: Gateway, parsed: Parsed, options: dict[str, Any]
-) -> ChunkStream | MinimaLlmFailure | None:
-    """``open_stream``, given up (None) if the client leaves before the stream opens.
-
-    aiohttp does not cancel a handler whose client left, and nothing is written before
-    the first chunk: a stalled upstream (or a queue for a slot, or retries) would
-    otherwise keep a slot for a stream nobody reads, and no answer comes of it.
-    The watch is a timer, not a task beside the open: most streams open within a
-    millisecond, and for them it costs one timer handle.
-    """
-    task = asyncio.current_task()
-    if task is None:  # not in a task (never so under aiohttp): nothing to watch over
-        return await gw.backend.open_stream(parsed.request, **options)
-    watch = _ClientWatch(request, task)
-    try:
-        return await gw.backend.open_stream(parsed.request, **options)
-    except asyncio.CancelledError:
-        if not watch.fired:
-            raise
-        _take_back_cancel(task)
-        return None
-    finally:
-        watch.stop()
+def _client_left(
+    request: web.Request,
+    gw: Gateway,
+    parsed: Parsed,
+    label: str,
+    opened: ChunkStream,
+    started: float,
+) -> None:
+    """The client left mid-stream: the caller's ``aclose`` cancels the upstream stream unless others follow it."""
+    gw.metrics.client_disconnects += 1
+    if label in ("miss", "refresh"):
+        _count_if_finished(gw, label, opened, started, request.path, parsed.model)
 
 
 class _ClientWatch:
-    """Cancels ``task`` once its client has gone, looking at widening intervals."""
+    """Cancels the current task once its client has gone, looking at widening intervals."""
 
     __slots__ = ("_handle", "_request", "_task", "_wait_s", "fired")
 
-    def __init__(self, request: web.Request, task: asyncio.Task[Any]) -> None:
+    def __init__(self, request: web.Request) -> None:
         self._request = request
-        self._task = task
+        # Never None under aiohttp; a call outside a task has nothing to watch over.
+        self._task = asyncio.current_task()
         self._wait_s = _WATCH_S
         self.fired = False
-        self._handle = asyncio.get_running_loop().call_later(_WATCH_S, self._look)
+        self._handle: asyncio.TimerHandle | None = (
+            asyncio.get_running_loop().call_later(_WATCH_S, self._look)
+            if self._task is not None
+            else None
+        )
 
     def _look(self) -> None:
-        if _client_gone(self._request):
+        if client_gone(self._request):
             self.fired = True
+            assert self._task is not None  # no look is scheduled without a task
             self._task.cancel()
             return
         self._wait_s = min(self._wait_s * 2, _WATCH_MAX_S)
         self._handle = asyncio.get_running_loop().call_later(self._wait_s, self._look)
 
     def stop(self) -> None:
-        """No more looks (the open has ended one way or another)."""
-        self._handle.cancel()
+        """No more looks (idempotent)."""
+        if self._handle is not None:
+            self._handle.cancel()
+
+    def took_back(self) -> bool:
+        """Whether the cancellation being handled is this watch's alone (and now taken back).
+
+        Another cancellation too (a shutdown stopping the request) must still end the task.
+        """
+        if not self.fired or self._task is None:
+            return False
+        self.fired = False
+        return take_back_cancel(self._task) == 0
 
 
-def _client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
-def _count_if_finished(gw: Gateway, label: str, opened: ChunkStream, started: float) -> None:
-    """Count a live stream its opener left once it ends whole for the readers still on it.
+def _count_if_finished(
+    gw: Gateway, label: str, opened: ChunkStream, started: float, route: str, model: str
+) -> None:
+    """Count and log a live stream its opener left once it ends whole for the readers still on it.
 
     The upstream answered in full (and the answer was cached), so its tokens were
-    spent; the readers who joined count theirs as coalesced, not as upstream.
+    spent; the readers who joined count theirs as coalesced, not as upstream. The
+    log line keeps the log's summary in step with the metrics.
     """
     if not isinstance(opened.chunks, Follower):
         return
@@ -412,7 +459,16 @@ def _count_if_finished(gw: Gateway, label: str, opened: ChunkStream, started: fl
                 ),
                 Usage(),
             )
-            gw.metrics.count_answer(label, usage, "upstream", _upstream_s(opened, started))
+            upstream_s = _upstream_s(opened, started)
+            gw.metrics.count_answer(label, usage, "upstream", upstream_s)
+            gw.log.answered(
+                label,
+                route,
+                model,
+                200,
+                upstream_s,
+                f"stream tokens={usage.prompt_tokens}+{usage.completion_tokens}, client left",
+            )
 
     opened.chunks.flight.when_finished(count)
 
