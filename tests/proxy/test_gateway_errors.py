@@ -311,6 +311,18 @@ async def test_a_stream_refused_for_good_before_its_first_chunk_is_not_retried(
         assert mock.stats()["requests"] == 1  # asking again cannot change this answer
 
 
+async def test_a_stream_line_past_the_limit_is_a_bad_gateway_not_a_crash(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    line = "data: " + json.dumps({"choices": [{"delta": {"content": "z" * 17_000_000}}]})
+    sse = {"Content-Type": "text/event-stream"}
+    mock.fail_next(2, status=200, body=line + "\n\n", headers=sse)
+    async with serve(mock.url, tmp_path, max_attempts=2) as gw:
+        error = error_of(await gw.chat("one enormous chunk", stream=True), 502)
+        assert "stream line over" in str(error["message"]) and "zzz" not in str(error)
+        assert mock.stats()["requests"] == 2  # retried, as nothing had reached the client
+
+
 async def test_a_stream_that_never_starts_is_a_json_error(mock: MockServer, tmp_path: Path) -> None:
     mock.fail_next(2, status=200, body="", headers={"Content-Type": "text/event-stream"})
     async with serve(mock.url, tmp_path, max_attempts=2) as gw:

@@ -140,6 +140,20 @@ async def test_a_body_past_a_mebibyte_is_sent_whole(client: Transport, mock: Moc
         await stream.aclose()
 
 
+async def test_a_stream_event_of_megabytes_is_one_line(client: Transport, mock: MockServer) -> None:
+    # A whole answer sent as one chunk (as a cache replays it) makes one long line;
+    # aiohttp refused lines past 128 KiB, and the gateway answered a 500 for it.
+    event = "data: " + json.dumps({"choices": [{"delta": {"content": "y" * 3_000_000}}]})
+    sse = {"Content-Type": "text/event-stream"}
+    mock.fail_next(1, status=200, body=event + "\n\ndata: [DONE]\n\n", headers=sse)
+    stream = await client.open_stream(mock.url + "/chat/completions", BODY, JSON, 5.0)
+    try:
+        lines = [line async for line in stream.lines()]
+    finally:
+        await stream.aclose()
+    assert lines[0].rstrip(b"\r\n") == event.encode()
+
+
 async def test_gzip_request_body_is_accepted(client: Transport, mock: MockServer) -> None:
     headers = {**JSON, "Content-Encoding": "gzip"}
     resp = await client.post(mock.url + "/chat/completions", gzip.compress(BODY), headers, 5.0)

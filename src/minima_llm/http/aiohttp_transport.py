@@ -24,6 +24,11 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 _MAX_URLS = 256
 _WHOLE_BODY_BYTES = 2**20  # aiohttp's own limit for a body of raw bytes
+# aiohttp refuses a line longer than twice a response's read buffer (128 KiB by
+# default). One SSE event can be far longer: a whole answer sent as a single chunk, as
+# a cache replays it. Streams get a buffer that admits 16 MiB lines; past that, a
+# stream is malformed.
+_STREAM_BUFSIZE = 2**23
 
 
 class _LoopSession:
@@ -129,7 +134,12 @@ class AiohttpTransport:
         try:
             data: bytes | io.BytesIO = body if len(body) <= _WHOLE_BODY_BYTES else io.BytesIO(body)
             resp = await session.post(
-                url, data=data, headers=headers, timeout=timeout, allow_redirects=False
+                url,
+                data=data,
+                headers=headers,
+                timeout=timeout,
+                allow_redirects=False,
+                read_bufsize=_STREAM_BUFSIZE,
             )
         except Exception as exc:
             raise _translate(exc, timeout_s) from exc
@@ -195,6 +205,14 @@ def _translate(exc: Exception, timeout_s: float) -> Exception:
         return TransportError("connect", f"{type(exc).__name__}: {exc}")
     if isinstance(exc, RuntimeError) and "Session is closed" in str(exc):
         return TransportError("closed", "the transport was closed")
+    # LineTooLong, or ValueError("Chunk too big") from older aiohttp. Their messages are
+    # not quoted: LineTooLong's holds the upstream's bytes.
+    if isinstance(exc, aiohttp.http_exceptions.LineTooLong) or (
+        isinstance(exc, ValueError) and "too big" in str(exc)
+    ):
+        return TransportError("malformed", f"a stream line over {2 * _STREAM_BUFSIZE} bytes")
+    if isinstance(exc, aiohttp.http_exceptions.HttpProcessingError):
+        return TransportError("malformed", f"unreadable response ({type(exc).__name__})")
     return exc
 
 
