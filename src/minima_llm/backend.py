@@ -25,6 +25,7 @@ from .calls import (
     replay_row,
     response_of,
     store_answer,
+    stored_body,
     usage_of,
 )
 from .clock import SYSTEM_CLOCK, Clock
@@ -247,13 +248,14 @@ class OpenAIMinimaLlm:
         self, request: MinimaLlmRequest, hit: CacheHit, started: float
     ) -> MinimaLlmResponse:
         row = hit.row
-        usage = usage_of(row.response_raw)
+        raw = stored_body(row.response_raw)
+        usage = usage_of(raw)
         self.stats.hit(hit.source, usage)
         return MinimaLlmResponse(
             request_id=request.request_id,
             text=row.response_text,
             cached=True,
-            raw_text=row.response_raw,
+            raw_text=raw,
             usage=usage,
             latency_s=self._clock.monotonic() - started,
             cache_source=hit.source,

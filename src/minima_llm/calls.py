@@ -171,6 +171,20 @@ def completion_of(row: CacheRow, kind: str) -> dict[str, Any]:
 _decoder = json.JSONDecoder()
 
 
+def stored_body(raw: str | None) -> str | None:
+    """A row's raw body if it looks like a JSON object; None for one cut short or foreign.
+
+    A hit is answered with this text as it is (the gateway sends it unparsed), so a
+    body that cannot be a completion is dropped and the answer rebuilt from the text.
+    Only its ends are looked at: parsing every hit would cost the replay its speed.
+    """
+    if not raw:
+        return None
+    if (raw[0] == "{" or raw.lstrip()[:1] == "{") and (raw[-1] == "}" or raw.rstrip()[-1:] == "}"):
+        return raw
+    return None
+
+
 def usage_of(raw: str | None) -> Usage:
     """The ``usage`` object of a stored body, without parsing the whole body.
 

@@ -76,10 +76,13 @@ class MinimaLlmResponse:
 
     @property
     def raw(self) -> dict[str, Any] | None:
-        """The upstream JSON body, parsed."""
+        """The upstream JSON body, parsed; None if there is none, or none that parses (an old row)."""
         if self.raw_text is None:
             return None
-        parsed = json.loads(self.raw_text)
+        try:
+            parsed = json.loads(self.raw_text)
+        except ValueError:
+            return None
         return parsed if isinstance(parsed, dict) else None
 
     @property

@@ -165,16 +165,19 @@ _SCHEMA = (
 )
 
 
+# A raw body that is not a JSON object (cut short, or some other tool's) must not reach
+# the client as the answer: it is rebuilt from the text, as for a row with none.
+@pytest.mark.parametrize("raw", [None, "", "{not json", "[1, 2]", '"just text"'])
 async def test_row_without_raw_body_is_served_in_openai_shape(
-    mock: MockServer, tmp_path: Path
+    mock: MockServer, tmp_path: Path, raw: str | None
 ) -> None:
     messages = [{"role": "user", "content": "asked long ago"}]
     key, canonical = cache_key(MODEL, messages)
     with sqlite3.connect(tmp_path / "minima_llm.db") as db:
         db.execute(_SCHEMA)
         db.execute(
-            "INSERT INTO cache VALUES (?, ?, NULL, ?, ?, ?)",
-            (key, "the old answer", time.time(), MODEL, canonical),
+            "INSERT INTO cache VALUES (?, ?, ?, ?, ?, ?)",
+            (key, "the old answer", raw, time.time(), MODEL, canonical),
         )
     db.close()
     async with serve(mock.url, tmp_path) as gw:
