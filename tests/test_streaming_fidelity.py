@@ -215,6 +215,31 @@ def test_assembling_a_replay_gives_the_completion_back(
     assert completion == original  # neither side mutates what it is given
 
 
+def test_audio_and_annotations_in_pieces_assemble_whole() -> None:
+    # Streamed audio output comes as {id, expires_at} once, then data and transcript in
+    # pieces; taking the last fragment cached only its tail.
+    chunks = [
+        _chunk(_delta(role="assistant", audio={"id": "audio_1", "expires_at": 1700000000})),
+        _chunk(_delta(audio={"data": "AAAA", "transcript": "Hello"})),
+        _chunk(_delta(audio={"data": "BBBB", "transcript": " there"})),
+        _chunk(_delta(audio={"id": "audio_1", "data": "CCCC"})),
+        _chunk(_delta(content="Hi", annotations=[{"type": "url_citation", "n": 1}])),
+        _chunk(_delta(annotations=[{"type": "url_citation", "n": 2}])),
+        _chunk(_delta(finish="stop")),
+    ]
+    message = _assemble(chunks)["choices"][0]["message"]
+    assert message["audio"] == {
+        "id": "audio_1",
+        "expires_at": 1700000000,
+        "data": "AAAABBBBCCCC",
+        "transcript": "Hello there",
+    }
+    assert [a["n"] for a in message["annotations"]] == [1, 2]
+    # And a replay of it assembles to the same message.
+    completion = _assemble(chunks)
+    assert _assemble(list(replay_chunks(completion, "chat"))) == completion
+
+
 def test_replayed_text_starts_like_openai_and_carries_logprobs_with_its_content() -> None:
     completion = CHAT_COMPLETIONS["logprobs"]
     chunks = list(replay_chunks(completion))

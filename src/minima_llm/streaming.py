@@ -230,7 +230,30 @@ def _merge_delta(fields: dict[str, Any], delta: Mapping[str, Any]) -> None:
         elif key == "function_call" and value is not None:
             _merge_function(_slot_of(fields, key, _Merged), value)
         else:
-            _merge_field(fields, key, value)
+            _merge_any(fields, key, value)
+
+
+def _merge_any(target: dict[str, Any], key: str, value: Any) -> None:
+    """A delta field with no rule of its own: objects merge member by member, lists extend.
+
+    ``audio`` comes as ``{id, expires_at}`` once and ``data``/``transcript`` in pieces,
+    ``annotations`` a few at a time: taking the last fragment kept only the tail.
+    """
+    if isinstance(value, Mapping):
+        merged = _slot_of(target, key, _Merged)
+        for name, item in value.items():
+            if name in _FIRST_WINS:
+                _merge_first(merged, name, item)
+            else:
+                _merge_any(merged, name, item)
+    elif isinstance(value, list):
+        _slot_of(target, key, _Items).extend(value)
+    else:
+        _merge_field(target, key, value)
+
+
+# Members that name a thing rather than carry its text: repeated, they must not concatenate.
+_FIRST_WINS = frozenset({"id", "type", "name", "index"})
 
 
 def _content_text(value: Any) -> str | None:
