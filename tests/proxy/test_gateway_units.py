@@ -21,7 +21,7 @@ from minima_llm.live_streams import ChunkStream
 from minima_llm.proxy import GatewayMetrics, ProxySettings
 from minima_llm.proxy.errors import RequestError, failure_response, failure_status
 from minima_llm.proxy.handlers import _upstream_s
-from minima_llm.proxy.normalize import CHAT, COMPLETIONS, EMBEDDINGS, Parsed, parse_body
+from minima_llm.proxy.normalize import CHAT, COMPLETIONS, EMBEDDINGS, Parsed, key_extra, parse_body
 from minima_llm.types import Usage
 
 MSGS = [{"role": "user", "content": "hi"}]
@@ -477,3 +477,24 @@ async def test_bounded_times_out_and_lets_other_cancellations_through() -> None:
     waiting.cancel()  # a shutdown, say: it must stay a cancellation, never a timeout
     with pytest.raises(asyncio.CancelledError):
         await waiting
+
+
+@pytest.mark.parametrize(
+    ("field", "partition"),
+    [("tenant", key_extra(CHAT, "0123456789abcdef")), ("endpoint", key_extra(COMPLETIONS, None))],
+)
+def test_a_body_cannot_name_a_key_only_field(field: str, partition: dict[str, str] | None) -> None:
+    # A keyless body with "tenant": <a tenant's id> used to be keyed exactly as that
+    # tenant's own request, and was answered from its partition.
+    assert partition is not None
+    base = {"model": "m", "messages": MSGS}
+    forged = parse({**base, field: partition[field]})
+    r = forged.request
+    keyed = cache_key(r.model or "", r.messages, r.temperature, r.max_tokens, r.extra)[0]
+    real = parse(base).request
+    extra = {**(real.extra or {}), **partition}
+    owned = cache_key(real.model or "", real.messages, real.temperature, real.max_tokens, extra)[0]
+    assert keyed != owned
+    assert (
+        forged.payload is None or forged.payload[field] == partition[field]
+    )  # still sent as given

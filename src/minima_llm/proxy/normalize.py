@@ -281,7 +281,9 @@ def _extra(endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
             continue
         if name in _DEFAULTS and _is_default(value, _DEFAULTS[name]):
             continue
-        extra[name] = value
+        # A body field named like a key-only one (see key_extra) is keyed under another
+        # name: a keyless body with "tenant": <a tenant's id> read that tenant's answers.
+        extra[f"body:{name}" if name in _KEY_ONLY else name] = value
     return extra
 
 
@@ -289,6 +291,9 @@ def _is_default(value: Any, default: Any) -> bool:
     # 0 == False in Python, but legacy completions' "logprobs": 0 asks for the sampled
     # token's logprob, which the default (none) does not: a bool only matches a bool.
     return value == default and isinstance(value, bool) == isinstance(default, bool)
+
+
+_KEY_ONLY = frozenset({"endpoint", "tenant"})
 
 
 def key_extra(endpoint: str, tenant: str | None) -> dict[str, str] | None:
