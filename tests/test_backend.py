@@ -511,3 +511,23 @@ async def test_a_cache_directory_deleted_mid_run_is_reported_and_answers_still_c
     assert isinstance(answer, MinimaLlmResponse) and answer.text == "mock reply: question 2"
     assert backend.stats.cache_errors == 1
     assert "was deleted or replaced" in caplog.text
+
+
+def test_a_recurring_cache_fault_is_logged_once_per_period(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A full disk fails every write of a batch; one line per answer buried the log.
+    from minima_llm.calls import RepeatedError
+
+    now = [100.0]
+    repeated = RepeatedError(10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.ERROR, logger="minima_llm"):
+        for _ in range(400):
+            repeated.log("cache write failed: %s", "disk full")
+            now[0] += 0.0625  # 25 s in all, in steps a float holds exactly
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "cache write failed: disk full",
+        "cache write failed: disk full (159 more like it since the last such line)",
+        "cache write failed: disk full (159 more like it since the last such line)",
+    ]

@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
@@ -21,6 +22,36 @@ from .types import MinimaLlmRequest, MinimaLlmResponse, MinimaLlmResult, Usage
 from .upstream import Completion
 
 log = logging.getLogger("minima_llm")
+
+
+class RepeatedError:
+    """Logs an error that recurs at most once per ``every_s``, counting the lines left out.
+
+    A full disk fails every write of a batch: one line per answer buried the log in
+    thousands of copies of one message.
+    """
+
+    def __init__(self, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s = every_s
+        self._clock = clock
+        self._logged_at = -float("inf")
+        self._left_out = 0
+
+    def log(self, message: str, *args: Any) -> None:
+        """``log.error(message, *args)``, unless one went out less than ``every_s`` ago."""
+        now = self._clock()
+        if now - self._logged_at < self.every_s:
+            self._left_out += 1
+            return
+        if self._left_out:
+            message += " (%d more like it since the last such line)"
+            args = (*args, self._left_out)
+        self._logged_at, self._left_out = now, 0
+        log.error(message, *args)
+
+
+# For every backend in the process: the count of each fault is in its stats all the same.
+_WRITE_FAILED = RepeatedError(10.0)
 CHAT = "chat/completions"
 
 
@@ -108,7 +139,7 @@ async def store_answer(
     except Exception as exc:
         # The answer arrived and the caller gets it; losing it to a cache fault would be worse.
         stats.cache_errors += 1
-        log.error("cache write failed, answer returned uncached: %s", exc)
+        _WRITE_FAILED.log("cache write failed, answer returned uncached: %s", exc)
         return False
     return row is not None
 
