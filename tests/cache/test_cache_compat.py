@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from minima_llm.cache import CacheRow, PromptCache, SqliteStore, cache_key
+from minima_llm.errors import CacheError
 
 OLD_SCHEMA = (
     "CREATE TABLE cache (key TEXT PRIMARY KEY, response_text TEXT NOT NULL, "
@@ -219,3 +220,49 @@ async def test_rows_a_0_2_writer_adds_to_our_file_are_hits(tmp_path: Path) -> No
         assert got[key] == CacheRow(key, "old answer", raw_body("old answer"), 1.7e9)
     finally:
         store.close()
+
+
+FOREIGN_SCHEMAS = [
+    "CREATE TABLE cache (id INTEGER PRIMARY KEY, blob BLOB)",
+    "CREATE TABLE cache (key TEXT PRIMARY KEY, value TEXT)",
+]
+
+
+def make_foreign_file(directory: Path, schema: str) -> Path:
+    """Some other program's ``cache`` table, holding a row under a key we would look up."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "minima_llm.db"
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(schema)
+        first = 7 if "INTEGER" in schema else contract("m", PROMPTS[0])[0]
+        conn.execute("INSERT INTO cache VALUES (?, ?)", (first, "theirs"))
+        conn.commit()
+    return path
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+@pytest.mark.parametrize("schema", FOREIGN_SCHEMAS)
+def test_a_foreign_cache_table_is_refused_and_left_unaltered(
+    tmp_path: Path, schema: str, readonly: bool
+) -> None:
+    path = make_foreign_file(tmp_path, schema)
+    found = ", ".join(columns(path))
+    with pytest.raises(CacheError, match=rf"{path}.*not a minima-llm cache.*\({found}\)"):
+        SqliteStore.in_dir(tmp_path, readonly=readonly)
+    with closing(sqlite3.connect(path)) as conn:
+        (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'cache'").fetchone()
+    assert sql == schema
+
+
+async def test_a_lookup_dir_with_a_foreign_cache_table_is_skipped_saying_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_foreign_file(tmp_path / "theirs", FOREIGN_SCHEMAS[1])
+    cache = PromptCache.open(str(tmp_path / "ours"), [str(tmp_path / "theirs")])
+    try:
+        assert cache.lookups == []
+    finally:
+        await cache.aclose()
+    assert "skipped" in caplog.text
+    assert "not a minima-llm cache: table cache has columns (key, value)" in caplog.text

@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from _fork_support import ALLOW_FORK, NOBODY, in_forked_child
 
 from backend_support import BackendFactory, req
-from minima_llm.cache import CacheRow, SqliteStore
+from minima_llm.cache import DB_NAME, CacheRow, SqliteStore
 from minima_llm.errors import CacheError
 from minima_llm.testing import MockServer
 
@@ -98,3 +100,80 @@ def test_a_read_only_lookup_follows_its_owner_writing_again(tmp_path: Path) -> N
         assert all(row.response_text.startswith("new") for row in found.values())
     finally:
         lookup.close()
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory another user can reach: pytest's tmp_path is private to its owner."""
+    path = Path(tempfile.mkdtemp(prefix="minima-ro-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        for directory in [path, *path.rglob("*")]:
+            if directory.is_dir():
+                directory.chmod(0o755)
+        shutil.rmtree(path)
+
+
+def as_non_root(fn: Callable[[], str]) -> str:
+    """``fn()`` run by a user whom mode bits bind: this one, or nobody in a forked child of root."""
+    if os.geteuid() != 0:
+        return fn()
+    if not hasattr(os, "fork"):
+        pytest.skip("running as root, and cannot fork a child to drop to another user")
+    result: str = in_forked_child(fn, uid=NOBODY)
+    return result
+
+
+@ALLOW_FORK
+def test_a_lookup_in_a_directory_a_non_root_user_cannot_write_serves_its_rows(
+    shared_dir: Path,
+) -> None:
+    # For a user without write access to the directory, SQLite 3.40 fails a ?mode=ro
+    # reader with "attempt to write a readonly database", not "unable to open"; root,
+    # which the chattr tests above run as, never sees it.
+    archive = shared_dir / "archive"
+    owner = SqliteStore.in_dir(archive)
+    owner.put_many_sync(_rows(0, 3, "old"))
+    owner.close()
+    assert sorted(os.listdir(archive)) == [DB_NAME]
+    archive.chmod(0o555)
+
+    def look_up() -> str:
+        lookup = SqliteStore.in_dir(archive, readonly=True)
+        try:
+            return lookup.get_many_sync(["k1"])["k1"].response_text
+        finally:
+            lookup.close()
+
+    assert as_non_root(look_up).startswith("old 1")
+
+
+@ALLOW_FORK
+def test_a_lookup_that_cannot_read_its_wal_says_why_not_to_move_cache_dir(
+    shared_dir: Path,
+) -> None:
+    owner = SqliteStore.in_dir(shared_dir / "live")
+    copy = shared_dir / "copy"
+    copy.mkdir()
+    try:
+        owner.put_many_sync(_rows(0, 3, "old"))
+        # The file and its WAL as a run still writing (or killed) leaves them, without the -shm.
+        for name in (DB_NAME, f"{DB_NAME}-wal"):
+            shutil.copy(shared_dir / "live" / name, copy / name)
+    finally:
+        owner.close()
+    assert (copy / f"{DB_NAME}-wal").stat().st_size > 0
+    copy.chmod(0o555)
+
+    def open_it() -> str:
+        try:
+            SqliteStore.in_dir(copy, readonly=True).close()
+        except CacheError as exc:
+            return str(exc)
+        return "opened"
+
+    message = as_non_root(open_it)
+    assert f"the directory {copy} is not writable and {DB_NAME}-wal holds commits" in message
+    assert "point cache_dir elsewhere" not in message

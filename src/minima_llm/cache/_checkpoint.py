@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -102,6 +103,14 @@ class Checkpointer:
         finally:
             conn.close()
 
+    def _forget_parent(self) -> None:
+        """In a forked child: no thread runs here, and a parent thread may have held the locks."""
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread = None
+        # Armed again when the child's writer opens its own connection.
+        self._armed = False
+
     def __repr__(self) -> str:
         state = "armed" if self._armed else "disarmed"
         return f"<Checkpointer {self.path} {state}>"
@@ -115,6 +124,15 @@ def checkpoint(conn: sqlite3.Connection, path: Path) -> bool:
         log.debug("cache: checkpoint of %s failed: %s", path, exc)
         return False
     return True
+
+
+def _after_fork() -> None:
+    for checkpointer in list(_alive):
+        checkpointer._forget_parent()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 @atexit.register

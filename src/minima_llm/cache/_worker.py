@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -42,6 +43,10 @@ class _Job(NamedTuple):
 _STOP = object()
 # Workers whose thread may be running, for the exit hook (weakly: a thread holds its own).
 _started: weakref.WeakSet[ConnectionWorker] = weakref.WeakSet()
+# Every worker, for the fork hook (weakly, so stores are still collected).
+_workers: weakref.WeakSet[ConnectionWorker] = weakref.WeakSet()
+# Connections a forked child inherited where ctypes is missing (see _never_close).
+_inherited: list[sqlite3.Connection] = []
 # How long interpreter exit waits for queued work to be committed, over all workers.
 EXIT_WAIT_S = 10.0
 
@@ -79,6 +84,7 @@ class ConnectionWorker:
         # Opened here, in the caller's thread, so a bad file fails at construction; the
         # first thread adopts it, later ones (after a stop) open their own.
         self._conn: sqlite3.Connection | None = connect()
+        _workers.add(self)
 
     def submit(self, payload: Any) -> asyncio.Future[Any]:
         """Queue a payload; the future resolves with its result on the caller's loop.
@@ -257,6 +263,17 @@ class ConnectionWorker:
                 # The caller's loop closed before its answer came back; nobody is waiting.
                 log.debug("%s: dropped %d answers for a closed loop", self.name, len(pairs))
 
+    def _forget_parent(self) -> None:
+        """In a forked child: drop the parent's thread, queue and locks; the next payload starts afresh."""
+        if self._conn is not None:
+            _never_close(self._conn)
+        self._conn = None
+        self._queue = None
+        self._thread = None
+        # A parent thread may have held the lock at the fork; in the child nobody would release it.
+        self._lock = threading.RLock()
+        self._outbox = LoopBound(list)
+
     def __repr__(self) -> str:
         jobs = self._queue
         state = "running" if jobs is not None else "idle"
@@ -278,6 +295,32 @@ def _finish_at_exit() -> None:
     deadline = time.monotonic() + EXIT_WAIT_S
     for worker in list(_started):
         worker.stop(timeout=max(0.0, deadline - time.monotonic()))
+
+
+def _after_fork() -> None:
+    # The child has the parent's workers but none of their threads: a payload would wait
+    # forever on a queue nobody serves. SQLite forbids using a connection across fork(),
+    # and closing one could take a lock or touch the WAL the parent is using, so the
+    # parent's connections stay open and untouched, and each worker opens its own.
+    _started.clear()
+    for worker in list(_workers):
+        worker._forget_parent()
+
+
+def _never_close(conn: sqlite3.Connection) -> None:
+    """Keep ``conn`` from ever being closed in this process, interpreter exit included."""
+    # A connection is closed when freed, and interpreter exit frees what module globals
+    # hold; one reference that nothing owns is never given back.
+    try:
+        import ctypes
+    except ImportError:  # a Python built without ctypes: closed at exit, not before
+        _inherited.append(conn)
+        return
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(conn))
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def _resolve_all(pairs: list[tuple[asyncio.Future[Any], Any]]) -> None:

@@ -36,6 +36,8 @@ _SCHEMA = (
     "created_at REAL NOT NULL, model TEXT, canonical TEXT)"
 )
 _COLUMN_NAMES = ("key", "response_text", "response_raw", "created_at", "model", "canonical")
+# What a 0.2.x file already had; model and canonical came in 0.2.7 (see _migrate).
+_REQUIRED = _COLUMN_NAMES[:4]
 _COLUMNS = ", ".join(_COLUMN_NAMES)
 # Well under SQLite's bound-parameter limit on every build we support.
 _CHUNK = 500
@@ -55,6 +57,9 @@ CHECKPOINT_FRAMES = 500
 _BACKSTOP_FRAMES = 4_000
 # How often the writer looks whether its file is still the one at the path.
 _IDENTITY_EVERY_S = 0.5
+# How SQLite says a ?mode=ro reader could not create the -shm index: SQLITE_CANTOPEN, or
+# from 3.22 on, for a user without write access to the directory, SQLITE_READONLY_DIRECTORY.
+_NO_INDEX = ("unable to open", "attempt to write a readonly database")
 _PAGE_GUESS = 2048  # characters of row text per WAL frame (a page holds about 4,000 bytes)
 # A surrogate alone in a str (a JSON "\ud800" escape decodes to one) has no UTF-8 form.
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -105,6 +110,9 @@ class _SqliteFile:
             raise
         if self.checkpointer is not None:
             self.checkpointer.arm()  # a store reopened after a close checkpoints again
+        # A request the checkpointer dropped at a close, or left behind in the parent of a
+        # forked child, is never answered: without this the writer would never ask again.
+        self._checkpoint_asked = False
         self._identity = _identity(self.path)
         return conn
 
@@ -157,7 +165,7 @@ class _SqliteFile:
         try:
             return self._checked(_connect_uri(uri + "?mode=ro"))
         except sqlite3.OperationalError as exc:
-            if "unable to open" not in str(exc) or self._wal_in_use():
+            if not any(text in str(exc) for text in _NO_INDEX) or self._wal_in_use():
                 raise
             # A WAL-mode file in a directory this process cannot write (a read-only mount,
             # an archived run): a ?mode=ro reader must create the -shm index and cannot.
@@ -187,9 +195,7 @@ class _SqliteFile:
         try:
             conn.execute("PRAGMA query_only=1")
             # Checked here so a lookup dir holding some other file fails at open, not at every read.
-            have = {row[1] for row in conn.execute("PRAGMA table_info(cache)")}
-            if not have:
-                raise sqlite3.DatabaseError("no cache table")
+            have = _cache_columns(conn)
         except BaseException:
             conn.close()
             raise
@@ -287,7 +293,9 @@ class SqliteStore:
             )
         except (OSError, sqlite3.Error) as exc:
             self._stop_workers()
-            raise CacheError(f"cannot open cache {self.path}: {exc}{_why(self.path)}") from exc
+            raise CacheError(
+                f"cannot open cache {self.path}: {exc}{_why(self.path, readonly)}"
+            ) from exc
         # A store dropped without aclose (reference 002 builds a backend per item and never
         # closes it) must not keep its threads and files open for the rest of the process.
         weakref.finalize(self, _release, file.checkpointer, self._writer, self._reader)
@@ -378,11 +386,25 @@ def _release(checkpointer: Checkpointer | None, *workers: ConnectionWorker | Non
             worker.release()
 
 
-def _why(path: Path) -> str:
+def _why(path: Path, readonly: bool) -> str:
     """A hint for an open that failed: SQLite says only "unable to open database file"."""
     directory = path.parent
-    if directory.is_dir() and not os.access(directory, os.W_OK | os.X_OK):
+    if not directory.is_dir() or os.access(directory, os.W_OK | os.X_OK):
+        return ""
+    if not readonly:
         return f" (the directory {directory} is not writable: point cache_dir elsewhere)"
+    wal_in_use = False
+    wal = path.with_name(path.name + "-wal")
+    with contextlib.suppress(OSError):  # a directory we cannot even search: no hint
+        wal_in_use = wal.stat().st_size > 0
+    if wal_in_use:
+        # A lookup needs no write access, except to read commits still in the WAL: SQLite
+        # must then create the -shm index beside it (see connect_reader).
+        return (
+            f" (the directory {directory} is not writable and {wal.name} holds commits "
+            "not yet in the file: copy the directory somewhere writable, or let the run "
+            "that wrote it close it cleanly)"
+        )
     return ""
 
 
@@ -410,9 +432,24 @@ def _read_batch(conn: sqlite3.Connection, requests: list[list[str]], select: str
     return [{k: found[k] for k in keys if k in found} for keys in requests]
 
 
+def _cache_columns(conn: sqlite3.Connection) -> set[str]:
+    """The columns of the file's ``cache`` table, refused unless it is ours (of any version)."""
+    have = [row[1] for row in conn.execute("PRAGMA table_info(cache)")]
+    if not have:
+        raise sqlite3.DatabaseError("no cache table")
+    if not set(_REQUIRED) <= set(have):
+        # Some other program's table: writing would fail on every row, reading would
+        # return rows without their text, and migrating would alter a file not ours.
+        raise sqlite3.DatabaseError(
+            f"not a minima-llm cache: table cache has columns ({', '.join(have)}), "
+            f"needs ({', '.join(_REQUIRED)})"
+        )
+    return set(have)
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
     """Add the ``model`` and ``canonical`` columns to a file from before minima-llm 0.2.7."""
-    have = {row[1] for row in conn.execute("PRAGMA table_info(cache)")}
+    have = _cache_columns(conn)
     for column in ("model", "canonical"):
         if column in have:
             continue
