@@ -75,3 +75,28 @@ def test_repr_shows_size_and_bound() -> None:
     store.put_now(row("a"))
     assert repr(store) == "<MemoryStore rows=1 max=5>"
     assert repr(MemoryStore()) == "<MemoryStore rows=0 max=unbounded>"
+
+
+def test_a_byte_budget_bounds_the_rows_held_by_their_size() -> None:
+    # Bounded by count alone, 10,000 answers of 200 KB held 4 GB in the gateway.
+    store = MemoryStore(max_entries=100, max_bytes=1_600)
+    for key in "abcdefghij":
+        store.put_now(row(key, "x" * 90))
+    assert len(store) == 10 and store.size == 900
+    for key in "klmnopqr":
+        store.put_now(row(key, "y" * 100))
+    # 1,700 over 1,600: the two oldest went, as few as it took.
+    assert store.size == 1_520 and store.get_now("a") is None and store.get_now("b") is None
+    assert store.get_now("c") is not None and store.get_now("r") is not None
+    store.put_now(row("r", "z" * 10))  # replacing a row counts its new size only
+    assert store.size == 1_430 and len(store) == 16
+    assert repr(store) == "<MemoryStore rows=16 max=100 size=1430/1600>"
+
+
+def test_a_row_too_large_for_its_share_of_the_budget_is_not_held() -> None:
+    store = MemoryStore(max_entries=100, max_bytes=1_600)
+    store.put_now(row("small", "s" * 50))
+    store.put_now(row("huge", "h" * 101))  # over 1/16 of the budget
+    assert store.get_now("huge") is None and store.get_now("small") is not None
+    store.put_now(row("small", "s" * 200))  # grown past its share: the stale copy goes too
+    assert store.get_now("small") is None and store.size == 0

@@ -7,12 +7,22 @@ from collections.abc import Iterable, Sequence
 
 from .store import CacheRow
 
+# A row over this share of the byte budget is not held at all: one huge answer would
+# otherwise push out everything else, for a hit the file gives just as well.
+_LARGEST_SHARE = 16
+
 
 class MemoryStore:
-    """Least-recently-used store of at most ``max_entries`` rows (0 = unbounded)."""
+    """Least-recently-used store of at most ``max_entries`` rows and ``max_bytes`` of text (0 = unbounded).
 
-    def __init__(self, max_entries: int = 0) -> None:
+    Rows are counted by the characters of their text, raw body and canonical request:
+    bounded by count alone, 10,000 answers of 200 KB held 4 GB.
+    """
+
+    def __init__(self, max_entries: int = 0, max_bytes: int = 0) -> None:
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.size = 0
         self._rows: OrderedDict[str, CacheRow] = OrderedDict()
 
     def get_now(self, key: str) -> CacheRow | None:
@@ -23,11 +33,20 @@ class MemoryStore:
         return row
 
     def put_now(self, row: CacheRow) -> None:
-        """Synchronous insert, evicting the least recently used row when full."""
-        self._rows[row.key] = row
-        self._rows.move_to_end(row.key)
-        if self.max_entries and len(self._rows) > self.max_entries:
-            self._rows.popitem(last=False)
+        """Synchronous insert, evicting the least recently used rows when full."""
+        rows = self._rows
+        old = rows.pop(row.key, None)
+        if old is not None:
+            self.size -= _size(old)
+        size = _size(row)
+        if self.max_bytes and size * _LARGEST_SHARE > self.max_bytes:
+            return
+        rows[row.key] = row
+        self.size += size
+        while (self.max_entries and len(rows) > self.max_entries) or (
+            self.max_bytes and self.size > self.max_bytes
+        ):
+            self.size -= _size(rows.popitem(last=False)[1])
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, CacheRow]:
         """The rows found among ``keys``."""
@@ -50,4 +69,9 @@ class MemoryStore:
         return len(self._rows)
 
     def __repr__(self) -> str:
-        return f"<MemoryStore rows={len(self._rows)} max={self.max_entries or 'unbounded'}>"
+        size = f" size={self.size}/{self.max_bytes}" if self.max_bytes else ""
+        return f"<MemoryStore rows={len(self._rows)} max={self.max_entries or 'unbounded'}{size}>"
+
+
+def _size(row: CacheRow) -> int:
+    return len(row.response_text) + len(row.response_raw or "") + len(row.canonical or "")

@@ -18,6 +18,10 @@ from .sqlite import SqliteStore
 from .store import CacheRow, CacheStore, newest
 
 log = logging.getLogger("minima_llm.cache")
+# The in-memory layer's bound in characters of row text, beside its bound in rows
+# (memory_cache_entries): the gateway keeps 10,000 rows, and long answers or embeddings
+# would otherwise fill gigabytes. Past it, hits come from the file.
+MEMORY_BYTES = 256 * 2**20
 
 Rekey = Callable[[str], tuple[str, str]]
 
@@ -112,7 +116,7 @@ class PromptCache:
                 lookups.append((directory, SqliteStore.in_dir(directory, readonly=True)))
             except Exception as exc:
                 log.warning("cache lookup dir %s skipped: %s", directory, exc)
-        memory = MemoryStore(memory_entries) if memory_entries > 0 else None
+        memory = MemoryStore(memory_entries, MEMORY_BYTES) if memory_entries > 0 else None
         return cls(primary, lookups, synonyms, trace_file, memory)
 
     @property
