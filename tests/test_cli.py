@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,31 @@ def test_the_demo_leaves_no_temporary_directory(tmp_path: Path) -> None:
         )
         assert proc.returncode == code, proc.stderr
         assert list(tmp_path.iterdir()) == [], args
+
+
+@pytest.mark.parametrize(
+    ("sig", "code", "said"), [("TERM", 143, "terminated"), ("INT", 130, "interrupted")]
+)
+def test_a_demo_stopped_by_a_signal_cleans_up_and_says_so(
+    tmp_path: Path, sig: str, code: int, said: str
+) -> None:
+    # SLURM sends SIGTERM before it kills a job; the demo used to die at once and leave
+    # its temporary cache directory behind.
+    env = {"TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    cmd = [sys.executable, "-m", "minima_llm.cli", "demo", "--requests", "50000"]
+    cmd += ["--latency-ms", "50"]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as proc:
+        try:
+            assert proc.stdout is not None
+            proc.stdout.readline()  # the demo has started
+            deadline = time.monotonic() + 30
+            while not list(tmp_path.iterdir()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)
+            proc.send_signal(getattr(signal, f"SIG{sig}"))
+            _, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+    assert proc.returncode == code, err
+    assert f"minima-llm: {said}" in err.decode() and b"Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from typing import Any
 
 from .config import MinimaLlmConfig
 from .errors import MinimaLlmError
@@ -94,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    previous = _exit_on_sigterm()
     try:
         if args.command == "demo":
             return _demo(args)
@@ -105,7 +109,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"minima-llm: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("minima-llm: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exc:
+        if exc.code == _TERMINATED:
+            print("minima-llm: terminated", file=sys.stderr)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+_TERMINATED = 128 + signal.SIGTERM
+
+
+def _exit_on_sigterm() -> Any:
+    """Make SIGTERM (what SLURM and ``kill`` send) unwind like Ctrl-C; the handler it replaces.
+
+    Killed outright, the demo left its temporary cache directory behind; unwinding
+    runs every cleanup on the way out. Only the main thread may set a handler.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(_TERMINATED)
+
+    return signal.signal(signal.SIGTERM, terminate)
 
 
 def _demo(args: argparse.Namespace) -> int:
