@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 # Imported for its exit hook: registered before ours, it runs after ours (atexit is
 # last-in, first-out), so every checkpointer has stopped before the writers finish.
+from .. import afterfork
 from ._worker import EXIT_WAIT_S
 
 log = logging.getLogger("minima_llm.cache")
@@ -47,6 +47,7 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self._armed = False
         _alive.add(self)
+        afterfork.register(self)
 
     def arm(self) -> None:
         """Accept requests (the store's writer is open)."""
@@ -103,7 +104,7 @@ class Checkpointer:
         finally:
             conn.close()
 
-    def _forget_parent(self) -> None:
+    def after_fork_in_child(self) -> None:
         """In a forked child: no thread runs here, and a parent thread may have held the locks."""
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -124,15 +125,6 @@ def checkpoint(conn: sqlite3.Connection, path: Path) -> bool:
         log.debug("cache: checkpoint of %s failed: %s", path, exc)
         return False
     return True
-
-
-def _after_fork() -> None:
-    for checkpointer in list(_alive):
-        checkpointer._forget_parent()
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
-    os.register_at_fork(after_in_child=_after_fork)
 
 
 @atexit.register

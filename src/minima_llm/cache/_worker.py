@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
-import os
 import queue
 import sqlite3
 import threading
@@ -26,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from .. import afterfork
 from ..errors import CacheError
 from ..loopbound import LoopBound
 
@@ -43,8 +43,6 @@ class _Job(NamedTuple):
 _STOP = object()
 # Workers whose thread may be running, for the exit hook (weakly: a thread holds its own).
 _started: weakref.WeakSet[ConnectionWorker] = weakref.WeakSet()
-# Every worker, for the fork hook (weakly, so stores are still collected).
-_workers: weakref.WeakSet[ConnectionWorker] = weakref.WeakSet()
 # Connections a forked child inherited where ctypes is missing (see _never_close).
 _inherited: list[sqlite3.Connection] = []
 # How long interpreter exit waits for queued work to be committed, over all workers.
@@ -84,7 +82,7 @@ class ConnectionWorker:
         # Opened here, in the caller's thread, so a bad file fails at construction; the
         # first thread adopts it, later ones (after a stop) open their own.
         self._conn: sqlite3.Connection | None = connect()
-        _workers.add(self)
+        afterfork.register(self)
 
     def submit(self, payload: Any) -> asyncio.Future[Any]:
         """Queue a payload; the future resolves with its result on the caller's loop.
@@ -263,8 +261,14 @@ class ConnectionWorker:
                 # The caller's loop closed before its answer came back; nobody is waiting.
                 log.debug("%s: dropped %d answers for a closed loop", self.name, len(pairs))
 
-    def _forget_parent(self) -> None:
-        """In a forked child: drop the parent's thread, queue and locks; the next payload starts afresh."""
+    def after_fork_in_child(self) -> None:
+        """In a forked child: drop the parent's thread, queue and locks; the next payload starts afresh.
+
+        SQLite forbids using a connection across fork(), and closing one could take a
+        lock or touch the WAL the parent is using: the parent's stays open and
+        untouched, and the worker opens its own.
+        """
+        _started.discard(self)  # no thread of its own to wait for at exit
         if self._conn is not None:
             _never_close(self._conn)
         self._conn = None
@@ -297,16 +301,6 @@ def _finish_at_exit() -> None:
         worker.stop(timeout=max(0.0, deadline - time.monotonic()))
 
 
-def _after_fork() -> None:
-    # The child has the parent's workers but none of their threads: a payload would wait
-    # forever on a queue nobody serves. SQLite forbids using a connection across fork(),
-    # and closing one could take a lock or touch the WAL the parent is using, so the
-    # parent's connections stay open and untouched, and each worker opens its own.
-    _started.clear()
-    for worker in list(_workers):
-        worker._forget_parent()
-
-
 def _never_close(conn: sqlite3.Connection) -> None:
     """Keep ``conn`` from ever being closed in this process, interpreter exit included."""
     # A connection is closed when freed, and interpreter exit frees what module globals
@@ -317,10 +311,6 @@ def _never_close(conn: sqlite3.Connection) -> None:
         _inherited.append(conn)
         return
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(conn))
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
-    os.register_at_fork(after_in_child=_after_fork)
 
 
 def _resolve_all(pairs: list[tuple[asyncio.Future[Any], Any]]) -> None:

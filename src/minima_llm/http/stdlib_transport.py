@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
-import os
 import socket
 import ssl
 import threading
@@ -15,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from .. import afterfork
 from ..deadline import bounded
 from ..errors import TransportError
 from .base import HttpResponse, LowerHeaders, decode_body
@@ -53,9 +53,9 @@ class StdlibTransport:
         # its pool threads end by themselves once the executor is collected. No lock: it
         # runs once nothing else holds the transport.
         weakref.finalize(self, _close_idle, self._idle)
-        _LIVE.add(self)
+        afterfork.register(self)
 
-    def _after_fork(self) -> None:
+    def after_fork_in_child(self) -> None:
         """In a forked child: the parent's pool threads, lock holders and sockets are not ours."""
         # A thread that held the lock at the fork does not exist here to release it, and a
         # job handed to the inherited executor would wait forever for a thread to run it.
@@ -338,20 +338,6 @@ def _close_idle(
         idle.clear()
     for conn in conns:
         conn.close()
-
-
-_LIVE: weakref.WeakSet[StdlibTransport] = weakref.WeakSet()
-
-
-def _reset_after_fork() -> None:
-    for transport in list(_LIVE):
-        transport._after_fork()
-
-
-if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork
-    # multiprocessing forks by default on Linux before 3.14: a worker using a backend its
-    # parent made sent every request to pool threads the child does not have.
-    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _split(url: str) -> tuple[_Origin, str]:
