@@ -100,7 +100,8 @@ class Broadcast:
 
     def follow(self, reserved: bool = False) -> Follower:
         """A reader of every chunk from the first (``reserved``: counted already by ``reserve``)."""
-        if self.base and not reserved:
+        # Never so for a reserved reader: nothing is dropped while a reservation waits.
+        if self.base:
             raise RuntimeError("a stream past its joinable length has dropped its first chunks")
         return Follower(self, reserved)
 
