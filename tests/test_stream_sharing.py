@@ -326,24 +326,25 @@ async def test_a_broadcast_drops_only_what_every_reader_has_read() -> None:
         flight.publish({"i": i})
     await _take(fast, 300)
     await _take(slow, 100)
-    flight.publish({"i": 300})  # one past the joinable length: trimmed behind the slow reader
-    assert flight.base == 100 and not flight.joinable
-    with pytest.raises(RuntimeError):
-        flight.follow()  # a newcomer would miss the first 100 chunks
     flight.reserve()  # a reader about to follow holds every chunk from the first, so
-    await _take(slow, 200)
+    flight.publish({"i": 300})  # one past the joinable length: joinable no more,
+    assert not flight.joinable and flight.base == 0  # but nothing dropped for it yet
+    late = flight.follow(reserved=True)
     for i in range(301, 512):
         flight.publish({"i": i})
-    assert flight.base == 100  # nothing is dropped at 512 while it has no place yet
-    late = flight.follow(reserved=True)
-    await _take(late, 400)
-    await _take(fast, 212)
+    assert flight.base == 0  # the late reader has read nothing
+    await _take(late, 250)
+    await _take(slow, 200)
     for i in range(512, 768):
         flight.publish({"i": i})
-    assert flight.base == 300  # the slow reader's place, the least of the three
-    assert flight.chunks[0] == {"i": 300} and flight.published == 768
+    assert flight.base == 250  # the late reader's place, the least of the three
+    assert flight.chunks[0] == {"i": 250} and flight.published == 768
+    with pytest.raises(RuntimeError):
+        flight.follow()  # a newcomer would miss the first 250 chunks
     slow.close()
-    await _take(fast, 256)
+    await _take(fast, 300)
+    await _take(late, 350)
     for i in range(768, 1024):
         flight.publish({"i": i})
-    assert flight.base == 400  # the late reader's place now
+    assert flight.base == 600  # the fast reader's place now, with the slow one gone
+    assert await anext(late) == {"i": 600}
