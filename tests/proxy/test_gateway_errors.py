@@ -323,6 +323,27 @@ async def test_a_stream_line_past_the_limit_is_a_bad_gateway_not_a_crash(
         assert mock.stats()["requests"] == 2  # retried, as nothing had reached the client
 
 
+async def test_an_error_event_mid_stream_reaches_the_client_as_the_upstream_sent_it(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    chunk = {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": MODEL,
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hal"}}],
+    }
+    error = {"message": "Overloaded", "type": "server_error", "param": None, "code": "overloaded"}
+    body = f"data: {json.dumps(chunk)}\n\ndata: {json.dumps({'error': error})}\n\n"
+    mock.fail_next(1, status=200, body=body, headers={"Content-Type": "text/event-stream"})
+    async with serve(mock.url, tmp_path) as gw:
+        reply = await gw.chat("cut by the upstream", stream=True)
+        events = reply.events()
+        assert json.loads(events[0])["choices"][0]["delta"]["content"] == "Hal"
+        assert json.loads(events[-1]) == {"error": error}  # not rewritten as upstream_error
+        assert (await gw.chat("cut by the upstream")).cache == "miss"  # and not cached
+
+
 async def test_a_stream_that_never_starts_is_a_json_error(mock: MockServer, tmp_path: Path) -> None:
     mock.fail_next(2, status=200, body="", headers={"Content-Type": "text/event-stream"})
     async with serve(mock.url, tmp_path, max_attempts=2) as gw:

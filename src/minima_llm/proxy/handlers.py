@@ -344,17 +344,19 @@ async def _send_stream(
             time.monotonic() - started,
             f"stream interrupted, not cached: {exc}",
         )
-        await _try_write(
-            send,
-            encode_event(
-                error_body(
-                    502,
-                    f"upstream stream interrupted: {exc}",
-                    code="upstream_error",
-                    kind="upstream_error",
-                )
-            ),
+        # The upstream's own error event as it sent it (its type and code are what a
+        # client straight to it would branch on); ours only when the stream just broke.
+        event = (
+            {"error": dict(exc.error)}
+            if exc.error is not None
+            else error_body(
+                502,
+                f"upstream stream interrupted: {exc}",
+                code="upstream_error",
+                kind="upstream_error",
+            )
         )
+        await _try_write(send, encode_event(event))
         with contextlib.suppress(*_GONE):
             await send.eof()
         return resp
