@@ -531,3 +531,20 @@ def test_a_recurring_cache_fault_is_logged_once_per_period(
         "cache write failed: disk full (159 more like it since the last such line)",
         "cache write failed: disk full (159 more like it since the last such line)",
     ]
+
+
+async def test_a_live_answer_keeps_the_upstreams_request_id_and_no_other_header(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    be = make_backend()
+    answer = {
+        "id": "c",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"}}],
+    }
+    headers = {"X-Request-Id": "req_1", "openai-version": "2020-10-01", "x-other": "no"}
+    mock.fail_next(1, status=200, body=answer, headers=headers)
+    live = await be.generate(req(1))
+    assert isinstance(live, MinimaLlmResponse) and not live.cached
+    assert live.upstream_headers == {"x-request-id": "req_1", "openai-version": "2020-10-01"}
+    hit = await be.generate(req(1))
+    assert isinstance(hit, MinimaLlmResponse) and hit.cached and hit.upstream_headers is None

@@ -168,6 +168,7 @@ def response_of(
         latency_s=latency,
         cache_source=source,
         model=call.model,
+        upstream_headers=outcome.headers,
     )
 
 

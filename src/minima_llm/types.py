@@ -73,6 +73,12 @@ class MinimaLlmResponse:
     latency_s: float = 0.0
     cache_source: str | None = None
     model: str | None = None
+    # A live answer's identifying response headers (x-request-id, openai-processing-ms,
+    # openai-organization, openai-project, openai-version), names lower-case; None for an
+    # answer from a cache, or one whose upstream sent none of them.
+    upstream_headers: Mapping[str, str] | None = field(
+        default=None, repr=False, compare=False, hash=False
+    )
 
     @property
     def raw(self) -> dict[str, Any] | None:

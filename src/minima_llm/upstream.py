@@ -44,6 +44,8 @@ class Completion(NamedTuple):
     body_text: str
     body: dict[str, Any]
     text: str
+    # The answer's identifying headers (see KEPT_HEADERS); None if it had none.
+    headers: Mapping[str, str] | None = None
 
 
 class Problem(Exception):
@@ -127,12 +129,30 @@ TEXT_OF: dict[str, Callable[[dict[str, Any]], str]] = {
 }
 
 
+# The response headers an answer keeps: the provider's id for the call and its timing,
+# what its support asks for. Only these: a 100,000-answer batch holding every header of
+# every answer would hold some 100 MB more.
+KEPT_HEADERS = (
+    "x-request-id",
+    "openai-processing-ms",
+    "openai-organization",
+    "openai-project",
+    "openai-version",
+)
+
+
+def kept_headers(headers: Mapping[str, str]) -> dict[str, str] | None:
+    """Those of ``KEPT_HEADERS`` that ``headers`` holds; None if none."""
+    kept = {name: value for name in KEPT_HEADERS if (value := headers.get(name)) is not None}
+    return kept or None
+
+
 def parse_completion(resp: HttpResponse, endpoint: str = "chat/completions") -> Completion:
     """Read a 2xx body; an unreadable one is a retryable ``Problem``."""
     try:
         text = resp.body.decode("utf-8")
         body = json.loads(text)
-        return Completion(text, body, TEXT_OF[endpoint](body))
+        return Completion(text, body, TEXT_OF[endpoint](body), kept_headers(resp.headers))
     except (UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         snippet = resp.body[:SNIPPET].decode("utf-8", "replace")
         # A 200 with a body we cannot read is usually a proxy cutting the body; try again.

@@ -344,6 +344,28 @@ async def test_an_error_event_mid_stream_reaches_the_client_as_the_upstream_sent
         assert (await gw.chat("cut by the upstream")).cache == "miss"  # and not cached
 
 
+async def test_a_live_answer_carries_the_upstreams_request_id(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    # Support asks for OpenAI's request id; behind the gateway a client had none.
+    answer = {
+        "id": "chatcmpl-9",
+        "object": "chat.completion",
+        "created": 1,
+        "model": MODEL,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+    }
+    ids = {"x-request-id": "req_abc123", "openai-processing-ms": "42"}
+    limits = {"x-ratelimit-remaining-requests": "7"}
+    mock.fail_next(1, status=200, body=answer, headers={**ids, **limits})
+    async with serve(mock.url, tmp_path) as gw:
+        live = await gw.chat("who answered")
+        assert {name: live.headers.get(name) for name in ids} == ids
+        assert "x-ratelimit-remaining-requests" not in live.headers  # the gateway's own limits
+        hit = await gw.chat("who answered")
+        assert hit.cache == "hit" and "x-request-id" not in hit.headers
+
+
 async def test_a_stream_that_never_starts_is_a_json_error(mock: MockServer, tmp_path: Path) -> None:
     mock.fail_next(2, status=200, body="", headers={"Content-Type": "text/event-stream"})
     async with serve(mock.url, tmp_path, max_attempts=2) as gw:

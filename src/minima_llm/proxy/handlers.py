@@ -243,10 +243,13 @@ def _answer(
         latency,
         f"tokens={result.usage.prompt_tokens}+{result.usage.completion_tokens}",
     )
+    headers = {"x-minima-cache": _header(label)}
+    if result.upstream_headers is not None:
+        # Passed on so a caller can quote the provider's request id. Not x-ratelimit-*:
+        # those are the gateway's own account's limits, which it paces itself.
+        headers.update(result.upstream_headers)
     return web.Response(
-        body=_body(result, parsed.endpoint),
-        content_type="application/json",
-        headers={"x-minima-cache": _header(label)},
+        body=_body(result, parsed.endpoint), content_type="application/json", headers=headers
     )
 
 
