@@ -75,13 +75,10 @@ class ClientSweep:
         for task in [t for t in left if t not in waiting]:
             del left[task]  # answered or cancelled since
         seen = self._seen
-        # Inline, not client_gone(): under load this looks at every request that waited long.
         gone = [
             task
             for task in seen
-            if task in waiting
-            and task not in left
-            and ((transport := waiting[task][0].transport) is None or transport.is_closing())
+            if task in waiting and task not in left and client_gone(waiting[task][0])
         ]
         for task in gone:
             left[task] = False
