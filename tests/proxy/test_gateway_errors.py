@@ -6,6 +6,7 @@ import gzip
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from gateway_harness import MODEL, Reply, chat_body, closed_port_url, serve, stream_text
@@ -344,17 +345,23 @@ async def test_an_error_event_mid_stream_reaches_the_client_as_the_upstream_sent
         assert (await gw.chat("cut by the upstream")).cache == "miss"  # and not cached
 
 
+def _completion(answer_id: str, content: str) -> dict[str, Any]:
+    """A whole chat completion as an upstream sends it."""
+    message = {"role": "assistant", "content": content}
+    return {
+        "id": answer_id,
+        "object": "chat.completion",
+        "created": 1,
+        "model": MODEL,
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+    }
+
+
 async def test_a_live_answer_carries_the_upstreams_request_id(
     mock: MockServer, tmp_path: Path
 ) -> None:
     # Support asks for OpenAI's request id; behind the gateway a client had none.
-    answer = {
-        "id": "chatcmpl-9",
-        "object": "chat.completion",
-        "created": 1,
-        "model": MODEL,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
-    }
+    answer = _completion("chatcmpl-9", "hi")
     ids = {"x-request-id": "req_abc123", "openai-processing-ms": "42"}
     limits = {"x-ratelimit-remaining-requests": "7"}
     mock.fail_next(1, status=200, body=answer, headers={**ids, **limits})
@@ -379,20 +386,8 @@ async def test_a_whole_answer_to_a_stream_request_is_streamed(
     mock: MockServer, tmp_path: Path
 ) -> None:
     # Some servers ignore "stream": true and answer with one JSON completion.
-    whole = {
-        "id": "chatcmpl-whole",
-        "object": "chat.completion",
-        "created": 1,
-        "model": MODEL,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "all at once"},
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
-    }
+    whole = _completion("chatcmpl-whole", "all at once")
+    whole["usage"] = {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
     mock.fail_next(1, status=200, body=whole)
     async with serve(mock.url, tmp_path) as gw:
         reply = await gw.chat("ignored stream flag", stream=True)
