@@ -29,7 +29,6 @@ class Broadcast:
         # The chunks still held; ``base`` is the index of the first in the whole stream.
         self.chunks: list[dict[str, Any]] = []
         self.base = 0
-        self.joinable = True
         self._joinable_chunks = joinable_chunks
         self._readers: set[Follower] = set()
         self.done = False
@@ -44,9 +43,8 @@ class Broadcast:
     def publish(self, chunk: dict[str, Any]) -> bool:
         """Add a chunk and wake the followers; whether any was waiting for it."""
         self.chunks.append(chunk)
-        published = self.published
-        if published > self._joinable_chunks and (self.joinable or published % _TRIM_EVERY == 0):
-            self.joinable = False
+        past = self.published - self._joinable_chunks
+        if past > 0 and (past == 1 or past % _TRIM_EVERY == 0):
             self._trim()
         return self._wake()
 
@@ -54,6 +52,11 @@ class Broadcast:
     def published(self) -> int:
         """Chunks published so far, including those already dropped."""
         return self.base + len(self.chunks)
+
+    @property
+    def joinable(self) -> bool:
+        """Whether a new reader may still join from the first chunk."""
+        return self.published <= self._joinable_chunks
 
     def _trim(self) -> None:
         # A reservation has no position yet (its reader follows from the first chunk
