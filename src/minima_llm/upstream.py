@@ -35,6 +35,8 @@ from .types import MinimaLlmFailure
 log = logging.getLogger("minima_llm")
 
 SNIPPET = 300
+# The error type of a request refused because too many already wait for the upstream.
+QUEUE_FULL = "QueueFull"
 T = TypeVar("T")
 
 
@@ -285,6 +287,11 @@ class UpstreamCaller:
         self.pacer = RpmPacer(config.rpm, clock, max_hold_s=self.max_wait_s)
         self._slots: LoopBound[Slots] = LoopBound(lambda: Slots(config.max_outstanding))
         self.headers = headers if headers is not None else request_headers(config)
+        # Admission: how many new requests may wait for their turn (cooldown, pacing or a
+        # slot) before more are refused with QUEUE_FULL. None: no bound, as a batch wants.
+        self.queue_limit: int | None = None
+        self.queued = 0
+        self.refused = 0
 
     @property
     def in_flight_limit(self) -> int:
@@ -353,9 +360,9 @@ class UpstreamCaller:
         headers = {**shared, "Accept": "text/event-stream"}
 
         async def attempt(stamps: list[float]) -> UpstreamStream:
-            await self._before_send()
             slots = self._slots.get()
-            await slots.take()
+            if not self._turn_now(slots):
+                await self._take_turn(slots, first=not stamps)
             try:
                 stamps.append(self.clock.monotonic())
                 resp = await self.transport.open_stream(url, body, headers, self.cfg.timeout_s)
@@ -429,7 +436,8 @@ class UpstreamCaller:
         while True:
             if problem is not None:
                 if not problem.retryable or not attempts_left(tries, self.cfg.max_attempts):
-                    return self._failure(request_id, problem, tries, stamps)
+                    # Attempts sent, each stamped: none for a request refused at admission.
+                    return self._failure(request_id, problem, len(stamps), stamps)
                 await self._back_off(request_id, tries, problem)
             tries += 1
             try:
@@ -447,23 +455,43 @@ class UpstreamCaller:
         log.debug("%s: attempt %d failed (%s), retry in %.2fs", request_id, tries, problem, delay)
         await self.clock.sleep(min(delay, self.max_wait_s))
 
-    async def _before_send(self) -> None:
-        # Callers check before awaiting: with no cooldown and no pacing there is
-        # nothing to wait for, and two coroutines a request are measurable.
-        if self.cooldown.remaining() > 0:
-            await self.cooldown.wait()
-        if not self.pacer.ready():
-            await self.pacer.acquire()
+    def _turn_now(self, slots: Slots) -> bool:
+        """Take a slot if nothing is to be waited for first: no cooldown, no pacing, one free."""
+        # Checked before any await: most requests have nothing to wait for, and the
+        # coroutines of the waiting path are measurable at thousands of requests a second.
+        return self.cooldown.remaining() <= 0 and self.pacer.ready() and slots.try_take()
+
+    async def _take_turn(self, slots: Slots, first: bool) -> None:
+        """Wait out cooldown and pacing, then for a slot; a new request finding the queue full is refused."""
+        limit = self.queue_limit
+        if first and limit is not None and self.queued >= limit:
+            # Retries are not refused: the request was admitted, and a refusal now
+            # would throw away the attempts it already made.
+            self.refused += 1
+            raise Problem(
+                QUEUE_FULL,
+                f"{self.queued} requests already wait for the upstream (the limit is {limit})",
+                None,
+                None,
+                False,
+            )
+        self.queued += 1
+        try:
+            if self.cooldown.remaining() > 0:
+                await self.cooldown.wait()
+            if not self.pacer.ready():
+                await self.pacer.acquire()
+            await slots.take()
+        finally:
+            self.queued -= 1
 
     async def _post_once(
         self, url: str, body: bytes, headers: dict[str, str], endpoint: str, stamps: list[float]
     ) -> Completion:
         """One attempt: wait for a turn and a slot, POST, read the answer or raise a ``Problem``."""
-        if self.cooldown.remaining() > 0 or not self.pacer.ready():
-            await self._before_send()
         slots = self._slots.get()
-        if not slots.try_take():
-            await slots.take()
+        if not self._turn_now(slots):
+            await self._take_turn(slots, first=not stamps)
         stamps.append(self.clock.monotonic())
         self.stats.in_flight += 1
         try:

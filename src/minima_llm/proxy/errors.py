@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from ..types import MinimaLlmFailure
+from ..upstream import QUEUE_FULL
 
 _TYPES = {
     400: "invalid_request_error",
@@ -85,6 +86,8 @@ def failure_status(failure: MinimaLlmFailure) -> int:
     status = failure.status
     if failure.error_type == "TimeoutError":
         return 504
+    if failure.error_type == QUEUE_FULL:
+        return 503
     if status is None:
         return 502
     if status == 408:
@@ -109,6 +112,15 @@ def failure_response(failure: MinimaLlmFailure, retry_after_s: float = 0.0) -> w
     headers = (
         {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if status in (429, 503) else None
     )
+    if failure.error_type == QUEUE_FULL:
+        # The gateway's own refusal, before anything was sent: not an upstream error.
+        return error_response(
+            503,
+            f"the gateway is at capacity: {failure.message}; retry later",
+            code="queue_full",
+            kind="server_error",
+            headers=headers,
+        )
     snippet = failure.body_snippet
     parsed = failure.upstream_error or _upstream_error(snippet)
     upstream = parsed or {}

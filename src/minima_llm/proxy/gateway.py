@@ -139,6 +139,7 @@ class Gateway:
         self.backend = backend
         self.config = backend.cfg
         self.settings = settings
+        backend.upstream.queue_limit = settings.max_queued
         self.metrics = metrics or GatewayMetrics()
         self.log = log or ProxyLog(settings.log_every, settings.verbose)
         self._keys = [k.encode("utf-8") for k in settings.api_keys]
@@ -149,6 +150,8 @@ class Gateway:
         # The tasks answering requests right now: a shutdown stops those that overstay.
         self.answering: set[asyncio.Task[Any]] = set()
         self.metrics.watch_in_flight(self.answering.__len__)
+        upstream = backend.upstream
+        self.metrics.watch_admission(lambda: (upstream.queued, upstream.refused))
         self.sweep = ClientSweep(backend.key_for, self.metrics)
 
     def key_is_valid(self, presented: str) -> bool:

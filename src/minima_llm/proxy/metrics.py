@@ -40,6 +40,7 @@ class GatewayMetrics:
         self.tokens: dict[tuple[str, str], int] = {}
         # Read from the gateway's own record of the requests it is answering.
         self._in_flight: Callable[[], int] = lambda: 0
+        self._admission: Callable[[], tuple[int, int]] = lambda: (0, 0)
         self.coalesced = 0
         self.streams_interrupted = 0
         self.client_disconnects = 0
@@ -53,10 +54,19 @@ class GatewayMetrics:
         """Take the number of requests in flight from ``source`` when read."""
         self._in_flight = source
 
+    def watch_admission(self, source: Callable[[], tuple[int, int]]) -> None:
+        """Take (requests waiting for an upstream turn, requests refused so far) from ``source``."""
+        self._admission = source
+
     @property
     def in_flight(self) -> int:
         """Requests being answered now."""
         return self._in_flight()
+
+    @property
+    def admission(self) -> tuple[int, int]:
+        """Requests waiting for an upstream turn now, and cache misses refused so far."""
+        return self._admission()
 
     def count_request(self, route: str, status: int) -> None:
         """One HTTP request finished."""
@@ -91,6 +101,8 @@ class GatewayMetrics:
             "requests": sum(self.requests.values()),
             "by_status": {str(k): v for k, v in sorted(self._by_status().items())},
             "in_flight": self.in_flight,
+            "upstream_queued": self.admission[0],
+            "refused": self.admission[1],
             "cache": {label: self.cache.get(label, 0) for label in _CACHE_RESULTS},
             "coalesced": self.coalesced,
             "tokens": {
@@ -159,6 +171,12 @@ class _Collector:
         yield GaugeMetricFamily(
             "minima_gateway_in_flight", "Requests being answered now", value=m.in_flight
         )
+        queued, refused = m.admission
+        yield GaugeMetricFamily(
+            "minima_gateway_upstream_queued",
+            "Requests waiting for an upstream turn (cooldown, pacing or an in-flight slot)",
+            value=queued,
+        )
         for name, doc, value in (
             (
                 "minima_gateway_coalesced",
@@ -174,6 +192,11 @@ class _Collector:
                 "minima_gateway_client_disconnects",
                 "Streaming clients gone before their stream was sent to the end",
                 m.client_disconnects,
+            ),
+            (
+                "minima_gateway_refused",
+                "Cache misses refused with 503 because proxy.max_queued requests were waiting",
+                refused,
             ),
         ):
             yield CounterMetricFamily(name, doc, value=value)

@@ -15,6 +15,9 @@ DEFAULT_PORT = 8990
 _ON = frozenset({"1", "true", "yes", "on"})
 _OFF = frozenset({"0", "false", "no", "off"})
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
+# As many waiting requests as Envoy's default for pending requests: past it, a burst
+# is refused with a 503 at once instead of queueing for minutes.
+DEFAULT_MAX_QUEUED = 1024
 _FLAGS = (
     "allow_unauthenticated",
     "partition_cache_by_key",
@@ -38,6 +41,9 @@ class ProxySettings:
     force_model: bool = False
     strict_params: bool = False
     max_body_bytes: int = DEFAULT_MAX_BODY
+    # Requests that may wait for an upstream turn (cooldown, pacing or an in-flight slot);
+    # a cache miss arriving when that many wait is answered 503 with Retry-After.
+    max_queued: int = DEFAULT_MAX_QUEUED
     log_every: int = 100
     verbose: bool = False
     shutdown_timeout_s: float = 30.0
@@ -56,6 +62,7 @@ class ProxySettings:
                 raise ConfigError(f"proxy.{name}", getattr(self, name), "true or false")
         _check_int("proxy.port", self.port, 0, 65535)
         _check_int("proxy.max_body_bytes", self.max_body_bytes, 1024, 2**31)
+        _check_int("proxy.max_queued", self.max_queued, 1, 2**31)
         _check_int("proxy.log_every", self.log_every, 0, 2**31)
         for name in ("shutdown_timeout_s", "health_check_timeout_s", "client_timeout_s"):
             value = getattr(self, name)
@@ -111,6 +118,7 @@ class ProxySettings:
             out["api_keys"] = _split_keys(env["MINIMA_PROXY_API_KEYS"])
         for var, name in (
             ("MINIMA_PROXY_MAX_BODY_BYTES", "max_body_bytes"),
+            ("MINIMA_PROXY_MAX_QUEUED", "max_queued"),
             ("MINIMA_PROXY_LOG_EVERY", "log_every"),
         ):
             if env.get(var):

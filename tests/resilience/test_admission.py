@@ -1,0 +1,152 @@
+"""Admission: with ``queue_limit`` set, a new request that would wait past it is refused at once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from minima_llm import MinimaLlmConfig, MinimaLlmFailure
+from minima_llm.clock import SYSTEM_CLOCK
+from minima_llm.http import HttpResponse
+from minima_llm.stats import LiveStats
+from minima_llm.upstream import QUEUE_FULL, Completion, UpstreamCaller
+
+BODY = json.dumps({"choices": [{"message": {"content": "ok"}}]}).encode()
+URL = "http://x/v1/chat/completions"
+
+
+class GatedTransport:
+    """Holds every POST until ``open`` is set; answers with ``statuses`` in turn, then 200."""
+
+    def __init__(self, statuses: list[int] | None = None) -> None:
+        self.open = asyncio.Event()
+        self.sent = 0
+        self.statuses = statuses or []
+
+    async def post(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
+    ) -> HttpResponse:
+        self.sent += 1
+        if self.statuses:
+            status = self.statuses.pop(0)
+            return HttpResponse(status, {}, b"{}")
+        await self.open.wait()
+        return HttpResponse(200, {}, BODY)
+
+    async def open_stream(self, *args: Any) -> Any:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        pass
+
+
+def caller(transport: GatedTransport, limit: int | None, **config: Any) -> UpstreamCaller:
+    cfg = MinimaLlmConfig(base_url="http://127.0.0.1:9/v1", model="m", rpm=0, **config)
+    up = UpstreamCaller(cfg, transport, SYSTEM_CLOCK, LiveStats())
+    up.queue_limit = limit
+    return up
+
+
+async def warmed(transport: GatedTransport, limit: int | None, **config: Any) -> UpstreamCaller:
+    """A caller past its first call, which learns the server's pacing while the others wait."""
+    up = caller(transport, limit, **config)
+    transport.open.set()
+    assert isinstance(await up.complete("warm", URL, {"model": "m"}), Completion)
+    transport.open.clear()
+    transport.sent = 0
+    return up
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def refusal(outcome: Any) -> bool:
+    return isinstance(outcome, MinimaLlmFailure) and outcome.error_type == QUEUE_FULL
+
+
+async def test_past_the_limit_new_requests_are_refused_without_being_sent() -> None:
+    transport = GatedTransport()
+    up = await warmed(transport, limit=2, max_outstanding=1)
+    calls = [asyncio.ensure_future(up.complete(f"r{i}", URL, {"model": "m"})) for i in range(6)]
+    await settle()
+    assert (transport.sent, up.queued, up.refused) == (1, 2, 3)
+    refused = [c.result() for c in calls if c.done()]
+    assert len(refused) == 3
+    for failure in refused:
+        assert refusal(failure)
+        assert failure.attempts == 0 and failure.attempt_timestamps == ()
+        assert failure.status is None and "2 requests already wait" in failure.message
+    transport.open.set()
+    answered = await asyncio.gather(*(c for c in calls if not c.done()))
+    assert len(answered) == 3 and all(isinstance(a, Completion) for a in answered)
+    assert (transport.sent, up.queued, up.stats.failures) == (3, 0, 3)
+
+
+async def test_the_first_call_is_not_refused_while_the_pacing_is_learned() -> None:
+    transport = GatedTransport()
+    transport.open.set()
+    up = caller(transport, limit=1)
+    assert isinstance(await up.complete("r1", URL, {"model": "m"}), Completion)
+
+
+async def test_without_a_limit_every_request_waits_its_turn() -> None:
+    transport = GatedTransport()
+    up = await warmed(transport, limit=None, max_outstanding=1)
+    calls = [asyncio.ensure_future(up.complete(f"r{i}", URL, {"model": "m"})) for i in range(50)]
+    await settle()
+    assert (up.queued, up.refused) == (49, 0)
+    transport.open.set()
+    assert all(isinstance(a, Completion) for a in await asyncio.gather(*calls))
+
+
+async def test_a_retry_is_never_refused_though_the_queue_is_full() -> None:
+    transport = GatedTransport()
+    up = await warmed(transport, limit=1, max_outstanding=1, base_backoff_s=0.01, jitter=0.0)
+    transport.statuses = [500]  # retryable, and no cooldown: the retry waits for the slot
+    retried = asyncio.ensure_future(up.complete("retried", URL, {"model": "m"}))
+    await settle()  # sent, refused with a 500, backing off
+    holder = asyncio.ensure_future(up.complete("holder", URL, {"model": "m"}))
+    await settle()  # holds the only slot
+    queued = asyncio.ensure_future(up.complete("queued", URL, {"model": "m"}))
+    await settle()
+    assert up.queued == 1  # the queue is full...
+    await asyncio.sleep(0.1)
+    assert up.queued == 2 and not retried.done()  # ...and the retry joined it all the same
+    assert refusal(await up.complete("late", URL, {"model": "m"}))
+    transport.open.set()
+    outcomes = await asyncio.gather(retried, holder, queued)
+    assert all(isinstance(o, Completion) for o in outcomes)
+    assert (up.refused, up.stats.retries, transport.sent) == (1, 1, 4)
+
+
+async def test_a_request_held_by_a_cooldown_counts_as_waiting() -> None:
+    transport = GatedTransport()
+    up = await warmed(transport, limit=1, cooldown_floor_s=0.0)
+    transport.open.set()
+    up.cooldown.pause(0.2)
+    held = asyncio.ensure_future(up.complete("held", URL, {"model": "m"}))
+    await settle()
+    assert up.queued == 1 and transport.sent == 0
+    assert refusal(await up.complete("refused", URL, {"model": "m"}))
+    assert isinstance(await held, Completion) and transport.sent == 1
+
+
+async def test_a_cancelled_waiter_leaves_the_queue() -> None:
+    transport = GatedTransport()
+    up = await warmed(transport, limit=1, max_outstanding=1)
+    first = asyncio.ensure_future(up.complete("r1", URL, {"model": "m"}))
+    waiter = asyncio.ensure_future(up.complete("r2", URL, {"model": "m"}))
+    await settle()
+    assert up.queued == 1
+    waiter.cancel()
+    await settle()
+    assert up.queued == 0
+    again = asyncio.ensure_future(up.complete("r3", URL, {"model": "m"}))
+    await settle()
+    assert up.queued == 1 and up.refused == 0
+    transport.open.set()
+    assert isinstance(await first, Completion) and isinstance(await again, Completion)
