@@ -369,8 +369,11 @@ async def test_a_live_answer_carries_the_upstreams_request_id(
         live = await gw.chat("who answered")
         assert {name: live.headers.get(name) for name in ids} == ids
         assert "x-ratelimit-remaining-requests" not in live.headers  # the gateway's own limits
+        assert live.headers["x-minima-request-id"].startswith("mgw-")  # the gateway's own
         hit = await gw.chat("who answered")
-        assert hit.cache == "hit" and "x-request-id" not in hit.headers
+        # No provider saw the hit: its id is the gateway's, as its log line has it.
+        assert hit.cache == "hit" and hit.headers["x-request-id"].startswith("mgw-")
+        assert hit.headers["x-request-id"] == hit.headers["x-minima-request-id"]
 
 
 async def test_a_stream_that_never_starts_is_a_json_error(mock: MockServer, tmp_path: Path) -> None:

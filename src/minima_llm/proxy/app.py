@@ -12,7 +12,7 @@ from ..backend import OpenAIMinimaLlm
 from ..config import is_header_safe
 from .errors import ClientLeft, RequestError, error_response
 from .gateway import Gateway
-from .handlers import CLIENT_KEY, GATEWAY, TENANT, add_routes
+from .handlers import CLIENT_KEY, GATEWAY, REQUEST_ID, TENANT, add_routes
 from .log import ProxyLog, quiet_malformed_requests
 from .metrics import GatewayMetrics
 from .settings import ProxySettings
@@ -29,6 +29,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     One layer, not three: each middleware costs a coroutine and a call per request.
     """
     gw = request.app[GATEWAY]
+    request[REQUEST_ID] = gw.request_ids.of(request)
     task = asyncio.current_task()
     if task is not None:
         gw.answering.add(task)
@@ -113,6 +114,21 @@ def _presented_key(request: web.Request) -> str | None:
     return request.headers.get("x-api-key") or request.headers.get("api-key") or None
 
 
+async def _stamp_request_id(request: web.Request, resp: web.StreamResponse) -> None:
+    """Every answer names its request: ``x-minima-request-id``, and ``x-request-id`` unless set.
+
+    Run as headers go out, so streams and answers sent in slices carry it too. A live
+    answer already holds the upstream's ``x-request-id``, the one its provider knows.
+    """
+    rid = request.get(REQUEST_ID)
+    if rid is None:  # answered before the middleware ran
+        rid = request.app[GATEWAY].request_ids.of(request)
+    headers = resp.headers
+    headers["x-minima-request-id"] = rid
+    if "x-request-id" not in headers:
+        headers["x-request-id"] = rid
+
+
 def build_app(
     backend: OpenAIMinimaLlm,
     settings: ProxySettings | None = None,
@@ -133,5 +149,6 @@ def build_app(
     async def close(_: web.Application) -> None:
         await gateway.aclose()
 
+    app.on_response_prepare.append(_stamp_request_id)
     app.on_cleanup.append(close)
     return app

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import itertools
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +16,7 @@ from aiohttp import web
 
 from .._version import USER_AGENT
 from ..backend import OpenAIMinimaLlm
+from ..config import is_header_safe
 from .log import ProxyLog
 from .metrics import GatewayMetrics
 from .settings import ProxySettings
@@ -126,6 +129,26 @@ class ClientSweep:
         )
 
 
+# A caller's own X-Request-Id longer than this is not taken as the gateway's id.
+MAX_REQUEST_ID = 128
+
+
+class RequestIds:
+    """The id of each request: the caller's own ``X-Request-Id`` if usable, else one made here."""
+
+    def __init__(self) -> None:
+        # Random per process, so gateways behind one balancer never hand out the same id.
+        self.prefix = f"mgw-{secrets.token_hex(4)}-"
+        self._count = itertools.count(1)
+
+    def of(self, request: web.Request) -> str:
+        """The id for ``request``, which it is answered and logged with."""
+        given = request.headers.get("x-request-id")
+        if given and len(given) <= MAX_REQUEST_ID and is_header_safe(given):
+            return given
+        return f"{self.prefix}{next(self._count):x}"
+
+
 class Gateway:
     """Everything a request handler needs, shared by all requests of one app."""
 
@@ -153,6 +176,7 @@ class Gateway:
         upstream = backend.upstream
         self.metrics.watch_admission(lambda: (upstream.queued, upstream.refused))
         self.sweep = ClientSweep(backend.key_for, self.metrics)
+        self.request_ids = RequestIds()
 
     def key_is_valid(self, presented: str) -> bool:
         """Constant-time comparison against every configured key."""

@@ -36,6 +36,7 @@ def _request_key(name: str) -> Any:
 
 
 CLIENT_KEY = _request_key("client_key")  # the caller's API key, for pass-through
+REQUEST_ID = _request_key("request_id")  # the gateway's id for the request (RequestIds)
 TENANT = _request_key("tenant")  # the caller's cache partition
 
 _DONE = b"data: [DONE]\n\n"
@@ -168,7 +169,7 @@ def _inference(endpoint: str) -> Any:
             return error_response(499, "client closed the request before it was answered")
         finally:
             del waiting[task]
-        resp = _answer(gw, parsed, result, started, request.path)
+        resp = _answer(gw, parsed, result, started, request)
         if isinstance(resp.body, bytes) and len(resp.body) > _SLICE_BYTES:
             return await _send_in_slices(request, resp, gw)
         return resp
@@ -217,37 +218,42 @@ def _answer(
     parsed: Parsed,
     result: MinimaLlmResponse | MinimaLlmFailure,
     started: float,
-    route: str,
+    request: web.Request,
 ) -> web.Response:
     latency = time.monotonic() - started
     if isinstance(result, MinimaLlmFailure):
         resp = failure_response(result, gw.backend.upstream.cooldown.remaining())
         gw.log.answered(
             "failed",
-            route,
+            request.path,
             parsed.model,
             resp.status,
             latency,
             f"{result.error_type}: {result.message}",
+            request[REQUEST_ID],
         )
         return resp
     label = _label(parsed, result.cached, result.cache_source == "inflight")
     gw.metrics.count_answer(
         label, result.usage, _token_source(label), None if result.cached else result.latency_s
     )
+    upstream = result.upstream_headers
+    upstream_id = upstream.get("x-request-id") if upstream is not None else None
     gw.log.answered(
         label,
-        route,
+        request.path,
         parsed.model,
         200,
         latency,
-        f"tokens={result.usage.prompt_tokens}+{result.usage.completion_tokens}",
+        f"tokens={result.usage.prompt_tokens}+{result.usage.completion_tokens}"
+        + (f" upstream_id={upstream_id}" if upstream_id else ""),
+        request[REQUEST_ID],
     )
     headers = {"x-minima-cache": _header(label)}
-    if result.upstream_headers is not None:
+    if upstream is not None:
         # Passed on so a caller can quote the provider's request id. Not x-ratelimit-*:
         # those are the gateway's own account's limits, which it paces itself.
-        headers.update(result.upstream_headers)
+        headers.update(upstream)
     return web.Response(
         body=_body(result, parsed.endpoint), content_type="application/json", headers=headers
     )
@@ -302,7 +308,7 @@ async def _stream(
             gw.metrics.client_disconnects += 1
             return error_response(499, "client closed the request before the stream opened")
         if isinstance(opened, MinimaLlmFailure):
-            return _answer(gw, parsed, opened, started, request.path)
+            return _answer(gw, parsed, opened, started, request)
         try:
             return await _send_stream(request, gw, parsed, opened, started, watch)
         finally:
@@ -346,6 +352,7 @@ async def _send_stream(
             502,
             time.monotonic() - started,
             f"stream interrupted, not cached: {exc}",
+            request[REQUEST_ID],
         )
         # The upstream's own error event as it sent it (its type and code are what a
         # client straight to it would branch on); ours only when the stream just broke.
@@ -382,6 +389,7 @@ async def _send_stream(
         200,
         time.monotonic() - started,
         f"stream tokens={usage.prompt_tokens}+{usage.completion_tokens}",
+        request[REQUEST_ID],
     )
     return resp
 
@@ -397,7 +405,7 @@ def _client_left(
     """The client left mid-stream: the caller's ``aclose`` cancels the upstream stream unless others follow it."""
     gw.metrics.client_disconnects += 1
     if label in ("miss", "refresh"):
-        _count_if_finished(gw, label, opened, started, request.path, parsed.model)
+        _count_if_finished(gw, label, opened, started, request, parsed.model)
 
 
 class _ClientWatch:
@@ -443,7 +451,7 @@ class _ClientWatch:
 
 
 def _count_if_finished(
-    gw: Gateway, label: str, opened: ChunkStream, started: float, route: str, model: str
+    gw: Gateway, label: str, opened: ChunkStream, started: float, request: web.Request, model: str
 ) -> None:
     """Count and log a live stream its opener left once it ends whole for the readers still on it.
 
@@ -468,11 +476,12 @@ def _count_if_finished(
             gw.metrics.count_answer(label, usage, "upstream", upstream_s)
             gw.log.answered(
                 label,
-                route,
+                request.path,
                 model,
                 200,
                 upstream_s,
                 f"stream tokens={usage.prompt_tokens}+{usage.completion_tokens}, client left",
+                request[REQUEST_ID],
             )
 
     opened.chunks.flight.when_finished(count)

@@ -45,7 +45,14 @@ class ProxyLog:
         self.requests = self.hits = self.live = self.failed = self.joined = 0
 
     def answered(
-        self, result: str, route: str, model: str, status: int, latency_s: float, detail: str = ""
+        self,
+        result: str,
+        route: str,
+        model: str,
+        status: int,
+        latency_s: float,
+        detail: str = "",
+        request_id: str | None = None,
     ) -> None:
         """One request answered; ``result`` is hit, miss, refresh, coalesced or failed."""
         self.requests += 1
@@ -58,7 +65,10 @@ class ProxyLog:
         elif result == "coalesced":
             self.joined += 1
         if result in ("miss", "refresh", "failed") or self.verbose:
-            line = f"{route} model={model} {result} {status} {latency_s * 1000:.0f}ms {detail}"
+            named = f" id={request_id}" if request_id else ""
+            line = (
+                f"{route} model={model} {result} {status} {latency_s * 1000:.0f}ms{named} {detail}"
+            )
             self.logger.log(logging.WARNING if result == "failed" else logging.INFO, line.rstrip())
         if self.every and self.requests % self.every == 0:
             # Answers that joined an identical call in flight are neither hits nor calls;
