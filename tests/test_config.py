@@ -50,6 +50,7 @@ CLIENT_DEFAULTS = {
     "model_synonyms": {},
     "cache_lookup_dirs": (),
     "transport": "auto",
+    "max_response_bytes": 256 * 2**20,
 }
 BATCH_DEFAULTS = {
     "num_workers": 64,
@@ -137,6 +138,8 @@ ENV_CASES = [
     ("MINIMA_TRANSPORT", "stdlib", "transport", "stdlib"),
     ("MINIMA_TRANSPORT", "aiohttp", "transport", "aiohttp"),
     ("MINIMA_TRANSPORT", "auto", "transport", "auto"),
+    ("MAX_RESPONSE_BYTES", "1048576", "max_response_bytes", 1_048_576),
+    ("MAX_RESPONSE_BYTES", " 0 ", "max_response_bytes", 0),
     ("CACHE_LOOKUP_DIRS", "/a,/b", "cache_lookup_dirs", ("/a", "/b")),
     ("CACHE_LOOKUP_DIRS", f"/a{os.pathsep}/b", "cache_lookup_dirs", ("/a", "/b")),
     ("CACHE_LOOKUP_DIRS", f" /a , /b{os.pathsep}/c,, ", "cache_lookup_dirs", ("/a", "/b", "/c")),
@@ -289,6 +292,11 @@ INVALID = [
     ("compress_gzip", "yes"),
     ("force_refresh", 1),
     ("transport", "curl"),
+    ("max_response_bytes", -1),
+    ("max_response_bytes", True),
+    ("max_response_bytes", 1.5),
+    ("max_response_bytes", "1024"),
+    ("max_response_bytes", None),
     ("base_url", ""),
     ("base_url", "localhost:8000"),
     ("base_url", "http://"),
@@ -334,6 +342,7 @@ def test_invalid_field_pairs(kwargs: dict[str, float], name: str, value: float) 
 
 def test_boundary_values_are_accepted() -> None:
     cfg = make(
+        max_response_bytes=0,
         rpm=0,
         max_attempts=0,
         jitter=1.0,
@@ -344,6 +353,27 @@ def test_boundary_values_are_accepted() -> None:
         timeout_s=0.001,
     )
     assert (cfg.rpm, cfg.max_attempts, cfg.cooldown_cap_s) == (0, 0, 5.0)
+    assert cfg.max_response_bytes == 0
+
+
+def test_max_response_bytes_error_says_what_is_allowed() -> None:
+    with pytest.raises(ConfigError) as info:
+        make(max_response_bytes=-5)
+    assert info.value.field == "max_response_bytes"
+    assert "integer >= 0" in info.value.allowed and "0 means no cap" in info.value.allowed
+
+
+def test_max_response_bytes_from_dict_yaml_and_repr(tmp_path: Path) -> None:
+    data = {"base_url": URL, "model": "m", "max_response_bytes": 4096}
+    assert MinimaLlmConfig.from_dict(data).max_response_bytes == 4096
+    cfg = MinimaLlmConfig.from_yaml(
+        write(tmp_path, f"base_url: {URL}\nmodel: m\nmax_response_bytes: 0\n")
+    )
+    assert cfg.max_response_bytes == 0
+    assert "max_response_bytes=0" in repr(cfg)
+    assert cfg.replace(max_response_bytes=1).max_response_bytes == 1
+    with pytest.raises(ConfigError, match="max_response_bytes"):
+        cfg.replace(max_response_bytes=-1)
 
 
 BATCH_INVALID = [
@@ -411,6 +441,9 @@ ENV_INVALID = [
     ("COMPRESS_GZIP", "maybe", "COMPRESS_GZIP"),
     ("CACHE_FORCE_REFRESH", "2", "CACHE_FORCE_REFRESH"),
     ("MINIMA_TRANSPORT", "curl", "transport"),
+    ("MAX_RESPONSE_BYTES", "256MiB", "MAX_RESPONSE_BYTES"),
+    ("MAX_RESPONSE_BYTES", "1e6", "MAX_RESPONSE_BYTES"),
+    ("MAX_RESPONSE_BYTES", "-1", "max_response_bytes"),
     ("BATCH_NUM_WORKERS", "0", "num_workers"),
     ("BATCH_NUM_WORKERS", "lots", "BATCH_NUM_WORKERS"),
     ("BATCH_MAX_FAILURES", "some", "BATCH_MAX_FAILURES"),
@@ -743,6 +776,7 @@ def test_api_key_never_in_config_errors(build: Any) -> None:
         "MAX_OUTSTANDING",
         "JITTER",
         "CACHE_DIR",
+        "MAX_RESPONSE_BYTES",
         "BATCH_NUM_WORKERS",
         "BATCH_MAX_FAILURES",
         "BATCH_HEARTBEAT_S",

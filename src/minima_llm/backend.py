@@ -81,7 +81,10 @@ class OpenAIMinimaLlm:
         headers = request_headers(config)
         # The transport learns the headers most requests carry, so it need not merge them each time.
         self.transport = transport or make_transport(
-            config.transport, config.max_outstanding, headers
+            config.transport,
+            config.max_outstanding,
+            headers,
+            max_response_bytes=config.max_response_bytes,
         )
         self.cache = cache or PromptCache.open(
             config.cache_dir,

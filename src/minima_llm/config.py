@@ -22,6 +22,9 @@ from .errors import ConfigError
 TRANSPORTS = ("auto", "stdlib", "aiohttp")
 # A per-request timeout past a day is a mistake, and sockets overflow on very large ones.
 MAX_TIMEOUT_S = 86_400.0
+# Far past any real completion (a long answer with logprobs is a few MiB), yet it stops a
+# broken or hostile upstream (or a gzip bomb) from taking the process's memory.
+DEFAULT_MAX_RESPONSE_BYTES = 256 * 2**20
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 _VERSION_SEGMENT = re.compile(r"/v\d+[a-z0-9]*$")
@@ -191,6 +194,7 @@ class MinimaLlmConfig:
     cache_lookup_dirs: tuple[str, ...] = ()
     memory_cache_entries: int = 0
     transport: str = "auto"
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     batch: BatchConfig = field(default_factory=BatchConfig)
     parasail: ParasailBatchConfig = field(default_factory=ParasailBatchConfig)
 
@@ -294,6 +298,12 @@ class MinimaLlmConfig:
             "transport",
             self.transport,
             f"one of {', '.join(TRANSPORTS)}",
+        )
+        _check(
+            _is_int(self.max_response_bytes) and self.max_response_bytes >= 0,
+            "max_response_bytes",
+            self.max_response_bytes,
+            "an integer >= 0 (bytes of one answer, decompressed; 0 means no cap)",
         )
         _floats_as_declared(self)
         object.__setattr__(self, "model_synonyms", synonym_groups(self.model_synonyms))
@@ -635,6 +645,7 @@ _CLIENT_ENV = (
     ("CACHE_LOOKUP_DIRS", "cache_lookup_dirs", _env_dirs),
     ("MEMORY_CACHE_ENTRIES", "memory_cache_entries", _env_int),
     ("MINIMA_TRANSPORT", "transport", _env_str),
+    ("MAX_RESPONSE_BYTES", "max_response_bytes", _env_int),
 )
 
 _BATCH_ENV = (

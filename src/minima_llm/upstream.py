@@ -582,5 +582,8 @@ def _transport_problem(exc: TransportError, timeout_s: float) -> Problem:
         return Problem("TimeoutError", f"timed out after {timeout_s}s", 408, str(exc), True)
     if exc.kind == "closed":
         return Problem("ClosedError", str(exc), None, None, False)
+    if exc.kind == "too_large":
+        # The same request would most likely bring the same runaway answer again.
+        return Problem("ResponseTooLarge", str(exc), None, str(exc)[:SNIPPET], False)
     kind = "ConnectionResetError" if exc.kind == "reset" else "ConnectionError"
     return Problem(kind, str(exc), None, str(exc)[:SNIPPET], True)

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 from ..errors import ConfigError
 from .base import (
+    DEFAULT_MAX_RESPONSE_BYTES,
     HttpResponse,
     StreamingResponse,
     Transport,
@@ -35,17 +36,22 @@ def aiohttp_available() -> bool:
 
 
 def make_transport(
-    kind: str, max_connections: int, default_headers: Mapping[str, str] | None = None
+    kind: str,
+    max_connections: int,
+    default_headers: Mapping[str, str] | None = None,
+    *,
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
 ) -> Transport:
     """Build the transport named by config: ``auto`` prefers aiohttp when it is installed.
 
     ``default_headers`` are the headers most requests will carry; a transport may
-    prepare them once (requests must still pass them).
+    prepare them once (requests must still pass them). An answer past
+    ``max_response_bytes`` (0: no cap) raises ``TransportError("too_large")``.
     """
     if kind == "auto":
         kind = "aiohttp" if aiohttp_available() else "stdlib"
     if kind == "stdlib":
-        return StdlibTransport(max_connections)
+        return StdlibTransport(max_connections, max_response_bytes=max_response_bytes)
     if kind == "aiohttp":
         if not aiohttp_available():
             raise ConfigError(
@@ -55,5 +61,7 @@ def make_transport(
             )
         from .aiohttp_transport import AiohttpTransport
 
-        return AiohttpTransport(max_connections, default_headers)
+        return AiohttpTransport(
+            max_connections, default_headers, max_response_bytes=max_response_bytes
+        )
     raise ConfigError("transport", kind, "one of auto, stdlib, aiohttp")

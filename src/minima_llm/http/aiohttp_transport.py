@@ -11,7 +11,7 @@ from typing import Any
 from .._version import USER_AGENT
 from ..errors import TransportError
 from ..loopbound import LoopBound
-from .base import HttpResponse
+from .base import DEFAULT_MAX_RESPONSE_BYTES, HttpResponse, body_limit, too_large
 
 try:
     import aiohttp
@@ -63,12 +63,21 @@ async def _close_at_loop_shutdown(session: aiohttp.ClientSession) -> AsyncIterat
 
 
 class AiohttpTransport:
-    """Sends requests with aiohttp over keep-alive connections, one session per loop."""
+    """Sends requests with aiohttp over keep-alive connections, one session per loop.
+
+    An answer past ``max_response_bytes`` (0: no cap) raises ``TransportError("too_large")``.
+    """
 
     def __init__(
-        self, max_connections: int = 32, default_headers: Mapping[str, str] | None = None
+        self,
+        max_connections: int = 32,
+        default_headers: Mapping[str, str] | None = None,
+        *,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         self.max_connections = max_connections
+        self.max_response_bytes = max_response_bytes
+        self._limit = body_limit(max_response_bytes)
         # The session sends these itself; a request passing this very mapping sends
         # nothing extra, saving aiohttp a merge of header dicts on every request.
         self._default_headers = default_headers
@@ -120,8 +129,19 @@ class AiohttpTransport:
             async with session.post(
                 self._url(url), data=data, headers=extra, timeout=timeout, allow_redirects=False
             ) as resp:
-                data = await resp.read()
-                return HttpResponse(resp.status, _Headers(resp.headers), data)
+                # The usual answer, its length known and within the cap, is read whole in
+                # one call. Without a length, or compressed (aiohttp decompresses it, and
+                # its length is the compressed one), it is read in pieces and counted.
+                # The header, not resp.content_length: that property parses it again.
+                headers = resp.headers
+                length = headers.get("Content-Length")
+                if length is None or _ENCODED in headers or int(length) > self._limit:
+                    data = await _read_capped(resp, self._limit)
+                else:
+                    data = await resp.read()
+                return HttpResponse(resp.status, _Headers(headers), data)
+        except TransportError:
+            raise
         except Exception as exc:
             raise _translate(exc, timeout_s) from exc
 
@@ -143,7 +163,7 @@ class AiohttpTransport:
             )
         except Exception as exc:
             raise _translate(exc, timeout_s) from exc
-        return _AiohttpStream(resp, timeout_s)
+        return _AiohttpStream(resp, timeout_s, self._limit)
 
     async def aclose(self) -> None:
         """Close the running loop's session; the next request opens a new one."""
@@ -164,24 +184,35 @@ class AiohttpTransport:
 class _AiohttpStream:
     """An aiohttp response read line by line."""
 
-    def __init__(self, resp: aiohttp.ClientResponse, timeout_s: float) -> None:
+    def __init__(self, resp: aiohttp.ClientResponse, timeout_s: float, limit: int) -> None:
         self._resp = resp
         self._timeout_s = timeout_s
+        self._limit = limit
         self.status = resp.status
         self.headers = _Headers(resp.headers)
 
     async def lines(self) -> AsyncIterator[bytes]:
-        """Body lines as they arrive."""
+        """Body lines as they arrive; past the cap, ``TransportError("too_large")``."""
+        limit = self._limit
+        seen = 0
         try:
             async for line in self._resp.content:
+                seen += len(line)
+                if seen > limit:
+                    self._resp.close()
+                    raise too_large(limit, f"the stream passed {limit} bytes")
                 yield line
+        except TransportError:
+            raise
         except Exception as exc:
             raise _translate(exc, self._timeout_s) from exc
 
     async def read(self) -> bytes:
-        """The rest of the body."""
+        """The rest of the body, refused past the cap."""
         try:
-            return await self._resp.read()
+            return await _read_capped(self._resp, self._limit)
+        except TransportError:
+            raise
         except Exception as exc:
             raise _translate(exc, self._timeout_s) from exc
 
@@ -191,6 +222,32 @@ class _AiohttpStream:
             self._resp.release()
         else:
             self._resp.close()
+
+
+_ENCODED = "Content-Encoding"
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, refused by its Content-Length or once the (decompressed) bytes pass ``limit``.
+
+    Not ``resp.read()``: that lifts the bound on how much aiohttp decompresses at once,
+    so a gzip bomb would expand whole before a byte of it could be counted.
+    """
+    length = resp.content_length
+    if length is not None and length > limit:
+        # Closed at once: no byte of the unread body may reach this connection's next request.
+        resp.close()
+        raise too_large(limit, f"Content-Length is {length}")
+    content = resp.content
+    pieces: list[bytes] = []
+    size = 0
+    while piece := await content.readany():
+        size += len(piece)
+        if size > limit:
+            resp.close()
+            raise too_large(limit, f"{size} bytes read, and more to come")
+        pieces.append(piece)
+    return b"".join(pieces)
 
 
 def _translate(exc: Exception, timeout_s: float) -> Exception:

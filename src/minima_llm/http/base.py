@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, NamedTuple, Protocol
 
+from ..config import DEFAULT_MAX_RESPONSE_BYTES
 from ..errors import TransportError
 
 __all__ = [
+    "DEFAULT_MAX_RESPONSE_BYTES",
     "HttpResponse",
     "LowerHeaders",
     "StreamingResponse",
     "Transport",
     "TransportError",
+    "body_limit",
     "decode_body",
     "encode_body",
+    "too_large",
 ]
+
+# What "no cap" compares against: more than any body, and still room for the + 1 of a
+# bounded read (sys.maxsize + 1 would overflow a C size).
+_UNCAPPED = 2**62
 
 
 class LowerHeaders(dict[str, str]):
@@ -96,11 +105,46 @@ def encode_body(body: bytes, headers: dict[str, str], compress_gzip: bool) -> by
     return gzip.compress(body, compresslevel=5)
 
 
-def decode_body(body: bytes, content_encoding: str | None) -> bytes:
-    """Undo a gzip ``Content-Encoding`` on a response body."""
+def body_limit(max_response_bytes: int) -> int:
+    """The cap as a byte count to compare against: 0 (no cap) becomes one no body reaches."""
+    return max_response_bytes or _UNCAPPED
+
+
+def too_large(limit: int, what: str) -> TransportError:
+    """The error for an answer over ``limit`` bytes; ``what`` says how it was found out."""
+    return TransportError("too_large", f"response body over max_response_bytes={limit}: {what}")
+
+
+def decode_body(
+    body: bytes, content_encoding: str | None, max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+) -> bytes:
+    """Undo a gzip ``Content-Encoding`` on a response body, refusing one past ``max_bytes``.
+
+    ``max_bytes`` bounds the decompressed size (0: no bound); a gzip bomb is refused
+    once that much has come out, never expanded whole.
+    """
     if content_encoding and content_encoding.strip().lower() == "gzip":
         try:
-            return gzip.decompress(body)
-        except (OSError, EOFError) as exc:
+            return _gunzip(body, body_limit(max_bytes))
+        except zlib.error as exc:
             raise TransportError("malformed", f"bad gzip response body: {exc}") from exc
     return body
+
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    # Member by member, as gzip.decompress reads them (with the zero padding some
+    # servers leave between members); wbits=31 checks each member's CRC and length.
+    members: list[bytes] = []
+    size = 0
+    while data:
+        member = zlib.decompressobj(wbits=31)
+        # One byte past the room left: getting it proves the body is over the cap.
+        out = member.decompress(data, limit - size + 1)
+        size += len(out)
+        if size > limit:
+            raise too_large(limit, f"gzip decompresses to more than {limit} bytes")
+        if not member.eof:
+            raise TransportError("malformed", "bad gzip response body: truncated")
+        members.append(out)
+        data = member.unused_data.lstrip(b"\x00")
+    return members[0] if len(members) == 1 else b"".join(members)

@@ -17,7 +17,14 @@ from urllib.parse import urlsplit
 from .. import afterfork
 from ..deadline import bounded
 from ..errors import TransportError
-from .base import HttpResponse, LowerHeaders, decode_body
+from .base import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    HttpResponse,
+    LowerHeaders,
+    body_limit,
+    decode_body,
+    too_large,
+)
 
 _Origin = tuple[str, str, int]
 T = TypeVar("T")
@@ -29,6 +36,9 @@ _STALE = (
     ConnectionResetError,
     http.client.BadStatusLine,
 )
+# A body without a Content-Length is read in pieces of this size, so one past the cap
+# is refused after at most this much more than the cap.
+_PIECE = 2**18
 
 
 class StdlibTransport:
@@ -36,10 +46,19 @@ class StdlibTransport:
 
     ``aclose`` closes the pool; the next request opens a new one, so a backend
     reused after ``aclose`` (across ``asyncio.run()`` calls) keeps working.
+    An answer past ``max_response_bytes`` (0: no cap) raises ``TransportError("too_large")``.
     """
 
-    def __init__(self, max_connections: int = 32, verify_tls: bool = True) -> None:
+    def __init__(
+        self,
+        max_connections: int = 32,
+        verify_tls: bool = True,
+        *,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> None:
         self.max_connections = max_connections
+        self.max_response_bytes = max_response_bytes
+        self._limit = body_limit(max_response_bytes)
         # None while closed; made again by the next request.
         self._executor: ThreadPoolExecutor | None = None
         self._idle: dict[_Origin, list[http.client.HTTPConnection]] = {}
@@ -96,7 +115,7 @@ class StdlibTransport:
         started = await self._on_thread(
             self._start, url, body, headers, timeout_s, "response headers"
         )
-        return _StdlibStream(self, *started, timeout_s)
+        return _StdlibStream(self, *started, timeout_s, self._limit)
 
     async def _on_thread(
         self,
@@ -163,12 +182,17 @@ class StdlibTransport:
     ) -> HttpResponse:
         headers.setdefault("Accept-Encoding", "gzip")
         origin, conn, resp = self._start(url, body, headers, timeout_s, handoff)
+        resp_headers = LowerHeaders.of(resp.getheaders())
         try:
-            data = resp.read()
+            data = _read_capped(resp, self._limit)
+            data = decode_body(data, resp_headers.get("content-encoding"), self._limit)
+        except TransportError:
+            # Unread body bytes may be left on it: the next response would start mid-body.
+            conn.close()
+            raise
         except Exception as exc:
             conn.close()
             raise _translate(exc, timeout_s) from exc
-        resp_headers = LowerHeaders.of(resp.getheaders())
         # Released before it is pooled: from then on the socket is the pool's, and a
         # caller giving up late must not shut it under the next request to use it.
         caller_waits = handoff.release()
@@ -176,9 +200,7 @@ class StdlibTransport:
             conn.close()
         else:
             self._checkin(origin, conn)
-        return HttpResponse(
-            resp.status, resp_headers, decode_body(data, resp_headers.get("content-encoding"))
-        )
+        return HttpResponse(resp.status, resp_headers, data)
 
     def _checkout(
         self, origin: _Origin, timeout_s: float, pooled: bool = True
@@ -237,12 +259,14 @@ class _StdlibStream:
         conn: http.client.HTTPConnection,
         resp: http.client.HTTPResponse,
         timeout_s: float,
+        limit: int,
     ) -> None:
         self._owner = owner
         self._origin = origin
         self._conn = conn
         self._resp = resp
         self._timeout_s = timeout_s
+        self._limit = limit
         self._eof = False
         # getresponse() may detach the socket from the connection; keep it to abort a stream.
         self._sock = conn.sock
@@ -250,18 +274,27 @@ class _StdlibStream:
         self.headers = LowerHeaders.of(resp.getheaders())
 
     async def lines(self) -> AsyncIterator[bytes]:
-        """Body lines as they arrive."""
+        """Body lines as they arrive; past the cap, ``TransportError("too_large")``."""
         loop = asyncio.get_running_loop()
+        limit = self._limit
+        seen = 0
         while True:
             try:
+                # One byte past the room left, so a line with no end in sight stops there.
                 line = await loop.run_in_executor(
-                    self._owner._executor or self._owner._pool(), self._resp.readline
+                    self._owner._executor or self._owner._pool(),
+                    self._resp.readline,
+                    limit - seen + 1,
                 )
             except Exception as exc:
                 raise _translate(exc, self._timeout_s) from exc
             if not line:
                 self._eof = True
                 return
+            seen += len(line)
+            if seen > limit:
+                self._drop()
+                raise too_large(limit, f"the stream passed {limit} bytes")
             yield line
 
     async def read(self) -> bytes:
@@ -269,18 +302,30 @@ class _StdlibStream:
         loop = asyncio.get_running_loop()
         try:
             data = await loop.run_in_executor(
-                self._owner._executor or self._owner._pool(), self._resp.read
+                self._owner._executor or self._owner._pool(), _read_capped, self._resp, self._limit
             )
+        except TransportError:
+            self._drop()
+            raise
         except Exception as exc:
             raise _translate(exc, self._timeout_s) from exc
+        try:
+            data = decode_body(data, self.headers.get("content-encoding"), self._limit)
+        except TransportError:
+            self._drop()
+            raise
         self._eof = True
-        return decode_body(data, self.headers.get("content-encoding"))
+        return data
 
     async def aclose(self) -> None:
         """Pool the connection if the body was read to the end, else close it."""
         if self._eof and not self._resp.will_close:
             self._owner._checkin(self._origin, self._conn)
             return
+        self._drop()
+
+    def _drop(self) -> None:
+        """Close the connection, waking a worker thread blocked reading it."""
         if self._sock is not None:
             # close() alone does not wake a worker thread blocked reading this socket;
             # shutdown() does, so an abandoned stream frees its thread at once.
@@ -288,6 +333,23 @@ class _StdlibStream:
                 self._sock.shutdown(socket.SHUT_RDWR)
         self._conn.close()
         self._resp.close()
+
+
+def _read_capped(resp: http.client.HTTPResponse, limit: int) -> bytes:
+    """The body, refused by its Content-Length or, without one, once the bytes read pass ``limit``."""
+    length = resp.length  # None when chunked or read until close
+    if length is not None:
+        if length > limit:
+            raise too_large(limit, f"Content-Length is {length}")
+        return resp.read()
+    pieces: list[bytes] = []
+    size = 0
+    while piece := resp.read(_PIECE):
+        size += len(piece)
+        if size > limit:
+            raise too_large(limit, f"{size} bytes read, and more to come")
+        pieces.append(piece)
+    return b"".join(pieces)
 
 
 class _Handoff:
