@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,7 +32,13 @@ from .loopbound import LoopBound
 from .stats import LiveStats
 from .streaming import ChunkAssembler, kind_of
 from .types import MinimaLlmFailure, MinimaLlmResponse, Usage
-from .upstream import Completion, StreamInterrupted, UpstreamCaller, UpstreamStream
+from .upstream import (
+    Completion,
+    StreamInterrupted,
+    UpstreamCaller,
+    UpstreamStream,
+    kept_headers,
+)
 
 log = logging.getLogger("minima_llm")
 
@@ -54,6 +60,8 @@ class ChunkStream:
     cached: bool = False
     cache_source: str | None = None
     coalesced: bool = False
+    # The upstream's identifying headers (upstream.KEPT_HEADERS), for the stream's opener.
+    upstream_headers: Mapping[str, str] | None = None
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         return self.chunks
@@ -135,6 +143,7 @@ class LiveStreams:
         streams = self._streams.get()
         flight = self._joinable(streams, call.key)
         coalesced = flight is not None
+        headers: Mapping[str, str] | None = None
         shared = self._whole.get().get(call.key) if flight is None else None
         if shared is not None:
             # The same question is on the wire as a whole answer: stream that one.
@@ -149,7 +158,7 @@ class LiveStreams:
             self.live += 1
             flight.reserve()
             try:
-                await self._launch(flight, call, started)
+                headers = await self._launch(flight, call, started)
             except BaseException:
                 flight.leave()
                 raise
@@ -175,7 +184,9 @@ class LiveStreams:
             flight.leave()
             self.stats.coalesced -= 1
             return await self.open(call, started)
-        return ChunkStream(request_id, flight.follow(reserved=True), coalesced=coalesced)
+        return ChunkStream(
+            request_id, flight.follow(reserved=True), coalesced=coalesced, upstream_headers=headers
+        )
 
     async def _stream_shared(
         self, call: Call, shared: Flight
@@ -220,7 +231,10 @@ class LiveStreams:
             del streams[key]
             self.live -= 1
 
-    async def _launch(self, flight: Broadcast, call: Call, started: float) -> None:
+    async def _launch(
+        self, flight: Broadcast, call: Call, started: float
+    ) -> Mapping[str, str] | None:
+        """Open the upstream stream and start its producer; returns the headers it kept."""
         url = f"{self._base_url}/{call.endpoint}"
         payload = (
             dict(call.payload)
@@ -240,10 +254,11 @@ class LiveStreams:
         if isinstance(opened, MinimaLlmFailure):
             self._forget_stream(self._streams.get(), call.key, flight)
             flight.finish(StreamError(opened))
-            return
+            return None
         producer = asyncio.ensure_future(self._produce(flight, opened, call, started))
         flight.producer = producer
         producer.add_done_callback(lambda _: self._producer_done(flight, opened, call))
+        return kept_headers(opened.resp.headers)
 
     async def _produce(
         self, flight: Broadcast, upstream: UpstreamStream, call: Call, started: float

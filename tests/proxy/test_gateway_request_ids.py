@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -109,3 +110,27 @@ async def test_the_openai_sdk_reads_the_id_of_a_cached_answer(
     assert hit.headers["x-minima-cache"] == "hit"
     assert OURS.match(hit.parse()._request_id or "")
     assert hit.parse()._request_id == hit.headers["x-minima-request-id"]
+
+
+async def test_a_live_stream_keeps_the_providers_id_and_logs_both(
+    mock: MockServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    chunk = {
+        "id": "chatcmpl-s",
+        "object": "chat.completion.chunk",
+        "model": MODEL,
+        "choices": [{"index": 0, "delta": {"content": "streamed"}, "finish_reason": "stop"}],
+    }
+    sse = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n"
+    headers = {"Content-Type": "text/event-stream", "x-request-id": "req_stream1"}
+    mock.fail_next(1, status=200, body=sse, headers=headers)
+    async with serve(mock.url, tmp_path) as gw:
+        live = await gw.chat("a stream", stream=True)
+        replayed = await gw.chat("a stream", stream=True)
+    assert live.events()[-1] == "[DONE]" and replayed.cache == "hit"
+    upstream_id, ours = ids(live)
+    assert upstream_id == "req_stream1" and OURS.match(ours)
+    assert ids(replayed)[0] == ids(replayed)[1]  # a replay names only the gateway's request
+    [line] = [m for m in logged(caplog) if " miss 200 " in m]
+    assert f"id={ours}" in line and "upstream_id=req_stream1" in line

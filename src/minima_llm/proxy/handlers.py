@@ -8,7 +8,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -238,7 +238,6 @@ def _answer(
         label, result.usage, _token_source(label), None if result.cached else result.latency_s
     )
     upstream = result.upstream_headers
-    upstream_id = upstream.get("x-request-id") if upstream is not None else None
     gw.log.answered(
         label,
         request.path,
@@ -246,7 +245,7 @@ def _answer(
         200,
         latency,
         f"tokens={result.usage.prompt_tokens}+{result.usage.completion_tokens}"
-        + (f" upstream_id={upstream_id}" if upstream_id else ""),
+        + _upstream_id(upstream),
         request[REQUEST_ID],
     )
     headers = {"x-minima-cache": _header(label)}
@@ -257,6 +256,12 @@ def _answer(
     return web.Response(
         body=_body(result, parsed.endpoint), content_type="application/json", headers=headers
     )
+
+
+def _upstream_id(upstream: Mapping[str, str] | None) -> str:
+    """`` upstream_id=...`` for a log line, when the upstream named its answer."""
+    named = upstream.get("x-request-id") if upstream is not None else None
+    return f" upstream_id={named}" if named else ""
 
 
 def _body(result: MinimaLlmResponse, endpoint: str) -> bytes:
@@ -327,13 +332,14 @@ async def _send_stream(
     watch: _ClientWatch,
 ) -> web.StreamResponse:
     label = _label(parsed, opened.cached, opened.coalesced)
-    resp = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "x-minima-cache": _header(label),
-        }
-    )
+    headers = {
+        "Content-Type": "text/event-stream",
+        "Cache-Control": "no-cache",
+        "x-minima-cache": _header(label),
+    }
+    if opened.upstream_headers is not None:
+        headers.update(opened.upstream_headers)  # as for a whole answer: see _answer
+    resp = web.StreamResponse(headers=headers)
     usage = Usage()
     send = _Sender(resp, request, gw.settings.client_timeout_s)
     try:
@@ -388,7 +394,8 @@ async def _send_stream(
         parsed.model,
         200,
         time.monotonic() - started,
-        f"stream tokens={usage.prompt_tokens}+{usage.completion_tokens}",
+        f"stream tokens={usage.prompt_tokens}+{usage.completion_tokens}"
+        + _upstream_id(opened.upstream_headers),
         request[REQUEST_ID],
     )
     return resp
