@@ -31,14 +31,22 @@ class RepeatedError:
     thousands of copies of one message.
     """
 
-    def __init__(self, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        every_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        logger: logging.Logger | None = None,
+        level: int = logging.ERROR,
+    ) -> None:
         self.every_s = every_s
         self._clock = clock
+        self._logger = logger or log
+        self._level = level
         self._logged_at = -float("inf")
         self._left_out = 0
 
     def log(self, message: str, *args: Any) -> None:
-        """``log.error(message, *args)``, unless one went out less than ``every_s`` ago."""
+        """Log ``message % args`` at the level given, unless one went out less than ``every_s`` ago."""
         now = self._clock()
         if now - self._logged_at < self.every_s:
             self._left_out += 1
@@ -47,7 +55,7 @@ class RepeatedError:
             message += " (%d more like it since the last such line)"
             args = (*args, self._left_out)
         self._logged_at, self._left_out = now, 0
-        log.error(message, *args)
+        self._logger.log(self._level, message, *args)
 
 
 # For every backend in the process: the count of each fault is in its stats all the same.

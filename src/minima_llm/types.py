@@ -118,6 +118,9 @@ class MinimaLlmFailure:
     # whole: ``body_snippet`` is cut at 300 characters, and OpenAI's context-length
     # error runs past that, code and all.
     upstream_error: Mapping[str, Any] | None = field(default=None, hash=False)
+    # The identifying headers of that answer (x-request-id, openai-*), what the
+    # provider's support asks for about a failed call.
+    upstream_headers: Mapping[str, str] | None = field(default=None, hash=False)
 
     def format_attempts(self) -> str:
         """Attempt send times relative to the first, e.g. ``[+0.0s, +1.2s, +3.5s]``."""

@@ -69,6 +69,8 @@ class Problem(Exception):
         self.retry_after: float | None = None
         # The upstream's OpenAI-style error object, when its answer carried one.
         self.error: Mapping[str, Any] | None = None
+        # That answer's identifying headers (KEPT_HEADERS), when it had any.
+        self.headers: Mapping[str, str] | None = None
 
 
 class StreamInterrupted(MinimaLlmError):
@@ -77,9 +79,13 @@ class StreamInterrupted(MinimaLlmError):
     ``error`` is the error object of an error event the upstream sent, if that was why.
     """
 
-    def __init__(self, message: str, error: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, message: str, error: Mapping[str, Any] | None = None, too_large: bool = False
+    ) -> None:
         super().__init__(message)
         self.error = error
+        # Cut at max_response_bytes: asked again, the answer would most likely be as long.
+        self.too_large = too_large
 
 
 # Error types of OpenAI's error objects that asking again cannot change.
@@ -93,6 +99,8 @@ _PERMANENT_TYPES = frozenset(
 def _passing(exc: StreamInterrupted) -> bool:
     """Whether a stream that failed before its first chunk may succeed if asked again."""
     error = exc.error
+    if exc.too_large:
+        return False
     if error is None:
         return True  # cut, empty or unreadable: the faults of a proxy or a restart
     # vLLM and others put the HTTP status in "code"; OpenAI names the kind in "type".
@@ -213,7 +221,8 @@ class UpstreamStream:
                     return
                 yield _chunk(data)
         except TransportError as exc:
-            raise StreamInterrupted(f"upstream stream broke: {exc}") from exc
+            too_large = exc.kind == "too_large"
+            raise StreamInterrupted(f"upstream stream broke: {exc}", too_large=too_large) from exc
         tail = decoder.close()
         if tail is not None and tail.strip() == DONE:
             return
@@ -383,7 +392,7 @@ class UpstreamCaller:
                 except StreamInterrupted as exc:
                     await stream.aclose()
                     problem = Problem(
-                        "MalformedResponse",
+                        "ResponseTooLarge" if exc.too_large else "MalformedResponse",
                         f"stream failed before its first chunk: {exc}",
                         resp.status,
                         str(exc)[:SNIPPET],
@@ -391,6 +400,10 @@ class UpstreamCaller:
                     )
                     problem.error = exc.error
                     raise problem from exc
+                except TransportError as exc:
+                    # Reading a whole JSON answer to a stream request (too large, or cut).
+                    await stream.aclose()
+                    raise _transport_problem(exc, self.cfg.timeout_s) from exc
                 except asyncio.TimeoutError as exc:
                     await stream.aclose()
                     timed_out = TransportError("timeout", "no first chunk in time")
@@ -464,13 +477,18 @@ class UpstreamCaller:
     async def _take_turn(self, slots: Slots, first: bool) -> None:
         """Wait out cooldown and pacing, then for a slot; a new request finding the queue full is refused."""
         limit = self.queue_limit
-        if first and limit is not None and self.queued >= limit:
+        # Against the limit: the waiting requests no free slot is left for. Those held
+        # only by the first answer's rate-limit probe (at most PROBE_WAIT_S) or by a
+        # cooldown, with slots to go to, are not a queue, so a burst on a fresh gateway
+        # or after an overload is not refused while slots stand free.
+        if first and limit is not None and self.queued - slots.free >= limit:
             # Retries are not refused: the request was admitted, and a refusal now
             # would throw away the attempts it already made.
             self.refused += 1
             raise Problem(
                 QUEUE_FULL,
-                f"{self.queued} requests already wait for the upstream (the limit is {limit})",
+                f"{self.queued} requests already wait for the upstream, {limit} more than"
+                " its free slots can take",
                 None,
                 None,
                 False,
@@ -523,6 +541,7 @@ class UpstreamCaller:
         retryable = is_retryable_status(status) and not quota
         problem = Problem("HTTPError", message, status, snippet, retryable)
         problem.error = error
+        problem.headers = kept_headers(headers)
         problem.retry_after = parse_retry_after(headers)
         if quota:
             return problem
@@ -556,6 +575,7 @@ class UpstreamCaller:
             timeout_s=self.cfg.timeout_s,
             attempt_timestamps=tuple(stamps),
             upstream_error=problem.error,
+            upstream_headers=problem.headers,
         )
 
 

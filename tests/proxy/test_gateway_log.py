@@ -147,3 +147,14 @@ async def test_an_interrupted_stream_is_one_warning(
     assert len(warnings) == 1, warnings
     name, message = warnings[0]
     assert name == LOGGER and "stream interrupted, not cached" in message
+
+
+def test_refusals_are_logged_once_in_a_while_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    log = ProxyLog(every=5)
+    for _ in range(5):
+        log.answered("refused", "/r", "m", 503, 0.0, "QueueFull: full")
+    assert lines(caplog) == [
+        (logging.WARNING, "/r model=m refused 503 0ms QueueFull: full"),
+        (logging.INFO, "5 requests: 0 cache hits, 0 llm calls, 5 failed"),
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -87,6 +88,7 @@ async def test_a_callers_own_id_is_used_and_logged(
         unusable = [
             await gw.chat("long", {"X-Request-Id": "x" * 129}),
             await gw.chat("spaces", {"X-Request-Id": "two\twords"}),
+            await gw.chat("forged", {"X-Request-Id": "x model=gpt-4o hit 200 0ms"}),
         ]
     assert failed.status == 502 and ids(failed) == ("app-trace-42", "app-trace-42")
     [line] = [m for m in logged(caplog) if " failed " in m]
@@ -134,3 +136,30 @@ async def test_a_live_stream_keeps_the_providers_id_and_logs_both(
     assert ids(replayed)[0] == ids(replayed)[1]  # a replay names only the gateway's request
     [line] = [m for m in logged(caplog) if " miss 200 " in m]
     assert f"id={ours}" in line and "upstream_id=req_stream1" in line
+
+
+async def test_a_failed_call_keeps_the_providers_id(
+    mock: MockServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    error = {"error": {"message": "bad", "type": "invalid_request_error", "code": None}}
+    mock.fail_next(1, status=400, body=error, headers={"x-request-id": "req_prov400"})
+    async with serve(mock.url, tmp_path) as gw:
+        failed = await gw.chat("refused upstream")
+    upstream_id, ours = ids(failed)
+    assert failed.status == 400 and upstream_id == "req_prov400" and OURS.match(ours)
+    [line] = [m for m in logged(caplog) if " failed " in m]
+    assert f"id={ours}" in line and "upstream_id=req_prov400" in line
+
+
+async def test_a_request_that_joined_a_call_is_named_by_the_gateway_alone(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    mock.update_config(latency_s=0.3)
+    headers = {"x-request-id": "req_shared"}
+    mock.fail_next(1, status=200, body=_completion("chatcmpl-1", "hi"), headers=headers)
+    async with serve(mock.url, tmp_path) as gw:
+        first, second = await asyncio.gather(gw.chat("together"), gw.chat("together"))
+    assert mock.stats()["requests"] == 1
+    named = sorted(ids(r)[0] for r in (first, second))
+    assert named[1] == "req_shared" and OURS.match(named[0])

@@ -86,11 +86,15 @@ async def test_past_the_limit_new_requests_are_refused_without_being_sent() -> N
     assert (transport.sent, up.queued, up.stats.failures) == (3, 0, 3)
 
 
-async def test_the_first_call_is_not_refused_while_the_pacing_is_learned() -> None:
+async def test_a_burst_on_a_fresh_caller_is_not_refused_while_slots_stand_free() -> None:
+    # All but the first wait for the first answer's rate limits: a wait, with slots to go to.
     transport = GatedTransport()
+    up = caller(transport, limit=8, max_outstanding=64)
+    calls = [asyncio.ensure_future(up.complete(f"r{i}", URL, {"model": "m"})) for i in range(40)]
+    await settle()
+    assert up.refused == 0 and up.queued == 39
     transport.open.set()
-    up = caller(transport, limit=1)
-    assert isinstance(await up.complete("r1", URL, {"model": "m"}), Completion)
+    assert all(isinstance(a, Completion) for a in await asyncio.gather(*calls))
 
 
 async def test_without_a_limit_every_request_waits_its_turn() -> None:
@@ -123,16 +127,17 @@ async def test_a_retry_is_never_refused_though_the_queue_is_full() -> None:
     assert (up.refused, up.stats.retries, transport.sent) == (1, 1, 4)
 
 
-async def test_a_request_held_by_a_cooldown_counts_as_waiting() -> None:
+async def test_requests_held_by_a_cooldown_count_past_the_free_slots() -> None:
     transport = GatedTransport()
-    up = await warmed(transport, limit=1, cooldown_floor_s=0.0)
+    up = await warmed(transport, limit=1, max_outstanding=1, cooldown_floor_s=0.0)
     transport.open.set()
     up.cooldown.pause(0.2)
-    held = asyncio.ensure_future(up.complete("held", URL, {"model": "m"}))
+    held = [asyncio.ensure_future(up.complete(f"held{i}", URL, {"model": "m"})) for i in range(2)]
     await settle()
-    assert up.queued == 1 and transport.sent == 0
+    assert up.queued == 2 and transport.sent == 0  # one for the free slot, one past it
     assert refusal(await up.complete("refused", URL, {"model": "m"}))
-    assert isinstance(await held, Completion) and transport.sent == 1
+    assert all(isinstance(h, Completion) for h in await asyncio.gather(*held))
+    assert transport.sent == 2
 
 
 async def test_a_cancelled_waiter_leaves_the_queue() -> None:

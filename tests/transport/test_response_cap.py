@@ -11,6 +11,7 @@ import asyncio
 import functools
 import gzip
 import itertools
+import json
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -473,3 +474,47 @@ async def test_the_backend_reports_an_answer_past_its_configured_cap_and_does_no
         assert "max_response_bytes=1024" in failure.message
         assert not isinstance(small, MinimaLlmFailure)
         assert mock.stats()["requests"] == 2
+
+
+def _capped_config(url: str, kind: str, cache_dir: Path) -> Any:
+    from backend_support import FAST
+    from minima_llm import MinimaLlmConfig
+
+    return MinimaLlmConfig(
+        base_url=url,
+        model="mock-model",
+        cache_dir=str(cache_dir),
+        transport=kind,
+        max_response_bytes=1024,
+        max_attempts=3,
+        **FAST,
+    )
+
+
+@pytest.mark.parametrize("kind", ["stdlib", "aiohttp"])
+@pytest.mark.parametrize("shape", ["json", "sse"])
+async def test_a_stream_past_the_cap_is_a_failure_and_not_retried(
+    kind: str, shape: str, tmp_path: Path
+) -> None:
+    # "json": a server that ignores "stream" and answers whole; "sse": one long event.
+    from minima_llm import MinimaLlmFailure, MinimaLlmRequest, OpenAIMinimaLlm
+    from minima_llm.testing import MockServer
+
+    message = {"role": "assistant", "content": "long " * 400}
+    whole = {"id": "c1", "object": "chat.completion", "choices": [{"index": 0, "message": message}]}
+    chunk = {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": message}],
+    }
+    body: Any = whole if shape == "json" else f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n"
+    headers = {} if shape == "json" else {"Content-Type": "text/event-stream"}
+    async with MockServer() as mock:
+        mock.fail_next(3, status=200, body=body, headers=headers)
+        async with OpenAIMinimaLlm(_capped_config(mock.url, kind, tmp_path)) as backend:
+            opened = await backend.open_stream(
+                MinimaLlmRequest("r1", [{"role": "user", "content": "a"}])
+            )
+        assert isinstance(opened, MinimaLlmFailure), opened
+        assert opened.error_type == "ResponseTooLarge" and opened.attempts == 1
+        assert mock.stats()["requests"] == 1

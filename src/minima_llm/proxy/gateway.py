@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import itertools
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -16,7 +17,6 @@ from aiohttp import web
 
 from .._version import USER_AGENT
 from ..backend import OpenAIMinimaLlm
-from ..config import is_header_safe
 from .log import ProxyLog
 from .metrics import GatewayMetrics
 from .settings import ProxySettings
@@ -129,8 +129,9 @@ class ClientSweep:
         )
 
 
-# A caller's own X-Request-Id longer than this is not taken as the gateway's id.
-MAX_REQUEST_ID = 128
+# A caller's own X-Request-Id is taken as the request's id only if it is short and
+# plain: it is written into log lines, and spaces or "=" there could forge their fields.
+_CALLER_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 
 
 class RequestIds:
@@ -144,7 +145,7 @@ class RequestIds:
     def of(self, request: web.Request) -> str:
         """The id for ``request``, which it is answered and logged with."""
         given = request.headers.get("x-request-id")
-        if given and len(given) <= MAX_REQUEST_ID and is_header_safe(given):
+        if given and _CALLER_ID.fullmatch(given):
             return given
         return f"{self.prefix}{next(self._count):x}"
 

@@ -19,7 +19,7 @@ from ..flight import Broadcast, Follower
 from ..live_streams import ChunkStream
 from ..streaming import encode_event
 from ..types import MinimaLlmFailure, MinimaLlmResponse, Usage
-from ..upstream import StreamInterrupted
+from ..upstream import QUEUE_FULL, StreamInterrupted
 from .errors import ClientLeft, RequestError, error_body, error_response, failure_response
 from .gateway import Gateway, client_gone, take_back_cancel
 from .normalize import CHAT, COMPLETIONS, EMBEDDINGS, Parsed, key_extra, parse_body
@@ -223,13 +223,16 @@ def _answer(
     latency = time.monotonic() - started
     if isinstance(result, MinimaLlmFailure):
         resp = failure_response(result, gw.backend.upstream.cooldown.remaining())
+        upstream = result.upstream_headers
+        if upstream is not None:
+            resp.headers.update(upstream)  # the failed call's id, for the provider's support
         gw.log.answered(
-            "failed",
+            "refused" if result.error_type == QUEUE_FULL else "failed",
             request.path,
             parsed.model,
             resp.status,
             latency,
-            f"{result.error_type}: {result.message}",
+            f"{result.error_type}: {result.message}" + _upstream_id(upstream),
             request[REQUEST_ID],
         )
         return resp
@@ -237,7 +240,9 @@ def _answer(
     gw.metrics.count_answer(
         label, result.usage, _token_source(label), None if result.cached else result.latency_s
     )
-    upstream = result.upstream_headers
+    # The provider's headers go to the request whose call it answered; one that joined
+    # that call is named by the gateway alone, as a stream that joined another is.
+    upstream = result.upstream_headers if label != "coalesced" else None
     gw.log.answered(
         label,
         request.path,
@@ -357,7 +362,7 @@ async def _send_stream(
             parsed.model,
             502,
             time.monotonic() - started,
-            f"stream interrupted, not cached: {exc}",
+            f"stream interrupted, not cached: {exc}" + _upstream_id(opened.upstream_headers),
             request[REQUEST_ID],
         )
         # The upstream's own error event as it sent it (its type and code are what a
@@ -487,7 +492,8 @@ def _count_if_finished(
                 model,
                 200,
                 upstream_s,
-                f"stream tokens={usage.prompt_tokens}+{usage.completion_tokens}, client left",
+                f"stream tokens={usage.prompt_tokens}+{usage.completion_tokens}, client left"
+                + _upstream_id(opened.upstream_headers),
                 request[REQUEST_ID],
             )
 

@@ -7,6 +7,8 @@ import time
 
 from aiohttp.http_exceptions import HttpProcessingError
 
+from ..calls import RepeatedError
+
 log = logging.getLogger("minima_llm.proxy")
 LINE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -33,6 +35,10 @@ class LineFormatter(logging.Formatter):
         return f"{self._stamp},{int(record.msecs):03d}"
 
 
+_ANSWERS = frozenset({"hit", "miss", "refresh", "coalesced"})
+_ALWAYS_LOGGED = frozenset({"miss", "refresh", "failed", "refused"})
+
+
 class ProxyLog:
     """Counts answers and writes what an operator wants to see, no more."""
 
@@ -43,6 +49,8 @@ class ProxyLog:
         self.verbose = verbose
         self.logger = logger
         self.requests = self.hits = self.live = self.failed = self.joined = 0
+        # Refusals come in floods, thousands a second while the gateway is full.
+        self._refusals = RepeatedError(10.0, logger=logger, level=logging.WARNING)
 
     def answered(
         self,
@@ -54,22 +62,29 @@ class ProxyLog:
         detail: str = "",
         request_id: str | None = None,
     ) -> None:
-        """One request answered; ``result`` is hit, miss, refresh, coalesced or failed."""
+        """One request answered; ``result`` is hit, miss, refresh, coalesced, failed or refused.
+
+        A refusal (admission) counts as failed; its lines are at most one per 10 s,
+        each saying how many were left out.
+        """
         self.requests += 1
         if result == "hit":
             self.hits += 1
-        elif result == "failed":
+        elif result in ("failed", "refused"):
             self.failed += 1
         elif result in ("miss", "refresh"):
             self.live += 1
         elif result == "coalesced":
             self.joined += 1
-        if result in ("miss", "refresh", "failed") or self.verbose:
+        if result in _ALWAYS_LOGGED or self.verbose:
             named = f" id={request_id}" if request_id else ""
-            line = (
-                f"{route} model={model} {result} {status} {latency_s * 1000:.0f}ms{named} {detail}"
-            )
-            self.logger.log(logging.WARNING if result == "failed" else logging.INFO, line.rstrip())
+            line = f"{route} model={model} {result} {status} {latency_s * 1000:.0f}ms{named}"
+            line = f"{line} {detail}" if detail else line
+            if result == "refused" and not self.verbose:
+                self._refusals.log("%s", line)
+            else:
+                level = logging.INFO if result in _ANSWERS else logging.WARNING
+                self.logger.log(level, line)
         if self.every and self.requests % self.every == 0:
             # Answers that joined an identical call in flight are neither hits nor calls;
             # named only when there are some, so the counts always add up.
