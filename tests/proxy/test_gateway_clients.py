@@ -182,6 +182,25 @@ async def test_a_malformed_request_is_logged_without_its_bytes(
     assert "ZZZZ" not in caplog.text and "Traceback" not in caplog.text
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_that_does_not_decode_is_a_400_without_a_traceback(
+    mock: MockServer, tmp_path: Path, caplog: pytest.LogCaptureFixture, encoding: str
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="aiohttp.server")
+    async with serve(mock.url, tmp_path, settings()) as gw:
+        reply = await gw.request(
+            "POST",
+            "/v1/chat/completions",
+            data=b"not compressed at all" * 20,
+            headers={"Content-Encoding": encoding, "Content-Type": "application/json"},
+        )
+        assert reply.status == 400
+        assert "could not be read" in reply.json()["error"]["message"]
+        assert await eventually(lambda: "could not be drained" in caplog.text)
+    assert "Traceback" not in caplog.text and "Unhandled exception" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 async def test_a_passed_through_key_no_header_can_carry_is_refused(
     mock: MockServer, tmp_path: Path
 ) -> None:

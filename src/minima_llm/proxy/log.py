@@ -6,6 +6,7 @@ import logging
 import time
 
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web import RequestPayloadError
 
 from ..calls import RepeatedError
 
@@ -110,6 +111,17 @@ class MalformedRequestFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         """Rewrite records carrying an HTTP parse error; let every other record through."""
         exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, RequestPayloadError) and isinstance(exc.__cause__, HttpProcessingError):
+            # A body that could not be decoded (bad gzip, say) was answered with a 400
+            # already; aiohttp, draining the rest after the answer, meets the error again
+            # and logs it as "Unhandled exception" with a traceback.
+            record.msg = "a refused request body could not be drained: %s"
+            record.args = (type(exc.__cause__).__name__,)
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno = logging.DEBUG
+            record.levelname = logging.getLevelName(record.levelno)
+            return True
         if isinstance(exc, HttpProcessingError):
             where = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
             record.msg = "refused a malformed request from %s: %s (HTTP %s)"
