@@ -542,6 +542,21 @@ def test_batch_and_parasail_from_dict() -> None:
         BatchConfig.from_dict({"nope": 1})
 
 
+@pytest.mark.parametrize("value", [5, 1.5, True, ["/state"], b"/state", {"dir": "/state"}])
+def test_a_state_dir_that_is_no_path_fails_when_the_config_is_built(value: Any) -> None:
+    # It used to pass, and fail later as a bare TypeError when the backend was built.
+    with pytest.raises(ConfigError) as info:
+        ParasailBatchConfig(llm_batch_prefix="p", state_dir=value)
+    assert (info.value.field, info.value.value) == ("parasail.state_dir", value)
+    assert "a directory path or None" in str(info.value)
+    with pytest.raises(ConfigError, match=r"parasail\.state_dir"):
+        MinimaLlmConfig.from_dict({"base_url": URL, "model": "m", "parasail": {"state_dir": value}})
+
+
+def test_a_state_dir_given_as_a_path_is_kept_as_a_string() -> None:
+    assert ParasailBatchConfig(state_dir=Path("/tmp/state")).state_dir == "/tmp/state"
+
+
 REFERENCE_YAML = """\
 base_url: "https://api.openai.com/v1"
 model: "gpt-4"

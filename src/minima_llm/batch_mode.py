@@ -27,23 +27,13 @@ async def send_jobs(
     report: Callable[[str], None] | None,
 ) -> dict[str, Outcome]:
     """Send each model's calls (key -> backend and call) as provider jobs; each key's outcome."""
-    parts = [
-        dict(part)
-        for calls in groups.values()
-        for part in split(list(calls.items()), provider.max_lines, provider.max_bytes, _line_size)
+    runs = [
+        _run_split(provider, CHAT, model, calls, refresh, report)
+        for model, calls in groups.items()
+        if calls
     ]
-    runs = [run_collected(CHAT, next(iter(p.values()))[1].model, p, refresh, report) for p in parts]
     answered: dict[str, Outcome] = {}
-    for part, outcomes in zip(
-        parts, await asyncio.gather(*runs, return_exceptions=True), strict=True
-    ):
-        if isinstance(outcomes, BaseException):
-            if not isinstance(outcomes, Exception):
-                raise outcomes
-            # One job's trouble (a bug, a full disk) must not cost the batch its other answers.
-            log.error("batch job failed: %s", outcomes, exc_info=outcomes)
-            failure = LineFailure(type(outcomes).__name__, str(outcomes))
-            outcomes = dict.fromkeys(part, failure)
+    for outcomes in await asyncio.gather(*runs):
         answered.update(outcomes)
     return answered
 
@@ -88,13 +78,60 @@ async def run_collected(
     fresh: bool = False,
     report: Callable[[str], None] | None = None,
 ) -> dict[str, Outcome]:
-    """One provider job over ``items`` (key -> backend and call); answers are cached before return.
+    """Provider jobs over ``items`` (key -> backend and call); answers are cached before return.
 
     A function, not a method: the collector keeps it, and a bound method would tie
     the backend into a cycle with its own collector.
     """
     if not items:
         return {}
+    jobs = next(iter(items.values()))[0].jobs
+    assert jobs is not None  # only batch-mode backends make jobs
+    return await _run_split(jobs, endpoint, model, items, fresh, report)
+
+
+async def _run_split(
+    provider: ProviderJobs,
+    endpoint: str,
+    model: str,
+    items: Mapping[str, tuple[OpenAIMinimaLlm, Call]],
+    fresh: bool,
+    report: Callable[[str], None] | None,
+) -> dict[str, Outcome]:
+    """``items`` in as many jobs as the provider's limits on lines and bytes of one need.
+
+    The collector counts only lines (a job of ``num_workers`` long prompts can pass
+    the provider's file size limit, which refuses it whole), so the bytes are
+    counted here, for ``run_batched``'s jobs and the collector's alike.
+    """
+    parts = [
+        dict(part)
+        for part in split(list(items.items()), provider.max_lines, provider.max_bytes, _line_size)
+    ]
+    runs = [_run_job(endpoint, model, part, fresh, report) for part in parts]
+    answered: dict[str, Outcome] = {}
+    for part, outcomes in zip(
+        parts, await asyncio.gather(*runs, return_exceptions=True), strict=True
+    ):
+        if isinstance(outcomes, BaseException):
+            if not isinstance(outcomes, Exception):
+                raise outcomes
+            # One job's trouble (a bug, a full disk) must not cost the batch its other answers.
+            log.error("batch job failed: %s", outcomes, exc_info=outcomes)
+            failure = LineFailure(type(outcomes).__name__, str(outcomes))
+            outcomes = dict.fromkeys(part, failure)
+        answered.update(outcomes)
+    return answered
+
+
+async def _run_job(
+    endpoint: str,
+    model: str,
+    items: Mapping[str, tuple[OpenAIMinimaLlm, Call]],
+    fresh: bool,
+    report: Callable[[str], None] | None,
+) -> dict[str, Outcome]:
+    """One provider job over ``items``; answers are cached before return."""
     backend = next(iter(items.values()))[0]
     jobs = backend.jobs
     assert jobs is not None  # only batch-mode backends make jobs

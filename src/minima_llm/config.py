@@ -154,6 +154,16 @@ class ParasailBatchConfig:
             self.llm_batch_prefix,
             "a string or None",
         )
+        # Checked here like cache_dir: a number or bytes would otherwise pass until the
+        # backend is built, and fail there as a bare TypeError from pathlib.
+        _check(
+            self.state_dir is None or isinstance(self.state_dir, (str, os.PathLike)),
+            "parasail.state_dir",
+            self.state_dir,
+            "a directory path or None (None: cache_dir)",
+        )
+        if self.state_dir is not None:
+            object.__setattr__(self, "state_dir", os.fspath(self.state_dir))
         _check_float("parasail.poll_interval_s", self.poll_interval_s, 0.0, strict=True)
         _check_float("parasail.max_poll_hours", self.max_poll_hours, 0.0, strict=True)
         _floats_as_declared(self)

@@ -42,6 +42,7 @@ class JobCollector(Generic[T]):
     whatever the caller needs to build and store the request) and returns each key's
     outcome; calls that force a refresh make jobs of their own (``fresh``). A key
     already waiting or in a running job is not sent again: its call shares that outcome.
+    Only lines are counted here: ``run`` splits a group too big in bytes for one job.
     """
 
     def __init__(

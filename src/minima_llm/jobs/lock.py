@@ -3,10 +3,11 @@
 Held while a run decides which jobs to take over and submits the rest, and while it
 records what it collected: never while it waits on the provider. An ``O_EXCL``
 create works across threads, processes and (unlike ``flock``) NFS, which SLURM
-nodes often share state directories on. The file names its holder (host, pid and a
-token); a holder refreshes its time stamp while it works, so a file left by a
-holder that died is recognised (its pid is gone on this host, or its time stamp is
-older than ``STALE_S``) and broken, and a release removes only the holder's own file.
+nodes often share state directories on. The file names its holder (host, pid, a
+token and its PID namespace); a holder refreshes its time stamp while it works, so a
+file left by a holder that died is recognised (its pid is gone on this host and in
+this PID namespace, or its time stamp is older than ``STALE_S``) and broken, and a
+release removes only the holder's own file.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -30,6 +32,10 @@ STALE_S = 300.0
 _RETRY_S = 0.05
 BREAK_STALE_S = 10.0
 _HOST = socket.gethostname()
+# Lock files are created with the mode the umask gives (0664 under umask 002): a lab
+# member breaking a dead run's lock in a shared directory hard-links it back if its
+# holder woke, which fs.protected_hardlinks refuses for a file one cannot write.
+_MODE = 0o666
 
 
 def lock_path(state_dir: str | os.PathLike[str]) -> Path:
@@ -101,13 +107,13 @@ def _try_take(path: Path, token: str) -> bool:
     """Create the lock file (breaking an abandoned one); False if someone else holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _MODE)
     except FileExistsError:
         if not _abandoned(path) or not _break(path):
             return False
         return _try_take(path, token)
     with os.fdopen(fd, "w") as fh:
-        fh.write(f"{_HOST} {os.getpid()} {token}\n")
+        fh.write(f"{_HOST} {os.getpid()} {token} {pid_namespace()}\n")
     return True
 
 
@@ -120,7 +126,7 @@ def _break(path: Path) -> bool:
     """
     breaking = path.with_name(path.name + ".breaking")
     try:
-        fd = os.open(breaking, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        fd = os.open(breaking, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _MODE)
     except FileExistsError:
         with contextlib.suppress(FileNotFoundError):
             # A breaker holds it for microseconds; one this old died holding it.
@@ -166,17 +172,44 @@ def _fields(path: Path) -> list[str]:
 
 def _owner(path: Path) -> str | None:
     fields = _fields(path)
-    return fields[2] if len(fields) == 3 else None
+    return fields[2] if len(fields) in (3, 4) else None
+
+
+def pid_namespace() -> str:
+    """This process's PID namespace (the inode of /proc/self/ns/pid); "-" where none exist.
+
+    Read on each use, not at import: a child forked after ``unshare`` is in another.
+    """
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        # Linux with /proc hidden: unknown ("?"), which matches no lock, not even its own kind.
+        return "?" if sys.platform.startswith("linux") else "-"
+
+
+def pid_is_comparable(fields: list[str], host: str, namespace: str) -> bool:
+    """Whether the pid in a lock's ``fields`` names a process ``host``'s ``namespace`` can see.
+
+    Containers may share a hostname yet each number their processes from 1: a live
+    holder's pid asked about in another PID namespace looks dead. A lock written
+    before the namespace was recorded (three fields) is judged as it was then.
+    """
+    if len(fields) not in (3, 4) or not fields[1].isdigit() or fields[0] != host:
+        return False
+    return len(fields) == 3 or (fields[3] == namespace and namespace != "?")
 
 
 def _abandoned(path: Path) -> bool:
-    """Whether the lock's holder is gone: a dead pid on this host, or no touch for STALE_S."""
+    """Whether the lock's holder is gone: a dead pid here, or no touch for STALE_S.
+
+    "Here" is this host and PID namespace; elsewhere only the time stamp can tell.
+    """
     try:
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return True
     fields = _fields(path)
-    if len(fields) == 3 and fields[0] == _HOST and fields[1].isdigit():
+    if pid_is_comparable(fields, _HOST, pid_namespace()):
         try:
             os.kill(int(fields[1]), 0)
         except ProcessLookupError:

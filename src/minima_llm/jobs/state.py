@@ -16,8 +16,8 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,7 +133,7 @@ class JobState:
         data = {k: v for k, v in dataclasses.asdict(self).items() if k not in _UNSAVED}
         data["format"] = FORMAT
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name, suffix=".tmp", dir=self.path.parent)
+        fd, tmp = _new_file_beside(self.path)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 json.dump(data, fh, indent=2, sort_keys=True)
@@ -158,6 +158,18 @@ class JobState:
             f"{self.prefix:<20} {self.batch_id or '-':<32} {self.status:<12} "
             f"{self.counts()}, {collected}"
         )
+
+
+def _new_file_beside(path: Path) -> tuple[int, Path]:
+    """A new file next to ``path``, open for writing, with the mode new files get here.
+
+    Not ``mkstemp``: it makes files 0600 whatever the umask, so in a state directory a
+    lab shares (group-writable, umask 002) nobody else could read the job. Asking for
+    0666 lets the kernel apply the umask, or the directory's default ACL, as it does
+    for any file a program writes; reading the umask ourselves would race other threads.
+    """
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    return os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666), tmp
 
 
 def digest_of(endpoint: str, model: str, keys: Iterable[str]) -> str:
