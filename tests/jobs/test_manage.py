@@ -25,6 +25,9 @@ from minima_llm import (
 from minima_llm.cli import main
 from minima_llm.clock import SYSTEM_CLOCK, Clock, FakeClock
 from minima_llm.jobs import BatchApi, BatchApiError, JobState, LineFailure, ProviderJobs
+from minima_llm.jobs import manage as manage_module
+from minima_llm.jobs.lock import lock_path, locked
+from minima_llm.jobs.manage import CancelIncomplete
 from minima_llm.jobs.state import list_states
 from minima_llm.testing import MockServer
 
@@ -346,6 +349,106 @@ async def test_a_batch_that_finished_meanwhile_is_logged_and_the_rest_cancelled(
     assert local(cache_dir, early).status == "completed"  # asked again after the refusal
 
 
+# --- cancelling when something goes wrong ------------------------------------------------------
+
+
+async def test_every_job_is_cancelled_though_the_state_directory_stays_locked(
+    mock: MockServer, cfg: MinimaLlmConfig, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run uploading a big job (or a stalled NFS) holds the lock: the cancels cannot be
+    # recorded, but each job must still be cancelled at the provider, where it costs.
+    mock.update_config(batch_delay_s=SLOW)
+    running = {await submit(cfg, "a", "x"), await submit(cfg, "b", "y")}
+    monkeypatch.setattr(manage_module, "LOCK_WAIT_S", 0.2)
+
+    async with locked(lock_path(cache_dir)):
+        with pytest.raises(CancelIncomplete) as caught:
+            await asyncio.to_thread(cancel_all_local_batches, cfg)
+
+    assert set(caught.value.cancelled) == running
+    assert {await remote_status(mock, b) for b in running} == {"cancelled"}
+    assert len(caught.value.failures) == 2
+    assert all("not updated" in failure for failure in caught.value.failures)
+    assert isinstance(caught.value, BatchApiError)  # what a lock wait raised before
+    # Once the lock is free, a second try records where the jobs stand.
+    assert await asyncio.to_thread(cancel_all_local_batches, cfg) == []
+    assert {local(cache_dir, b).status for b in running} == {"cancelled"}
+
+
+async def test_a_job_that_cannot_be_cancelled_is_reported_after_the_others_are_cancelled(
+    mock: MockServer, cfg: MinimaLlmConfig, cache_dir: Path
+) -> None:
+    mock.update_config(batch_delay_s=SLOW)
+    forgotten = await submit(cfg, "a", "x")
+    running = await submit(cfg, "b", "y")
+    state = local(cache_dir, forgotten)
+    state.batch_id = "batch_the_provider_forgot"  # 404 to a cancel and to a look
+    state.save()
+
+    with pytest.raises(CancelIncomplete) as caught:
+        await asyncio.to_thread(cancel_all_local_batches, cfg)
+
+    assert caught.value.cancelled == [running]
+    (failure,) = caught.value.failures
+    assert failure.startswith("batch_the_provider_forgot: not cancelled") and "404" in failure
+    assert await remote_status(mock, running) == "cancelled"
+    assert local(cache_dir, running).cancel_requested_at is not None
+
+
+async def test_cancel_batch_whose_cancel_cannot_be_recorded_says_it_was_cancelled(
+    running_job: str,
+    mock: MockServer,
+    cfg: MinimaLlmConfig,
+    cache_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(manage_module, "LOCK_WAIT_S", 0.2)
+
+    async with locked(lock_path(cache_dir)):
+        with pytest.raises(CancelIncomplete) as caught:
+            await asyncio.to_thread(cancel_batch, running_job, cfg)
+
+    assert caught.value.cancelled == [running_job]
+    assert await remote_status(mock, running_job) == "cancelled"
+    assert local(cache_dir, running_job).status == "in_progress"  # as the error says
+
+
+@pytest.mark.parametrize("bad", ["", None, ".."])
+async def test_cancel_batch_refuses_a_missing_id_without_asking_the_provider(
+    running_job: str, mock: MockServer, cfg: MinimaLlmConfig, bad: str
+) -> None:
+    before = mock.stats()["requests"]
+
+    with pytest.raises(ValueError, match="batch id must be a non-empty string"):
+        await asyncio.to_thread(cancel_batch, bad, cfg)
+
+    assert mock.stats()["requests"] == before
+    assert await remote_status(mock, running_job) == "in_progress"
+
+
+async def test_an_id_goes_into_the_url_as_one_quoted_path_segment(
+    mock: MockServer, cfg: MinimaLlmConfig
+) -> None:
+    with pytest.raises(BatchApiError) as caught:
+        await asyncio.to_thread(cancel_batch, "batch_x/../../files", cfg)
+
+    assert caught.value.status == 404
+    assert "No such Batch object: batch_x/../../files" in str(caught.value)
+    assert mock.stats()["by_route"] == {CANCEL: 1}  # that route, and no other
+    with pytest.raises(BatchApiError, match="No such Batch object: a/b"):
+        await asyncio.to_thread(BatchApi(mock.url, None).get, "a/b")
+
+
+async def test_cancel_batch_needs_no_state_directory(
+    running_job: str, mock: MockServer, cfg: MinimaLlmConfig
+) -> None:
+    # Cancelling by remote id needs nothing local: a config without a cache does it.
+    answer = await asyncio.to_thread(cancel_batch, running_job, cfg.replace(cache_dir=None))
+
+    assert answer["status"] == "cancelling"
+    assert await remote_status(mock, running_job) == "cancelled"
+
+
 # --- the command line -----------------------------------------------------------------------
 
 
@@ -496,3 +599,23 @@ def test_cli_cancel_flags_are_mutually_exclusive(capsys: pytest.CaptureFixture[s
         main(["batch-status", "--cancel", "p", "--cancel-all"])
     assert exc.value.code == 2
     assert "not allowed with" in capsys.readouterr().err
+
+
+async def test_cli_cancel_remote_without_a_cache_dir(
+    running_job: str,
+    mock: MockServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for var in ("CACHE_DIR", "OPENAI_MODEL", "OPENAI_API_KEY", "OPENAI_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OPENAI_BASE_URL", mock.url)
+
+    assert await cli("--cancel-remote", running_job) == 0
+
+    assert capsys.readouterr().out == f"{running_job}: cancelling\n"
+    assert await remote_status(mock, running_job) == "cancelled"
+    # With no endpoint either, it says what is missing.
+    monkeypatch.delenv("OPENAI_BASE_URL")
+    assert await cli("--cancel-remote", running_job) == 2
+    assert "set OPENAI_BASE_URL" in capsys.readouterr().err

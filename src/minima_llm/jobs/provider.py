@@ -6,8 +6,17 @@ upstream body) and returns each key's outcome: the upstream's completion or a
 not) was sent and can still answer are taken from that job; only the rest are
 uploaded as a new one. Every step is written to the job's state file, so a run
 that is interrupted, or gives up after ``max_poll_hours``, loses nothing: the next
-run asking for any of those requests takes the job over. A lock file keeps two
-runs from submitting the same requests at once.
+run asking for any of those requests takes the job over.
+
+Two lock files keep two runs from submitting the same requests at once, and
+neither is held while a poll waits. The state directory's lock covers reading and
+writing state files, and a create (so a second run never creates the batch of a
+file a first run is creating); an upload or a look-up can take minutes, so they
+run outside it, under the lock of their job alone. A new job is recorded
+(``uploading``) under the directory lock before its upload starts, so any run
+that looks meanwhile waits on that job's lock rather than sending the same
+requests again, and takes the job over (or, if its run died before recording the
+upload, drops the record: nothing was created).
 """
 
 from __future__ import annotations
@@ -28,15 +37,16 @@ from ..config import MinimaLlmConfig
 from ..errors import ConfigError
 from ..resilience import is_retryable_status
 from ..upstream import Completion
-from .api import DEFAULT_ATTEMPTS, BatchApi, BatchApiError
+from .api import DEFAULT_ATTEMPTS, FIND_PAGES, BatchApi, BatchApiError, ListingIncomplete
 from .lines import MISSING, LineFailure, Outcome, read_lines
-from .lock import lock_path, locked
+from .lock import STALE_S, lock_path, locked
 from .state import (
     SUFFIX,
     JobNeedsAttention,
     JobState,
     digest_of,
     list_states,
+    load,
     path_for,
     repeat_path_for,
     save_merged,
@@ -54,6 +64,15 @@ T = TypeVar("T")
 Report = Callable[[str], None]
 # What a provider without a usable GET /batches answers: a look-up can never succeed there.
 _NO_LISTING = frozenset({400, 404, 405})
+# Our status for a job recorded before its upload, whose run holds the job's lock.
+UPLOADING = "uploading"
+# A poll's progress is recorded only if the directory lock comes this soon: it is news
+# the next poll (or run) learns again, never worth failing a job that is running.
+PROGRESS_LOCK_WAIT_S = 2.0
+# When the provider cannot date an input file: how far our clock may run ahead of its.
+CLOCK_SKEW_S = 3600.0
+# Take-over rounds in one call: each settles the jobs the one before found unsettled.
+_ROUNDS = 8
 # Caches the answers; True once every completion among them is committed.
 Store = Callable[[dict[str, Outcome]], Awaitable[bool]]
 # Which of these keys the cache already holds (answered some other way).
@@ -79,6 +98,28 @@ def split(
 def key_id_of(api_key: str | None) -> str | None:
     """A name for an API key that reveals nothing of it (state files may be shared)."""
     return hashlib.sha256(api_key.encode()).hexdigest()[:16] if api_key else None
+
+
+def find_batch_of(api: BatchApi, state: JobState, pages: int = FIND_PAGES) -> dict[str, Any] | None:
+    """The batch made from ``state``'s uploaded file, or None if surely none was.
+
+    The search ends at a batch older than the file, dated by the provider's own
+    clock when it can say (``GET /files/{id}``), else by ours with room for skew.
+    ``ListingIncomplete`` when it cannot tell.
+    """
+    file_id = state.input_file_id
+    assert file_id is not None  # only a state with an uploaded file is looked up
+    try:
+        created = api.file(file_id).get("created_at")
+    except BatchApiError as exc:
+        if exc.status is None or is_retryable_status(exc.status):
+            raise  # passing: the next try asks again
+        created = None  # the provider cannot say (no such route, the file gone): our clock
+    if isinstance(created, (int, float)) and not isinstance(created, bool):
+        since = float(created)
+    else:
+        since = state.created_at - CLOCK_SKEW_S
+    return api.find(file_id, since, pages)
 
 
 def state_dir_of(config: MinimaLlmConfig) -> str:
@@ -122,6 +163,10 @@ class ProviderJobs:
         # The most requests, and bytes of requests, one job takes; more become several jobs.
         self.max_lines = MAX_LINES
         self.max_bytes = MAX_BYTES
+        # How long a run waits for the state directory's lock, and how many pages of
+        # batches a look-up reads before it says it could not tell.
+        self.lock_wait_s = STALE_S
+        self.find_pages = FIND_PAGES
         self.api = api or api_of(config)
         self._clock = clock
 
@@ -177,7 +222,9 @@ class ProviderJobs:
         say = report or log.info
         # Shielded: a run cancelled while it uploads or creates must still record (and
         # unlock) what the provider did, or the next run would pay for it again.
-        choosing = asyncio.ensure_future(self._choose("/v1/" + endpoint, model, bodies, fresh, say))
+        choosing = asyncio.ensure_future(
+            self._choose("/v1/" + endpoint, model, bodies, fresh, say, deadline)
+        )
         try:
             taken = await asyncio.shield(choosing)
         except (BatchApiError, JobNeedsAttention, OSError) as exc:
@@ -216,26 +263,51 @@ class ProviderJobs:
         bodies: Mapping[str, Mapping[str, Any]],
         fresh: bool,
         say: Report,
+        deadline: float,
     ) -> list[tuple[JobState, set[str]]]:
-        """The jobs that will answer ``bodies``: earlier ones taken over, and a new one for the rest."""
-        async with self._lock():
-            offered = (
-                [] if fresh else await asyncio.to_thread(self._take_over, url, model, set(bodies))
-            )
-            taken: list[tuple[JobState, set[str]]] = []
-            for state, keys in offered:
-                if state.batch_id is None and not await self._created(state, say):
-                    continue  # refused: its keys go in the new job
-                say(f"[batch-job] {state.batch_id}: {len(keys)} requests from it, {state.status}")
-                taken.append((state, keys))
-            rest = [k for k in bodies if not any(k in keys for _, keys in taken)]
-            if rest:
-                state = await self._submit(url, model, {k: bodies[k] for k in rest}, say)
-                taken.append((state, set(rest)))
-        return taken
+        """The jobs that will answer ``bodies``: earlier ones taken over, and a new one for the rest.
 
-    def _lock(self) -> contextlib.AbstractAsyncContextManager[None]:
-        return locked(lock_path(self.state_dir), self._clock)
+        A job without a batch id is settled first (its run finishes, or this one
+        looks it up), under its own lock, then the choice is made again: the new
+        job is recorded only by a round that found every job it takes settled.
+        """
+        for _ in range(_ROUNDS):
+            async with contextlib.AsyncExitStack() as stack:
+                async with self._lock():
+                    offered = (
+                        []
+                        if fresh
+                        else await asyncio.to_thread(self._take_over, url, model, set(bodies))
+                    )
+                    unsettled = [s for s, _ in offered if s.batch_id is None]
+                    rest = {k: bodies[k] for k in bodies if not any(k in ks for _, ks in offered)}
+                    new = None
+                    if rest and not unsettled:
+                        new = await self._intend(stack, url, model, rest)
+                if unsettled:
+                    for state in unsettled:
+                        await self._settle(state, say, deadline)
+                    continue
+                for state, keys in offered:
+                    say(
+                        f"[batch-job] {state.batch_id}: {len(keys)} requests from it, {state.status}"
+                    )
+                if new is not None:
+                    await self._submit(new, rest, say)
+                    offered.append((new, set(rest)))
+                return offered
+        raise BatchApiError(
+            f"the batch state in {self.state_dir} kept changing while this run chose its jobs;"
+            " run again"
+        )
+
+    def _lock(self, wait_s: float | None = None) -> contextlib.AbstractAsyncContextManager[None]:
+        wait = self.lock_wait_s if wait_s is None else wait_s
+        return locked(lock_path(self.state_dir), self._clock, wait)
+
+    def _job_lock(self, path: Path, wait_s: float) -> contextlib.AbstractAsyncContextManager[None]:
+        """The lock of one job's state file: held from its record to its create."""
+        return locked(path.with_name(f".{path.name}.lock"), self._clock, wait_s)
 
     def _take_over(self, url: str, model: str, wanted: set[str]) -> list[tuple[JobState, set[str]]]:
         """Earlier jobs of this endpoint and model that can answer some of ``wanted``."""
@@ -248,7 +320,10 @@ class ProviderJobs:
         for state in list_states(self.state_dir, self.prefix, strict=True):
             if (state.prefix, state.base_url, state.key_id, state.endpoint, state.model) != mine:
                 continue
-            keys = state.takes(wanted)
+            if state.status == UPLOADING and state.batch_id is None and not state.input_file_id:
+                keys = wanted.intersection(state.keys)  # a run is uploading it: wait for it
+            else:
+                keys = state.takes(wanted)
             if keys:
                 state.created_in_run = False
                 state.taken_at = time.time()
@@ -256,45 +331,109 @@ class ProviderJobs:
                 wanted -= keys
         return taken
 
-    async def _submit(
-        self, url: str, model: str, bodies: Mapping[str, Mapping[str, Any]], say: Report
+    async def _intend(
+        self,
+        stack: contextlib.AsyncExitStack,
+        url: str,
+        model: str,
+        bodies: Mapping[str, Mapping[str, Any]],
     ) -> JobState:
-        """Upload the requests as a new job and create its batch (lock held)."""
+        """Record a job about to be uploaded, its lock held until ``stack`` closes (directory lock held)."""
         digest = digest_of(url, model, bodies)
         path = path_for(self.state_dir, self.prefix, digest)
         if path.exists():
             # The same requests again (force refresh): the earlier job keeps its own file.
             path = repeat_path_for(path)
+        try:
+            await stack.enter_async_context(self._job_lock(path, 0.0))
+        except BatchApiError:
+            # A lock left on this name by a run that died, not yet known for dead.
+            path = repeat_path_for(path)
+            await stack.enter_async_context(self._job_lock(path, 0.0))
         state = JobState(self.prefix, digest, url, self.base_url, model, len(bodies), path=path)
         state.key_id = self.key_id
         state.keys = list(bodies)
         state.created_in_run = True
+        state.status = UPLOADING
+        # Taken before the record is written: whoever reads it finds its lock held.
+        await asyncio.to_thread(state.save)
+        return state
+
+    async def _submit(
+        self, state: JobState, bodies: Mapping[str, Mapping[str, Any]], say: Report
+    ) -> None:
+        """Upload a recorded job's requests and create its batch (the job's lock held)."""
+        assert state.path is not None  # _intend gives it one
         lines = (
             # Compact, like the canonical JSON that run_batched sizes its jobs by.
             json.dumps(
-                {"custom_id": key, "method": "POST", "url": url, "body": body},
+                {"custom_id": key, "method": "POST", "url": state.endpoint, "body": body},
                 separators=(",", ":"),
                 default=json_default,  # messages may be any Mapping, as in a cache key
             )
             for key, body in bodies.items()
         )
         data = ("\n".join(lines) + "\n").encode("utf-8")
-        file = await self.api.aupload(data, path.name.removesuffix(SUFFIX) + ".jsonl")
-        state.input_file_id = _id_of(file, "file")
+        try:
+            file = await self.api.aupload(data, state.path.name.removesuffix(SUFFIX) + ".jsonl")
+            file_id = _id_of(file, "file")
+        except (BatchApiError, OSError):
+            await self._forget(state)  # no batch can exist: the record goes
+            raise
+        state.input_file_id = file_id
         state.status = "uploaded"
-        await asyncio.to_thread(state.save)
-        await self._create(state, say, None)  # a new file: no batch can exist yet
-        say(f"[batch-job] {state.batch_id}: submitted {len(bodies)} requests ({path.name})")
-        return state
+        async with self._lock():
+            # Saved before the create: a run killed during it leaves a file to look up.
+            await asyncio.to_thread(state.save)
+            await self._create(state, say, None)  # a new file: no batch can exist yet
+        say(f"[batch-job] {state.batch_id}: submitted {len(bodies)} requests ({state.path.name})")
+
+    async def _forget(self, state: JobState) -> None:
+        """Remove the record of a job whose upload failed (its lock held)."""
+        assert state.path is not None
+        try:
+            async with self._lock():
+                await asyncio.to_thread(state.path.unlink, True)
+        except (BatchApiError, OSError) as exc:
+            # Left, it is taken for a run that died uploading, and dropped by the next.
+            log.warning("%s: the record of a failed upload stays: %s", state.path, exc)
+
+    async def _settle(self, state: JobState, say: Report, deadline: float) -> None:
+        """Wait for the run submitting ``state``'s job, or finish what a run that died left."""
+        assert state.path is not None  # read from a file
+        wait = max(0.0, deadline - self._clock.monotonic())
+        async with self._job_lock(state.path, wait):
+            try:
+                job = await asyncio.to_thread(load, state.path)
+            except ValueError:
+                return  # dropped meanwhile; the next take-over looks at the directory again
+            if job.batch_id is not None:
+                return  # its run created it
+            if not job.input_file_id:
+                # Its run stopped before recording the upload: no batch can exist.
+                async with self._lock():
+                    await asyncio.to_thread(state.path.unlink, True)
+                say(f"[batch-job] {state.path.name}: its upload never finished; sending anew")
+                return
+            await self._created(job, say)
 
     async def _created(self, state: JobState, say: Report) -> bool:
         """Create the batch of a file an earlier run uploaded; False if the provider refuses."""
-        assert state.input_file_id is not None  # takes() only gets here with a file
+        file_id = state.input_file_id
+        assert file_id is not None  # takes() only gets here with a file
         # A look-up that fails tells nothing of whether the earlier create worked, so the
         # state stays for the next run. A provider without a listing refuses every run
         # the same way: only a person can decide, so the error says what to do.
         try:
-            found = await self.api.afind(state.input_file_id)
+            found = await asyncio.to_thread(find_batch_of, self.api, state, self.find_pages)
+        except ListingIncomplete as exc:
+            raise JobNeedsAttention(
+                f"{state.path}: its batch may have been created from file {file_id}, but the"
+                f" provider's batch list could not tell ({exc}), so its requests are not sent"
+                f" again. Look for a batch with input_file_id {file_id} at the provider: if"
+                " there is one, put its id in the file's batch_id; if not, move the file"
+                " aside to send the requests anew"
+            ) from exc
         except BatchApiError as exc:
             if exc.status not in _NO_LISTING:
                 raise  # passing, or the caller's to fix (a key refused): the next run looks again
@@ -303,20 +442,21 @@ class ProviderJobs:
                 f" to look it up ({exc}), so its requests are not sent again: move the file"
                 " aside to send them anew"
             ) from exc
-        try:
-            await self._create(state, say, found)
-        except BatchApiError as exc:
-            if exc.status is None or is_retryable_status(exc.status):
-                raise  # it may yet work: the state stays for the next run
-            # A 4xx: the provider surely did nothing (its file is gone, say).
-            state.status, state.errors = "failed", [str(exc)]
-            await asyncio.to_thread(state.save)
-            say(f"[batch-job] the upload in {state.path} was refused: {exc}")
-            return False
+        async with self._lock():
+            try:
+                await self._create(state, say, found)
+            except BatchApiError as exc:
+                if exc.status is None or is_retryable_status(exc.status):
+                    raise  # it may yet work: the state stays for the next run
+                # A 4xx: the provider surely did nothing (its file is gone, say).
+                state.status, state.errors = "failed", [str(exc)]
+                await asyncio.to_thread(state.save)
+                say(f"[batch-job] the upload in {state.path} was refused: {exc}")
+                return False
         return True
 
     async def _create(self, state: JobState, say: Report, found: dict[str, Any] | None) -> None:
-        """Create the batch of an uploaded file, unless an earlier try did (``found``)."""
+        """Create the batch of an uploaded file, unless an earlier try did (``found``; lock held)."""
         file_id = state.input_file_id
         assert file_id is not None  # takes() and _submit only get here with a file
         if found is None:
@@ -352,7 +492,12 @@ class ProviderJobs:
                     break
                 # Only failures were in an error file: the answers already read stay.
         state.answered = sorted(k for k, o in outcomes.items() if isinstance(o, Completion))
-        await self._save(state)
+        try:
+            await self._save(state)
+        except BatchApiError as exc:
+            # The answers are in hand: losing them to a busy directory would pay twice.
+            # A rerun reads the job again (free) and records it.
+            log.warning("batch %s: its end was not recorded: %s", state.batch_id, exc)
         why = f" ({'; '.join(state.errors)})" if state.errors else ""
         missing = LineFailure(
             MISSING, f"batch {state.batch_id} ended {state.status} without answering this{why}"
@@ -376,7 +521,7 @@ class ProviderJobs:
                 else:
                     # An outage of the batch API is no reason to give up a job of hours.
                     say(f"[batch-job] {batch_id}: poll failed, trying again: {exc}")
-            await self._save(state)
+            await self._save_progress(state)
             line = _progress(state)
             if line != last:
                 say(line)
@@ -396,6 +541,14 @@ class ProviderJobs:
         async with self._lock():
             await asyncio.to_thread(save_merged, state, delivered)
 
+    async def _save_progress(self, state: JobState) -> None:
+        """Save what a poll learned, unless the directory lock is busy: then the next poll does."""
+        try:
+            async with self._lock(min(self.lock_wait_s, PROGRESS_LOCK_WAIT_S)):
+                await asyncio.to_thread(save_merged, state, None)
+        except BatchApiError as exc:  # only taking the lock raises it
+            log.debug("batch %s: progress not saved, the state is busy: %s", state.batch_id, exc)
+
     async def _delivered(
         self,
         taken: list[tuple[JobState, set[str]]],
@@ -404,13 +557,17 @@ class ProviderJobs:
     ) -> None:
         """Record the answers now cached in each job's state file."""
         try:
+            delivered: list[tuple[JobState, set[str]]] = []
             for state, keys in taken:
                 answered = {k for k in keys if isinstance(outcomes.get(k), Completion)}
                 rest = set(state.answered or ()) - answered - set(state.delivered)
                 if rest and cached is not None:
                     # Answers of this job asked for by nobody now: cached by another route?
                     answered |= await cached(sorted(rest))
-                await self._save(state, answered)
+                delivered.append((state, answered))
+            async with self._lock():  # once for all: a busy directory costs one wait
+                for state, answered in delivered:
+                    await asyncio.to_thread(save_merged, state, answered)
         except (BatchApiError, OSError) as exc:
             log.warning("batch state not updated (the answers are cached): %s", exc)
 
