@@ -10,6 +10,7 @@ import asyncio
 import io
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -619,3 +620,23 @@ async def test_cli_cancel_remote_without_a_cache_dir(
     monkeypatch.delenv("OPENAI_BASE_URL")
     assert await cli("--cancel-remote", running_job) == 2
     assert "set OPENAI_BASE_URL" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: batch_status_overview("config.yml"),  # type: ignore[arg-type]
+        lambda: cancel_all_local_batches({"cache_dir": "x"}),  # type: ignore[arg-type]
+        lambda: cancel_all_batches(None),  # type: ignore[arg-type]
+        lambda: cancel_batch("batch_1", "config.yml"),  # type: ignore[arg-type]
+    ],
+)
+def test_a_management_call_given_no_config_says_what_it_takes(call: Any) -> None:
+    with pytest.raises(TypeError, match="takes a MinimaLlmConfig"):
+        call()
+
+
+def test_cancel_all_batches_refuses_a_prefix_that_is_no_string(tmp_path: Path) -> None:
+    config = MinimaLlmConfig(base_url="http://127.0.0.1:9/v1", model="m", cache_dir=str(tmp_path))
+    with pytest.raises(TypeError, match="prefix must be a str"):
+        cancel_all_batches(config, prefix=3)  # type: ignore[arg-type]

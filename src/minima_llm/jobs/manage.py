@@ -45,6 +45,17 @@ def _api_for(state: JobState, config: MinimaLlmConfig) -> BatchApi:
     return api_of(config, state.base_url)
 
 
+def _checked(config: Any, caller: str) -> MinimaLlmConfig:
+    # A path or a dict passed where the config goes failed deep inside with an
+    # AttributeError; say what is wanted instead.
+    if not isinstance(config, MinimaLlmConfig):
+        raise TypeError(
+            f"{caller} takes a MinimaLlmConfig (MinimaLlmConfig.from_env(), .from_yaml(path)"
+            f" or .from_dict(...)), not {type(config).__name__}"
+        )
+    return config
+
+
 def list_states_of(config: MinimaLlmConfig) -> list[JobState]:
     """The local batch jobs of ``config``'s state directory (none without one), oldest first."""
     directory = config.parasail.state_dir or config.cache_dir
@@ -55,6 +66,7 @@ def batch_status_overview(
     config: MinimaLlmConfig, *, refresh: bool = True, out: TextIO | None = None
 ) -> list[JobState]:
     """Print the local batch jobs (asking the provider about unfinished ones) and return them."""
+    _checked(config, "batch_status_overview")
     stream = out if out is not None else sys.stdout
     directory = state_dir_of(config)
     states = list_states(directory)
@@ -86,6 +98,7 @@ def cancel_batch(batch_id: str, config: MinimaLlmConfig) -> dict[str, Any]:
     """
     # Checked before matching: None would match every job without a batch id.
     quote_id(batch_id, "batch id")
+    _checked(config, "cancel_batch")
     local = [s for s in list_states_of(config) if s.batch_id == batch_id]
     api = _api_for(local[0], config) if local else api_of(config)
     answer = api.cancel(batch_id)
@@ -101,6 +114,9 @@ def cancel_batch(batch_id: str, config: MinimaLlmConfig) -> dict[str, Any]:
 
 def cancel_all_batches(config: MinimaLlmConfig, prefix: str | None = None) -> list[str]:
     """Cancel every unfinished local batch job whose prefix is ``prefix`` (default: the config's)."""
+    _checked(config, "cancel_all_batches")
+    if prefix is not None and not isinstance(prefix, str):
+        raise TypeError(f"cancel_all_batches: prefix must be a str, not {type(prefix).__name__}")
     wanted = prefix if prefix is not None else config.parasail.llm_batch_prefix
     if not wanted:
         raise ValueError(
@@ -112,6 +128,7 @@ def cancel_all_batches(config: MinimaLlmConfig, prefix: str | None = None) -> li
 
 def cancel_all_local_batches(config: MinimaLlmConfig) -> list[str]:
     """Cancel every unfinished batch job that has a local state file, whatever its prefix."""
+    _checked(config, "cancel_all_local_batches")
     return _cancel(config, list_states(state_dir_of(config)))
 
 
