@@ -121,8 +121,8 @@ async def _stamp_request_id(request: web.Request, resp: web.StreamResponse) -> N
     answer already holds the upstream's ``x-request-id``, the one its provider knows.
     """
     rid = request.get(REQUEST_ID)
-    if rid is None:  # answered before the middleware ran
-        rid = request.app[GATEWAY].request_ids.of(request)
+    if rid is None:  # not through the middleware (none such today): nothing to name
+        return
     headers = resp.headers
     headers["x-minima-request-id"] = rid
     if "x-request-id" not in headers:
