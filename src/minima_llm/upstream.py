@@ -299,6 +299,8 @@ class UpstreamCaller:
         # Admission: how many new requests may wait for their turn (cooldown, pacing or a
         # slot) before more are refused with QUEUE_FULL. None: no bound, as a batch wants.
         self.queue_limit: int | None = None
+        # And how long a new request may wait for an in-flight slot before it is refused.
+        self.queue_wait_s: float | None = None
         self.queued = 0
         self.refused = 0
 
@@ -499,7 +501,16 @@ class UpstreamCaller:
                 await self.cooldown.wait()
             if not self.pacer.ready():
                 await self.pacer.acquire()
-            await slots.take()
+            wait_s = self.queue_wait_s if first else None
+            if not await slots.take(wait_s):
+                self.refused += 1
+                raise Problem(
+                    QUEUE_FULL,
+                    f"no turn upstream within {wait_s:g}s of waiting for an in-flight slot",
+                    None,
+                    None,
+                    False,
+                )
         finally:
             self.queued -= 1
 

@@ -74,3 +74,18 @@ async def test_the_openai_sdk_retries_a_refusal_and_gets_its_answer(
         assert answer.choices[0].message.content == "mock reply: patient"
         assert gw.backend.upstream.refused >= 1
         assert all(r.status == 200 for r in await asyncio.gather(*busy))
+
+
+async def test_a_miss_that_waits_too_long_for_a_slot_is_refused(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    settings = ProxySettings(port=0, max_queue_wait_s=0.2)
+    async with serve(mock.url, tmp_path, settings, max_outstanding=1) as gw:
+        assert (await gw.chat("warm")).status == 200
+        mock.update_config(latency_s=1.0)
+        slow = asyncio.ensure_future(gw.chat("slow"))
+        assert await eventually(lambda: gw.backend.snapshot().in_flight == 1)
+        waited = await gw.chat("waited")
+        assert refused(waited) and "within 0.2s" in waited.json()["error"]["message"]
+        assert not slow.done()
+        assert (await slow).status == 200

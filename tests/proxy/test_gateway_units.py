@@ -338,6 +338,8 @@ def test_a_failure_after_retries_says_so_and_keeps_the_upstreams_code() -> None:
         ({"max_body_bytes": 10}, "proxy.max_body_bytes"),
         ({"max_queued": 0}, "proxy.max_queued"),
         ({"max_queued": 1.5}, "proxy.max_queued"),
+        ({"max_queue_wait_s": 0}, "proxy.max_queue_wait_s"),
+        ({"max_queue_wait_s": float("inf")}, "proxy.max_queue_wait_s"),
         ({"log_every": -1}, "proxy.log_every"),
         ({"shutdown_timeout_s": 0}, "proxy.shutdown_timeout_s"),
         ({"health_check_timeout_s": -1}, "proxy.health_check_timeout_s"),
@@ -378,11 +380,13 @@ def test_settings_values() -> None:
         "MINIMA_PROXY_PASS_THROUGH_KEY": "0",
         "MINIMA_PROXY_CLIENT_TIMEOUT_S": "2.5",
         "MINIMA_PROXY_MAX_QUEUED": "50",
+        "MINIMA_PROXY_MAX_QUEUE_WAIT_S": "7.5",
     }
     assert ProxySettings.env_overrides(env) == {
         "api_keys": ("k1", "k2"),
         "log_every": 7,
         "max_queued": 50,
+        "max_queue_wait_s": 7.5,
         "client_timeout_s": 2.5,
         "strict_params": True,
         "pass_through_client_key": False,

@@ -155,3 +155,21 @@ async def test_a_cancelled_waiter_leaves_the_queue() -> None:
     assert up.queued == 1 and up.refused == 0
     transport.open.set()
     assert isinstance(await first, Completion) and isinstance(await again, Completion)
+
+
+async def test_a_new_request_waits_for_a_slot_no_longer_than_the_queue_wait() -> None:
+    transport = GatedTransport()
+    up = await warmed(transport, limit=10, max_outstanding=1)
+    up.queue_wait_s = 0.1
+    holder = asyncio.ensure_future(up.complete("holder", URL, {"model": "m"}))
+    await settle()
+    started = asyncio.get_running_loop().time()
+    late = await up.complete("late", URL, {"model": "m"})
+    waited = asyncio.get_running_loop().time() - started
+    assert refusal(late) and "within 0.1s" in late.message and 0.09 <= waited < 1.0
+    assert (up.queued, up.refused, transport.sent) == (0, 1, 1)
+    transport.open.set()
+    assert isinstance(await holder, Completion)
+    # The slot the refused request waited for was not kept by it: the next call gets it.
+    after = await asyncio.wait_for(up.complete("after", URL, {"model": "m"}), 2.0)
+    assert isinstance(after, Completion)

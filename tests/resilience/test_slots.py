@@ -163,3 +163,36 @@ async def test_a_waiter_cancelled_as_a_release_passes_it_over_raises_cancelled()
     with pytest.raises(asyncio.CancelledError):
         await waiter
     assert slots.held == 0 and slots.waiting == 0
+
+
+async def test_a_wait_that_runs_out_of_time_leaves_the_queue_and_says_so() -> None:
+    slots = Slots(1)
+    await slots.take()
+    late = asyncio.ensure_future(slots.take(timeout_s=0.05))
+    patient = asyncio.ensure_future(slots.take())
+    assert await late is False
+    assert slots.waiting == 1 and slots.held == 1
+    slots.release()
+    assert await patient is True and slots.held == 1  # the slot went past the expired waiter
+
+
+async def test_a_slot_in_time_cancels_the_timer() -> None:
+    slots = Slots(1)
+    await slots.take()
+    waiter = asyncio.ensure_future(slots.take(timeout_s=0.05))
+    await asyncio.sleep(0)
+    slots.release()
+    assert await waiter is True
+    await asyncio.sleep(0.1)  # the timer, had it stayed, would fire on a done future now
+    assert slots.held == 1 and slots.waiting == 0
+
+
+async def test_a_cancelled_timed_waiter_is_cancelled_not_timed_out() -> None:
+    slots = Slots(1)
+    await slots.take()
+    waiter = asyncio.ensure_future(slots.take(timeout_s=5.0))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert slots.waiting == 0 and slots.held == 1

@@ -164,6 +164,7 @@ class Gateway:
         self.config = backend.cfg
         self.settings = settings
         backend.upstream.queue_limit = settings.max_queued
+        backend.upstream.queue_wait_s = settings.max_queue_wait_s
         self.metrics = metrics or GatewayMetrics()
         self.log = log or ProxyLog(settings.log_every, settings.verbose)
         self._keys = [k.encode("utf-8") for k in settings.api_keys]

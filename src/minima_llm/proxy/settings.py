@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -44,6 +44,8 @@ class ProxySettings:
     # Requests that may wait for an upstream turn (cooldown, pacing or an in-flight slot);
     # a cache miss arriving when that many wait is answered 503 with Retry-After.
     max_queued: int = DEFAULT_MAX_QUEUED
+    # How long an admitted cache miss may wait for an in-flight slot before that 503.
+    max_queue_wait_s: float = 60.0
     log_every: int = 100
     verbose: bool = False
     shutdown_timeout_s: float = 30.0
@@ -64,7 +66,12 @@ class ProxySettings:
         _check_int("proxy.max_body_bytes", self.max_body_bytes, 1024, 2**31)
         _check_int("proxy.max_queued", self.max_queued, 1, 2**31)
         _check_int("proxy.log_every", self.log_every, 0, 2**31)
-        for name in ("shutdown_timeout_s", "health_check_timeout_s", "client_timeout_s"):
+        for name in (
+            "shutdown_timeout_s",
+            "health_check_timeout_s",
+            "client_timeout_s",
+            "max_queue_wait_s",
+        ):
             value = getattr(self, name)
             # NaN passes no comparison and fires a timer at once; infinity never fires.
             if not is_finite_number(value) or value <= 0:
@@ -116,25 +123,19 @@ class ProxySettings:
         out: dict[str, Any] = {}
         if env.get("MINIMA_PROXY_API_KEYS"):
             out["api_keys"] = _split_keys(env["MINIMA_PROXY_API_KEYS"])
-        for var, name in (
-            ("MINIMA_PROXY_MAX_BODY_BYTES", "max_body_bytes"),
-            ("MINIMA_PROXY_MAX_QUEUED", "max_queued"),
-            ("MINIMA_PROXY_LOG_EVERY", "log_every"),
-        ):
+        numbers: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
+            ("MINIMA_PROXY_MAX_BODY_BYTES", "max_body_bytes", int, "an integer"),
+            ("MINIMA_PROXY_MAX_QUEUED", "max_queued", int, "an integer"),
+            ("MINIMA_PROXY_LOG_EVERY", "log_every", int, "an integer"),
+            ("MINIMA_PROXY_CLIENT_TIMEOUT_S", "client_timeout_s", float, "a number"),
+            ("MINIMA_PROXY_MAX_QUEUE_WAIT_S", "max_queue_wait_s", float, "a number"),
+        )
+        for var, name, parse, allowed in numbers:
             if env.get(var):
                 try:
-                    out[name] = int(env[var])
+                    out[name] = parse(env[var])
                 except ValueError as exc:
-                    raise ConfigError(var, env[var], "an integer") from exc
-        if env.get("MINIMA_PROXY_CLIENT_TIMEOUT_S"):
-            try:
-                out["client_timeout_s"] = float(env["MINIMA_PROXY_CLIENT_TIMEOUT_S"])
-            except ValueError as exc:
-                raise ConfigError(
-                    "MINIMA_PROXY_CLIENT_TIMEOUT_S",
-                    env["MINIMA_PROXY_CLIENT_TIMEOUT_S"],
-                    "a number",
-                ) from exc
+                    raise ConfigError(var, env[var], allowed) from exc
         for var, name in (
             ("MINIMA_PROXY_PARTITION_CACHE", "partition_cache_by_key"),
             ("MINIMA_PROXY_PASS_THROUGH_KEY", "pass_through_client_key"),

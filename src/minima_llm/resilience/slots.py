@@ -54,14 +54,22 @@ class Slots:
             return True
         return False
 
-    async def take(self) -> None:
-        """Wait for a slot, in arrival order."""
+    async def take(self, timeout_s: float | None = None) -> bool:
+        """Wait for a slot, in arrival order; False if none came within ``timeout_s``."""
         if self.try_take():
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            return True
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
         self._waiters.append(fut)
+        # The timer fails the waiter's future rather than cancelling it, so a timeout
+        # is never mistaken for (or swallows) a cancellation of the waiting task.
+        timer = loop.call_later(timeout_s, _expire, fut) if timeout_s is not None else None
         try:
             await fut
+        except _Expired:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(fut)
+            return False
         except asyncio.CancelledError:
             if fut.cancelled():
                 # A release in the same loop pass may have popped (and skipped) it already.
@@ -71,6 +79,10 @@ class Slots:
                 # The slot was handed over as the cancellation arrived: pass it on.
                 self.release()
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        return True
 
     def release(self) -> None:
         """Give a slot back: to the longest waiter if the limit allows, else to the pool."""
@@ -123,3 +135,12 @@ class Slots:
             f"<Slots held={self.held} limit={self.limit}/{self.max} "
             f"waiting={self.waiting} shrinks={self.shrinks}>"
         )
+
+
+class _Expired(Exception):
+    """A wait for a slot that ran out of time."""
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(_Expired())
