@@ -8,8 +8,8 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from _fork_support import ALLOW_FORK, in_forked_child, needs_fork
 
+from fork_support import ALLOW_FORK, in_forked_child, needs_fork
 from minima_llm.cache import DB_NAME, CacheRow, SqliteStore
 
 pytestmark = [needs_fork, ALLOW_FORK]

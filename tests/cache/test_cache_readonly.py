@@ -11,9 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from _fork_support import ALLOW_FORK, NOBODY, in_forked_child
 
 from backend_support import BackendFactory, req
+from fork_support import ALLOW_FORK, NOBODY, in_forked_child
 from minima_llm.cache import DB_NAME, CacheRow, SqliteStore
 from minima_llm.errors import CacheError
 from minima_llm.testing import MockServer

@@ -12,14 +12,12 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,7 @@ from jobs_support import (
 )
 
 import minima_llm
+from fork_support import ALLOW_FORK, in_forked_child
 from minima_llm import OpenAIMinimaLlm, run_batched_callable
 from minima_llm.jobs import BatchApiError, JobState
 from minima_llm.jobs import lock as lock_module
@@ -45,67 +44,10 @@ from minima_llm.jobs.lock import held, lock_path, pid_is_comparable
 from minima_llm.jobs.state import digest_of, list_states, path_for
 from minima_llm.testing import MockServer, run_mock_server_in_thread
 
-# Python 3.12+ warns on fork() in a process with threads (pytest's, the mock's); the
-# children here run only the test's function and leave through os._exit.
-ALLOW_FORK = pytest.mark.filterwarnings("ignore:.*use of fork\\(\\):DeprecationWarning")
 ALICE, BOB, LAB = 1001, 1002, 2000  # two lab members and their group
 NS_FILE = Path("/proc/self/ns/pid")
 HOST = socket.gethostname()
 CHAT = "/v1/chat/completions"
-
-
-def in_child(
-    fn: Callable[[], Any],
-    *,
-    umask: int,
-    user: tuple[int, int] | None = None,
-    timeout: float = 60.0,
-) -> Any:
-    """``fn()``'s result (JSON) from a forked child with ``umask``, as ``user`` (uid, gid) if given.
-
-    Forked, as the umask is one per process and a test may not change the runner's.
-    """
-    if not hasattr(os, "fork"):
-        pytest.skip("needs os.fork")
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read_end)
-            os.write(write_end, json.dumps(_child(fn, umask, user)).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    deadline = time.monotonic() + timeout
-    while os.waitpid(pid, os.WNOHANG) == (0, 0):
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            os.close(read_end)
-            pytest.fail(f"the forked child was still running after {timeout}s")
-        time.sleep(0.01)
-    with os.fdopen(read_end, "rb") as answer:
-        out = json.loads(answer.read() or b'{"error": "the child died without answering"}')
-    if "skip" in out:
-        pytest.skip(out["skip"])
-    if "error" in out:
-        pytest.fail(f"in the forked child: {out['error']}")
-    return out["ok"]
-
-
-def _child(fn: Callable[[], Any], umask: int, user: tuple[int, int] | None) -> dict[str, Any]:
-    os.umask(umask)
-    if user is not None:
-        try:
-            os.setgroups([])
-            os.setgid(user[1])
-            os.setuid(user[0])
-        except OSError as exc:  # no CAP_SETUID, or a user namespace without that uid
-            return {"skip": f"cannot become uid {user[0]}: {exc}"}
-    try:
-        return {"ok": fn()}
-    except BaseException:
-        return {"error": traceback.format_exc()}
 
 
 def mode_of(path: Path) -> int:
@@ -137,7 +79,7 @@ def test_state_and_lock_files_get_the_mode_the_umask_gives(
         with held(lock_path(tmp_path)):
             return [first, mode_of(state.path), mode_of(lock_path(tmp_path))]  # type: ignore[arg-type]
 
-    assert in_child(write, umask=umask) == [mode, mode, mode]
+    assert in_forked_child(write, timeout=60, umask=umask) == [mode, mode, mode]
     assert [p.name for p in tmp_path.iterdir()] == [state.path.name]
 
 
@@ -199,13 +141,13 @@ def test_lab_members_sharing_a_state_directory_take_over_each_other_s_jobs(
         shutil.rmtree(warm_up)
         mock.reset()
 
-        alice = in_child(
-            lambda: run(range(3), lab_dir / str(ALICE)), umask=0o002, user=(ALICE, LAB)
-        )
-        bob = in_child(lambda: run(range(5), lab_dir / str(BOB)), umask=0o002, user=(BOB, LAB))
-        again = in_child(
-            lambda: run(range(5), lab_dir / str(ALICE)), umask=0o002, user=(ALICE, LAB)
-        )
+        def member(uid: int, n: int, state: Path) -> Any:
+            """``run`` as lab member ``uid``, with the umask a shared directory wants."""
+            return in_forked_child(lambda: run(range(n), state), uid, 60, gid=LAB, umask=0o002)
+
+        alice = member(ALICE, 3, lab_dir / str(ALICE))
+        bob = member(BOB, 5, lab_dir / str(BOB))
+        again = member(ALICE, 5, lab_dir / str(ALICE))
 
         assert (alice, bob, again) == (replies(range(3)), replies(range(5)), replies(range(5)))
         assert mock.stats()["batch_lines"] == 5  # Bob took Alice's three, Alice Bob's two

@@ -19,14 +19,27 @@ ALLOW_FORK = pytest.mark.filterwarnings("ignore:.*use of fork\\(\\):DeprecationW
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
 
-def in_forked_child(fn: Callable[[], Any], uid: int | None = None, timeout: float = 30.0) -> Any:
-    """``fn()``'s result (JSON) from a child made by ``os.fork``, run as ``uid`` if given."""
+def in_forked_child(
+    fn: Callable[[], Any],
+    uid: int | None = None,
+    timeout: float = 30.0,
+    *,
+    gid: int | None = None,
+    umask: int | None = None,
+) -> Any:
+    """``fn()``'s result (JSON) from a child made by ``os.fork``, run as ``uid`` if given.
+
+    ``gid`` is the child's group (``uid``'s number if not given); ``umask`` its umask,
+    which a test may not change in the runner's own process.
+    """
+    if not hasattr(os, "fork"):
+        pytest.skip("needs os.fork")
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(read_end)
-            os.write(write_end, json.dumps(_child(fn, uid)).encode())
+            os.write(write_end, json.dumps(_child(fn, uid, gid, umask)).encode())
         finally:
             os._exit(0)
     os.close(write_end)
@@ -47,11 +60,15 @@ def in_forked_child(fn: Callable[[], Any], uid: int | None = None, timeout: floa
     return out["ok"]
 
 
-def _child(fn: Callable[[], Any], uid: int | None) -> dict[str, Any]:
+def _child(
+    fn: Callable[[], Any], uid: int | None, gid: int | None, umask: int | None
+) -> dict[str, Any]:
+    if umask is not None:
+        os.umask(umask)
     if uid is not None:
         try:
             os.setgroups([])
-            os.setgid(uid)
+            os.setgid(uid if gid is None else gid)
             os.setuid(uid)
         except OSError as exc:  # no CAP_SETUID, or a user namespace without that uid
             return {"skip": f"cannot become uid {uid}: {exc}"}
