@@ -30,6 +30,19 @@ _FALSE = {"0", "false", "no", "off", ""}
 _VERSION_SEGMENT = re.compile(r"/v\d+[a-z0-9]*$")
 
 
+def _check_path(owner: Any, attr: str, name: str, note: str = "") -> None:
+    """A directory field: None, a str or a PathLike, kept as a str.
+
+    Checked when the config is built: a number or bytes would otherwise pass until
+    the backend is built, and fail there as a bare TypeError from pathlib.
+    """
+    value = getattr(owner, attr)
+    allowed = f"a directory path or None {note}".rstrip()
+    _check(value is None or isinstance(value, (str, os.PathLike)), name, value, allowed)
+    if value is not None:
+        object.__setattr__(owner, attr, os.fspath(value))
+
+
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(name, value, allowed)
@@ -154,16 +167,7 @@ class ParasailBatchConfig:
             self.llm_batch_prefix,
             "a string or None",
         )
-        # Checked here like cache_dir: a number or bytes would otherwise pass until the
-        # backend is built, and fail there as a bare TypeError from pathlib.
-        _check(
-            self.state_dir is None or isinstance(self.state_dir, (str, os.PathLike)),
-            "parasail.state_dir",
-            self.state_dir,
-            "a directory path or None (None: cache_dir)",
-        )
-        if self.state_dir is not None:
-            object.__setattr__(self, "state_dir", os.fspath(self.state_dir))
+        _check_path(self, "state_dir", "parasail.state_dir", "(None: cache_dir)")
         _check_float("parasail.poll_interval_s", self.poll_interval_s, 0.0, strict=True)
         _check_float("parasail.max_poll_hours", self.max_poll_hours, 0.0, strict=True)
         _floats_as_declared(self)
@@ -249,14 +253,7 @@ class MinimaLlmConfig:
                 "<hidden>",
                 "printable ASCII characters (it is sent in an HTTP header)",
             )
-        _check(
-            self.cache_dir is None or isinstance(self.cache_dir, (str, os.PathLike)),
-            "cache_dir",
-            self.cache_dir,
-            "a directory path or None",
-        )
-        if self.cache_dir is not None:
-            object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
+        _check_path(self, "cache_dir", "cache_dir")
         _check_int("max_outstanding", self.max_outstanding, 1)
         _check_int("memory_cache_entries", self.memory_cache_entries, 0)
         _check_int("rpm", self.rpm, 0)

@@ -25,6 +25,8 @@ from minima_llm import (
     OpenAIMinimaLlm,
     ParasailBatchConfig,
 )
+from minima_llm.jobs import JobState
+from minima_llm.jobs.state import list_states
 from minima_llm.testing import MockServer
 
 Fault = Callable[[web.Request, bytes], Awaitable[web.StreamResponse | None]]
@@ -136,6 +138,16 @@ def error_types(results: Iterable[MinimaLlmResult]) -> set[str | None]:
 def route(mock: MockServer, name: str) -> int:
     """How many requests the mock counted on a route."""
     return int(mock.stats()["by_route"].get(name, 0))
+
+
+async def assert_split_by_bytes(cache_dir: Path, jobs: Any, count: int) -> list[JobState]:
+    """Several jobs held the ``count`` requests, each input file within ``jobs.max_bytes``."""
+    states = list_states(cache_dir)
+    assert len(states) > 1 and sum(s.request_count for s in states) == count
+    for state in states:
+        assert state.input_file_id is not None
+        assert len(await jobs.api.acontent(state.input_file_id)) <= jobs.max_bytes
+    return states
 
 
 async def quietly(

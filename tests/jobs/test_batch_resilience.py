@@ -29,6 +29,7 @@ from jobs_support import (
     SLOW,
     Factory,
     Proxy,
+    assert_split_by_bytes,
     config,
     error_types,
     parasail,
@@ -560,11 +561,7 @@ async def test_run_batched_splits_a_job_by_bytes(
     results = await quietly(backend, questions(*range(5)))
 
     assert texts(results) == replies(range(5))
-    states = list_states(tmp_path / "cache")
-    assert len(states) > 1 and sum(s.request_count for s in states) == 5
-    for state in states:
-        assert state.input_file_id is not None
-        assert len(await jobs.api.acontent(state.input_file_id)) <= jobs.max_bytes
+    states = await assert_split_by_bytes(tmp_path / "cache", jobs, 5)
     assert route(mock, FILES) == len(states)
 
 

@@ -27,6 +27,7 @@ from jobs_support import (
     FILES,
     Factory,
     Proxy,
+    assert_split_by_bytes,
     config,
     parasail,
     questions,
@@ -360,8 +361,4 @@ async def test_generate_in_batch_mode_splits_a_job_by_bytes(make: Factory, tmp_p
     )
 
     assert texts(results) == replies(range(5))
-    states = list_states(tmp_path / "cache")
-    assert len(states) > 1 and sum(s.request_count for s in states) == 5
-    for state in states:
-        assert state.input_file_id is not None
-        assert len(await jobs.api.acontent(state.input_file_id)) <= jobs.max_bytes
+    await assert_split_by_bytes(tmp_path / "cache", jobs, 5)
