@@ -28,7 +28,10 @@ class CacheError(MinimaLlmError):
 
 
 class TransportError(MinimaLlmError):
-    """A request did not produce an HTTP response (connect, reset, timeout, bad body)."""
+    """A request did not produce an HTTP response (connect, reset, timeout, bad body), or was not sent.
+
+    ``kind`` says which; ``unavailable`` is a call a breaker refused to send.
+    """
 
     def __init__(self, kind: str, message: str) -> None:
         self.kind = kind

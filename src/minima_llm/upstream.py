@@ -15,9 +15,10 @@ from .clock import Clock
 from .config import MinimaLlmConfig, is_header_safe
 from .deadline import bounded
 from .errors import MinimaLlmError, TransportError
-from .http import HttpResponse, StreamingResponse, Transport, encode_body
+from .http import GuardedTransport, HttpResponse, StreamingResponse, Transport, encode_body
 from .loopbound import LoopBound
 from .resilience import (
+    Breaker,
     Cooldown,
     RpmPacer,
     Slots,
@@ -37,6 +38,8 @@ log = logging.getLogger("minima_llm")
 SNIPPET = 300
 # The error type of a request refused because too many already wait for the upstream.
 QUEUE_FULL = "QueueFull"
+# The error type of a request not sent because the upstream's breaker is open.
+UPSTREAM_DOWN = "UpstreamUnavailable"
 T = TypeVar("T")
 
 
@@ -303,6 +306,16 @@ class UpstreamCaller:
         self.queue_wait_s: float | None = None
         self.queued = 0
         self.refused = 0
+        # The upstream's circuit breaker, once guard() has put one in front of the transport.
+        self.breaker: Breaker | None = None
+
+    def guard(self, breaker: Breaker) -> None:
+        """Send through ``breaker`` from now on: while it is open, calls fail without being sent."""
+        inner = self.transport
+        if isinstance(inner, GuardedTransport):
+            inner = inner.inner  # one breaker per upstream: the new one replaces the old
+        self.transport = GuardedTransport(inner, breaker)
+        self.breaker = breaker
 
     @property
     def in_flight_limit(self) -> int:
@@ -613,6 +626,9 @@ def _transport_problem(exc: TransportError, timeout_s: float) -> Problem:
         return Problem("TimeoutError", f"timed out after {timeout_s}s", 408, str(exc), True)
     if exc.kind == "closed":
         return Problem("ClosedError", str(exc), None, None, False)
+    if exc.kind == "unavailable":
+        # Nothing was sent; a retry within this request's budget would only be refused too.
+        return Problem(UPSTREAM_DOWN, str(exc), None, None, False)
     if exc.kind == "too_large":
         # The same request would most likely bring the same runaway answer again.
         return Problem("ResponseTooLarge", str(exc), None, str(exc)[:SNIPPET], False)

@@ -9,8 +9,14 @@ from typing import Any
 from aiohttp import web
 
 from ..types import MinimaLlmFailure
-from ..upstream import QUEUE_FULL
+from ..upstream import QUEUE_FULL, UPSTREAM_DOWN
 
+# Failures that are the gateway's own refusals, before anything reached the upstream:
+# what the message says of them, and their error code.
+REFUSALS = {
+    QUEUE_FULL: ("the gateway is at capacity", "queue_full"),
+    UPSTREAM_DOWN: ("the upstream is not answering", "upstream_unavailable"),
+}
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -86,7 +92,7 @@ def failure_status(failure: MinimaLlmFailure) -> int:
     status = failure.status
     if failure.error_type == "TimeoutError":
         return 504
-    if failure.error_type == QUEUE_FULL:
+    if failure.error_type in REFUSALS:
         return 503
     if status is None:
         return 502
@@ -112,12 +118,13 @@ def failure_response(failure: MinimaLlmFailure, retry_after_s: float = 0.0) -> w
     headers = (
         {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if status in (429, 503) else None
     )
-    if failure.error_type == QUEUE_FULL:
+    if failure.error_type in REFUSALS:
         # The gateway's own refusal, before anything was sent: not an upstream error.
+        about, code = REFUSALS[failure.error_type]
         return error_response(
             503,
-            f"the gateway is at capacity: {failure.message}; retry later",
-            code="queue_full",
+            f"{about}: {failure.message}; retry later",
+            code=code,
             kind="server_error",
             headers=headers,
         )

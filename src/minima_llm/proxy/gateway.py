@@ -17,6 +17,9 @@ from aiohttp import web
 
 from .._version import USER_AGENT
 from ..backend import OpenAIMinimaLlm
+from ..resilience import Breaker
+from ..types import MinimaLlmFailure
+from ..upstream import UPSTREAM_DOWN
 from .log import ProxyLog
 from .metrics import GatewayMetrics
 from .settings import ProxySettings
@@ -166,6 +169,10 @@ class Gateway:
         backend.upstream.queue_limit = settings.max_queued
         backend.upstream.queue_wait_s = settings.max_queue_wait_s
         self.metrics = metrics or GatewayMetrics()
+        if settings.breaker_failures:
+            breaker = Breaker(settings.breaker_failures, settings.breaker_reset_s)
+            backend.upstream.guard(breaker)
+            self.metrics.breaker = breaker
         self.log = log or ProxyLog(settings.log_every, settings.verbose)
         self._keys = [k.encode("utf-8") for k in settings.api_keys]
         self._health: tuple[float, dict[str, Any]] | None = None
@@ -179,6 +186,13 @@ class Gateway:
         self.metrics.watch_admission(lambda: (upstream.queued, upstream.refused))
         self.sweep = ClientSweep(backend.key_for, self.metrics)
         self.request_ids = RequestIds()
+
+    def retry_after_s(self, failure: MinimaLlmFailure) -> float:
+        """How long a caller refused with ``failure`` should wait: the breaker's or the cooldown's time."""
+        upstream = self.backend.upstream
+        if failure.error_type == UPSTREAM_DOWN and upstream.breaker is not None:
+            return upstream.breaker.retry_in()
+        return upstream.cooldown.remaining()
 
     def key_is_valid(self, presented: str) -> bool:
         """Constant-time comparison against every configured key."""

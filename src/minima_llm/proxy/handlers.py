@@ -17,10 +17,18 @@ from .._version import __version__
 from ..deadline import bounded
 from ..flight import Broadcast, Follower
 from ..live_streams import ChunkStream
+from ..resilience import CLOSED
 from ..streaming import encode_event
 from ..types import MinimaLlmFailure, MinimaLlmResponse, Usage
-from ..upstream import QUEUE_FULL, StreamInterrupted
-from .errors import ClientLeft, RequestError, error_body, error_response, failure_response
+from ..upstream import StreamInterrupted
+from .errors import (
+    REFUSALS,
+    ClientLeft,
+    RequestError,
+    error_body,
+    error_response,
+    failure_response,
+)
 from .gateway import Gateway, client_gone, take_back_cancel
 from .normalize import CHAT, COMPLETIONS, EMBEDDINGS, Parsed, key_extra, parse_body
 from .settings import ProxySettings
@@ -222,12 +230,12 @@ def _answer(
 ) -> web.Response:
     latency = time.monotonic() - started
     if isinstance(result, MinimaLlmFailure):
-        resp = failure_response(result, gw.backend.upstream.cooldown.remaining())
+        resp = failure_response(result, gw.retry_after_s(result))
         upstream = result.upstream_headers
         if upstream is not None:
             resp.headers.update(upstream)  # the failed call's id, for the provider's support
         gw.log.answered(
-            "refused" if result.error_type == QUEUE_FULL else "failed",
+            "refused" if result.error_type in REFUSALS else "failed",
             request.path,
             parsed.model,
             resp.status,
@@ -597,7 +605,12 @@ async def health(request: web.Request) -> web.Response:
     """
     gw = request.app[GATEWAY]
     upstream = await gw.upstream_health()
-    status = "ok" if upstream["reachable"] else "degraded"
+    breaker = gw.backend.upstream.breaker
+    if breaker is not None:
+        upstream = {**upstream, "breaker": breaker.state}
+    # An open breaker is the gateway's own verdict from its traffic: misses fail now.
+    up = upstream["reachable"] and upstream.get("breaker", CLOSED) == CLOSED
+    status = "ok" if up else "degraded"
     key = request.get(CLIENT_KEY)
     if gw.settings.auth_enabled and not (key and gw.key_is_valid(key)):
         return web.json_response({"status": status})

@@ -15,6 +15,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from ..resilience import CLOSED, Breaker
 from ..stats import StatsSnapshot
 from ..types import Usage
 
@@ -41,6 +42,8 @@ class GatewayMetrics:
         # Read from the gateway's own record of the requests it is answering.
         self._in_flight: Callable[[], int] = lambda: 0
         self._admission: Callable[[], tuple[int, int]] = lambda: (0, 0)
+        # The upstream's circuit breaker, read when scraped; None when there is none.
+        self.breaker: Breaker | None = None
         self.coalesced = 0
         self.streams_interrupted = 0
         self.client_disconnects = 0
@@ -103,6 +106,7 @@ class GatewayMetrics:
             "in_flight": self.in_flight,
             "upstream_queued": self.admission[0],
             "refused": self.admission[1],
+            "breaker": _breaker_dict(self.breaker),
             "cache": {label: self.cache.get(label, 0) for label in _CACHE_RESULTS},
             "coalesced": self.coalesced,
             "tokens": {
@@ -200,6 +204,29 @@ class _Collector:
             ),
         ):
             yield CounterMetricFamily(name, doc, value=value)
+        breaker = m.breaker
+        if breaker is not None:
+            yield GaugeMetricFamily(
+                "minima_gateway_upstream_breaker_open",
+                "1 while the upstream's breaker fails cache misses at once (open or half-open)",
+                value=int(breaker.state != CLOSED),
+            )
+            yield CounterMetricFamily(
+                "minima_gateway_breaker_opened",
+                "Times the upstream's breaker opened after calls in a row found it down",
+                value=breaker.opened,
+            )
+            yield CounterMetricFamily(
+                "minima_gateway_breaker_rejected",
+                "Upstream calls the open breaker refused to send",
+                value=breaker.rejected,
+            )
+
+
+def _breaker_dict(breaker: Breaker | None) -> dict[str, Any] | None:
+    if breaker is None:
+        return None
+    return {"state": breaker.state, "opened": breaker.opened, "rejected": breaker.rejected}
 
 
 def _bound(bound: float) -> str:

@@ -46,6 +46,11 @@ class ProxySettings:
     max_queued: int = DEFAULT_MAX_QUEUED
     # How long an admitted cache miss may wait for an in-flight slot before that 503.
     max_queue_wait_s: float = 60.0
+    # After this many calls in a row find the upstream down (0: never), misses are
+    # answered 503 at once instead of after their retries, and one call probes it after
+    # breaker_reset_s (doubling, up to a minute, while the probes fail).
+    breaker_failures: int = 5
+    breaker_reset_s: float = 5.0
     log_every: int = 100
     verbose: bool = False
     shutdown_timeout_s: float = 30.0
@@ -66,11 +71,13 @@ class ProxySettings:
         _check_int("proxy.max_body_bytes", self.max_body_bytes, 1024, 2**31)
         _check_int("proxy.max_queued", self.max_queued, 1, 2**31)
         _check_int("proxy.log_every", self.log_every, 0, 2**31)
+        _check_int("proxy.breaker_failures", self.breaker_failures, 0, 2**31)
         for name in (
             "shutdown_timeout_s",
             "health_check_timeout_s",
             "client_timeout_s",
             "max_queue_wait_s",
+            "breaker_reset_s",
         ):
             value = getattr(self, name)
             # NaN passes no comparison and fires a timer at once; infinity never fires.
@@ -129,6 +136,8 @@ class ProxySettings:
             ("MINIMA_PROXY_LOG_EVERY", "log_every", int, "an integer"),
             ("MINIMA_PROXY_CLIENT_TIMEOUT_S", "client_timeout_s", float, "a number"),
             ("MINIMA_PROXY_MAX_QUEUE_WAIT_S", "max_queue_wait_s", float, "a number"),
+            ("MINIMA_PROXY_BREAKER_FAILURES", "breaker_failures", int, "an integer"),
+            ("MINIMA_PROXY_BREAKER_RESET_S", "breaker_reset_s", float, "a number"),
         )
         for var, name, parse, allowed in numbers:
             if env.get(var):

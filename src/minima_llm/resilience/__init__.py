@@ -1,5 +1,6 @@
-"""Retry decisions, backoff, cooldown and pacing: small objects driven by a clock."""
+"""Retry decisions, backoff, cooldown, pacing and a breaker: small objects driven by a clock."""
 
+from .breaker import CLOSED, HALF_OPEN, OPEN, Breaker
 from .cooldown import Cooldown
 from .headers import (
     RateLimitInfo,
@@ -13,6 +14,10 @@ from .retry import attempts_left, backoff_delay, is_overload_status, is_retryabl
 from .slots import Slots
 
 __all__ = [
+    "CLOSED",
+    "HALF_OPEN",
+    "OPEN",
+    "Breaker",
     "Cooldown",
     "RateLimitInfo",
     "RpmPacer",

@@ -1,0 +1,131 @@
+"""The circuit breaker's state, driven by a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from minima_llm.clock import FakeClock
+from minima_llm.resilience import CLOSED, HALF_OPEN, OPEN, Breaker
+from minima_llm.resilience.breaker import MAX_RESET_S, PROBE_RETRY_S
+
+
+def tripped(failures: int = 3, reset_s: float = 5.0) -> tuple[Breaker, FakeClock]:
+    """A breaker that has just opened."""
+    clock = FakeClock()
+    breaker = Breaker(failures, reset_s, clock)
+    for _ in range(failures):
+        breaker.failed(clock.now, "refused")
+    assert breaker.state == OPEN
+    return breaker, clock
+
+
+def test_it_opens_only_after_the_failures_in_a_row() -> None:
+    clock = FakeClock()
+    breaker = Breaker(3, 5.0, clock)
+    assert [breaker.failed(clock.now, "x") for _ in range(2)] == [False, False]
+    breaker.answered()  # an answer in between: the streak starts again
+    assert [breaker.failed(clock.now, "x") for _ in range(3)] == [False, False, True]
+    assert breaker.state == OPEN and breaker.opened == 1
+    assert breaker.failed(clock.now, "x") is False  # already open: no second trip
+
+
+def test_open_it_refuses_every_call_until_the_reset_time() -> None:
+    breaker, clock = tripped(reset_s=5.0)
+    assert breaker.admit(10.0) == pytest.approx(5.0)
+    clock.advance(3.0)
+    assert breaker.admit(10.0) == pytest.approx(2.0)
+    assert breaker.retry_in() == pytest.approx(2.0)
+    assert breaker.rejected == 2
+
+
+def test_half_open_it_lets_exactly_one_probe_through() -> None:
+    breaker, clock = tripped(reset_s=5.0)
+    clock.advance(5.0)
+    assert breaker.state == HALF_OPEN
+    assert breaker.admit(10.0) == 0.0
+    # Everyone else waits for the probe's word, told to come back soon.
+    assert breaker.admit(10.0) == PROBE_RETRY_S
+    assert breaker.retry_in() == PROBE_RETRY_S
+    assert breaker.answered() is True
+    assert breaker.state == CLOSED and breaker.admit(10.0) == 0.0
+
+
+def test_a_failed_probe_doubles_the_wait_up_to_the_cap() -> None:
+    breaker, clock = tripped(reset_s=5.0)
+    waits = []
+    for _ in range(6):
+        clock.advance(breaker.retry_in())
+        assert breaker.admit(10.0) == 0.0
+        assert breaker.failed(clock.now, "still down") is False  # reopened, not tripped again
+        waits.append(breaker.retry_in())
+    assert waits == [10.0, 20.0, 40.0, MAX_RESET_S, MAX_RESET_S, MAX_RESET_S]
+    assert breaker.opened == 1
+    clock.advance(MAX_RESET_S)
+    assert breaker.admit(10.0) == 0.0
+    breaker.answered()
+    # Closed again, the next outage starts from the configured wait.
+    for _ in range(3):
+        breaker.failed(clock.now, "down again")
+    assert breaker.retry_in() == 5.0 and breaker.opened == 2
+
+
+def test_a_reset_longer_than_the_cap_is_kept() -> None:
+    breaker, clock = tripped(reset_s=90.0)
+    clock.advance(90.0)
+    breaker.admit(10.0)
+    breaker.failed(clock.now, "down")
+    assert breaker.retry_in() == 90.0
+
+
+def test_failures_of_calls_sent_before_it_opened_change_nothing() -> None:
+    breaker, clock = tripped(reset_s=5.0)
+    sent_before = clock.now - 1.0
+    clock.advance(5.0)
+    assert breaker.admit(10.0) == 0.0  # the probe goes out
+    assert breaker.failed(sent_before, "late news") is False
+    assert breaker.state == HALF_OPEN and breaker.retry_in() == PROBE_RETRY_S
+
+
+def test_an_answer_to_any_call_closes_it() -> None:
+    breaker, _ = tripped()
+    assert breaker.answered() is True  # sent before it opened, but the upstream answered
+    assert breaker.state == CLOSED and breaker.streak == 0
+
+
+def test_a_probe_that_ends_unjudged_lets_another_go() -> None:
+    breaker, clock = tripped(reset_s=5.0)
+    clock.advance(5.0)
+    probe_sent = clock.now
+    assert breaker.admit(10.0) == 0.0
+    assert breaker.admit(10.0) > 0
+    breaker.unjudged(probe_sent)  # its caller was cancelled, say
+    assert breaker.admit(10.0) == 0.0
+
+
+def test_a_probe_that_never_reports_is_given_up_after_its_bound() -> None:
+    breaker, clock = tripped(reset_s=5.0)
+    clock.advance(5.0)
+    assert breaker.admit(10.0) == 0.0
+    clock.advance(9.9)
+    assert breaker.admit(10.0) == PROBE_RETRY_S
+    clock.advance(0.1)
+    assert breaker.admit(10.0) == 0.0
+
+
+def test_unjudged_calls_while_closed_change_nothing() -> None:
+    clock = FakeClock()
+    breaker = Breaker(2, 5.0, clock)
+    breaker.failed(clock.now, "x")
+    breaker.unjudged(clock.now)
+    assert breaker.streak == 1 and breaker.state == CLOSED
+
+
+@pytest.mark.parametrize(("failures", "reset_s"), [(0, 5.0), (3, 0.0), (3, float("nan"))])
+def test_it_needs_a_threshold_and_a_wait(failures: int, reset_s: float) -> None:
+    with pytest.raises(ValueError, match="failures >= 1 and reset_s > 0"):
+        Breaker(failures, reset_s)
+
+
+def test_its_repr_shows_state_and_counts() -> None:
+    breaker, _ = tripped()
+    assert repr(breaker) == "<Breaker open streak=3/3 opened=1 rejected=0>"
