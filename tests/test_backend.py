@@ -18,6 +18,7 @@ from minima_llm import (
     BatchConfig,
     MinimaLlmConfig,
     MinimaLlmFailure,
+    MinimaLlmRequest,
     MinimaLlmResponse,
     OpenAIMinimaLlm,
     reset_force_refresh,
@@ -48,6 +49,24 @@ async def test_generate_then_cache_hit(make_backend: BackendFactory, mock: MockS
     assert snap.live_calls == 1 and snap.hits == 1
     assert snap.tokens_in == first.usage.prompt_tokens  # spent once
     assert snap.tokens_saved_in == first.usage.prompt_tokens  # saved once, not spent
+
+
+@pytest.mark.parametrize(
+    "answer",
+    ["a\ud800b", "a\ufffdb \udfff", "a\ufffdb"],
+    ids=["lone-surrogate", "both", "replacement-char"],
+)
+async def test_a_replay_from_the_file_gives_the_text_exactly_as_it_arrived(
+    make_backend: BackendFactory, mock: MockServer, answer: str
+) -> None:
+    # SQLite cannot hold a lone surrogate (the store writes U+FFFD): the raw body can.
+    ask = MinimaLlmRequest(request_id="r", messages=[{"role": "user", "content": "ECHO:" + answer}])
+    live = await make_backend().generate(ask)
+    replayed = await make_backend().generate(ask)  # a new process's view: the file only
+    assert isinstance(live, MinimaLlmResponse) and isinstance(replayed, MinimaLlmResponse)
+    assert replayed.cached and replayed.cache_source == "primary"
+    assert live.text == replayed.text == answer
+    assert mock.stats()["requests"] == 1
 
 
 async def test_requests_name_the_client_whichever_transport_sends_them(
@@ -548,3 +567,26 @@ async def test_a_live_answer_keeps_the_upstreams_request_id_and_no_other_header(
     assert live.upstream_headers == {"x-request-id": "req_1", "openai-version": "2020-10-01"}
     hit = await be.generate(req(1))
     assert isinstance(hit, MinimaLlmResponse) and hit.cached and hit.upstream_headers is None
+
+
+@pytest.mark.parametrize(
+    ("text", "raw", "expected"),
+    [
+        ("a\ufffdb", '{"choices":[{"message":{"content":"a\\ud800b"}}]}', "a\ud800b"),
+        ("a\ufffdb", '{"choices":[{"text":"a\\udc00b"}]}', "a\udc00b"),
+        # The raw text differs beyond the surrogates (an older row, content parts): the row wins.
+        ("a\ufffdb", '{"choices":[{"message":{"content":"other\\ud800"}}]}', "a\ufffdb"),
+        ("a\ufffdb", '{"choices":[{"message":{"content":[{"type":"text"}]}}]}', "a\ufffdb"),
+        ("a\ufffdb", '{"choices":[]}', "a\ufffdb"),
+        ("a\ufffdb", "not json", "a\ufffdb"),
+        ("a\ufffdb", None, "a\ufffdb"),
+    ],
+)
+def test_the_text_of_a_row_comes_back_from_its_raw_body_only_where_the_file_lost_it(
+    text: str, raw: str | None, expected: str
+) -> None:
+    from minima_llm.cache import CacheRow
+    from minima_llm.calls import text_of_row
+
+    row = CacheRow("k", text, raw, 0.0, "m", None)
+    assert text_of_row(row, raw) == expected

@@ -26,6 +26,7 @@ from .calls import (
     response_of,
     store_answer,
     stored_body,
+    text_of_row,
     usage_of,
 )
 from .clock import SYSTEM_CLOCK, Clock
@@ -256,7 +257,7 @@ class OpenAIMinimaLlm:
         self.stats.hit(hit.source, usage)
         return MinimaLlmResponse(
             request_id=request.request_id,
-            text=row.response_text,
+            text=text_of_row(row, raw),
             cached=True,
             raw_text=raw,
             usage=usage,

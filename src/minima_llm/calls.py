@@ -14,7 +14,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
-from .cache import CacheRow, PromptCache
+from .cache import CacheRow, PromptCache, storable_text
 from .jobs import Outcome
 from .stats import LiveStats
 from .streaming import replay_chunks
@@ -206,6 +206,25 @@ def completion_of(row: CacheRow, kind: str) -> dict[str, Any]:
         "model": row.model or "",
         "choices": [{"index": 0, **message, "finish_reason": "stop"}],
     }
+
+
+def text_of_row(row: CacheRow, raw: str | None) -> str:
+    """A cached answer's text as it arrived, even where the cache file could not hold it.
+
+    SQLite text is UTF-8, which has no form for a lone surrogate (a ``\\ud800`` escape
+    in the upstream's JSON decodes to one), so the store wrote U+FFFD in its place. The
+    raw body keeps the escape: the text comes back from it, taken only if it differs
+    from the row's in those places alone.
+    """
+    text = row.response_text
+    if "\ufffd" not in text or raw is None:
+        return text
+    try:
+        choice = json.loads(raw)["choices"][0]
+        exact = choice["message"]["content"] if "message" in choice else choice["text"]
+    except (ValueError, LookupError, TypeError):
+        return text
+    return exact if isinstance(exact, str) and storable_text(exact) == text else text
 
 
 _decoder = json.JSONDecoder()

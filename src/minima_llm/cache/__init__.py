@@ -3,7 +3,7 @@
 from .keys import cache_key, canonical_json, json_default, key_of
 from .memory import MemoryStore
 from .prompt import CacheHit, PromptCache, TraceWriter
-from .sqlite import DB_NAME, SqliteStore
+from .sqlite import DB_NAME, SqliteStore, storable_text
 from .store import CacheRow, CacheStore, newest
 
 __all__ = [
@@ -20,4 +20,5 @@ __all__ = [
     "json_default",
     "key_of",
     "newest",
+    "storable_text",
 ]

@@ -412,9 +412,13 @@ def _connect_uri(uri: str) -> sqlite3.Connection:
     return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
 
 
+def storable_text(text: str) -> str:
+    """``text`` with each lone surrogate replaced by U+FFFD, as a UTF-8 decoder would show it."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
 def _storable(row: CacheRow) -> CacheRow:
-    """``row`` with each lone surrogate replaced by U+FFFD, as a UTF-8 decoder would show it."""
-    return CacheRow._make(_SURROGATE.sub("\ufffd", v) if isinstance(v, str) else v for v in row)
+    return CacheRow._make(storable_text(v) if isinstance(v, str) else v for v in row)
 
 
 def _flat(rows: list[CacheRow]) -> list[Any]:
