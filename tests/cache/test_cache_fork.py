@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
+import time
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -76,3 +79,45 @@ def test_a_store_forked_before_its_first_use_works_in_the_child(tmp_path: Path, 
         assert store.get_many_sync(["k-child"])["k-child"].response_text == "answer child"
     finally:
         store.close()
+
+
+def test_a_checkpointer_caught_mid_request_by_the_fork_works_in_the_child(tmp_path: Path) -> None:
+    # The moment the fork hook exists for: a parent thread inside the checkpointer's
+    # lock when the child is made. The child inherits the lock held, by a thread it
+    # does not have, and without a fresh lock its first request would wait forever.
+    from minima_llm.cache._checkpoint import Checkpointer
+
+    store = SqliteStore.in_dir(tmp_path)
+    store.put_many_sync([row("parent")])
+    store.close()
+    done: list[bool] = []
+    checkpointer = Checkpointer(tmp_path / DB_NAME, "test-checkpointer", done.append)
+    checkpointer.arm()
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:
+        with checkpointer._lock:
+            inside.set()
+            leave.wait(30)
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    try:
+        assert inside.wait(10)
+
+        def in_child() -> list[Any]:
+            refused_before_arming = checkpointer.request()
+            checkpointer.arm()  # as the child's own writer does when it opens
+            accepted = checkpointer.request()
+            deadline = time.monotonic() + 10
+            while not done and time.monotonic() < deadline:
+                time.sleep(0.01)
+            checkpointer.stop(timeout=5)
+            return [refused_before_arming, accepted, done]
+
+        assert in_forked_child(in_child, timeout=30) == [False, True, [True]]
+    finally:
+        leave.set()
+        holder.join(10)
+        checkpointer.stop(timeout=5)
+    assert not done  # the parent asked for nothing
