@@ -19,7 +19,7 @@ from .jobs import Outcome
 from .stats import LiveStats
 from .streaming import replay_chunks
 from .types import MinimaLlmRequest, MinimaLlmResponse, MinimaLlmResult, Usage
-from .upstream import Completion
+from .upstream import TEXT_OF, Completion
 
 log = logging.getLogger("minima_llm")
 
@@ -220,11 +220,12 @@ def text_of_row(row: CacheRow, raw: str | None) -> str:
     if "\ufffd" not in text or raw is None:
         return text
     try:
-        choice = json.loads(raw)["choices"][0]
-        exact = choice["message"]["content"] if "message" in choice else choice["text"]
-    except (ValueError, LookupError, TypeError):
+        body = json.loads(raw)
+        endpoint = "chat/completions" if "message" in body["choices"][0] else "completions"
+        exact = TEXT_OF[endpoint](body)
+    except (ValueError, LookupError, TypeError, AttributeError):
         return text
-    return exact if isinstance(exact, str) and storable_text(exact) == text else text
+    return exact if storable_text(exact) == text else text
 
 
 _decoder = json.JSONDecoder()

@@ -28,10 +28,7 @@ class CacheError(MinimaLlmError):
 
 
 class TransportError(MinimaLlmError):
-    """A request did not produce an HTTP response (connect, reset, timeout, bad body), or was not sent.
-
-    ``kind`` says which; ``unavailable`` is a call a breaker refused to send.
-    """
+    """A request did not produce an HTTP response (connect, reset, timeout, bad body)."""
 
     def __init__(self, kind: str, message: str) -> None:
         self.kind = kind

@@ -15,9 +15,11 @@ from .clock import Clock
 from .config import MinimaLlmConfig, is_header_safe
 from .deadline import bounded
 from .errors import MinimaLlmError, TransportError
-from .http import GuardedTransport, HttpResponse, StreamingResponse, Transport, encode_body
+from .http import HttpResponse, StreamingResponse, Transport, encode_body
 from .loopbound import LoopBound
 from .resilience import (
+    DOWN_KINDS,
+    DOWN_STATUS,
     Breaker,
     Cooldown,
     RpmPacer,
@@ -306,16 +308,13 @@ class UpstreamCaller:
         self.queue_wait_s: float | None = None
         self.queued = 0
         self.refused = 0
-        # The upstream's circuit breaker, once guard() has put one in front of the transport.
+        # The upstream's circuit breaker (see use_breaker); None: every call is sent.
         self.breaker: Breaker | None = None
 
-    def guard(self, breaker: Breaker) -> None:
-        """Send through ``breaker`` from now on: while it is open, calls fail without being sent."""
-        inner = self.transport
-        if isinstance(inner, GuardedTransport):
-            inner = inner.inner  # one breaker per upstream: the new one replaces the old
-        self.transport = GuardedTransport(inner, breaker)
-        self.breaker = breaker
+    def use_breaker(self, threshold: int, reset_s: float) -> Breaker:
+        """Fail calls without sending them while ``threshold`` calls in a row found the upstream down."""
+        self.breaker = Breaker(threshold, reset_s, self.clock)
+        return self.breaker
 
     @property
     def in_flight_limit(self) -> int:
@@ -384,18 +383,30 @@ class UpstreamCaller:
         headers = {**shared, "Accept": "text/event-stream"}
 
         async def attempt(stamps: list[float]) -> UpstreamStream:
+            breaker = self.breaker
+            if breaker is not None and breaker.is_open:
+                self._check_breaker(breaker)
             slots = self._slots.get()
             if not self._turn_now(slots):
                 await self._take_turn(slots, first=not stamps)
+            if breaker is not None and breaker.is_open:
+                self._admit(breaker, slots)
             try:
                 stamps.append(self.clock.monotonic())
                 resp = await self.transport.open_stream(url, body, headers, self.cfg.timeout_s)
             except TransportError as exc:
                 slots.release()
+                if breaker is not None:
+                    self._failed(breaker, exc, stamps[-1])
                 raise _transport_problem(exc, self.cfg.timeout_s) from exc
             except BaseException:
                 slots.release()
+                if breaker is not None:
+                    breaker.unjudged(stamps[-1])
                 raise
+            if breaker is not None:
+                # Judged by the status: headers came, so the upstream is up.
+                self._answered(breaker, resp.status, stamps[-1])
             self.pacer.observe(parse_rate_limits(resp.headers))
             if 200 <= resp.status < 300:
                 self.stats.in_flight += 1
@@ -531,24 +542,93 @@ class UpstreamCaller:
         self, url: str, body: bytes, headers: dict[str, str], endpoint: str, stamps: list[float]
     ) -> Completion:
         """One attempt: wait for a turn and a slot, POST, read the answer or raise a ``Problem``."""
+        breaker = self.breaker
+        if breaker is not None and breaker.is_open:
+            self._check_breaker(breaker)
         slots = self._slots.get()
         if not self._turn_now(slots):
             await self._take_turn(slots, first=not stamps)
+        if breaker is not None and breaker.is_open:
+            self._admit(breaker, slots)
         stamps.append(self.clock.monotonic())
         self.stats.in_flight += 1
         try:
             resp = await self.transport.post(url, body, headers, self.cfg.timeout_s)
         except TransportError as exc:
+            if breaker is not None:
+                self._failed(breaker, exc, stamps[-1])
             raise _transport_problem(exc, self.cfg.timeout_s) from exc
+        except BaseException:
+            if breaker is not None:
+                breaker.unjudged(stamps[-1])
+            raise
         finally:
             self.stats.in_flight -= 1
             slots.release()
+        if breaker is not None:
+            self._answered(breaker, resp.status, stamps[-1])
         self.pacer.observe(parse_rate_limits(resp.headers))
         if 200 <= resp.status < 300:
             if slots.limit < slots.max:
                 slots.succeeded()
             return parse_completion(resp, endpoint)
         raise self._status_problem(resp.status, resp.headers, resp.body, stamps[-1], slots)
+
+    def _check_breaker(self, breaker: Breaker) -> None:
+        """Refuse a call before it waits for a turn if the breaker would refuse it anyway."""
+        wait = breaker.blocked()
+        if wait:
+            raise self._refusal(breaker, wait)
+
+    def _admit(self, breaker: Breaker, slots: Slots) -> None:
+        """Right before sending: the breaker's word, which may make this call its probe."""
+        # A probe that never reports frees the way after the longest a call can take
+        # (the stdlib transport's bound, the longer of the two).
+        wait = breaker.admit(2 * self.cfg.timeout_s + 1)
+        if wait:
+            slots.release()
+            raise self._refusal(breaker, wait)
+
+    @staticmethod
+    def _refusal(breaker: Breaker, wait: float) -> Problem:
+        # Nothing was sent; a retry within this request's budget would only be refused too.
+        return Problem(
+            UPSTREAM_DOWN,
+            f"the upstream is down (last failure: {breaker.last_failure});"
+            f" nothing is sent to it for {wait:.1f}s",
+            None,
+            None,
+            False,
+        )
+
+    def _failed(self, breaker: Breaker, exc: TransportError, sent_at: float) -> None:
+        if exc.kind in DOWN_KINDS:
+            if breaker.failed(sent_at, str(exc)):
+                self._tripped(breaker)
+        elif exc.kind == "closed":
+            breaker.unjudged(sent_at)
+        else:
+            self._up(breaker)  # an answer came, too large or garbled, but it came
+
+    def _answered(self, breaker: Breaker, status: int, sent_at: float) -> None:
+        if status != DOWN_STATUS:
+            self._up(breaker)
+        elif breaker.failed(sent_at, f"HTTP {status}"):
+            self._tripped(breaker)
+
+    def _up(self, breaker: Breaker) -> None:
+        if breaker.answered():
+            log.info("upstream %s answers again: sending to it again", self.cfg.base_url)
+
+    def _tripped(self, breaker: Breaker) -> None:
+        log.warning(
+            "upstream %s failed %d calls in a row (last: %s): failing calls at once,"
+            " probing it again in %gs",
+            self.cfg.base_url,
+            breaker.threshold,
+            breaker.last_failure,
+            breaker.reset_s,
+        )
 
     def _status_problem(
         self, status: int, headers: Mapping[str, str], body: bytes, sent_at: float, slots: Slots
@@ -626,9 +706,6 @@ def _transport_problem(exc: TransportError, timeout_s: float) -> Problem:
         return Problem("TimeoutError", f"timed out after {timeout_s}s", 408, str(exc), True)
     if exc.kind == "closed":
         return Problem("ClosedError", str(exc), None, None, False)
-    if exc.kind == "unavailable":
-        # Nothing was sent; a retry within this request's budget would only be refused too.
-        return Problem(UPSTREAM_DOWN, str(exc), None, None, False)
     if exc.kind == "too_large":
         # The same request would most likely bring the same runaway answer again.
         return Problem("ResponseTooLarge", str(exc), None, str(exc)[:SNIPPET], False)

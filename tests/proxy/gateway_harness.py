@@ -20,6 +20,7 @@ from aiohttp import web
 
 from backend_support import FAST
 from minima_llm import MinimaLlmConfig, OpenAIMinimaLlm
+from minima_llm.clock import SYSTEM_CLOCK, Clock
 from minima_llm.proxy import ProxySettings, build_app
 from minima_llm.proxy.gateway import Gateway
 from minima_llm.proxy.handlers import GATEWAY
@@ -140,10 +141,15 @@ async def serve(
     cache_dir: Path,
     settings: ProxySettings | None = None,
     proxy_log: ProxyLog | None = None,
+    *,
+    clock: Clock = SYSTEM_CLOCK,
     **config: Any,
 ) -> AsyncIterator[Served]:
-    """Build the gateway in front of ``base_url`` and serve it on a free port of 127.0.0.1."""
-    backend = OpenAIMinimaLlm(backend_config(base_url, cache_dir, **config))
+    """Build the gateway in front of ``base_url`` and serve it on a free port of 127.0.0.1.
+
+    ``clock`` drives the backend's timing (retries, pacing, cooldown, the breaker).
+    """
+    backend = OpenAIMinimaLlm(backend_config(base_url, cache_dir, **config), clock=clock)
     app = build_app(backend, settings or ProxySettings(port=0), proxy_log=proxy_log)
     # access_log=None as the CLI runs it; a short shutdown so a stuck handler fails fast.
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)

@@ -9,11 +9,12 @@ from urllib.parse import urlsplit
 
 import openai
 import pytest
-from gateway_harness import Reply, closed_port_url, eventually, serve
+from gateway_harness import Reply, closed_port_url, serve
 from test_gateway_endpoints import _samples
 
+from minima_llm.clock import FakeClock
 from minima_llm.proxy import ProxySettings
-from minima_llm.testing import MockServer
+from minima_llm.testing import MockConfig, MockServer
 
 
 def unavailable(reply: Reply) -> bool:
@@ -24,7 +25,7 @@ def unavailable(reply: Reply) -> bool:
     return (
         error["code"] == "upstream_unavailable"
         and error["type"] == "server_error"
-        and "the upstream is not answering" in error["message"]
+        and error["message"].startswith("upstream unavailable: the upstream is down (last failure:")
         and int(reply.headers["Retry-After"]) >= 1
     )
 
@@ -45,6 +46,7 @@ async def test_once_tripped_misses_fail_at_once_and_hits_still_answer(
         assert 25 <= int(first.headers["Retry-After"]) <= 30
         later = await asyncio.gather(*(gw.chat(f"later {i}") for i in range(20)))
         hit = await gw.chat("cached")
+        streamed_hit = await gw.chat("cached", stream=True)
         stream = await gw.chat("streamed", stream=True)
         metrics = (await gw.get("/metrics")).json()
         prometheus = _samples((await gw.get("/metrics/prometheus")).text)
@@ -57,6 +59,7 @@ async def test_once_tripped_misses_fail_at_once_and_hits_still_answer(
                 )
     assert all(unavailable(r) for r in later)
     assert hit.status == 200 and hit.cache == "hit"
+    assert streamed_hit.status == 200 and streamed_hit.cache == "hit"
     assert unavailable(stream) and stream.headers["Content-Type"].startswith("application/json")
     assert refused.value.status_code == 503 and refused.value.code == "upstream_unavailable"
     assert metrics["breaker"] == {"state": "open", "opened": 1, "rejected": 22}
@@ -73,27 +76,30 @@ async def test_once_tripped_misses_fail_at_once_and_hits_still_answer(
 
 async def test_when_the_upstream_is_back_the_probe_closes_it(tmp_path: Path) -> None:
     url = closed_port_url()
-    settings = ProxySettings(port=0, breaker_failures=2, breaker_reset_s=0.3)
-    async with serve(url, tmp_path, settings, max_attempts=1) as gw:
+    clock = FakeClock()
+    settings = ProxySettings(port=0, breaker_failures=2, breaker_reset_s=30.0)
+    async with serve(url, tmp_path, settings, clock=clock, max_attempts=1) as gw:
         assert [(await gw.chat(f"down {i}")).status for i in range(3)] == [502, 502, 503]
-        back = MockServer()
+        # Slow enough that the probe is still out when the others arrive.
+        back = MockServer(MockConfig(latency_s=0.3))
         await back.start(port=urlsplit(url).port or 0)
         try:
-            assert unavailable(await gw.chat("too soon"))  # still within breaker_reset_s
-            breaker = gw.backend.upstream.breaker
-            assert breaker is not None
-            assert await eventually(lambda: breaker.state == "half-open")
+            assert unavailable(await gw.chat("too soon"))  # within breaker_reset_s
+            clock.advance(30.0)
             answers = await asyncio.gather(*(gw.chat(f"back {i}") for i in range(5)))
-            assert breaker.state == "closed"
-            # The probe went out and answered; those that came while it was out were
-            # told to come back in a second, and then they get their answers.
-            assert sum(r.status == 200 for r in answers) >= 1
-            assert all(r.status == 200 or unavailable(r) for r in answers)
+            # One probe went out; those that came while it was out were told to come
+            # back in a second.
+            assert back.stats()["requests"] == 1
+            assert sum(r.status == 200 for r in answers) == 1
+            waiting = [r for r in answers if r.status != 200]
+            assert all(unavailable(r) and r.headers["Retry-After"] == "1" for r in waiting)
             assert [(await gw.chat(f"back {i}")).status for i in range(5)] == [200] * 5
+            stream = await gw.chat("streamed", stream=True)
             health = (await gw.get("/health")).json()
-            assert health["status"] == "ok" and health["upstream"]["breaker"] == "closed"
         finally:
             await back.stop()
+    assert stream.status == 200 and stream.events()[-1] == "[DONE]"
+    assert health["status"] == "ok" and health["upstream"]["breaker"] == "closed"
 
 
 async def test_a_fronting_proxy_saying_bad_gateway_trips_it(

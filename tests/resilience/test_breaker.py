@@ -112,6 +112,32 @@ def test_a_probe_that_never_reports_is_given_up_after_its_bound() -> None:
     assert breaker.admit(10.0) == 0.0
 
 
+def test_late_failures_of_calls_sent_before_it_closed_do_not_reopen_it() -> None:
+    # An upstream that went silent with calls on the wire: a few fast refusals trip it,
+    # the probe finds it back, and then the old calls time out one after another.
+    breaker, clock = tripped(failures=3, reset_s=5.0)
+    on_the_wire = clock.now - 1.0
+    clock.advance(5.0)
+    assert breaker.admit(10.0) == 0.0
+    assert breaker.answered() is True
+    clock.advance(2.0)
+    assert not any(breaker.failed(on_the_wire, "read timeout") for _ in range(5))
+    assert breaker.state == CLOSED and breaker.streak == 0
+    # New calls failing still count.
+    assert [breaker.failed(clock.now, "refused") for _ in range(3)] == [False, False, True]
+
+
+def test_blocked_refuses_as_admit_does_but_claims_no_probe() -> None:
+    breaker, clock = tripped(reset_s=5.0)
+    assert breaker.blocked() == pytest.approx(5.0)
+    clock.advance(5.0)
+    assert [breaker.blocked(), breaker.blocked()] == [0.0, 0.0]  # each may go for its turn
+    assert breaker.admit(10.0) == 0.0  # the first to be sent is the probe
+    assert breaker.blocked() == PROBE_RETRY_S and breaker.admit(10.0) == PROBE_RETRY_S
+    assert breaker.rejected == 3
+    assert Breaker(1, 1.0, clock).blocked() == 0.0
+
+
 def test_unjudged_calls_while_closed_change_nothing() -> None:
     clock = FakeClock()
     breaker = Breaker(2, 5.0, clock)
@@ -122,7 +148,7 @@ def test_unjudged_calls_while_closed_change_nothing() -> None:
 
 @pytest.mark.parametrize(("failures", "reset_s"), [(0, 5.0), (3, 0.0), (3, float("nan"))])
 def test_it_needs_a_threshold_and_a_wait(failures: int, reset_s: float) -> None:
-    with pytest.raises(ValueError, match="failures >= 1 and reset_s > 0"):
+    with pytest.raises(ValueError, match="threshold >= 1 and reset_s > 0"):
         Breaker(failures, reset_s)
 
 

@@ -15,11 +15,9 @@ from .base import (
     decode_body,
     encode_body,
 )
-from .guarded import GuardedTransport
 from .stdlib_transport import StdlibTransport
 
 __all__ = [
-    "GuardedTransport",
     "HttpResponse",
     "StdlibTransport",
     "StreamingResponse",

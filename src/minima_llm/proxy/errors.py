@@ -15,7 +15,7 @@ from ..upstream import QUEUE_FULL, UPSTREAM_DOWN
 # what the message says of them, and their error code.
 REFUSALS = {
     QUEUE_FULL: ("the gateway is at capacity", "queue_full"),
-    UPSTREAM_DOWN: ("the upstream is not answering", "upstream_unavailable"),
+    UPSTREAM_DOWN: ("upstream unavailable", "upstream_unavailable"),
 }
 _TYPES = {
     400: "invalid_request_error",

@@ -17,7 +17,6 @@ from aiohttp import web
 
 from .._version import USER_AGENT
 from ..backend import OpenAIMinimaLlm
-from ..resilience import Breaker
 from ..types import MinimaLlmFailure
 from ..upstream import UPSTREAM_DOWN
 from .log import ProxyLog
@@ -170,9 +169,10 @@ class Gateway:
         backend.upstream.queue_wait_s = settings.max_queue_wait_s
         self.metrics = metrics or GatewayMetrics()
         if settings.breaker_failures:
-            breaker = Breaker(settings.breaker_failures, settings.breaker_reset_s)
-            backend.upstream.guard(breaker)
-            self.metrics.breaker = breaker
+            upstream = backend.upstream
+            self.metrics.breaker = upstream.use_breaker(
+                settings.breaker_failures, settings.breaker_reset_s
+            )
         self.log = log or ProxyLog(settings.log_every, settings.verbose)
         self._keys = [k.encode("utf-8") for k in settings.api_keys]
         self._health: tuple[float, dict[str, Any]] | None = None

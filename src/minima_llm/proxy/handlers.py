@@ -606,10 +606,11 @@ async def health(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     upstream = await gw.upstream_health()
     breaker = gw.backend.upstream.breaker
+    up = upstream["reachable"]
     if breaker is not None:
         upstream = {**upstream, "breaker": breaker.state}
-    # An open breaker is the gateway's own verdict from its traffic: misses fail now.
-    up = upstream["reachable"] and upstream.get("breaker", CLOSED) == CLOSED
+        # An open breaker is the gateway's own verdict from its traffic: misses fail now.
+        up = up and upstream["breaker"] == CLOSED
     status = "ok" if up else "degraded"
     key = request.get(CLIENT_KEY)
     if gw.settings.auth_enabled and not (key and gw.key_is_valid(key)):

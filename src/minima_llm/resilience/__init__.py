@@ -1,6 +1,6 @@
 """Retry decisions, backoff, cooldown, pacing and a breaker: small objects driven by a clock."""
 
-from .breaker import CLOSED, HALF_OPEN, OPEN, Breaker
+from .breaker import CLOSED, DOWN_KINDS, DOWN_STATUS, HALF_OPEN, OPEN, Breaker
 from .cooldown import Cooldown
 from .headers import (
     RateLimitInfo,
@@ -15,6 +15,8 @@ from .slots import Slots
 
 __all__ = [
     "CLOSED",
+    "DOWN_KINDS",
+    "DOWN_STATUS",
     "HALF_OPEN",
     "OPEN",
     "Breaker",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from ..clock import SYSTEM_CLOCK, Clock
 
 CLOSED = "closed"
@@ -12,50 +14,74 @@ MAX_RESET_S = 60.0
 # What a call refused while a probe is out is told to wait: probes usually take well
 # under a second, and a caller should come back soon after one succeeds.
 PROBE_RETRY_S = 1.0
+# What says the upstream is down rather than unhappy with one request: no connection,
+# a connection dropped or silent, or a fronting proxy (nginx, a load balancer) that
+# could not reach it. 503, 429 and 504 (which nginx also sends for one long
+# generation) are overload, which cooldown and pacing handle.
+DOWN_KINDS = frozenset({"connect", "reset", "timeout"})
+DOWN_STATUS = 502
 
 
 class Breaker:
-    """Opens after ``failures`` calls in a row found the upstream down; then fails calls fast.
+    """Opens after ``threshold`` calls in a row found the upstream down; then fails calls fast.
 
     Open, it refuses every call for ``reset_s``, then lets one through: the probe. The
     probe's failure opens it again for twice as long (up to ``MAX_RESET_S``, or
-    ``reset_s`` if that is longer); any answer closes it. Only calls sent after the
-    breaker opened can fail a probe: those already on the wire when it opened tell
-    nothing new. What counts as down (refused connections, timeouts, a fronting
-    proxy's 502) is the caller's to decide; this object only keeps the state.
+    ``reset_s`` if that is longer); any answer closes it. A failure counts only for a
+    call sent since the breaker last changed: calls already on the wire when it opened
+    or closed tell nothing new, and a burst of them timing out late must neither fail
+    the probe nor reopen the breaker the probe just closed. What counts as down is the
+    caller's to judge (``DOWN_KINDS``, ``DOWN_STATUS``); this object keeps the state.
     """
 
-    def __init__(self, failures: int, reset_s: float, clock: Clock = SYSTEM_CLOCK) -> None:
-        if failures < 1 or not reset_s > 0:
+    def __init__(self, threshold: int, reset_s: float, clock: Clock = SYSTEM_CLOCK) -> None:
+        if threshold < 1 or not reset_s > 0:
             raise ValueError(
-                f"a breaker needs failures >= 1 and reset_s > 0, not {failures}, {reset_s}"
+                f"a breaker needs threshold >= 1 and reset_s > 0, not {threshold}, {reset_s}"
             )
-        self.failures = failures
+        self.threshold = threshold
         self.reset_s = reset_s
         self.clock = clock
         self.streak = 0
         self.opened = 0
         self.rejected = 0
         self.last_failure = ""
-        self._open = False
+        # Read by callers before they ask anything: closed, there is nothing to ask.
+        self.is_open = False
         self._open_for = reset_s
         self._until = 0.0  # while open: when the next probe may go
         self._probe_until: float | None = None  # while a probe is out: when it counts as lost
+        self._closed_at = -math.inf  # failures of calls sent before this do not count
 
     @property
     def state(self) -> str:
-        """``closed``, ``open`` (refusing every call) or ``half-open`` (a probe may go)."""
-        if not self._open:
+        """``closed``; ``open``, refusing every call; or ``half-open``, past its wait (a probe may be out)."""
+        if not self.is_open:
             return CLOSED
         return HALF_OPEN if self.clock.monotonic() >= self._until else OPEN
 
-    def admit(self, probe_bound_s: float) -> float:
-        """0.0 if a call may go now, else about how many seconds until one may.
+    def blocked(self) -> float:
+        """0.0 if a call may go on to wait for its turn, else about how long until one may.
 
-        Half-open, the first call admitted is the probe; calls after it are refused until
-        it reports, or until ``probe_bound_s`` has passed without a report.
+        Unlike ``admit`` it claims no probe: a call refused here never waits for pacing
+        or a slot, and one that passes still asks ``admit`` right before it is sent.
         """
-        if not self._open:
+        if not self.is_open:
+            return 0.0
+        now = self.clock.monotonic()
+        wait = self._until - now
+        if wait <= 0 and (self._probe_until is None or now >= self._probe_until):
+            return 0.0
+        self.rejected += 1
+        return wait if wait > 0 else PROBE_RETRY_S
+
+    def admit(self, probe_bound_s: float) -> float:
+        """0.0 if a call may go now (half-open: as the probe), else about how long until one may.
+
+        Calls after the probe are refused until it reports, or until ``probe_bound_s``
+        has passed without a report.
+        """
+        if not self.is_open:
             return 0.0
         now = self.clock.monotonic()
         wait = self._until - now
@@ -67,7 +93,7 @@ class Breaker:
 
     def retry_in(self) -> float:
         """Seconds until a call may go (0.0 when closed), for a ``Retry-After``."""
-        if not self._open:
+        if not self.is_open:
             return 0.0
         wait = self._until - self.clock.monotonic()
         return wait if wait > 0 else PROBE_RETRY_S
@@ -75,40 +101,45 @@ class Breaker:
     def answered(self) -> bool:
         """The upstream answered a call: close; True if it was open."""
         self.streak = 0
-        if not self._open:
+        if not self.is_open:
             return False
-        self._open = False
-        self._open_for = self.reset_s
+        self.is_open = False
         self._probe_until = None
+        self._closed_at = self.clock.monotonic()
         return True
 
     def failed(self, sent_at: float, why: str) -> bool:
         """A call sent at ``sent_at`` found the upstream down; True if this opened a closed breaker."""
-        self.last_failure = why
-        tripped = not self._open
-        if tripped:
-            self.streak += 1
-            if self.streak < self.failures:
-                return False
-            self._open = True
-            self._open_for = self.reset_s
-            self.opened += 1
-        elif sent_at >= self._until:
+        if self.is_open:
+            if sent_at < self._until:
+                return False  # sent before the breaker opened: not the probe
             # The probe failed: wait longer before the next one.
             self._open_for = min(2 * self._open_for, max(MAX_RESET_S, self.reset_s))
-        else:
-            return False  # sent before the breaker opened: nothing new
-        self._until = self.clock.monotonic() + self._open_for
-        self._probe_until = None
-        return tripped
+            self._reopen(why)
+            return False
+        if sent_at < self._closed_at:
+            return False
+        self.streak += 1
+        if self.streak < self.threshold:
+            return False
+        self.is_open = True
+        self.opened += 1
+        self._open_for = self.reset_s
+        self._reopen(why)
+        return True
 
     def unjudged(self, sent_at: float) -> None:
         """A call ended telling nothing about the upstream (cancelled, say): a probe may go again."""
-        if self._open and sent_at >= self._until:
+        if self.is_open and sent_at >= self._until:
             self._probe_until = None
+
+    def _reopen(self, why: str) -> None:
+        self.last_failure = why
+        self._until = self.clock.monotonic() + self._open_for
+        self._probe_until = None
 
     def __repr__(self) -> str:
         return (
-            f"<Breaker {self.state} streak={self.streak}/{self.failures}"
+            f"<Breaker {self.state} streak={self.streak}/{self.threshold}"
             f" opened={self.opened} rejected={self.rejected}>"
         )
