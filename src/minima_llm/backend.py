@@ -12,7 +12,7 @@ from types import EllipsisType
 from typing import Any
 
 from .batch_mode import job_result, run_collected, send_jobs
-from .cache import CacheHit, CacheRow, PromptCache, cache_key
+from .cache import CacheHit, Prefetched, PromptCache, cache_key
 from .calls import (
     BATCH,
     CHAT,
@@ -20,6 +20,7 @@ from .calls import (
     Call,
     Flight,
     OwnerLeft,
+    fault_log,
     joined,
     payload_of,
     replay_row,
@@ -219,9 +220,7 @@ class OpenAIMinimaLlm:
         set_last_cached(hit is not None)
         return hit
 
-    async def _find(
-        self, call: Call, known: Mapping[str, CacheRow | None] | None = None
-    ) -> CacheHit | None:
+    async def _find(self, call: Call, known: Prefetched | None = None) -> CacheHit | None:
         request = call.request
 
         def rekey(other: str) -> tuple[str, str]:
@@ -240,10 +239,11 @@ class OpenAIMinimaLlm:
         except Exception as exc:
             # A broken cache must not stop the work: log it, count it, ask the upstream.
             self.stats.cache_errors += 1
-            log.error("cache read failed, asking the upstream: %s", exc)
+            # A cache that cannot be read fails every lookup of a run.
+            fault_log(self.cache, "read").log("cache read failed, asking the upstream: %s", exc)
             return None
 
-    async def _cached(self, call: Call, known: Mapping[str, CacheRow | None]) -> CacheHit | None:
+    async def _cached(self, call: Call, known: Prefetched) -> CacheHit | None:
         """The cached answer for ``call`` given prefetched rows, reading more only if needed."""
         found = self.cache.find_now(call.key, call.model, known)
         return await self._find(call, known) if found is ... else found
@@ -379,21 +379,26 @@ class OpenAIMinimaLlm:
         from .runner import run_batched_callable
 
         requests = list(requests)
-        batch = BatchScope({id(r): self.key_for(r) for r in requests}, {})
+        batch = BatchScope({id(r): self.key_for(r) for r in requests}, Prefetched())
         if not self._refresh(False):
             batch.known = await self._prefetch([k for k, _ in batch.keys.values()])
-        if self.jobs is not None:
-            # Every miss goes in one provider job up front; the runner then hands out
-            # its answers (and reports its failures) like any other batch's.
-            batch.job_started = self._clock.monotonic()
-            batch.answered = await self._run_jobs(requests, batch, progress)
-        token = BATCH.set(batch)
+        # Rows this process stores meanwhile (this batch's, another's) are hits in it.
+        self.cache.track(batch.known)
         try:
-            results: list[Any] = await run_batched_callable(
-                requests, self.generate, self.cfg.batch, progress=progress, stats=self.snapshot
-            )
+            if self.jobs is not None:
+                # Every miss goes in one provider job up front; the runner then hands out
+                # its answers (and reports its failures) like any other batch's.
+                batch.job_started = self._clock.monotonic()
+                batch.answered = await self._run_jobs(requests, batch, progress)
+            token = BATCH.set(batch)
+            try:
+                results: list[Any] = await run_batched_callable(
+                    requests, self.generate, self.cfg.batch, progress=progress, stats=self.snapshot
+                )
+            finally:
+                BATCH.reset(token)
         finally:
-            BATCH.reset(token)
+            self.cache.untrack(batch.known)
         return results
 
     async def _run_jobs(
@@ -445,13 +450,13 @@ class OpenAIMinimaLlm:
             answers.append(self._from_hit(call.request, hit, started))
         return answers
 
-    async def _prefetch(self, keys: list[str]) -> dict[str, CacheRow | None]:
+    async def _prefetch(self, keys: list[str]) -> Prefetched:
         try:
             return await self.cache.prefetch(keys)
         except Exception as exc:
             self.stats.cache_errors += 1
             log.error("cache prefetch failed, looking up one by one: %s", exc)
-            return {}
+            return Prefetched()
 
     async def aclose(self) -> None:
         """Close connections and the cache (pending writes are committed first).

@@ -9,12 +9,13 @@ import asyncio
 import json
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
-from .cache import CacheRow, PromptCache, storable_text
+from .cache import CacheRow, Prefetched, PromptCache, storable_text
 from .jobs import Outcome
 from .stats import LiveStats
 from .streaming import replay_chunks
@@ -58,8 +59,21 @@ class RepeatedError:
         self._logger.log(self._level, message, *args)
 
 
-# For every backend in the process: the count of each fault is in its stats all the same.
-_WRITE_FAILED = RepeatedError(10.0)
+# Per cache (so per backend) and kind of fault: each backend reports its own at least
+# once per period; the count of every fault is in its stats all the same.
+_FAULTS: weakref.WeakKeyDictionary[PromptCache, dict[str, RepeatedError]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def fault_log(cache: PromptCache, kind: str) -> RepeatedError:
+    """The log of one kind of fault (``read``, ``write``) of ``cache``: a line per 10 s at most."""
+    kinds = _FAULTS.setdefault(cache, {})
+    if kind not in kinds:
+        kinds[kind] = RepeatedError(10.0)
+    return kinds[kind]
+
+
 CHAT = "chat/completions"
 
 
@@ -68,7 +82,7 @@ class BatchScope:
     """What ``run_batched`` learned up front: each request's key, and the primary rows for them."""
 
     keys: dict[int, tuple[str, str]]
-    known: dict[str, CacheRow | None]
+    known: Prefetched
     # Batch mode: the provider job's outcome for each key it was sent, by key.
     answered: dict[str, Outcome] | None = None
     job_started: float = 0.0
@@ -141,13 +155,10 @@ async def store_answer(
         return False
     try:
         row = await cache.store(call.key, call.canonical, call.model, text, raw)
-        batch = BATCH.get()
-        if batch is not None and row is not None and call.key in batch.known:
-            batch.known[call.key] = row  # a repeat later in the batch is a hit
     except Exception as exc:
         # The answer arrived and the caller gets it; losing it to a cache fault would be worse.
         stats.cache_errors += 1
-        _WRITE_FAILED.log("cache write failed, answer returned uncached: %s", exc)
+        fault_log(cache, "write").log("cache write failed, answer returned uncached: %s", exc)
         return False
     return row is not None
 

@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 
 from minima_llm import MinimaLlmConfig, MinimaLlmRequest, OpenAIMinimaLlm
-from minima_llm.cache import CacheRow, MemoryStore, PromptCache, SqliteStore, cache_key, newest
+from minima_llm.cache import (
+    CacheRow,
+    MemoryStore,
+    Prefetched,
+    PromptCache,
+    SqliteStore,
+    cache_key,
+    newest,
+)
 from minima_llm.errors import CacheError, ConfigError
 from minima_llm.testing import MockServer
 
@@ -370,18 +378,23 @@ async def test_find_now_decides_without_io_only_when_it_can(tmp_path: Path) -> N
     try:
         row = row_for("model-a", "7", 1.0)
         assert cache.find_now(KEY_A, "model-a") is ...  # not prefetched: must read
-        hit = cache.find_now(KEY_A, "model-a", {KEY_A: row})
+        hit = cache.find_now(KEY_A, "model-a", Prefetched({KEY_A: row}))
         assert hit is not None and hit is not ... and hit.row == row
         # The prefetched row now sits in memory: no batch needed any more.
         again = cache.find_now(KEY_A, "model-a")
         assert again is not None and again is not ... and again.row == row
         # A prefetched miss under a model with synonyms still has to look further.
-        assert cache.find_now(KEY_B, "model-b", {KEY_B: None}) is ...
+        assert cache.find_now(KEY_B, "model-b", Prefetched({KEY_B: None})) is ...
     finally:
         await cache.aclose()
     plain = PromptCache.open(str(tmp_path / "q"))
     try:
-        assert plain.find_now(KEY_A, "model-a", {KEY_A: None}) is None
+        absent = Prefetched({KEY_A: None})
+        absent.foreign_at = plain.primary.foreign_writes if plain.primary else 0
+        assert plain.find_now(KEY_A, "model-a", absent) is None
+        # Once another process has committed, an absence read before is read again.
+        absent.foreign_at -= 1
+        assert plain.find_now(KEY_A, "model-a", absent) is ...
     finally:
         await plain.aclose()
     assert PromptCache(None).find_now(KEY_A, "model-a") is None

@@ -2,7 +2,7 @@
 
 from .keys import cache_key, canonical_json, json_default, key_of
 from .memory import MemoryStore
-from .prompt import CacheHit, PromptCache, TraceWriter
+from .prompt import CacheHit, Prefetched, PromptCache, TraceWriter
 from .sqlite import DB_NAME, SqliteStore, storable_text
 from .store import CacheRow, CacheStore, newest
 
@@ -12,6 +12,7 @@ __all__ = [
     "CacheRow",
     "CacheStore",
     "MemoryStore",
+    "Prefetched",
     "PromptCache",
     "SqliteStore",
     "TraceWriter",

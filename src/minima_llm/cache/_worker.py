@@ -237,7 +237,9 @@ class ConnectionWorker:
         try:
             results: list[Any] = self._handler(conn, [job.payload for job in jobs])
         except Exception as exc:
-            log.error("%s: batch of %d failed: %s", self.name, len(jobs), exc)
+            # Every caller gets the error and reports it (the backend at most once per
+            # 10 s): a line per batch here too buried a full disk's log in copies.
+            log.debug("%s: batch of %d failed: %s", self.name, len(jobs), exc)
             results = [exc] * len(jobs)
         self._deliver(jobs, results)
         if self._after is not None:

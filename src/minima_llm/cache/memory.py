@@ -19,6 +19,9 @@ class MemoryStore:
     bounded by count alone, 10,000 answers of 200 KB held 4 GB.
     """
 
+    # Nobody else writes into a process's memory.
+    foreign_writes = 0
+
     def __init__(self, max_entries: int = 0, max_bytes: int = 0) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes

@@ -26,6 +26,16 @@ MEMORY_BYTES = 256 * 2**20
 Rekey = Callable[[str], tuple[str, str]]
 
 
+class Prefetched(dict[str, CacheRow | None]):
+    """Primary rows read up front for many keys (None: absent then).
+
+    ``foreign_at`` is the primary's ``foreign_writes`` at that read: once another
+    process has committed since, an absence no longer holds and is read again.
+    """
+
+    foreign_at = 0
+
+
 @dataclass(frozen=True)
 class CacheHit:
     """A cached row and where it was found: ``primary``, ``synonym`` or ``lookup``."""
@@ -98,6 +108,8 @@ class PromptCache:
         self.trace = TraceWriter(trace_file) if trace_file else None
         # Told of each lookup-store error ``find`` steps over, so its owner can count them.
         self.on_lookup_error: Callable[[Exception], None] | None = None
+        # The prefetched rows of batches running now: each row stored is entered in them.
+        self._tracked: list[Prefetched] = []
 
     @classmethod
     def open(
@@ -129,19 +141,31 @@ class PromptCache:
         if self.trace is not None:
             self.trace.write(key, canonical, source)
 
-    async def prefetch(self, keys: Sequence[str]) -> dict[str, CacheRow | None]:
+    async def prefetch(self, keys: Sequence[str]) -> Prefetched:
         """Primary rows for many keys in one go: every key maps to its row, or None if absent.
 
         Pass the result to ``find`` as ``known``: a key it holds needs no further
-        primary read, whether it was found or not.
+        primary read, unless it was absent and another process has written since.
         """
+        known = Prefetched()
         if self.primary is None or not keys:
-            return {}
+            return known
+        known.foreign_at = self.primary.foreign_writes
         found = await self.primary.get_many(keys)
-        return {key: found.get(key) for key in keys}
+        for key in keys:
+            known[key] = found.get(key)
+        return known
+
+    def track(self, known: Prefetched) -> None:
+        """Keep ``known`` up to date with the rows this process stores until ``untrack``."""
+        self._tracked.append(known)
+
+    def untrack(self, known: Prefetched) -> None:
+        """Stop updating ``known``."""
+        self._tracked.remove(known)
 
     def find_now(
-        self, key: str, model: str, known: Mapping[str, CacheRow | None] | None = None
+        self, key: str, model: str, known: Prefetched | None = None
     ) -> CacheHit | EllipsisType | None:
         """``find``'s answer when it needs no I/O (memory, or a prefetched batch); ``...`` otherwise.
 
@@ -157,9 +181,7 @@ class PromptCache:
             return CacheHit(row, "primary")
         return ... if self.lookups or self.synonyms.get(model) else None
 
-    def _primary_now(
-        self, key: str, known: Mapping[str, CacheRow | None] | None
-    ) -> CacheRow | EllipsisType | None:
+    def _primary_now(self, key: str, known: Prefetched | None) -> CacheRow | EllipsisType | None:
         """The primary's row from memory or ``known`` (None: known absent); ``...``: read it."""
         row = self.memory.get_now(key) if self.memory is not None else None
         if row is not None:
@@ -167,7 +189,12 @@ class PromptCache:
         if known is None or key not in known:
             return ...
         row = known[key]
-        if row is not None and self.memory is not None:
+        if row is None:
+            # Absent at the batch's start; since then another process may have stored it.
+            primary = self.primary
+            if primary is not None and primary.foreign_writes != known.foreign_at:
+                return ...
+        elif self.memory is not None:
             self.memory.put_now(row)
         return row
 
@@ -176,7 +203,7 @@ class PromptCache:
         key: str,
         model: str,
         rekey: Rekey,
-        known: Mapping[str, CacheRow | None] | None = None,
+        known: Prefetched | None = None,
         adopt: bool = True,
     ) -> CacheHit | None:
         """Look ``key`` up everywhere; ``rekey(model)`` gives the key under another model.
@@ -239,6 +266,9 @@ class PromptCache:
         await self.primary.put_many([row])
         if self.memory is not None:
             self.memory.put_now(row)
+        for known in self._tracked:
+            if key in known:
+                known[key] = row  # a request for it later in that batch is a hit
         return row
 
     async def aclose(self) -> None:

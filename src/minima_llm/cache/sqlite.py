@@ -78,6 +78,10 @@ class _SqliteFile:
         self.rows_written = 0
         self.commits = 0
         self.checkpoints = 0
+        # Commits by other connections (other processes) seen through the writer's
+        # PRAGMA data_version, which only other connections' commits move.
+        self.foreign_writes = 0
+        self._data_version: int | None = None
         # Set by the store before its writer opens; None for a read-only file.
         self.checkpointer: Checkpointer | None = None
         self._checkpoint_frames = checkpoint_frames
@@ -105,6 +109,7 @@ class _SqliteFile:
             conn.execute(f"PRAGMA wal_autocheckpoint={_BACKSTOP_FRAMES}")
             _retry_locked(lambda: conn.execute(_SCHEMA))
             _migrate(conn)
+            self._data_version = _data_version(conn)
         except BaseException:
             conn.close()  # else Python 3.13 warns about an unclosed database
             raise
@@ -255,6 +260,10 @@ class _SqliteFile:
         self.rows_written += len(rows)
         self.commits += 1
         self._wrote(rows)
+        version = _data_version(conn)
+        if version != self._data_version:
+            self._data_version = version
+            self.foreign_writes += 1
         return [None] * len(batches)
 
 
@@ -314,6 +323,11 @@ class SqliteStore:
     def commits(self) -> int:
         """Commits made by this store."""
         return self._file.commits
+
+    @property
+    def foreign_writes(self) -> int:
+        """Commits by other processes noticed since the store opened (checked at each commit)."""
+        return self._file.foreign_writes
 
     @property
     def checkpoints(self) -> int:
@@ -406,6 +420,11 @@ def _why(path: Path, readonly: bool) -> str:
             "that wrote it close it cleanly)"
         )
     return ""
+
+
+def _data_version(conn: sqlite3.Connection) -> int:
+    row = conn.execute("PRAGMA data_version").fetchone()
+    return int(row[0])
 
 
 def _connect_uri(uri: str) -> sqlite3.Connection:

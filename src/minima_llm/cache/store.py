@@ -22,7 +22,17 @@ class CacheRow(NamedTuple):
 
 
 class CacheStore(Protocol):
-    """Async key-value storage of completions."""
+    """Async key-value storage of completions.
+
+    ``foreign_writes`` counts the commits of other writers (other processes) the store
+    has noticed, so a caller holding rows it read earlier knows they may be out of date;
+    a store that cannot tell leaves it at 0.
+    """
+
+    @property
+    def foreign_writes(self) -> int:
+        """Commits of other writers noticed so far."""
+        ...
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, CacheRow]:
         """The rows found among ``keys``."""
