@@ -177,3 +177,37 @@ def test_a_lookup_that_cannot_read_its_wal_says_why_not_to_move_cache_dir(
     message = as_non_root(open_it)
     assert f"the directory {copy} is not writable and {DB_NAME}-wal holds commits" in message
     assert "point cache_dir elsewhere" not in message
+
+
+@ALLOW_FORK
+def test_a_cache_file_of_another_user_in_a_shared_directory_is_refused_when_opened(
+    shared_dir: Path,
+) -> None:
+    # A colleague's minima_llm.db (mode 644) in a directory everyone may write: SQLite
+    # opens it read-only without a word, and every commit of the run would fail.
+    owner = SqliteStore.in_dir(shared_dir)
+    owner.put_many_sync(_rows(0, 1, "theirs"))
+    owner.close()
+    shared_dir.chmod(0o777)
+    (shared_dir / DB_NAME).chmod(0o644)
+
+    def open_it() -> str:
+        try:
+            SqliteStore.in_dir(shared_dir).close()
+        except CacheError as exc:
+            return str(exc)
+        return "opened"
+
+    said = as_non_root(open_it)
+    assert f"{shared_dir / DB_NAME} is not writable by this user" in said
+    assert "CACHE_LOOKUP_DIRS" in said
+    # The same file read as a lookup cache is fine.
+    assert as_non_root(lambda: _lookup_text(shared_dir)).startswith("theirs 0")
+
+
+def _lookup_text(directory: Path) -> str:
+    lookup = SqliteStore.in_dir(directory, readonly=True)
+    try:
+        return lookup.get_many_sync(["k0"])["k0"].response_text
+    finally:
+        lookup.close()

@@ -99,6 +99,7 @@ class _SqliteFile:
         self._identity_checked_at = -math.inf
 
     def connect_writer(self) -> sqlite3.Connection:
+        _check_writable(self.path)
         conn = sqlite3.connect(
             self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
@@ -420,6 +421,23 @@ def _why(path: Path, readonly: bool) -> str:
             "that wrote it close it cleanly)"
         )
     return ""
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse a cache file (or its WAL or index) this process may not write.
+
+    SQLite opens such a file read-only without a word and refuses only the first
+    commit, so every answer of the run would be paid for and none kept. Asking
+    SQLite for the write lock instead would wait on any other process's transaction.
+    """
+    effective = os.access in os.supports_effective_ids
+    for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if part.exists() and not os.access(part, os.W_OK, effective_ids=effective):
+            raise sqlite3.OperationalError(
+                f"{part} is not writable by this user: ask its owner to make it group-"
+                "writable, or use another cache_dir (a cache only to read from belongs in "
+                "CACHE_LOOKUP_DIRS)"
+            )
 
 
 def _data_version(conn: sqlite3.Connection) -> int:
