@@ -310,6 +310,19 @@ async def test_a_synonym_lookup_keeps_the_key_only_fields(
     assert mock.stats()["requests"] == 3
 
 
+async def test_a_synonym_hit_reports_the_same_model_on_its_first_replay_and_later_ones(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    backend = make_backend(model_synonyms={"m1": ["m2"]})
+    await backend.generate(req(1, model="m2"))
+    first = await backend.generate(req(1, model="m1"))  # found under m2, copied as m1
+    later = await backend.generate(req(1, model="m1"))
+    assert isinstance(first, MinimaLlmResponse) and isinstance(later, MinimaLlmResponse)
+    assert (first.cache_source, later.cache_source) == ("synonym", "primary")
+    assert first.model == later.model == "m1"
+    assert first.text == later.text and mock.stats()["requests"] == 1
+
+
 async def test_a_no_store_call_answered_from_a_lookup_cache_leaves_the_primary_alone(
     make_backend: BackendFactory, mock: MockServer, tmp_path: Path
 ) -> None:

@@ -233,7 +233,8 @@ async def test_missing_and_broken_lookup_dirs_are_skipped_with_a_warning(
     try:
         assert [d for d, _ in cache.lookups] == [good]
         warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-        assert any(missing in m for m in warned)
+        assert any(missing in m and "CACHE_LOOKUP_DIRS" in m for m in warned)
+        assert all("will be asked of the upstream" in m for m in warned)
         assert any(str(broken) in m for m in warned)
         assert not (tmp_path / "does-not-exist").exists()
         hit = await cache.find(KEY_A, "model-a", rekey)

@@ -127,7 +127,14 @@ class PromptCache:
             try:
                 lookups.append((directory, SqliteStore.in_dir(directory, readonly=True)))
             except Exception as exc:
-                log.warning("cache lookup dir %s skipped: %s", directory, exc)
+                # Skipped, not fatal: one list may name archives on several clusters. But a
+                # typo would turn a replay into a paid run, so the line says what it costs.
+                log.warning(
+                    "cache lookup dir %s (cache_lookup_dirs, CACHE_LOOKUP_DIRS) skipped: %s;"
+                    " answers only it holds will be asked of the upstream",
+                    directory,
+                    exc,
+                )
         memory = MemoryStore(memory_entries, MEMORY_BYTES) if memory_entries > 0 else None
         return cls(primary, lookups, synonyms, trace_file, memory)
 
@@ -244,8 +251,10 @@ class PromptCache:
     async def _adopt(
         self, row: CacheRow, key: str, model: str, rekey: Rekey, source: str, adopt: bool
     ) -> CacheHit:
+        # The row as the primary holds it once copied, so this replay and every later
+        # one report the same model (the one asked for) and key.
+        copy = row._replace(key=key, model=model, canonical=rekey(model)[1])
         if self.primary is not None and adopt:
-            copy = row._replace(key=key, model=model, canonical=rekey(model)[1])
             try:
                 await self.primary.put_many([copy])
                 if self.memory is not None:
@@ -254,7 +263,7 @@ class PromptCache:
                 log.warning(
                     "cache: could not copy a %s hit into the primary cache: %s", source, exc
                 )
-        return CacheHit(row, source)
+        return CacheHit(copy, source)
 
     async def store(
         self, key: str, canonical: str, model: str, text: str, raw: str | None
