@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -137,3 +139,28 @@ def test_a_demo_stopped_by_a_signal_cleans_up_and_says_so(
     assert proc.returncode == code, err
     assert f"minima-llm: {said}" in err.decode() and b"Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+README = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+
+
+def test_readme_shows_the_mock_server_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    # It showed 50 ms, 1200 rpm and 5% failures where the command adds none.
+    line = next(x for x in README.splitlines() if x.startswith("- `minima-llm mock-server"))
+    shown = dict(re.findall(r"\[--([\w-]+) ([^]]+)\]", line))
+    started: dict[str, Any] = {}
+    monkeypatch.setattr(
+        "minima_llm.testing.serve",
+        lambda host, port, config: started.update(host=host, port=port, config=config),
+    )
+    assert main(["mock-server"]) == 0
+    config = started["config"]
+    assert shown == {
+        "host": started["host"],
+        "port": str(started["port"]),
+        "latency-ms": f"{config.latency_s * 1000:g}",
+        "rpm": str(config.rpm),
+        "max-concurrency": str(config.max_concurrency),
+        "failure-rate": f"{config.failure_rate:g}",
+        "seed": str(config.seed),
+    }

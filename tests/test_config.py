@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -129,11 +130,12 @@ ENV_CASES = [
     ("COMPRESS_GZIP", "on", "compress_gzip", True),
     ("COMPRESS_GZIP", "0", "compress_gzip", False),
     ("COMPRESS_GZIP", "False", "compress_gzip", False),
-    ("CACHE_DIR", "./cache", "cache_dir", "./cache"),
+    ("CACHE_DIR", "/srv/cache", "cache_dir", "/srv/cache"),
+    ("CACHE_DIR", " /srv/cache\r", "cache_dir", "/srv/cache"),
     ("CACHE_DIR", "", "cache_dir", None),
     ("CACHE_FORCE_REFRESH", "1", "force_refresh", True),
     ("CACHE_FORCE_REFRESH", "0", "force_refresh", False),
-    ("MINIMA_TRACE_FILE", "trace.jsonl", "trace_file", "trace.jsonl"),
+    ("MINIMA_TRACE_FILE", "/srv/trace.jsonl", "trace_file", "/srv/trace.jsonl"),
     ("MINIMA_TRACE_FILE", "", "trace_file", None),
     ("MINIMA_TRANSPORT", "stdlib", "transport", "stdlib"),
     ("MINIMA_TRANSPORT", "aiohttp", "transport", "aiohttp"),
@@ -145,6 +147,11 @@ ENV_CASES = [
     ("CACHE_LOOKUP_DIRS", f" /a , /b{os.pathsep}/c,, ", "cache_lookup_dirs", ("/a", "/b", "/c")),
     ("CACHE_LOOKUP_DIRS", "", "cache_lookup_dirs", ()),
     ("OPENAI_API_KEY", "sk-abc", "api_key", "sk-abc"),
+    # A CRLF .env file or a job script's trailing blank is no part of the model's name.
+    ("OPENAI_MODEL", "gpt-4o ", "model", "gpt-4o"),
+    ("OPENAI_MODEL", "gpt-4o\r", "model", "gpt-4o"),
+    ("OPENAI_MODEL", "\tgpt-4o\n", "model", "gpt-4o"),
+    ("OPENAI_BASE_URL", f"{URL}\r", "base_url", URL),
 ]
 
 
@@ -187,6 +194,11 @@ def test_from_env_required_values_are_read() -> None:
         ({"OPENAI_TOKEN": "tok-1"}, "tok-1"),
         ({"OPENAI_API_KEY": "key-1", "OPENAI_TOKEN": "tok-1"}, "key-1"),
         ({"OPENAI_API_KEY": "", "OPENAI_TOKEN": "tok-1"}, "tok-1"),
+        # A blank key is an unset one (KEY=${KEY} with nothing in it, or a stray newline).
+        ({"OPENAI_API_KEY": "   ", "OPENAI_TOKEN": "tok-1"}, "tok-1"),
+        ({"OPENAI_API_KEY": "\n", "OPENAI_TOKEN": " tok-1\n"}, "tok-1"),
+        ({"OPENAI_API_KEY": "   "}, None),
+        ({"OPENAI_TOKEN": "\t"}, None),
     ],
 )
 def test_api_key_falls_back_to_openai_token(extra: dict[str, str], expected: str | None) -> None:
@@ -194,13 +206,13 @@ def test_api_key_falls_back_to_openai_token(extra: dict[str, str], expected: str
 
 
 @pytest.mark.parametrize("missing", ["OPENAI_BASE_URL", "OPENAI_MODEL"])
-@pytest.mark.parametrize("how", ["absent", "empty"])
+@pytest.mark.parametrize("how", ["absent", "", "   ", "\r\n"])
 def test_from_env_missing_required_variable(missing: str, how: str) -> None:
     environ = dict(BASE_ENV)
     if how == "absent":
         del environ[missing]
     else:
-        environ[missing] = ""
+        environ[missing] = how
     with pytest.raises(ConfigError, match=missing) as info:
         MinimaLlmConfig.from_env(environ=environ)
     assert info.value.field == missing
@@ -309,7 +321,9 @@ INVALID = [
     ("timeout_s", 1e10),
     ("timeout_s", 10**400),  # past a float's range: YAML reads such digits as an int
     ("model", ""),
-    ("cache_lookup_dirs", "/a,/b"),
+    ("model", "   "),
+    ("model", "\t\r\n"),
+    ("cache_lookup_dirs", b"/a"),
     ("cache_lookup_dirs", [1]),
     ("cache_lookup_dirs", 5),
 ]
@@ -338,6 +352,29 @@ def test_invalid_field_pairs(kwargs: dict[str, float], name: str, value: float) 
         make(**kwargs)
     assert info.value.field == name
     assert f"{name}={value!r}" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("environ", "name", "value", "other"),
+    [
+        # Each variable set alone, against the other's default: the error names it.
+        ({"BASE_BACKOFF_S": "30"}, "base_backoff_s", 30.0, "at most max_backoff_s (20.0)"),
+        ({"MAX_BACKOFF_S": "0.1"}, "max_backoff_s", 0.1, "at least base_backoff_s (0.5)"),
+        ({"COOLDOWN_FLOOR_S": "40"}, "cooldown_floor_s", 40.0, "at most cooldown_cap_s (30.0)"),
+    ],
+)
+def test_a_pair_out_of_order_names_the_value_that_was_set(
+    environ: dict[str, str], name: str, value: float, other: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        env(**environ)
+    assert (info.value.field, info.value.value) == (name, value)
+    assert str(info.value) == f"invalid {name}={value!r}: {other}"
+
+
+def test_explicit_model_is_kept_as_given() -> None:
+    # Only the environment is stripped; a program's own model name is its cache key.
+    assert make(model=" m\n").model == " m\n"
 
 
 def test_boundary_values_are_accepted() -> None:
@@ -537,7 +574,7 @@ def test_from_dict_missing_required_key(missing: str) -> None:
 
 def test_batch_and_parasail_from_dict() -> None:
     assert BatchConfig.from_dict({"stall_s": 1.0}).stall_s == 1.0
-    assert ParasailBatchConfig.from_dict({"state_dir": "s"}).state_dir == "s"
+    assert ParasailBatchConfig.from_dict({"state_dir": "/s"}).state_dir == "/s"
     with pytest.raises(ConfigError, match=r"batch\.nope"):
         BatchConfig.from_dict({"nope": 1})
 
@@ -583,12 +620,16 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_from_yaml_reference_example(tmp_path: Path) -> None:
+def test_from_yaml_reference_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     cfg = MinimaLlmConfig.from_yaml(write(tmp_path, REFERENCE_YAML))
     assert cfg.base_url == "https://api.openai.com/v1"
-    assert (cfg.model, cfg.api_key, cfg.cache_dir) == ("gpt-4", "sk-...", "./cache")
+    assert (cfg.model, cfg.api_key) == ("gpt-4", "sk-...")
+    assert cfg.cache_dir == str(tmp_path / "cache")
     assert cfg.batch == BatchConfig(num_workers=64, max_failures=25, heartbeat_s=10.0)
-    assert cfg.parasail == ParasailBatchConfig("my-project", "./batch-state", 30.0, 24.0)
+    assert cfg.parasail == ParasailBatchConfig(
+        "my-project", str(tmp_path / "batch-state"), 30.0, 24.0
+    )
     assert cfg.parasail.enabled
 
 
@@ -607,6 +648,53 @@ def test_from_yaml_other_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert as_sets(cfg.model_synonyms) == {"a": {"b"}, "b": {"a"}}
     assert cfg.cache_lookup_dirs == ("/x", "/y")
     assert cfg.batch.max_failures is None
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (f'cache_lookup_dirs: "/a{os.pathsep}/b"', ("/a", "/b")),
+        ('cache_lookup_dirs: "/a, /b"', ("/a", "/b")),
+        ("cache_lookup_dirs: /a", ("/a",)),
+        ('cache_lookup_dirs: ""', ()),
+    ],
+)
+def test_from_yaml_lookup_dirs_as_the_variable_spells_them(
+    tmp_path: Path, line: str, expected: tuple[str, ...]
+) -> None:
+    # README: YAML takes what the variable takes; model_synonyms already took its string.
+    cfg = MinimaLlmConfig.from_yaml(write(tmp_path, f"base_url: {URL}\nmodel: m\n{line}\n"))
+    assert cfg.cache_lookup_dirs == expected
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "hint"),
+    [
+        ({"minima_transport": "stdlib"}, "config.minima_transport", "is transport)"),
+        ({"cache_force_refresh": True}, "config.cache_force_refresh", "is force_refresh)"),
+        ({"minima_trace_file": "t"}, "config.minima_trace_file", "is trace_file)"),
+        ({"openai_api_key": SECRET}, "config.openai_api_key", "is api_key)"),
+        ({"batch_num_workers": 4}, "config.batch_num_workers", "num_workers in the batch:"),
+        ({"batch": {"batch_stall_s": 4}}, "batch.batch_stall_s", "BATCH_STALL_S is stall_s)"),
+    ],
+)
+def test_a_key_spelt_as_its_variable_is_told_its_name(
+    data: dict[str, Any], field: str, hint: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        MinimaLlmConfig.from_dict({"base_url": URL, "model": "m", **data})
+    assert info.value.field == field
+    assert hint in str(info.value)
+    assert SECRET not in str(info.value)
+
+
+def test_from_yaml_blank_api_key_falls_back_to_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_TOKEN", "tok")
+    cfg = MinimaLlmConfig.from_yaml(write(tmp_path, f'base_url: {URL}\nmodel: m\napi_key: "  "\n'))
+    assert cfg.api_key == "tok"
 
 
 def test_from_yaml_empty_list_entry_means_none(tmp_path: Path) -> None:
@@ -734,7 +822,15 @@ def test_base_url_normalisation(given: str, expected: str) -> None:
 
 @pytest.mark.parametrize(
     ("dirs", "expected"),
-    [(None, ()), ([], ()), (["/a", Path("/b")], ("/a", "/b")), (iter(["/c"]), ("/c",))],
+    [
+        (None, ()),
+        ([], ()),
+        (["/a", Path("/b")], ("/a", "/b")),
+        (iter(["/c"]), ("/c",)),
+        ("/a,/b", ("/a", "/b")),
+        (f" /a{os.pathsep}/b ,", ("/a", "/b")),
+        ("", ()),
+    ],
 )
 def test_cache_lookup_dirs_forms(dirs: Any, expected: tuple[str, ...]) -> None:
     assert make(cache_lookup_dirs=dirs).cache_lookup_dirs == expected
@@ -840,3 +936,27 @@ def test_api_key_read_from_a_file_loses_its_newline() -> None:
 def test_base_urls_that_are_valid_stay_valid() -> None:
     for url in ("http://[::1]:8000/v1", "https://api.example.com", "http://h:65535/v1/"):
         assert make(base_url=url).base_url.endswith("/v1")
+
+
+# --- the README says what the code does ------------------------------------------------
+
+README = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+
+
+def test_readme_names_the_yaml_key_of_every_variable() -> None:
+    # It said "the same names in lower case", which three client variables are not.
+    sentence = README[README.index("YAML (and `from_dict`)") :].split(";")[0]
+    keys_part, vars_part = sentence.split("except ")[1].split("(")
+    exceptions = dict(
+        zip(re.findall(r"`(\w+)`", vars_part), re.findall(r"`(\w+)`", keys_part), strict=True)
+    )
+    table = re.findall(r"^\| (`[A-Z_]+`[^|]*)\|", README, flags=re.MULTILINE)
+    variables = {v for cell in table for v in re.findall(r"`([A-Z_]+)`", cell)}
+    assert "CACHE_FORCE_REFRESH" in variables and "BATCH_STALL_S" in variables
+    names = {f.name for f in dataclasses.fields(MinimaLlmConfig)}
+    batch_names = {f.name for f in dataclasses.fields(BatchConfig)}
+    for var in variables - {"OPENAI_TOKEN"}:  # the fallback of OPENAI_API_KEY
+        if var.startswith("BATCH_"):
+            assert var.removeprefix("BATCH_").lower() in batch_names, var
+        else:
+            assert exceptions.get(var, var.lower()) in names, var

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from .config import MinimaLlmConfig
+from .config import MinimaLlmConfig, env_set
 from .errors import MinimaLlmError
 
 
@@ -210,9 +210,9 @@ def _env_config() -> MinimaLlmConfig:
     ``OPENAI_BASE_URL`` (or a model) the command still shows and cancels them.
     """
     env = dict(os.environ)
-    if not env.get("OPENAI_BASE_URL"):
+    if not env_set(env, "OPENAI_BASE_URL"):
         env["OPENAI_BASE_URL"] = _NO_ENDPOINT
-    if not env.get("OPENAI_MODEL"):
+    if not env_set(env, "OPENAI_MODEL"):
         env["OPENAI_MODEL"] = "unset"
     return MinimaLlmConfig.from_env(env)
 

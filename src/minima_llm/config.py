@@ -30,17 +30,27 @@ _FALSE = {"0", "false", "no", "off", ""}
 _VERSION_SEGMENT = re.compile(r"/v\d+[a-z0-9]*$")
 
 
-def _check_path(owner: Any, attr: str, name: str, note: str = "") -> None:
-    """A directory field: None, a str or a PathLike, kept as a str.
+def _check_path(owner: Any, attr: str, name: str, note: str = "", kind: str = "directory") -> None:
+    """A path field: None, a str or a PathLike, kept as an absolute str ("" stays "": off).
 
     Checked when the config is built: a number or bytes would otherwise pass until
     the backend is built, and fail there as a bare TypeError from pathlib.
     """
     value = getattr(owner, attr)
-    allowed = f"a directory path or None {note}".rstrip()
+    allowed = f"a {kind} path or None {note}".rstrip()
     _check(value is None or isinstance(value, (str, os.PathLike)), name, value, allowed)
     if value is not None:
-        object.__setattr__(owner, attr, os.fspath(value))
+        object.__setattr__(owner, attr, _absolute(os.fspath(value)))
+
+
+def _absolute(path: str) -> str:
+    """``path`` made absolute against the current directory now, symlinks left alone.
+
+    The cache store opens and re-checks its file long after the config is built; a
+    relative path read then follows a later ``os.chdir`` to another directory (and a
+    false "cache file was deleted or replaced"). "" is no path: it means "none".
+    """
+    return os.path.abspath(path) if path else path
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
@@ -233,10 +243,11 @@ class MinimaLlmConfig:
         )
         object.__setattr__(self, "base_url", normalize_base_url(self.base_url))
         _check(
-            isinstance(self.model, str) and bool(self.model),
+            # Not stripped: a program passing a model gets exactly that model in its keys.
+            isinstance(self.model, str) and bool(self.model.strip()),
             "model",
             self.model,
-            "a non-empty model name",
+            "a model name that is not blank",
         )
         _check(
             self.api_key is None or isinstance(self.api_key, str),
@@ -254,6 +265,7 @@ class MinimaLlmConfig:
                 "printable ASCII characters (it is sent in an HTTP header)",
             )
         _check_path(self, "cache_dir", "cache_dir")
+        _check_path(self, "trace_file", "trace_file", kind="file")
         _check_int("max_outstanding", self.max_outstanding, 1)
         _check_int("memory_cache_entries", self.memory_cache_entries, 0)
         _check_int("rpm", self.rpm, 0)
@@ -267,12 +279,7 @@ class MinimaLlmConfig:
         _check_int("max_attempts", self.max_attempts, 0)
         _check_float("base_backoff_s", self.base_backoff_s, 0.0)
         _check_float("max_backoff_s", self.max_backoff_s, 0.0)
-        _check(
-            self.max_backoff_s >= self.base_backoff_s,
-            "max_backoff_s",
-            self.max_backoff_s,
-            f"a number >= base_backoff_s ({self.base_backoff_s})",
-        )
+        _check_not_above(self, "base_backoff_s", "max_backoff_s")
         _check(
             _is_num(self.jitter) and 0.0 <= self.jitter <= 1.0,
             "jitter",
@@ -281,12 +288,7 @@ class MinimaLlmConfig:
         )
         _check_float("cooldown_floor_s", self.cooldown_floor_s, 0.0)
         _check_float("cooldown_cap_s", self.cooldown_cap_s, 0.0)
-        _check(
-            self.cooldown_cap_s >= self.cooldown_floor_s,
-            "cooldown_cap_s",
-            self.cooldown_cap_s,
-            f"a number >= cooldown_floor_s ({self.cooldown_floor_s})",
-        )
+        _check_not_above(self, "cooldown_floor_s", "cooldown_cap_s")
         _check_float("cooldown_halflife_s", self.cooldown_halflife_s, 0.0, strict=True)
         _check(
             isinstance(self.compress_gzip, bool),
@@ -396,11 +398,13 @@ class MinimaLlmConfig:
         env = os.environ if environ is None else environ
         kwargs: dict[str, Any] = {}
         for var in ("OPENAI_BASE_URL", "OPENAI_MODEL"):
-            if not env.get(var):
+            if not env_set(env, var):
                 raise ConfigError(var, env.get(var), "set this environment variable")
-        kwargs["base_url"] = env["OPENAI_BASE_URL"]
-        kwargs["model"] = env["OPENAI_MODEL"]
-        kwargs["api_key"] = env.get("OPENAI_API_KEY") or env.get("OPENAI_TOKEN") or None
+        # Stripped as every other variable is: "gpt-4o\r" from a CRLF .env file, or
+        # "gpt-4o " from a job script, would be another model in every cache key.
+        kwargs["base_url"] = env["OPENAI_BASE_URL"].strip()
+        kwargs["model"] = env["OPENAI_MODEL"].strip()
+        kwargs["api_key"] = _env_api_key(env)
         for var, name, parse in _CLIENT_ENV:
             if env_set(env, var):
                 kwargs[name] = parse(var, env[var])
@@ -419,10 +423,9 @@ class MinimaLlmConfig:
         A top-level ``proxy:`` section belongs to the gateway and is skipped here.
         """
         data = {k: v for k, v in read_yaml(path).items() if k not in _OTHER_SECTIONS}
-        if not data.get("api_key"):
-            data["api_key"] = (
-                os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_TOKEN") or None
-            )
+        key = data.get("api_key")
+        if not key or (isinstance(key, str) and not key.strip()):
+            data["api_key"] = _env_api_key(os.environ)
         return cls.from_dict(data)
 
 
@@ -462,15 +465,41 @@ def _where(exc: Exception) -> str:
 def _lookup_dirs(dirs: Any) -> tuple[str, ...]:
     # None is what YAML gives for an empty "cache_lookup_dirs:" line.
     dirs = () if dirs is None else dirs
-    ok = isinstance(dirs, Iterable) and not isinstance(dirs, (str, bytes))
-    items = tuple(dirs) if ok else ()
+    # A string is the variable's form ("/a:/b"), in YAML as in CACHE_LOOKUP_DIRS; never
+    # its characters, which is what iterating it would give.
+    if isinstance(dirs, str):
+        items, ok = _split_dirs(dirs), True
+    else:
+        ok = isinstance(dirs, Iterable) and not isinstance(dirs, bytes)
+        items = tuple(dirs) if ok else ()
     _check(
         ok and all(isinstance(d, (str, os.PathLike)) for d in items),
         "cache_lookup_dirs",
         dirs,
-        "a list of directory paths",
+        f"a list of directory paths, or one string of them separated by ',' or {os.pathsep!r}",
     )
-    return tuple(os.fspath(d) for d in items)
+    return tuple(_absolute(os.fspath(d)) for d in items)
+
+
+def _split_dirs(text: str) -> tuple[str, ...]:
+    """The directories in a ``,``- or ``os.pathsep``-separated list, blanks dropped."""
+    parts: Iterable[str] = (p for chunk in text.split(",") for p in chunk.split(os.pathsep))
+    return tuple(p.strip() for p in parts if p.strip())
+
+
+def _check_not_above(config: Any, low: str, high: str) -> None:
+    """``low`` <= ``high``; the error names the field moved off its default, and both values.
+
+    A ``BASE_BACKOFF_S=30`` alone used to be reported as a bad ``max_backoff_s``,
+    a value the user never set.
+    """
+    low_value, high_value = getattr(config, low), getattr(config, high)
+    if low_value <= high_value:
+        return
+    defaults = {f.name: f.default for f in fields(config)}
+    if high_value == defaults[high] and low_value != defaults[low]:
+        raise ConfigError(low, low_value, f"at most {high} ({high_value})")
+    raise ConfigError(high, high_value, f"at least {low} ({low_value})")
 
 
 def is_header_safe(value: str) -> bool:
@@ -569,10 +598,9 @@ def _known_keys(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any
     allowed = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - allowed)
     if unknown:
+        known = _key_for_variable(where, unknown[0]) or ", ".join(sorted(allowed))
         # The value is not echoed: a misspelt key ("openai_api_key") may hold a secret.
-        raise ConfigError(
-            f"{where}.{unknown[0]}", "<hidden>", f"a known key ({', '.join(sorted(allowed))})"
-        )
+        raise ConfigError(f"{where}.{unknown[0]}", "<hidden>", f"a known key ({known})")
     required = [
         f.name
         for f in fields(cls)
@@ -582,6 +610,30 @@ def _known_keys(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any
         if name not in data:
             raise ConfigError(f"{where}.{name}", None, "a value (this key is required)")
     return dict(data)
+
+
+def _key_for_variable(where: str, key: str) -> str | None:
+    """The key to write for one spelt as its variable in lower case (``minima_transport``).
+
+    Most keys are their variable's name in lower case, so such a spelling is a likely
+    mistake; the key list alone does not say which key holds that variable's value.
+    """
+    batch = {var: name for var, name, _ in _BATCH_ENV}
+    if where == "batch":
+        names = batch
+    elif where == "config":
+        client = {var: name for var, name, _ in _CLIENT_ENV}
+        in_section = {var: f"{name} in the batch: section" for var, name in batch.items()}
+        names = {**_REQUIRED_ENV, **client, **in_section}
+    else:
+        return None
+    var = key.upper()
+    return f"the key for {var} is {names[var]}" if var in names else None
+
+
+def _env_api_key(env: Mapping[str, str]) -> str | None:
+    """``OPENAI_API_KEY``, else ``OPENAI_TOKEN``; a blank one counts as unset."""
+    return next((env[v] for v in ("OPENAI_API_KEY", "OPENAI_TOKEN") if env_set(env, v)), None)
 
 
 def env_set(env: Mapping[str, str], var: str) -> bool:
@@ -625,13 +677,19 @@ def _env_opt_int(var: str, text: str) -> int | None:
 
 
 def _env_dirs(var: str, text: str) -> tuple[str, ...]:
-    parts: Iterable[str] = (p for chunk in text.split(",") for p in chunk.split(os.pathsep))
-    return tuple(p.strip() for p in parts if p.strip())
+    return _split_dirs(text)
 
 
 def _env_str(var: str, text: str) -> str:
     return text.strip()
 
+
+_REQUIRED_ENV = {
+    "OPENAI_BASE_URL": "base_url",
+    "OPENAI_MODEL": "model",
+    "OPENAI_API_KEY": "api_key",
+    "OPENAI_TOKEN": "api_key",
+}
 
 _CLIENT_ENV = (
     ("CACHE_DIR", "cache_dir", _env_opt_str),

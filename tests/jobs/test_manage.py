@@ -506,6 +506,20 @@ async def test_cli_lists_jobs_with_only_cache_dir_in_the_environment(
     assert "completed" in line
 
 
+async def test_cli_takes_blank_endpoint_and_model_variables_as_unset(
+    running_job: str,
+    mock: MockServer,
+    env_cache_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # "OPENAI_MODEL=${MODEL}" in a job script with MODEL unset: still only CACHE_DIR needed.
+    monkeypatch.setenv("OPENAI_MODEL", "  ")
+    monkeypatch.setenv("OPENAI_BASE_URL", "")
+    assert await cli("--no-refresh") == 0
+    assert running_job in capsys.readouterr().out
+
+
 async def test_cli_no_refresh_shows_the_state_files_as_they_are(
     running_job: str,
     mock: MockServer,
