@@ -38,7 +38,9 @@ async def test_answers_another_process_stores_during_a_batch_are_hits(
     backend = make_backend(batch={"num_workers": 1, "heartbeat_s": 0, "stall_s": 0})
     requests = [req(i) for i in range(6)]
     batch = asyncio.ensure_future(backend.run_batched(requests, progress=False))
-    while mock.stats()["requests"] < 1:  # its up-front read is done: the first call is out
+    for _ in range(500):  # its up-front read is done once the first call is out
+        if mock.stats()["requests"]:
+            break
         await asyncio.sleep(0.01)
     other = SqliteStore(tmp_path / "cache" / DB_NAME)
     try:

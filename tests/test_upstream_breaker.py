@@ -25,13 +25,19 @@ Outcome = int | BaseException
 
 
 class Streamed:
-    """A streaming answer: its status, and a body of one chunk (or an error body)."""
+    """A streaming answer: its status, and a body of one chunk (or an error body).
 
-    def __init__(self, status: int) -> None:
+    ``silent``: headers, then nothing, as from a server whose engine hangs.
+    """
+
+    def __init__(self, status: int, silent: bool = False) -> None:
         self.status = status
         self.headers: dict[str, str] = {}
+        self.silent = silent
 
     async def lines(self) -> Any:
+        if self.silent:
+            await asyncio.Event().wait()
         for line in (CHUNK, b"\n", b"data: [DONE]\n"):
             yield line
 
@@ -48,8 +54,9 @@ class Scripted:
     ``hold`` makes the next call wait for it first, so a test can cancel a call mid-send.
     """
 
-    def __init__(self, *outcomes: Outcome) -> None:
+    def __init__(self, *outcomes: Outcome, silent_streams: bool = False) -> None:
         self.outcomes = list(outcomes)
+        self.silent_streams = silent_streams
         self.calls = 0
         self.hold: asyncio.Event | None = None
         self.held = asyncio.Event()  # set once a call waits on ``hold``
@@ -73,7 +80,7 @@ class Scripted:
     async def open_stream(
         self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
     ) -> Streamed:
-        return Streamed(await self._next())
+        return Streamed(await self._next(), self.silent_streams)
 
     async def aclose(self) -> None:
         pass
@@ -106,7 +113,6 @@ async def call(up: UpstreamCaller, stream: bool = False) -> Any:
 
 DOWN = {
     "connect": TransportError("connect", "refused"),
-    "reset": TransportError("reset", "dropped"),
     "timeout": TransportError("timeout", "silent"),
     "502": 502,
 }
@@ -119,6 +125,8 @@ NOT_DOWN = {
     "malformed": TransportError("malformed", "bad gzip"),
     "too_large": TransportError("too_large", "huge"),
     "closed": TransportError("closed", "closed"),
+    # A live server cuts answers halfway too.
+    "reset": TransportError("reset", "dropped"),
 }
 
 
@@ -169,11 +177,59 @@ async def test_a_refused_call_waits_for_nothing_and_sends_nothing() -> None:
 
 async def test_retries_under_way_are_cut_short() -> None:
     transport = Scripted(*[DOWN["connect"]] * 10)
-    up, _, _ = caller(transport, threshold=3, max_attempts=10)
+    up, _, clock = caller(transport, threshold=3, max_attempts=10)
     failure = await up.complete("r", URL, {"model": "m"})
     assert isinstance(failure, MinimaLlmFailure)
     assert failure.error_type == UPSTREAM_DOWN and failure.attempts == 3
     assert len(failure.attempt_timestamps) == 3 and transport.calls == 3
+    # No backoff after the third attempt, which tripped it: the clock stands where it went out.
+    assert clock.now == failure.attempt_timestamps[-1]
+
+
+async def test_streams_are_judged_at_their_first_chunk_not_their_headers() -> None:
+    # 200 and SSE headers, then nothing: a hung engine behind a live HTTP front.
+    transport = Scripted(silent_streams=True)
+    up, breaker, clock = caller(transport, timeout_s=0.05)
+    assert [await call(up, stream=True) for _ in range(3)] == [408, 408, UPSTREAM_DOWN]
+    clock.advance(5.0)
+    assert await call(up, stream=True) == 408  # the probe: headers, no chunk
+    assert breaker.state == OPEN and transport.calls == 3
+    transport.silent_streams = False
+    clock.advance(breaker.retry_in())
+    assert await call(up, stream=True) == 200 and breaker.state == CLOSED
+
+
+class LongAndShort(Scripted):
+    """Calls marked long wait for ``release`` and then time out; the others answer at once."""
+
+    def __init__(self, long_ones: int) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.long_ones = long_ones
+        self.all_waiting = asyncio.Event()
+
+    async def post(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
+    ) -> HttpResponse:
+        self.calls += 1
+        if self.calls <= self.long_ones:
+            if self.calls == self.long_ones:
+                self.all_waiting.set()
+            await self.release.wait()
+            raise TransportError("timeout", "timed out")
+        return HttpResponse(200, {}, BODY)
+
+
+async def test_long_generations_timing_out_beside_quick_answers_do_not_trip_it() -> None:
+    transport = LongAndShort(4)
+    up, breaker, clock = caller(transport, rpm=0)
+    long_calls = [asyncio.ensure_future(call(up)) for _ in range(4)]
+    await asyncio.wait_for(transport.all_waiting.wait(), 5)
+    clock.advance(1.0)
+    assert await call(up) == 200  # sent after them, answered before them
+    transport.release.set()
+    assert await asyncio.gather(*long_calls) == [408] * 4
+    assert breaker.state == CLOSED and breaker.streak == 0
 
 
 async def test_a_probe_cancelled_mid_send_lets_the_next_call_probe() -> None:
@@ -185,7 +241,9 @@ async def test_a_probe_cancelled_mid_send_lets_the_next_call_probe() -> None:
     transport.hold = asyncio.Event()
     probe = asyncio.ensure_future(call(up))
     await asyncio.wait_for(transport.held.wait(), 5)
-    assert await call(up) == UPSTREAM_DOWN and breaker.retry_in() == 1.0  # the probe is out
+    refused = await up.complete("r", URL, {"model": "m"})
+    assert isinstance(refused, MinimaLlmFailure) and breaker.retry_in() == 1.0
+    assert refused.message.endswith("one call is probing it now")  # the probe is out
     probe.cancel()
     with pytest.raises(asyncio.CancelledError):
         await probe

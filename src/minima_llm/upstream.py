@@ -20,6 +20,7 @@ from .loopbound import LoopBound
 from .resilience import (
     DOWN_KINDS,
     DOWN_STATUS,
+    HALF_OPEN,
     Breaker,
     Cooldown,
     RpmPacer,
@@ -404,11 +405,11 @@ class UpstreamCaller:
                 if breaker is not None:
                     breaker.unjudged(stamps[-1])
                 raise
-            if breaker is not None:
-                # Judged by the status: headers came, so the upstream is up.
-                self._answered(breaker, resp.status, stamps[-1])
             self.pacer.observe(parse_rate_limits(resp.headers))
-            if 200 <= resp.status < 300:
+            ok = 200 <= resp.status < 300
+            if breaker is not None and not ok:
+                self._answered(breaker, resp.status, stamps[-1])
+            if ok:
                 self.stats.in_flight += 1
                 stream = UpstreamStream(resp, lambda: self._release_stream(slots), self.stats)
                 try:
@@ -417,6 +418,8 @@ class UpstreamCaller:
                     await bounded(stream.start(endpoint), self.cfg.timeout_s)
                 except StreamInterrupted as exc:
                     await stream.aclose()
+                    if breaker is not None:
+                        self._up(breaker, stamps[-1])  # it said something, if not a chunk
                     problem = Problem(
                         "ResponseTooLarge" if exc.too_large else "MalformedResponse",
                         f"stream failed before its first chunk: {exc}",
@@ -429,14 +432,23 @@ class UpstreamCaller:
                 except TransportError as exc:
                     # Reading a whole JSON answer to a stream request (too large, or cut).
                     await stream.aclose()
+                    if breaker is not None:
+                        self._failed(breaker, exc, stamps[-1])
                     raise _transport_problem(exc, self.cfg.timeout_s) from exc
                 except asyncio.TimeoutError as exc:
                     await stream.aclose()
                     timed_out = TransportError("timeout", "no first chunk in time")
+                    if breaker is not None:
+                        # Headers and then nothing: a hung server as much as no answer at all.
+                        self._failed(breaker, timed_out, stamps[-1])
                     raise _transport_problem(timed_out, self.cfg.timeout_s) from exc
                 except BaseException:
                     await stream.aclose()
+                    if breaker is not None:
+                        breaker.unjudged(stamps[-1])
                     raise
+                if breaker is not None:
+                    self._up(breaker, stamps[-1])  # judged at the first chunk, not the headers
                 slots.succeeded()
                 return stream
             try:
@@ -477,6 +489,13 @@ class UpstreamCaller:
                 if not problem.retryable or not attempts_left(tries, self.cfg.max_attempts):
                     # Attempts sent, each stamped: none for a request refused at admission.
                     return self._failure(request_id, problem, len(stamps), stamps)
+                breaker = self.breaker
+                if breaker is not None and breaker.is_open:
+                    # Refused now rather than after a backoff that ends in the same refusal.
+                    wait = breaker.blocked()
+                    if wait:
+                        refusal = self._refusal(breaker, wait)
+                        return self._failure(request_id, refusal, len(stamps), stamps)
                 await self._back_off(request_id, tries, problem)
             tries += 1
             try:
@@ -592,10 +611,14 @@ class UpstreamCaller:
     @staticmethod
     def _refusal(breaker: Breaker, wait: float) -> Problem:
         # Nothing was sent; a retry within this request's budget would only be refused too.
+        when = (
+            "one call is probing it now"
+            if breaker.state == HALF_OPEN
+            else f"nothing is sent to it for {wait:.1f}s"
+        )
         return Problem(
             UPSTREAM_DOWN,
-            f"the upstream is down (last failure: {breaker.last_failure});"
-            f" nothing is sent to it for {wait:.1f}s",
+            f"the upstream is down (last failure: {breaker.last_failure}); {when}",
             None,
             None,
             False,
@@ -605,19 +628,21 @@ class UpstreamCaller:
         if exc.kind in DOWN_KINDS:
             if breaker.failed(sent_at, str(exc)):
                 self._tripped(breaker)
-        elif exc.kind == "closed":
-            breaker.unjudged(sent_at)
+        elif exc.kind in ("too_large", "malformed"):
+            self._up(breaker, sent_at)  # an answer came, too large or garbled, but it came
         else:
-            self._up(breaker)  # an answer came, too large or garbled, but it came
+            # Closed under us, or a connection dropped: before the answer or halfway
+            # through one (a live server does that too), it does not say which.
+            breaker.unjudged(sent_at)
 
     def _answered(self, breaker: Breaker, status: int, sent_at: float) -> None:
         if status != DOWN_STATUS:
-            self._up(breaker)
+            self._up(breaker, sent_at)
         elif breaker.failed(sent_at, f"HTTP {status}"):
             self._tripped(breaker)
 
-    def _up(self, breaker: Breaker) -> None:
-        if breaker.answered():
+    def _up(self, breaker: Breaker, sent_at: float) -> None:
+        if breaker.answered(sent_at):
             log.info("upstream %s answers again: sending to it again", self.cfg.base_url)
 
     def _tripped(self, breaker: Breaker) -> None:

@@ -102,6 +102,31 @@ async def test_when_the_upstream_is_back_the_probe_closes_it(tmp_path: Path) -> 
     assert health["status"] == "ok" and health["upstream"]["breaker"] == "closed"
 
 
+async def test_a_health_check_that_reaches_the_upstream_lets_the_next_miss_probe(
+    tmp_path: Path,
+) -> None:
+    # An idle gateway: without traffic no probe goes out, and after a long outage the
+    # wait could be a minute; /health itself sees the upstream answer.
+    url = closed_port_url()
+    clock = FakeClock()
+    settings = ProxySettings(port=0, breaker_failures=2, breaker_reset_s=600.0)
+    async with serve(url, tmp_path, settings, clock=clock, max_attempts=1) as gw:
+        assert [(await gw.chat(f"down {i}")).status for i in range(3)] == [502, 502, 503]
+        back = MockServer()
+        await back.start(port=urlsplit(url).port or 0)
+        try:
+            health = (await gw.get("/health")).json()
+            prometheus = _samples((await gw.get("/metrics/prometheus")).text)
+            answer = await gw.chat("after the health check")
+        finally:
+            await back.stop()
+        breaker = gw.backend.upstream.breaker
+    # Half-open, not closed: /models answering does not prove the chat route does.
+    assert health["status"] == "ok" and health["upstream"]["breaker"] == "half-open"
+    assert prometheus[("minima_gateway_upstream_breaker_open", ())] == 0
+    assert answer.status == 200 and breaker is not None and breaker.state == "closed"
+
+
 async def test_a_fronting_proxy_saying_bad_gateway_trips_it(
     mock: MockServer, tmp_path: Path
 ) -> None:

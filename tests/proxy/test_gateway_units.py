@@ -344,6 +344,7 @@ def test_a_failure_after_retries_says_so_and_keeps_the_upstreams_code() -> None:
         ({"breaker_failures": -1}, "proxy.breaker_failures"),
         ({"breaker_failures": 2.5}, "proxy.breaker_failures"),
         ({"breaker_reset_s": 0}, "proxy.breaker_reset_s"),
+        ({"breaker_reset_s": 3601}, "proxy.breaker_reset_s"),
         ({"breaker_reset_s": float("nan")}, "proxy.breaker_reset_s"),
         ({"shutdown_timeout_s": 0}, "proxy.shutdown_timeout_s"),
         ({"health_check_timeout_s": -1}, "proxy.health_check_timeout_s"),

@@ -23,7 +23,7 @@ def test_it_opens_only_after_the_failures_in_a_row() -> None:
     clock = FakeClock()
     breaker = Breaker(3, 5.0, clock)
     assert [breaker.failed(clock.now, "x") for _ in range(2)] == [False, False]
-    breaker.answered()  # an answer in between: the streak starts again
+    breaker.answered(clock.now)  # an answer in between: the streak starts again
     assert [breaker.failed(clock.now, "x") for _ in range(3)] == [False, False, True]
     assert breaker.state == OPEN and breaker.opened == 1
     assert breaker.failed(clock.now, "x") is False  # already open: no second trip
@@ -46,7 +46,7 @@ def test_half_open_it_lets_exactly_one_probe_through() -> None:
     # Everyone else waits for the probe's word, told to come back soon.
     assert breaker.admit(10.0) == PROBE_RETRY_S
     assert breaker.retry_in() == PROBE_RETRY_S
-    assert breaker.answered() is True
+    assert breaker.answered(clock.now) is True
     assert breaker.state == CLOSED and breaker.admit(10.0) == 0.0
 
 
@@ -62,7 +62,7 @@ def test_a_failed_probe_doubles_the_wait_up_to_the_cap() -> None:
     assert breaker.opened == 1
     clock.advance(MAX_RESET_S)
     assert breaker.admit(10.0) == 0.0
-    breaker.answered()
+    breaker.answered(clock.now)
     # Closed again, the next outage starts from the configured wait.
     for _ in range(3):
         breaker.failed(clock.now, "down again")
@@ -87,8 +87,9 @@ def test_failures_of_calls_sent_before_it_opened_change_nothing() -> None:
 
 
 def test_an_answer_to_any_call_closes_it() -> None:
-    breaker, _ = tripped()
-    assert breaker.answered() is True  # sent before it opened, but the upstream answered
+    breaker, clock = tripped()
+    # Sent before it opened, but the upstream answered it now.
+    assert breaker.answered(clock.now - 1.0) is True
     assert breaker.state == CLOSED and breaker.streak == 0
 
 
@@ -112,6 +113,26 @@ def test_a_probe_that_never_reports_is_given_up_after_its_bound() -> None:
     assert breaker.admit(10.0) == 0.0
 
 
+def test_failures_of_calls_sent_before_an_answered_one_do_not_count() -> None:
+    # Long generations timing out beside quick answers: the upstream was up all along.
+    clock = FakeClock()
+    breaker = Breaker(2, 5.0, clock)
+    long_ones_sent = clock.now
+    clock.advance(1.0)
+    breaker.answered(clock.now)  # a short call sent after them
+    clock.advance(30.0)
+    assert not any(breaker.failed(long_ones_sent, "timed out") for _ in range(5))
+    assert breaker.state == CLOSED and breaker.streak == 0
+
+
+def test_probe_now_shortens_the_wait_but_does_not_close() -> None:
+    breaker, clock = tripped(reset_s=30.0)
+    breaker.probe_now()
+    assert breaker.state == HALF_OPEN and breaker.admit(10.0) == 0.0
+    assert breaker.is_open
+    Breaker(1, 1.0, clock).probe_now()  # closed: nothing to do
+
+
 def test_late_failures_of_calls_sent_before_it_closed_do_not_reopen_it() -> None:
     # An upstream that went silent with calls on the wire: a few fast refusals trip it,
     # the probe finds it back, and then the old calls time out one after another.
@@ -119,7 +140,7 @@ def test_late_failures_of_calls_sent_before_it_closed_do_not_reopen_it() -> None
     on_the_wire = clock.now - 1.0
     clock.advance(5.0)
     assert breaker.admit(10.0) == 0.0
-    assert breaker.answered() is True
+    assert breaker.answered(clock.now) is True
     clock.advance(2.0)
     assert not any(breaker.failed(on_the_wire, "read timeout") for _ in range(5))
     assert breaker.state == CLOSED and breaker.streak == 0

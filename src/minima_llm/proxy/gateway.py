@@ -249,6 +249,11 @@ class Gateway:
                 result["status"] = resp.status
                 # Any HTTP answer means the server is up; 404 just means no /models route.
                 result["reachable"] = resp.status < 500
+            breaker = self.backend.upstream.breaker
+            if result["reachable"] and breaker is not None:
+                # Not a close (a model server's /models can answer while its engine is
+                # stuck), but no reason to wait out the rest of a long open period.
+                breaker.probe_now()
         # asyncio's, which before 3.11 is not the builtin TimeoutError.
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             result["error"] = f"{type(exc).__name__}: {exc}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web import RequestPayloadError
@@ -37,6 +38,7 @@ class LineFormatter(logging.Formatter):
 
 
 _ANSWERS = frozenset({"hit", "miss", "refresh", "coalesced"})
+SUMMARY_EVERY_S = 1.0
 _ALWAYS_LOGGED = frozenset({"miss", "refresh", "failed", "refused"})
 
 
@@ -44,14 +46,29 @@ class ProxyLog:
     """Counts answers and writes what an operator wants to see, no more."""
 
     def __init__(
-        self, every: int = 100, verbose: bool = False, logger: logging.Logger = log
+        self,
+        every: int = 100,
+        verbose: bool = False,
+        logger: logging.Logger = log,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.every = every
         self.verbose = verbose
         self.logger = logger
+        self._clock = clock
+        self._summary_at = -float("inf")
         self.requests = self.hits = self.live = self.failed = self.joined = 0
         # Refusals come in floods, thousands a second while the gateway is full.
         self._refusals = RepeatedError(10.0, logger=logger, level=logging.WARNING)
+
+    def _summary_due(self) -> bool:
+        # Every N requests, but at most once a second: the counts are totals, so a line
+        # left out loses nothing, and 7,000 hits (or refusals) a second made 70 lines.
+        now = self._clock()
+        if now - self._summary_at < SUMMARY_EVERY_S:
+            return False
+        self._summary_at = now
+        return True
 
     def answered(
         self,
@@ -86,7 +103,7 @@ class ProxyLog:
             else:
                 level = logging.INFO if result in _ANSWERS else logging.WARNING
                 self.logger.log(level, line)
-        if self.every and self.requests % self.every == 0:
+        if self.every and self.requests % self.every == 0 and self._summary_due():
             # Answers that joined an identical call in flight are neither hits nor calls;
             # named only when there are some, so the counts always add up.
             joined = f", {self.joined} joined a call in flight" if self.joined else ""

@@ -15,7 +15,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from ..resilience import CLOSED, Breaker
+from ..resilience import OPEN, Breaker
 from ..stats import StatsSnapshot
 from ..types import Usage
 
@@ -208,8 +208,9 @@ class _Collector:
         if breaker is not None:
             yield GaugeMetricFamily(
                 "minima_gateway_upstream_breaker_open",
-                "1 while the upstream's breaker fails cache misses at once (open or half-open)",
-                value=int(breaker.state != CLOSED),
+                "1 while the upstream's breaker fails cache misses at once (not half-open:"
+                " then the next miss probes)",
+                value=int(breaker.state == OPEN),
             )
             yield CounterMetricFamily(
                 "minima_gateway_breaker_opened",

@@ -72,6 +72,10 @@ class ProxySettings:
         _check_int("proxy.max_queued", self.max_queued, 1, 2**31)
         _check_int("proxy.log_every", self.log_every, 0, 2**31)
         _check_int("proxy.breaker_failures", self.breaker_failures, 0, 2**31)
+        # An hour at most: a value meant in milliseconds would otherwise stop all
+        # traffic for days after one outage.
+        if is_finite_number(self.breaker_reset_s) and self.breaker_reset_s > 3600:
+            raise ConfigError("proxy.breaker_reset_s", self.breaker_reset_s, "at most 3600 seconds")
         for name in (
             "shutdown_timeout_s",
             "health_check_timeout_s",

@@ -15,10 +15,11 @@ MAX_RESET_S = 60.0
 # under a second, and a caller should come back soon after one succeeds.
 PROBE_RETRY_S = 1.0
 # What says the upstream is down rather than unhappy with one request: no connection,
-# a connection dropped or silent, or a fronting proxy (nginx, a load balancer) that
-# could not reach it. 503, 429 and 504 (which nginx also sends for one long
-# generation) are overload, which cooldown and pacing handle.
-DOWN_KINDS = frozenset({"connect", "reset", "timeout"})
+# no answer in time (counted only if nothing sent later was answered meanwhile), or a
+# fronting proxy (nginx, a load balancer) that could not reach it. A dropped connection
+# says nothing: a live server cuts answers halfway too. 503, 429 and 504 (which nginx
+# also sends for one long generation) are overload, which cooldown and pacing handle.
+DOWN_KINDS = frozenset({"connect", "timeout"})
 DOWN_STATUS = 502
 
 
@@ -27,11 +28,12 @@ class Breaker:
 
     Open, it refuses every call for ``reset_s``, then lets one through: the probe. The
     probe's failure opens it again for twice as long (up to ``MAX_RESET_S``, or
-    ``reset_s`` if that is longer); any answer closes it. A failure counts only for a
-    call sent since the breaker last changed: calls already on the wire when it opened
-    or closed tell nothing new, and a burst of them timing out late must neither fail
-    the probe nor reopen the breaker the probe just closed. What counts as down is the
-    caller's to judge (``DOWN_KINDS``, ``DOWN_STATUS``); this object keeps the state.
+    ``reset_s`` if that is longer); any answer closes it. A failure counts only if no
+    call sent after it has been answered: the upstream was up while it waited. So long
+    generations timing out beside quick answers, or calls on the wire when the probe
+    closed it timing out late, neither trip it nor reopen it; and while it is open, only
+    the probe's failure counts. What counts as down is the caller's to judge
+    (``DOWN_KINDS``, ``DOWN_STATUS``); this object keeps the state.
     """
 
     def __init__(self, threshold: int, reset_s: float, clock: Clock = SYSTEM_CLOCK) -> None:
@@ -51,7 +53,8 @@ class Breaker:
         self._open_for = reset_s
         self._until = 0.0  # while open: when the next probe may go
         self._probe_until: float | None = None  # while a probe is out: when it counts as lost
-        self._closed_at = -math.inf  # failures of calls sent before this do not count
+        # The send time of the latest call answered: failures of calls sent before it do not count.
+        self._answered_sent_at = -math.inf
 
     @property
     def state(self) -> str:
@@ -98,26 +101,32 @@ class Breaker:
         wait = self._until - self.clock.monotonic()
         return wait if wait > 0 else PROBE_RETRY_S
 
-    def answered(self) -> bool:
-        """The upstream answered a call: close; True if it was open."""
+    def answered(self, sent_at: float) -> bool:
+        """The upstream answered a call sent at ``sent_at``: close; True if it was open."""
         self.streak = 0
+        if sent_at > self._answered_sent_at:
+            self._answered_sent_at = sent_at
         if not self.is_open:
             return False
         self.is_open = False
         self._probe_until = None
-        self._closed_at = self.clock.monotonic()
         return True
+
+    def probe_now(self) -> None:
+        """Let the next call probe at once: something else (a health check) saw the upstream answer."""
+        if self.is_open:
+            self._until = min(self._until, self.clock.monotonic())
 
     def failed(self, sent_at: float, why: str) -> bool:
         """A call sent at ``sent_at`` found the upstream down; True if this opened a closed breaker."""
+        if sent_at < self._answered_sent_at:
+            return False  # a call sent after it was answered: the upstream was up meanwhile
         if self.is_open:
             if sent_at < self._until:
                 return False  # sent before the breaker opened: not the probe
             # The probe failed: wait longer before the next one.
             self._open_for = min(2 * self._open_for, max(MAX_RESET_S, self.reset_s))
             self._reopen(why)
-            return False
-        if sent_at < self._closed_at:
             return False
         self.streak += 1
         if self.streak < self.threshold:
