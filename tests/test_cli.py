@@ -138,6 +138,9 @@ def test_a_demo_stopped_by_a_signal_cleans_up_and_says_so(
             proc.kill()
     assert proc.returncode == code, err
     assert f"minima-llm: {said}" in err.decode() and b"Traceback" not in err
+    # SystemExit raised inside one of aiohttp's tasks used to be printed as a task
+    # exception never retrieved, with a coroutine never awaited beside it.
+    assert b"never retrieved" not in err and b"never awaited" not in err, err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import tempfile
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from .backend import OpenAIMinimaLlm
 from .config import BatchConfig, MinimaLlmConfig
 from .errors import MinimaLlmError
 from .types import MinimaLlmFailure, MinimaLlmRequest
+
+T = TypeVar("T")
 
 
 class DemoAborted(MinimaLlmError):
@@ -72,7 +76,7 @@ def run_demo(options: DemoOptions, out: TextIO) -> list[PassResult]:
             requests = _requests(options.requests)
             for name in ("cold run", "cached replay"):
                 before = server.stats()["requests"]
-                results.append(asyncio.run(_one_pass(name, config, requests, out)))
+                results.append(asyncio.run(_terminable(_one_pass(name, config, requests, out))))
                 results[-1] = _with_upstream(results[-1], server.stats()["requests"] - before)
     finally:
         if temporary:
@@ -96,6 +100,41 @@ def _requests(n: int) -> list[MinimaLlmRequest]:
         )
         for i in range(n)
     ]
+
+
+async def _terminable(work: Awaitable[T]) -> T:
+    """``work``, with SIGTERM cancelling it as ``asyncio.run`` does for Ctrl-C.
+
+    The CLI's own SIGTERM handler raises SystemExit wherever the main thread is, which
+    on a running loop is inside some task of aiohttp's: that task ended with it, and
+    its exception was printed as never retrieved. Cancelled here, the batch unwinds
+    through its awaits, and SystemExit(143) is raised from this one task.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        if task is not None:
+            task.cancel()
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    except (NotImplementedError, RuntimeError, ValueError):  # Windows, or not the main thread
+        return await work
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if terminated:
+            raise SystemExit(128 + signal.SIGTERM) from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        # remove_signal_handler leaves SIG_DFL behind; the CLI's handler goes back.
+        signal.signal(signal.SIGTERM, previous)
 
 
 async def _one_pass(
