@@ -380,11 +380,12 @@ class OpenAIMinimaLlm:
 
         requests = list(requests)
         batch = BatchScope({id(r): self.key_for(r) for r in requests}, Prefetched())
-        if not self._refresh(False):
-            batch.known = await self._prefetch([k for k, _ in batch.keys.values()])
-        # Rows this process stores meanwhile (this batch's, another's) are hits in it.
+        # Rows this process stores meanwhile (this batch's, another's) are hits in it,
+        # those stored while the read below runs included.
         self.cache.track(batch.known)
         try:
+            if not self._refresh(False):
+                await self._prefetch([k for k, _ in batch.keys.values()], batch.known)
             if self.jobs is not None:
                 # Every miss goes in one provider job up front; the runner then hands out
                 # its answers (and reports its failures) like any other batch's.
@@ -450,9 +451,9 @@ class OpenAIMinimaLlm:
             answers.append(self._from_hit(call.request, hit, started))
         return answers
 
-    async def _prefetch(self, keys: list[str]) -> Prefetched:
+    async def _prefetch(self, keys: list[str], into: Prefetched | None = None) -> Prefetched:
         try:
-            return await self.cache.prefetch(keys)
+            return await self.cache.prefetch(keys, into)
         except Exception as exc:
             self.stats.cache_errors += 1
             log.error("cache prefetch failed, looking up one by one: %s", exc)

@@ -471,7 +471,8 @@ def _lookup_dirs(dirs: Any) -> tuple[str, ...]:
         items, ok = _split_dirs(dirs), True
     else:
         ok = isinstance(dirs, Iterable) and not isinstance(dirs, bytes)
-        items = tuple(dirs) if ok else ()
+        # A blank entry would be the current directory at each open: dropped, as in the string.
+        items = tuple(d for d in dirs if not (isinstance(d, str) and not d.strip())) if ok else ()
     _check(
         ok and all(isinstance(d, (str, os.PathLike)) for d in items),
         "cache_lookup_dirs",

@@ -391,7 +391,8 @@ class UpstreamCaller:
             if not self._turn_now(slots):
                 await self._take_turn(slots, first=not stamps)
             if breaker is not None and breaker.is_open:
-                self._admit(breaker, slots)
+                # Its headers, then its first chunk: each bounded on its own.
+                self._admit(breaker, slots, 3 * self.cfg.timeout_s + 1)
             try:
                 stamps.append(self.clock.monotonic())
                 resp = await self.transport.open_stream(url, body, headers, self.cfg.timeout_s)
@@ -417,9 +418,11 @@ class UpstreamCaller:
                     # dripping keep-alive comments would otherwise hold the slot forever.
                     await bounded(stream.start(endpoint), self.cfg.timeout_s)
                 except StreamInterrupted as exc:
-                    await stream.aclose()
+                    # Each verdict before the close: a close that fails or is cancelled
+                    # must not leave a probe out until its bound.
                     if breaker is not None:
                         self._up(breaker, stamps[-1])  # it said something, if not a chunk
+                    await stream.aclose()
                     problem = Problem(
                         "ResponseTooLarge" if exc.too_large else "MalformedResponse",
                         f"stream failed before its first chunk: {exc}",
@@ -431,21 +434,27 @@ class UpstreamCaller:
                     raise problem from exc
                 except TransportError as exc:
                     # Reading a whole JSON answer to a stream request (too large, or cut).
-                    await stream.aclose()
                     if breaker is not None:
                         self._failed(breaker, exc, stamps[-1])
+                    await stream.aclose()
                     raise _transport_problem(exc, self.cfg.timeout_s) from exc
                 except asyncio.TimeoutError as exc:
-                    await stream.aclose()
                     timed_out = TransportError("timeout", "no first chunk in time")
                     if breaker is not None:
                         # Headers and then nothing: a hung server as much as no answer at all.
                         self._failed(breaker, timed_out, stamps[-1])
-                    raise _transport_problem(timed_out, self.cfg.timeout_s) from exc
-                except BaseException:
                     await stream.aclose()
+                    raise _transport_problem(timed_out, self.cfg.timeout_s) from exc
+                except Problem:
+                    # A whole answer that cannot be read: an answer all the same.
+                    if breaker is not None:
+                        self._up(breaker, stamps[-1])
+                    await stream.aclose()
+                    raise
+                except BaseException:
                     if breaker is not None:
                         breaker.unjudged(stamps[-1])
+                    await stream.aclose()
                     raise
                 if breaker is not None:
                     self._up(breaker, stamps[-1])  # judged at the first chunk, not the headers
@@ -568,7 +577,8 @@ class UpstreamCaller:
         if not self._turn_now(slots):
             await self._take_turn(slots, first=not stamps)
         if breaker is not None and breaker.is_open:
-            self._admit(breaker, slots)
+            # The stdlib transport's bound on a whole call, the longer of the two.
+            self._admit(breaker, slots, 2 * self.cfg.timeout_s + 1)
         stamps.append(self.clock.monotonic())
         self.stats.in_flight += 1
         try:
@@ -599,11 +609,13 @@ class UpstreamCaller:
         if wait:
             raise self._refusal(breaker, wait)
 
-    def _admit(self, breaker: Breaker, slots: Slots) -> None:
-        """Right before sending: the breaker's word, which may make this call its probe."""
-        # A probe that never reports frees the way after the longest a call can take
-        # (the stdlib transport's bound, the longer of the two).
-        wait = breaker.admit(2 * self.cfg.timeout_s + 1)
+    def _admit(self, breaker: Breaker, slots: Slots, bound_s: float) -> None:
+        """Right before sending: the breaker's word, which may make this call its probe.
+
+        ``bound_s`` is the longest the call can take: a probe that never reports frees
+        the way after it.
+        """
+        wait = breaker.admit(bound_s)
         if wait:
             slots.release()
             raise self._refusal(breaker, wait)

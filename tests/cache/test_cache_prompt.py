@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import closing
 from pathlib import Path
 
@@ -399,3 +399,42 @@ async def test_find_now_decides_without_io_only_when_it_can(tmp_path: Path) -> N
     finally:
         await plain.aclose()
     assert PromptCache(None).find_now(KEY_A, "model-a") is None
+
+
+async def test_two_batches_with_equal_maps_are_tracked_as_two(tmp_path: Path) -> None:
+    # Two batches of the same requests prefetch equal maps; ending one must not stop
+    # the other from seeing this process's writes.
+    cache = PromptCache.open(str(tmp_path / "p"))
+    try:
+        first = await cache.prefetch([KEY_A])
+        second = await cache.prefetch([KEY_A])
+        assert dict(first) == dict(second) and first != second
+        cache.track(first)
+        cache.track(second)
+        cache.untrack(second)
+        row = await cache.store(KEY_A, CANON_A, "model-a", "stored", None)
+        assert first[KEY_A] == row and second[KEY_A] is None
+        cache.untrack(first)
+    finally:
+        await cache.aclose()
+
+
+async def test_a_store_that_cannot_count_foreign_writes_has_its_absences_read_again() -> None:
+    class Plain:
+        """A third party's store: get and put, nothing more."""
+
+        def __init__(self) -> None:
+            self.rows: dict[str, CacheRow] = {}
+
+        async def get_many(self, keys: Sequence[str]) -> dict[str, CacheRow]:
+            return {k: self.rows[k] for k in keys if k in self.rows}
+
+        async def put_many(self, rows: Iterable[CacheRow]) -> None:
+            self.rows.update((r.key, r) for r in rows)
+
+        async def aclose(self) -> None:
+            pass
+
+    cache = PromptCache(Plain())
+    known = await cache.prefetch([KEY_A])
+    assert known.foreign_at is None and cache.find_now(KEY_A, "model-a", known) is ...

@@ -133,6 +133,28 @@ def test_probe_now_shortens_the_wait_but_does_not_close() -> None:
     Breaker(1, 1.0, clock).probe_now()  # closed: nothing to do
 
 
+def test_probe_now_does_nothing_once_a_probe_has_failed() -> None:
+    # /models answering while the chat engine is stuck: each health poll would send a
+    # caller's request out as a probe, to hang for its timeout.
+    breaker, clock = tripped(reset_s=30.0)
+    breaker.probe_now()
+    breaker.admit(10.0)
+    breaker.failed(clock.now, "stuck")
+    breaker.probe_now()
+    assert breaker.retry_in() == 60.0
+
+
+def test_refusing_covers_open_and_a_probe_out() -> None:
+    breaker, clock = tripped(reset_s=5.0)
+    assert breaker.refusing
+    clock.advance(5.0)
+    assert not breaker.refusing  # half-open: the next call goes through as the probe
+    breaker.admit(10.0)
+    assert breaker.refusing and breaker.rejected == 0  # asking counts nothing
+    breaker.answered(clock.now)
+    assert not breaker.refusing
+
+
 def test_late_failures_of_calls_sent_before_it_closed_do_not_reopen_it() -> None:
     # An upstream that went silent with calls on the wire: a few fast refusals trip it,
     # the probe finds it back, and then the old calls time out one after another.

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import time
 import warnings
 from collections.abc import AsyncIterator
@@ -171,7 +172,29 @@ async def test_reset_mid_body_raises_transport_error(client: Transport, mock: Mo
     mock.fail_next(1, mode="reset")
     with pytest.raises(TransportError) as info:
         await client.post(mock.url + "/chat/completions", BODY, JSON, 5.0)
-    assert info.value.kind in ("reset", "connect")
+    assert info.value.kind == "reset"
+
+
+async def test_a_reset_before_the_headers_is_a_reset_not_a_refused_connection(
+    client: Transport,
+) -> None:
+    # The connection was made: both transports must say so alike (the gateway's breaker
+    # counts "connect" as the upstream down, and a reset as saying nothing).
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    server = await asyncio.start_server(reset, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(TransportError) as info:
+            await client.post(f"http://127.0.0.1:{port}/v1/chat/completions", BODY, JSON, 5.0)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert info.value.kind == "reset"
 
 
 async def test_refused_connection_raises_transport_error(client: Transport) -> None:

@@ -30,10 +30,15 @@ class Prefetched(dict[str, CacheRow | None]):
     """Primary rows read up front for many keys (None: absent then).
 
     ``foreign_at`` is the primary's ``foreign_writes`` at that read: once another
-    process has committed since, an absence no longer holds and is read again.
+    process has committed since, an absence no longer holds and is read again (None:
+    the store cannot tell, and absences are never trusted). Compared by identity: two
+    batches' maps may hold the same rows and still be two batches.
     """
 
-    foreign_at = 0
+    foreign_at: int | None = 0
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
+    __hash__ = object.__hash__  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -148,19 +153,24 @@ class PromptCache:
         if self.trace is not None:
             self.trace.write(key, canonical, source)
 
-    async def prefetch(self, keys: Sequence[str]) -> Prefetched:
+    async def prefetch(self, keys: Sequence[str], into: Prefetched | None = None) -> Prefetched:
         """Primary rows for many keys in one go: every key maps to its row, or None if absent.
 
         Pass the result to ``find`` as ``known``: a key it holds needs no further
         primary read, unless it was absent and another process has written since.
+        ``into`` is a map already tracked: a row stored while the read ran stays in it.
         """
-        known = Prefetched()
+        known = Prefetched() if into is None else into
         if self.primary is None or not keys:
             return known
-        known.foreign_at = self.primary.foreign_writes
-        found = await self.primary.get_many(keys)
+        # A store that cannot tell whether others wrote (a third party's) trusts no absence.
+        known.foreign_at = getattr(self.primary, "foreign_writes", None)
         for key in keys:
-            known[key] = found.get(key)
+            known.setdefault(key, None)  # in place before the read, so store() can fill it
+        found = await self.primary.get_many(keys)
+        for key, row in found.items():
+            if known.get(key) is None:
+                known[key] = row
         return known
 
     def track(self, known: Prefetched) -> None:
@@ -169,7 +179,7 @@ class PromptCache:
 
     def untrack(self, known: Prefetched) -> None:
         """Stop updating ``known``."""
-        self._tracked.remove(known)
+        self._tracked.remove(known)  # by identity: Prefetched compares so
 
     def find_now(
         self, key: str, model: str, known: Prefetched | None = None
@@ -198,8 +208,9 @@ class PromptCache:
         row = known[key]
         if row is None:
             # Absent at the batch's start; since then another process may have stored it.
-            primary = self.primary
-            if primary is not None and primary.foreign_writes != known.foreign_at:
+            foreign_at = known.foreign_at
+            # foreign_at is a number only for a store that counts foreign writes.
+            if foreign_at is None or self.primary.foreign_writes != foreign_at:  # type: ignore[union-attr]
                 return ...
         elif self.memory is not None:
             self.memory.put_now(row)

@@ -78,8 +78,9 @@ class _SqliteFile:
         self.rows_written = 0
         self.commits = 0
         self.checkpoints = 0
-        # Commits by other connections (other processes) seen through the writer's
-        # PRAGMA data_version, which only other connections' commits move.
+        # Changes by other connections (other processes) seen through the writer's
+        # PRAGMA data_version: their commits move it (and their RESTART or TRUNCATE
+        # checkpoints, which only costs a batch some extra reads).
         self.foreign_writes = 0
         self._data_version: int | None = None
         # Set by the store before its writer opens; None for a read-only file.
@@ -110,6 +111,10 @@ class _SqliteFile:
             conn.execute(f"PRAGMA wal_autocheckpoint={_BACKSTOP_FRAMES}")
             _retry_locked(lambda: conn.execute(_SCHEMA))
             _migrate(conn)
+            if self._data_version is not None:
+                # Reopened (after a close, or in a forked child): whatever others wrote
+                # while no writer watched is in the new baseline, so assume they did.
+                self.foreign_writes += 1
             self._data_version = _data_version(conn)
         except BaseException:
             conn.close()  # else Python 3.13 warns about an unclosed database
@@ -261,8 +266,11 @@ class _SqliteFile:
         self.rows_written += len(rows)
         self.commits += 1
         self._wrote(rows)
-        version = _data_version(conn)
-        if version != self._data_version:
+        try:
+            version: int | None = _data_version(conn)
+        except sqlite3.Error:
+            version = None  # the rows are committed; count it as a change nobody saw
+        if version is None or version != self._data_version:
             self._data_version = version
             self.foreign_writes += 1
         return [None] * len(batches)
@@ -430,9 +438,11 @@ def _check_writable(path: Path) -> None:
     commit, so every answer of the run would be paid for and none kept. Asking
     SQLite for the write lock instead would wait on any other process's transaction.
     """
-    effective = os.access in os.supports_effective_ids
+    # Plain access(2): effective_ids makes glibc use faccessat2, which older Docker
+    # seccomp profiles answer with EPERM, and every file would look read-only.
     for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        if part.exists() and not os.access(part, os.W_OK, effective_ids=effective):
+        if part.exists() and not os.access(part, os.W_OK):
+            # An sqlite3 error, so the store's constructor cleans up and says CacheError.
             raise sqlite3.OperationalError(
                 f"{part} is not writable by this user: ask its owner to make it group-"
                 "writable, or use another cache_dir (a cache only to read from belongs in "

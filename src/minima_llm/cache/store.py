@@ -24,15 +24,10 @@ class CacheRow(NamedTuple):
 class CacheStore(Protocol):
     """Async key-value storage of completions.
 
-    ``foreign_writes`` counts the commits of other writers (other processes) the store
-    has noticed, so a caller holding rows it read earlier knows they may be out of date;
-    a store that cannot tell leaves it at 0.
+    A store may also have ``foreign_writes``, a count of the commits of other writers
+    (other processes) it has noticed, so a caller holding rows it read earlier knows
+    when they may be out of date. Without it a caller cannot tell, and must read again.
     """
-
-    @property
-    def foreign_writes(self) -> int:
-        """Commits of other writers noticed so far."""
-        ...
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, CacheRow]:
         """The rows found among ``keys``."""

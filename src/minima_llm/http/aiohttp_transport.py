@@ -258,6 +258,10 @@ def _translate(exc: Exception, timeout_s: float) -> Exception:
         return TransportError("reset", f"connection closed mid-body: {exc}")
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return TransportError("reset", f"server disconnected: {exc}")
+    if isinstance(exc, aiohttp.ClientOSError) and not isinstance(exc, aiohttp.ClientConnectorError):
+        # A socket error on a connection that was made (reset, broken pipe): what the
+        # stdlib transport calls a reset too, not a server that cannot be reached.
+        return TransportError("reset", f"connection reset: {exc}")
     if isinstance(exc, aiohttp.ClientError):
         return TransportError("connect", f"{type(exc).__name__}: {exc}")
     if isinstance(exc, RuntimeError) and "Session is closed" in str(exc):

@@ -17,7 +17,6 @@ from .._version import __version__
 from ..deadline import bounded
 from ..flight import Broadcast, Follower
 from ..live_streams import ChunkStream
-from ..resilience import OPEN
 from ..streaming import encode_event
 from ..types import MinimaLlmFailure, MinimaLlmResponse, Usage
 from ..upstream import StreamInterrupted
@@ -610,8 +609,8 @@ async def health(request: web.Request) -> web.Response:
     if breaker is not None:
         upstream = {**upstream, "breaker": breaker.state}
         # An open breaker is the gateway's own verdict from its traffic: misses fail now.
-        # Half-open, the next miss goes through as the probe.
-        up = up and upstream["breaker"] != OPEN
+        # Half-open with no probe out, the next miss goes through as the probe.
+        up = up and not breaker.refusing
     status = "ok" if up else "degraded"
     key = request.get(CLIENT_KEY)
     if gw.settings.auth_enabled and not (key and gw.key_is_valid(key)):

@@ -57,6 +57,7 @@ class ProxyLog:
         self.logger = logger
         self._clock = clock
         self._summary_at = -float("inf")
+        self._summary_owed = False  # a summary was left out: the next one due is written
         self.requests = self.hits = self.live = self.failed = self.joined = 0
         # Refusals come in floods, thousands a second while the gateway is full.
         self._refusals = RepeatedError(10.0, logger=logger, level=logging.WARNING)
@@ -64,10 +65,13 @@ class ProxyLog:
     def _summary_due(self) -> bool:
         # Every N requests, but at most once a second: the counts are totals, so a line
         # left out loses nothing, and 7,000 hits (or refusals) a second made 70 lines.
+        # Owed, it is written by the first request a second on, so a burst's last totals
+        # are not left unsaid.
         now = self._clock()
         if now - self._summary_at < SUMMARY_EVERY_S:
+            self._summary_owed = True
             return False
-        self._summary_at = now
+        self._summary_at, self._summary_owed = now, False
         return True
 
     def answered(
@@ -103,7 +107,11 @@ class ProxyLog:
             else:
                 level = logging.INFO if result in _ANSWERS else logging.WARNING
                 self.logger.log(level, line)
-        if self.every and self.requests % self.every == 0 and self._summary_due():
+        if (
+            self.every
+            and (self._summary_owed or self.requests % self.every == 0)
+            and (self._summary_due())
+        ):
             # Answers that joined an identical call in flight are neither hits nor calls;
             # named only when there are some, so the counts always add up.
             joined = f", {self.joined} joined a call in flight" if self.joined else ""

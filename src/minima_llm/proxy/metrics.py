@@ -15,7 +15,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from ..resilience import OPEN, Breaker
+from ..resilience import Breaker
 from ..stats import StatsSnapshot
 from ..types import Usage
 
@@ -208,9 +208,9 @@ class _Collector:
         if breaker is not None:
             yield GaugeMetricFamily(
                 "minima_gateway_upstream_breaker_open",
-                "1 while the upstream's breaker fails cache misses at once (not half-open:"
-                " then the next miss probes)",
-                value=int(breaker.state == OPEN),
+                "1 while the upstream's breaker fails cache misses at once (open, or"
+                " half-open with its probe out)",
+                value=int(breaker.refusing),
             )
             yield CounterMetricFamily(
                 "minima_gateway_breaker_opened",

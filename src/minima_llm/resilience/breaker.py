@@ -63,6 +63,11 @@ class Breaker:
             return CLOSED
         return HALF_OPEN if self.clock.monotonic() >= self._until else OPEN
 
+    @property
+    def refusing(self) -> bool:
+        """Whether a call would be refused now: open, or half-open with its probe out."""
+        return self.is_open and self._wait(self.clock.monotonic()) > 0
+
     def blocked(self) -> float:
         """0.0 if a call may go on to wait for its turn, else about how long until one may.
 
@@ -71,12 +76,10 @@ class Breaker:
         """
         if not self.is_open:
             return 0.0
-        now = self.clock.monotonic()
-        wait = self._until - now
-        if wait <= 0 and (self._probe_until is None or now >= self._probe_until):
-            return 0.0
-        self.rejected += 1
-        return wait if wait > 0 else PROBE_RETRY_S
+        wait = self._wait(self.clock.monotonic())
+        if wait:
+            self.rejected += 1
+        return wait
 
     def admit(self, probe_bound_s: float) -> float:
         """0.0 if a call may go now (half-open: as the probe), else about how long until one may.
@@ -87,12 +90,20 @@ class Breaker:
         if not self.is_open:
             return 0.0
         now = self.clock.monotonic()
-        wait = self._until - now
-        if wait <= 0 and (self._probe_until is None or now >= self._probe_until):
+        wait = self._wait(now)
+        if wait:
+            self.rejected += 1
+        else:
             self._probe_until = now + probe_bound_s
-            return 0.0
-        self.rejected += 1
-        return wait if wait > 0 else PROBE_RETRY_S
+        return wait
+
+    def _wait(self, now: float) -> float:
+        """Open: how long a call must wait (0.0: it may go, as the probe)."""
+        wait = self._until - now
+        if wait > 0:
+            return wait
+        probe = self._probe_until
+        return PROBE_RETRY_S if probe is not None and now < probe else 0.0
 
     def retry_in(self) -> float:
         """Seconds until a call may go (0.0 when closed), for a ``Retry-After``."""
@@ -113,8 +124,12 @@ class Breaker:
         return True
 
     def probe_now(self) -> None:
-        """Let the next call probe at once: something else (a health check) saw the upstream answer."""
-        if self.is_open:
+        """Let the next call probe at once: something else (a health check) saw the upstream answer.
+
+        Only in the first wait after the breaker opened: once a probe has failed, that
+        other sign of life is known not to mean the calls would succeed.
+        """
+        if self.is_open and self._open_for == self.reset_s:
             self._until = min(self._until, self.clock.monotonic())
 
     def failed(self, sent_at: float, why: str) -> bool:
