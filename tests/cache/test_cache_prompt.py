@@ -438,3 +438,26 @@ async def test_a_store_that_cannot_count_foreign_writes_has_its_absences_read_ag
     cache = PromptCache(Plain())
     known = await cache.prefetch([KEY_A])
     assert known.foreign_at is None and cache.find_now(KEY_A, "model-a", known) is ...
+
+
+async def test_a_failed_prefetch_leaves_every_key_to_be_read_one_by_one() -> None:
+    class FailsOnce(MemoryStore):
+        """A store whose first read fails, as a file busy for a moment does."""
+
+        failed = False
+
+        async def get_many(self, keys: Sequence[str]) -> dict[str, CacheRow]:
+            if not self.failed:
+                self.failed = True
+                raise CacheError("cache read failed: disk I/O error")
+            return await super().get_many(keys)
+
+    store = FailsOnce()
+    store.put_now(row_for("model-a", "cached", 1.0))
+    cache = PromptCache(store)
+    known = Prefetched()
+    with pytest.raises(CacheError):
+        await cache.prefetch([KEY_A], into=known)
+    assert cache.find_now(KEY_A, "model-a", known) is ...
+    hit = await cache.find(KEY_A, "model-a", rekey, known)
+    assert hit is not None and hit.row.response_text == "cached"

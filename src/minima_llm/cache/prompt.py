@@ -167,7 +167,11 @@ class PromptCache:
         known.foreign_at = getattr(self.primary, "foreign_writes", None)
         for key in keys:
             known.setdefault(key, None)  # in place before the read, so store() can fill it
-        found = await self.primary.get_many(keys)
+        try:
+            found = await self.primary.get_many(keys)
+        except BaseException:
+            known.foreign_at = None  # nothing was read: no absence in it may be trusted
+            raise
         for key, row in found.items():
             if known.get(key) is None:
                 known[key] = row
