@@ -169,8 +169,7 @@ class Gateway:
         backend.upstream.queue_wait_s = settings.max_queue_wait_s
         self.metrics = metrics or GatewayMetrics()
         if settings.breaker_failures:
-            upstream = backend.upstream
-            self.metrics.breaker = upstream.use_breaker(
+            self.metrics.breaker = backend.upstream.use_breaker(
                 settings.breaker_failures, settings.breaker_reset_s
             )
         self.log = log or ProxyLog(settings.log_every, settings.verbose)
