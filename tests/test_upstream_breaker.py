@@ -30,14 +30,17 @@ class Streamed:
     ``silent``: headers, then nothing, as from a server whose engine hangs.
     """
 
-    def __init__(self, status: int, silent: bool = False) -> None:
+    def __init__(self, status: int, silent: bool = False, read_timeout: bool = False) -> None:
         self.status = status
         self.headers: dict[str, str] = {}
         self.silent = silent
+        self.read_timeout = read_timeout
 
     async def lines(self) -> Any:
         if self.silent:
             await asyncio.Event().wait()
+        if self.read_timeout:  # the transport's own per-read timeout, before any line
+            raise TransportError("timeout", "timed out after 0.05s")
         for line in (CHUNK, b"\n", b"data: [DONE]\n"):
             yield line
 
@@ -54,9 +57,12 @@ class Scripted:
     ``hold`` makes the next call wait for it first, so a test can cancel a call mid-send.
     """
 
-    def __init__(self, *outcomes: Outcome, silent_streams: bool = False) -> None:
+    def __init__(
+        self, *outcomes: Outcome, silent_streams: bool = False, read_timeouts: bool = False
+    ) -> None:
         self.outcomes = list(outcomes)
         self.silent_streams = silent_streams
+        self.read_timeouts = read_timeouts
         self.calls = 0
         self.hold: asyncio.Event | None = None
         self.held = asyncio.Event()  # set once a call waits on ``hold``
@@ -80,7 +86,7 @@ class Scripted:
     async def open_stream(
         self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
     ) -> Streamed:
-        return Streamed(await self._next(), self.silent_streams)
+        return Streamed(await self._next(), self.silent_streams, self.read_timeouts)
 
     async def aclose(self) -> None:
         pass
@@ -197,6 +203,17 @@ async def test_streams_are_judged_at_their_first_chunk_not_their_headers() -> No
     transport.silent_streams = False
     clock.advance(breaker.retry_in())
     assert await call(up, stream=True) == 200 and breaker.state == CLOSED
+
+
+async def test_a_read_timeout_before_the_first_chunk_is_a_timeout_not_an_answer() -> None:
+    # The transport's per-read timeout can fire before the first-chunk bound does: it
+    # reached the caller as a 502 "stream broke" and closed the breaker as an answer.
+    transport = Scripted(read_timeouts=True)
+    up, breaker, clock = caller(transport, timeout_s=5.0)
+    assert [await call(up, stream=True) for _ in range(3)] == [408, 408, UPSTREAM_DOWN]
+    clock.advance(5.0)
+    assert await call(up, stream=True) == 408  # the probe
+    assert breaker.state == OPEN
 
 
 class LongAndShort(Scripted):

@@ -418,11 +418,19 @@ class UpstreamCaller:
                     # dripping keep-alive comments would otherwise hold the slot forever.
                     await bounded(stream.start(endpoint), self.cfg.timeout_s)
                 except StreamInterrupted as exc:
+                    cause = exc.__cause__
                     # Each verdict before the close: a close that fails or is cancelled
                     # must not leave a probe out until its bound.
                     if breaker is not None:
-                        self._up(breaker, stamps[-1])  # it said something, if not a chunk
+                        if isinstance(cause, TransportError):
+                            self._failed(breaker, cause, stamps[-1])  # judged by its kind
+                        else:
+                            self._up(breaker, stamps[-1])  # it said something, if not a chunk
                     await stream.aclose()
+                    if isinstance(cause, TransportError) and cause.kind == "timeout":
+                        # The transport's read timeout, come before the bound's: the same
+                        # "no first chunk in time", and a timeout to the caller too.
+                        raise _transport_problem(cause, self.cfg.timeout_s) from exc
                     problem = Problem(
                         "ResponseTooLarge" if exc.too_large else "MalformedResponse",
                         f"stream failed before its first chunk: {exc}",
