@@ -441,7 +441,9 @@ def _check_writable(path: Path) -> None:
     # Plain access(2): effective_ids makes glibc use faccessat2, which older Docker
     # seccomp profiles answer with EPERM, and every file would look read-only.
     for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        if part.exists() and not os.access(part, os.W_OK):
+        # Asked again after a refusal: another store's last close removes its -wal and
+        # -shm, and access() says no for a file gone since exists() saw it.
+        if part.exists() and not os.access(part, os.W_OK) and part.exists():
             # An sqlite3 error, so the store's constructor cleans up and says CacheError.
             raise sqlite3.OperationalError(
                 f"{part} is not writable by this user: ask its owner to make it group-"
