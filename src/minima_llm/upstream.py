@@ -509,9 +509,9 @@ class UpstreamCaller:
                 breaker = self.breaker
                 if breaker is not None and breaker.is_open:
                     # Refused now rather than after a backoff that ends in the same refusal.
-                    wait = breaker.blocked()
-                    if wait:
-                        refusal = self._refusal(breaker, wait)
+                    try:
+                        self._check_breaker(breaker)
+                    except Problem as refusal:
                         return self._failure(request_id, refusal, len(stamps), stamps)
                 await self._back_off(request_id, tries, problem)
             tries += 1

@@ -165,8 +165,10 @@ class PromptCache:
             return known
         # A store that cannot tell whether others wrote (a third party's) trusts no absence.
         known.foreign_at = getattr(self.primary, "foreign_writes", None)
-        for key in keys:
-            known.setdefault(key, None)  # in place before the read, so store() can fill it
+        # In place before the read, so store() can fill it; rows already there are kept.
+        absent = dict.fromkeys(keys)
+        absent.update(known)
+        known.update(absent)
         try:
             found = await self.primary.get_many(keys)
         except BaseException:
