@@ -103,6 +103,16 @@ def caller(
     return up, up.use_breaker(threshold, 5.0), clock
 
 
+async def tripped() -> tuple[UpstreamCaller, Breaker, FakeClock, Scripted]:
+    """A caller whose breaker two refused connections have just opened."""
+    transport = Scripted(DOWN["connect"], DOWN["connect"])
+    up, breaker, clock = caller(transport)
+    await call(up)
+    await call(up)
+    assert breaker.state == OPEN
+    return up, breaker, clock, transport
+
+
 async def call(up: UpstreamCaller, stream: bool = False) -> Any:
     """One request: the status or error type it ended with."""
     if stream:
@@ -163,10 +173,7 @@ async def test_an_answer_between_failures_starts_the_count_again() -> None:
 async def test_a_refused_call_waits_for_nothing_and_sends_nothing() -> None:
     # The default 600 RPM: a refusal that first waited its turn would pace 30 refusals
     # over three seconds, and each would spend a pacing slot of a real call.
-    transport = Scripted(DOWN["connect"], DOWN["connect"])
-    up, breaker, clock = caller(transport)
-    await call(up)
-    await call(up)
+    up, breaker, clock, transport = await tripped()
     before, waited = clock.now, list(clock.sleeps)
     failures = await asyncio.gather(*(up.complete("r", URL, {"model": "m"}) for _ in range(30)))
     assert all(isinstance(f, MinimaLlmFailure) for f in failures)
@@ -250,10 +257,7 @@ async def test_long_generations_timing_out_beside_quick_answers_do_not_trip_it()
 
 
 async def test_a_probe_cancelled_mid_send_lets_the_next_call_probe() -> None:
-    transport = Scripted(DOWN["connect"], DOWN["connect"])
-    up, breaker, clock = caller(transport)
-    await call(up)
-    await call(up)
+    up, breaker, clock, transport = await tripped()
     clock.advance(5.0)
     transport.hold = asyncio.Event()
     probe = asyncio.ensure_future(call(up))
