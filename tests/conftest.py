@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -12,6 +13,14 @@ import pytest
 from backend_support import FAST, BackendFactory
 from minima_llm import BatchConfig, MinimaLlmConfig, OpenAIMinimaLlm
 from minima_llm.testing import MockConfig, MockServer
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_from_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test decides which HTTP proxy is used: a CI runner's own *_proxy settings are cleared."""
+    for name in list(os.environ):
+        if name.lower() in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from .calls import (
 from .clock import SYSTEM_CLOCK, Clock
 from .config import MinimaLlmConfig
 from .context import get_force_refresh, set_last_cached
-from .http import Transport, make_transport
+from .http import Proxy, ProxyRules, Transport, make_transport
 from .jobs import BATCHABLE, JobCollector, Outcome, ProviderJobs
 from .live_streams import ChunkStream, LiveStreams, StreamError
 from .loopbound import LoopBound
@@ -81,12 +81,17 @@ class OpenAIMinimaLlm:
         )
         self.stats = LiveStats()
         headers = request_headers(config)
+        # The proxy the *_proxy variables give for base_url (None: direct); one that
+        # cannot be used fails here, naming the variable, not at the first request.
+        proxies = ProxyRules.from_environ()
+        self.proxy: Proxy | None = proxies.for_url(config.base_url) if transport is None else None
         # The transport learns the headers most requests carry, so it need not merge them each time.
         self.transport = transport or make_transport(
             config.transport,
             config.max_outstanding,
             headers,
             max_response_bytes=config.max_response_bytes,
+            proxies=proxies,
         )
         self.cache = cache or PromptCache.open(
             config.cache_dir,

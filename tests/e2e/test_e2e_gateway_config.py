@@ -9,7 +9,18 @@ from pathlib import Path
 
 import openai
 import pytest
-from _e2e_support import API_KEY, MODEL, MockControl, Service, gateway_argv, gateway_env, user
+from _e2e_support import (
+    API_KEY,
+    MODEL,
+    MockControl,
+    Service,
+    gateway_argv,
+    gateway_env,
+    http,
+    user,
+)
+
+from forward_proxy import ForwardProxy, in_a_thread
 
 
 def test_yaml_config_with_proxy_section(
@@ -89,3 +100,22 @@ def test_a_port_in_use_is_one_clear_line(mock: MockControl, tmp_path: Path) -> N
     assert "Traceback" not in done.stderr + done.stdout
     # It gave up before opening the cache.
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_gateway_reaching_its_upstream_through_an_http_proxy(
+    launch_gateway: Callable[..., Service], mock: MockControl, unique: Callable[[str], str]
+) -> None:
+    # A node that reaches the model server only through the site's proxy: the name
+    # "upstream.test" resolves nowhere, and only the proxy knows where it listens.
+    port = int(mock.url.rsplit(":", 1)[1].split("/")[0])
+    with in_a_thread(ForwardProxy({"upstream.test": ("127.0.0.1", port)})) as via:
+        gw = launch_gateway(
+            upstream=f"http://upstream.test:{port}/v1", HTTP_PROXY=via.url, NO_PROXY="", no_proxy=""
+        )
+        assert f"via proxy {via.url} (from HTTP_PROXY)" in gw.output()
+        with openai.OpenAI(base_url=gw.url, api_key="k", max_retries=0) as client:
+            resp = client.chat.completions.create(model=MODEL, messages=user(unique("proxied")))
+        assert resp.choices[0].message.content
+        health = http("GET", gw.root_url + "/health").json()
+    assert health["upstream"]["reachable"] is True
+    assert [s.method for s in via.seen] == ["POST", "GET"]

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from backend_support import FAST
+from forward_proxy import ForwardProxy
 from minima_llm import (
     MinimaLlmConfig,
     ParasailBatchConfig,
@@ -25,12 +26,15 @@ from minima_llm import (
 )
 from minima_llm.cli import main
 from minima_llm.clock import SYSTEM_CLOCK, Clock, FakeClock
+from minima_llm.errors import ConfigError
 from minima_llm.jobs import BatchApi, BatchApiError, JobState, LineFailure, ProviderJobs
 from minima_llm.jobs import manage as manage_module
 from minima_llm.jobs.lock import lock_path, locked
 from minima_llm.jobs.manage import CancelIncomplete
 from minima_llm.jobs.state import list_states
 from minima_llm.testing import MockServer
+
+LINE = b'{"custom_id":"x","method":"POST","url":"/v1/chat/completions","body":{"messages":[]}}\n'
 
 SLOW = 60.0  # batch_delay_s that keeps a batch in_progress for the whole test
 CHAT = "chat/completions"
@@ -654,3 +658,37 @@ def test_cancel_all_batches_refuses_a_prefix_that_is_no_string(tmp_path: Path) -
     config = MinimaLlmConfig(base_url="http://127.0.0.1:9/v1", model="m", cache_dir=str(tmp_path))
     with pytest.raises(TypeError, match="prefix must be a str"):
         cancel_all_batches(config, prefix=3)  # type: ignore[arg-type]
+
+
+async def test_batch_api_calls_go_through_the_proxy_the_environment_names(
+    mock: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = int(mock.url.rsplit(":", 1)[1].split("/")[0])
+    async with ForwardProxy({"batches.test": ("127.0.0.1", port)}, credentials="ada:pw") as via:
+        monkeypatch.setenv("HTTP_PROXY", via.url.replace("//", "//ada:pw@"))
+        api = BatchApi(f"http://batches.test:{port}/v1", None)
+        uploaded = await asyncio.to_thread(api.upload, LINE, "x.jsonl")
+        batch = await asyncio.to_thread(api.create, uploaded["id"], "/v1/chat/completions")
+        assert (await asyncio.to_thread(api.get, batch["id"]))["id"] == batch["id"]
+    assert [s.method for s in via.seen] == ["POST", "POST", "GET"]
+    assert {s.proxy_authorization for s in via.seen} == {"Basic YWRhOnB3"}
+    assert "proxy-authorization" not in mock.last_headers
+
+
+async def test_a_batch_api_behind_a_proxy_that_is_down_names_it(
+    monkeypatch: pytest.MonkeyPatch, taken_port: int
+) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:1")
+    api = BatchApi("https://batches.test/v1", None, attempts=1)
+    with pytest.raises(BatchApiError) as caught:
+        await asyncio.to_thread(api.get, "batch_x")
+    assert "via proxy http://127.0.0.1:1 (from HTTPS_PROXY)" in str(caught.value)
+
+
+def test_a_batch_api_with_an_unusable_proxy_fails_at_construction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1080")
+    with pytest.raises(ConfigError) as caught:
+        BatchApi("https://batches.test/v1", None)
+    assert caught.value.field == "ALL_PROXY"

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import ssl
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import pytest
 
 from minima_llm.http import StdlibTransport, TransportError
 from minima_llm.testing import MockServer
+from tls_support import self_signed, serving_tls
 
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
 JSON = {"Content-Type": "application/json"}
@@ -23,31 +22,13 @@ pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs t
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 and its key."""
-    where = tmp_path_factory.mktemp("tls")
-    cert, key = where / "cert.pem", where / "key.pem"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-            "-keyout", str(key), "-out", str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )  # fmt: skip
-    return cert, key
+    return self_signed(tmp_path_factory.mktemp("tls"), "127.0.0.1", "IP:127.0.0.1")
 
 
 @pytest.fixture
 async def tls_mock(certificate: tuple[Path, Path]) -> AsyncIterator[MockServer]:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(*certificate)
-    server = MockServer()
-    await server.start(ssl_context=context)
-    try:
+    async with serving_tls(*certificate) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 async def test_https_with_a_trusted_certificate(

@@ -15,10 +15,13 @@ from .base import (
     decode_body,
     encode_body,
 )
+from .proxies import Proxy, ProxyRules
 from .stdlib_transport import StdlibTransport
 
 __all__ = [
     "HttpResponse",
+    "Proxy",
+    "ProxyRules",
     "StdlibTransport",
     "StreamingResponse",
     "Transport",
@@ -41,17 +44,21 @@ def make_transport(
     default_headers: Mapping[str, str] | None = None,
     *,
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    proxies: ProxyRules | None = None,
 ) -> Transport:
     """Build the transport named by config: ``auto`` prefers aiohttp when it is installed.
 
     ``default_headers`` are the headers most requests will carry; a transport may
     prepare them once (requests must still pass them). An answer past
     ``max_response_bytes`` (0: no cap) raises ``TransportError("too_large")``.
+    ``proxies`` default to the ``*_proxy`` environment variables.
     """
     if kind == "auto":
         kind = "aiohttp" if aiohttp_available() else "stdlib"
     if kind == "stdlib":
-        return StdlibTransport(max_connections, max_response_bytes=max_response_bytes)
+        return StdlibTransport(
+            max_connections, max_response_bytes=max_response_bytes, proxies=proxies
+        )
     if kind == "aiohttp":
         if not aiohttp_available():
             raise ConfigError(
@@ -62,6 +69,6 @@ def make_transport(
         from .aiohttp_transport import AiohttpTransport
 
         return AiohttpTransport(
-            max_connections, default_headers, max_response_bytes=max_response_bytes
+            max_connections, default_headers, max_response_bytes=max_response_bytes, proxies=proxies
         )
     raise ConfigError("transport", kind, "one of auto, stdlib, aiohttp")

@@ -6,12 +6,13 @@ import asyncio
 import functools
 import io
 from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._version import USER_AGENT
-from ..errors import TransportError
+from ..errors import ConfigError, TransportError
 from ..loopbound import LoopBound
 from .base import DEFAULT_MAX_RESPONSE_BYTES, HttpResponse, body_limit, too_large
+from .proxies import Proxy, ProxyRules, via
 
 try:
     import aiohttp
@@ -29,6 +30,45 @@ _WHOLE_BODY_BYTES = 2**20  # aiohttp's own limit for a body of raw bytes
 # a cache replays it. Streams get a buffer that admits 16 MiB lines; past that, a
 # stream is malformed.
 _STREAM_BUFSIZE = 2**23
+
+
+class _Target(NamedTuple):
+    """A request URL, parsed, with the proxy it goes through (None: direct)."""
+
+    url: yarl.URL
+    proxy: yarl.URL | None
+    # The proxy's credentials: in the CONNECT of an https request (aiohttp sends these
+    # there only), or on each plain-http request, which the proxy itself answers.
+    connect_headers: dict[str, str] | None
+    request_headers: dict[str, str] | None
+    route: Proxy | None
+
+    @classmethod
+    def of(cls, url: str, rules: ProxyRules) -> _Target:
+        """Parse ``url`` and decide its proxy; an unusable proxy variable is a connect error."""
+        parsed = yarl.URL(url)
+        if not rules:
+            return cls(parsed, None, None, None, None)
+        try:
+            proxy = rules.for_origin(parsed.scheme, parsed.host or "", parsed.port or 0)
+        except ConfigError as exc:
+            raise TransportError("connect", str(exc)) from exc
+        if proxy is None:
+            return cls(parsed, None, None, None, None)
+        tunnelled = parsed.scheme == "https"
+        return cls(
+            parsed,
+            yarl.URL(proxy.url),
+            proxy.headers if tunnelled else None,
+            None if tunnelled else proxy.headers,
+            proxy,
+        )
+
+    def headers(self, given: Mapping[str, str] | None) -> Mapping[str, str] | None:
+        """A request's own headers, with the proxy's credentials if it carries them."""
+        if self.request_headers is None:
+            return given
+        return {**(given or {}), **self.request_headers}
 
 
 class _LoopSession:
@@ -74,9 +114,13 @@ class AiohttpTransport:
         default_headers: Mapping[str, str] | None = None,
         *,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        proxies: ProxyRules | None = None,
     ) -> None:
         self.max_connections = max_connections
         self.max_response_bytes = max_response_bytes
+        # Our own rules, not aiohttp's trust_env: the same as the stdlib transport's, and
+        # decided once per URL rather than read from the environment on every request.
+        self.proxies = ProxyRules.from_environ() if proxies is None else proxies
         self._limit = body_limit(max_response_bytes)
         # The session sends these itself; a request passing this very mapping sends
         # nothing extra, saving aiohttp a merge of header dicts on every request.
@@ -85,8 +129,9 @@ class AiohttpTransport:
         self._sessions: LoopBound[_LoopSession] = self._new_sessions()
         # One immutable timeout object per value, not one per request on the hot path.
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
-        # Parsed once: aiohttp parses a string URL on every request otherwise.
-        self._urls: dict[str, yarl.URL] = {}
+        # Parsed once, with the proxy each goes through: aiohttp parses a string URL on
+        # every request otherwise.
+        self._urls: dict[str, _Target] = {}
 
     def _new_sessions(self) -> LoopBound[_LoopSession]:
         # Not a bound method: a transport in a reference cycle is freed only by the cyclic GC,
@@ -96,13 +141,13 @@ class AiohttpTransport:
             functools.partial(_LoopSession, self.max_connections, self._default_headers)
         )
 
-    def _url(self, url: str) -> yarl.URL:
-        parsed = self._urls.get(url)
-        if parsed is None:
+    def _target(self, url: str) -> _Target:
+        target = self._urls.get(url)
+        if target is None:
             if len(self._urls) >= _MAX_URLS:
                 self._urls.clear()
-            parsed = self._urls[url] = yarl.URL(url)
-        return parsed
+            target = self._urls[url] = _Target.of(url, self.proxies)
+        return target
 
     async def _session(self) -> aiohttp.ClientSession:
         entry = self._sessions.get()
@@ -119,15 +164,24 @@ class AiohttpTransport:
         timeout = self._timeouts.get(timeout_s)
         if timeout is None:
             timeout = self._timeouts[timeout_s] = aiohttp.ClientTimeout(total=timeout_s)
+        target = self._urls.get(url) or self._target(url)
         try:
             extra = None if headers is self._default_headers else headers
+            if target.request_headers is not None:
+                extra = target.headers(extra)
             # Past 1 MiB aiohttp warns that raw bytes are written in one go; a file-like
             # body is sent in pieces, with the same Content-Length.
             data: bytes | io.BytesIO = body if len(body) <= _WHOLE_BODY_BYTES else io.BytesIO(body)
             # Redirects come back as responses, as from the stdlib transport: followed,
             # a 301 or 302 would turn the POST into a GET at the new address.
             async with session.post(
-                self._url(url), data=data, headers=extra, timeout=timeout, allow_redirects=False
+                target.url,
+                data=data,
+                headers=extra,
+                timeout=timeout,
+                allow_redirects=False,
+                proxy=target.proxy,
+                proxy_headers=target.connect_headers,
             ) as resp:
                 # The usual answer, its length known and within the cap, is read whole in
                 # one call. Without a length, or compressed (aiohttp decompresses it, and
@@ -143,7 +197,7 @@ class AiohttpTransport:
         except TransportError:
             raise
         except Exception as exc:
-            raise _translate(exc, timeout_s) from exc
+            raise via(_translate(exc, timeout_s), target.route) from exc
 
     async def open_stream(
         self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
@@ -151,18 +205,23 @@ class AiohttpTransport:
         """POST and return at the headers; each later read waits at most ``timeout_s``."""
         session = await self._session()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
+        target = self._target(url)
         try:
             data: bytes | io.BytesIO = body if len(body) <= _WHOLE_BODY_BYTES else io.BytesIO(body)
             resp = await session.post(
-                url,
+                target.url,
                 data=data,
-                headers=headers,
+                headers=target.headers(headers),
                 timeout=timeout,
                 allow_redirects=False,
                 read_bufsize=_STREAM_BUFSIZE,
+                proxy=target.proxy,
+                proxy_headers=target.connect_headers,
             )
+        except TransportError:
+            raise
         except Exception as exc:
-            raise _translate(exc, timeout_s) from exc
+            raise via(_translate(exc, timeout_s), target.route) from exc
         return _AiohttpStream(resp, timeout_s, self._limit)
 
     async def aclose(self) -> None:

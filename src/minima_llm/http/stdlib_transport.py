@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from .. import afterfork
 from ..deadline import bounded
-from ..errors import TransportError
+from ..errors import ConfigError, TransportError
 from .base import (
     DEFAULT_MAX_RESPONSE_BYTES,
     HttpResponse,
@@ -25,6 +25,7 @@ from .base import (
     decode_body,
     too_large,
 )
+from .proxies import Proxy, ProxyRules, via
 
 _Origin = tuple[str, str, int]
 T = TypeVar("T")
@@ -55,8 +56,12 @@ class StdlibTransport:
         verify_tls: bool = True,
         *,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        proxies: ProxyRules | None = None,
     ) -> None:
         self.max_connections = max_connections
+        self.proxies = ProxyRules.from_environ() if proxies is None else proxies
+        # Each origin's proxy (None: direct), decided at its first request.
+        self._routes: dict[_Origin, Proxy | None] = {}
         self.max_response_bytes = max_response_bytes
         self._limit = body_limit(max_response_bytes)
         # None while closed; made again by the next request.
@@ -152,10 +157,16 @@ class StdlibTransport:
     ) -> tuple[_Origin, http.client.HTTPConnection, http.client.HTTPResponse]:
         """Send on a pooled connection (a new one when retrying), its socket held by ``handoff``."""
         origin, path = _split(url)
+        proxy = self._route(origin)
+        if proxy is not None and origin[0] == "http":
+            # A plain-http request through a proxy names its whole URL (RFC 9112, 3.2.2).
+            path = url
+            if proxy.authorization:
+                headers["Proxy-Authorization"] = proxy.authorization
         for attempt in range(2):
             # The retry opens a new connection: after an idle timeout or a server restart
             # every pooled connection is stale, and the next one would fail the same way.
-            conn, reused = self._checkout(origin, timeout_s, pooled=attempt == 0)
+            conn, reused = self._checkout(origin, timeout_s, proxy, pooled=attempt == 0)
             try:
                 if conn.sock is None:
                     conn.connect()  # here, so a caller who leaves mid-upload can stop it
@@ -166,11 +177,25 @@ class StdlibTransport:
                 conn.close()
                 if reused and attempt == 0:
                     continue
-                raise TransportError("reset", f"connection closed by server: {exc!r}") from exc
+                error = TransportError("reset", f"connection closed by server: {exc!r}")
+                raise via(error, proxy) from exc
             except Exception as exc:
                 conn.close()
-                raise _translate(exc, timeout_s) from exc
+                raise via(_translate(exc, timeout_s), proxy) from exc
         raise AssertionError("unreachable")
+
+    def _route(self, origin: _Origin) -> Proxy | None:
+        """The proxy requests to ``origin`` go through (None: direct), decided once per origin."""
+        try:
+            return self._routes[origin]
+        except KeyError:
+            pass
+        try:
+            proxy = self.proxies.for_origin(*origin)
+        except ConfigError as exc:
+            raise TransportError("connect", str(exc)) from exc
+        self._routes[origin] = proxy
+        return proxy
 
     def _send(
         self,
@@ -203,7 +228,7 @@ class StdlibTransport:
         return HttpResponse(resp.status, resp_headers, data)
 
     def _checkout(
-        self, origin: _Origin, timeout_s: float, pooled: bool = True
+        self, origin: _Origin, timeout_s: float, proxy: Proxy | None = None, pooled: bool = True
     ) -> tuple[http.client.HTTPConnection, bool]:
         with self._lock:
             idle = self._idle.get(origin) if pooled else None
@@ -215,11 +240,21 @@ class StdlibTransport:
                 return conn, True
         scheme, host, port = origin
         self.opened += 1
-        if scheme == "https":
-            return http.client.HTTPSConnection(
-                host, port, timeout=timeout_s, context=self._tls()
-            ), False
-        return http.client.HTTPConnection(host, port, timeout=timeout_s), False
+        if proxy is None:
+            if scheme == "https":
+                return http.client.HTTPSConnection(
+                    host, port, timeout=timeout_s, context=self._tls()
+                ), False
+            return http.client.HTTPConnection(host, port, timeout=timeout_s), False
+        if scheme != "https":
+            return http.client.HTTPConnection(proxy.host, proxy.port, timeout=timeout_s), False
+        # CONNECT through the proxy, then TLS to the origin: http.client checks the
+        # certificate against the tunnelled host, not the proxy.
+        tunnel = http.client.HTTPSConnection(
+            proxy.host, proxy.port, timeout=timeout_s, context=self._tls()
+        )
+        tunnel.set_tunnel(host, port, headers=proxy.headers)
+        return tunnel, False
 
     def _checkin(self, origin: _Origin, conn: http.client.HTTPConnection) -> None:
         with self._lock:

@@ -22,7 +22,8 @@ from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 from .._version import USER_AGENT
-from ..errors import MinimaLlmError
+from ..errors import ConfigError, MinimaLlmError, TransportError
+from ..http import ProxyRules
 from ..resilience import backoff_delay, is_retryable_status, parse_retry_after
 from ..upstream import SNIPPET
 
@@ -47,8 +48,8 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-# No proxies from the environment: the live transports use none either, and a job
-# must reach the same endpoint its requests would.
+# urllib's own proxy handling is off: each request is routed by ``ProxyRules``, the
+# live transports' rules, so a job reaches its endpoint the way its requests would.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
 # A management call or poll with MAX_ATTEMPTS=0 (unlimited) must still end.
 DEFAULT_ATTEMPTS = 8
@@ -106,9 +107,12 @@ class BatchApi:
         jitter: float = 0.25,
         sleep: Sleep = time.sleep,
         rng: random.Random | None = None,
+        proxies: ProxyRules | None = None,
     ) -> None:
         base = base_url.rstrip("/")
         self.base_url = base if base.endswith("/v1") else base + "/v1"
+        self.proxies = ProxyRules.from_environ() if proxies is None else proxies
+        self.proxies.for_url(self.base_url)  # an unusable proxy variable fails here, named
         self._api_key = api_key
         self.timeout_s = timeout_s
         self.attempts = max(1, attempts)
@@ -299,10 +303,19 @@ class BatchApi:
             headers["Authorization"] = f"Bearer {self._api_key}"
         if content_type:
             headers["Content-Type"] = content_type
+        try:
+            proxy = self.proxies.for_url(url)
+        except (ConfigError, TransportError) as exc:
+            raise BatchApiError(f"{method} {url}: {exc}") from exc
+        if proxy is not None and proxy.authorization:
+            # urllib sends it in the CONNECT of an https request, never to the origin.
+            headers["Proxy-Authorization"] = proxy.authorization
         problem = ""
         for attempt in range(1, self.attempts + 1):
             retry_after: float | None = None
             request = urllib.request.Request(url, data=body, headers=headers, method=method)
+            if proxy is not None:
+                request.set_proxy(proxy.netloc, "http")
             try:
                 with _OPENER.open(request, timeout=self.timeout_s) as resp:
                     return bytes(resp.read())
@@ -323,6 +336,8 @@ class BatchApi:
                 # Timeouts, refused or reset connections, cut bodies: the provider may be back soon.
                 reason = getattr(exc, "reason", exc)
                 problem = f"{type(exc).__name__}: {reason}"
+                if proxy is not None:
+                    problem += f" (via proxy {proxy})"
                 if not idempotent and not isinstance(reason, ConnectionRefusedError):
                     raise BatchApiError(
                         f"{method} {url}: {problem} (it may have been done)"

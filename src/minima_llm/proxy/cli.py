@@ -189,11 +189,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     cache = config.cache_path or "off (set CACHE_DIR)"
     auth = f"{len(settings.api_keys)} API key(s)" if settings.auth_enabled else "no auth"
+    via = f" via proxy {backend.proxy}" if backend.proxy else ""
 
     def announce(_: str) -> None:
         print(
             f"minimallm-proxy listening on http://{host}:{port}/v1\n"
-            f"  upstream {config.base_url} model {config.model}{' (forced)' if settings.force_model else ''}\n"
+            f"  upstream {config.base_url} model {config.model}{' (forced)' if settings.force_model else ''}{via}\n"
             f"  cache    {cache}\n  auth     {auth}",
             flush=True,
         )

@@ -244,7 +244,18 @@ class Gateway:
             )
             self._session = session
             timeout = aiohttp.ClientTimeout(total=self.settings.health_check_timeout_s)
-            async with session.get(url, headers=headers, timeout=timeout) as resp:
+            # Through the proxy the backend's requests take, if any: a probe sent
+            # directly would fail on a node that reaches the upstream only that way.
+            proxy = self.backend.proxy
+            if proxy is not None and proxy.headers and not url.startswith("https:"):
+                headers.update(proxy.headers)  # a plain-http request carries them itself
+            async with session.get(
+                url,
+                headers=headers,
+                timeout=timeout,
+                proxy=proxy.url if proxy else None,
+                proxy_headers=proxy.headers if proxy else None,
+            ) as resp:
                 result["status"] = resp.status
                 # Any HTTP answer means the server is up; 404 just means no /models route.
                 result["reachable"] = resp.status < 500
