@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import pytest
@@ -211,3 +213,131 @@ def _lookup_text(directory: Path) -> str:
         return lookup.get_many_sync(["k0"])["k0"].response_text
     finally:
         lookup.close()
+
+
+def test_a_lookup_of_a_cache_nobody_has_open_leaves_no_file_beside_it(tmp_path: Path) -> None:
+    # A ?mode=ro reader made a -wal and a -shm here and, read-only, never removed them.
+    archive = tmp_path / "archive"
+    owner = SqliteStore.in_dir(archive)
+    owner.put_many_sync(_rows(0, 3, "old"))
+    owner.close()
+    lookup = SqliteStore.in_dir(archive, readonly=True)
+    try:
+        assert lookup.get_many_sync(["k1"])["k1"].response_text.startswith("old 1")
+        assert os.listdir(archive) == [DB_NAME]
+    finally:
+        lookup.close()
+    assert os.listdir(archive) == [DB_NAME]
+
+
+def test_a_lookup_in_a_writable_directory_follows_its_owner_writing_again(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    owner = SqliteStore.in_dir(archive)
+    owner.put_many_sync(_rows(0, 3, "old"))
+    owner.close()
+    lookup = SqliteStore.in_dir(archive, readonly=True)
+    try:
+        assert lookup.get_many_sync(["k1"])["k1"].response_text.startswith("old 1")
+        owner = SqliteStore.in_dir(archive)
+        owner.put_many_sync(_rows(0, 3000, "new"))  # checkpointed into the file meanwhile
+        wanted = [f"k{i}" for i in range(0, 3000, 7)]
+        while_open = lookup.get_many_sync(wanted)
+        owner.close()
+        after = lookup.get_many_sync(wanted)
+    finally:
+        lookup.close()
+    for found in (while_open, after):
+        assert len(found) == len(wanted)
+        assert all(row.response_text.startswith("new") for row in found.values())
+    assert os.listdir(archive) == [DB_NAME]  # the owner's close removed its -wal and -shm
+
+
+@ALLOW_FORK
+def test_a_colleagues_lookup_does_not_lock_the_owner_out_of_a_shared_directory(
+    shared_dir: Path,
+) -> None:
+    # A lab directory (setgid, group-writable) that alice writes and bob reads: bob's
+    # reader left a -wal and -shm of his, mode 644, and alice's next run was refused.
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run as two users")
+    lab = shared_dir / "alice"
+    lab.mkdir()
+    os.chown(lab, 1001, 1500)
+    lab.chmod(0o2775)
+
+    def alice_writes() -> int:
+        store = SqliteStore.in_dir(lab)
+        try:
+            store.put_many_sync(_rows(0, 3, "alice"))
+            return store.rows_written
+        finally:
+            store.close()
+
+    def bob_looks_up() -> str:
+        lookup = SqliteStore.in_dir(lab, readonly=True)
+        try:
+            return lookup.get_many_sync(["k1"])["k1"].response_text
+        finally:
+            lookup.close()
+
+    assert in_forked_child(alice_writes, uid=1001, gid=1500, umask=0o002) == 3
+    assert in_forked_child(bob_looks_up, uid=1002, gid=1500, umask=0o022).startswith("alice 1")
+    assert os.listdir(lab) == [DB_NAME]
+    assert in_forked_child(alice_writes, uid=1001, gid=1500, umask=0o002) == 3
+
+
+@contextmanager
+def read_only_mount(path: Path) -> Iterator[None]:
+    """``path`` bind-mounted onto itself read-only, as a dataset or a container's ro bind is."""
+    mount = shutil.which("mount")
+    if os.geteuid() != 0 or mount is None or sys.platform != "linux":
+        pytest.skip("needs root and mount(8) to make a read-only mount")
+    made = subprocess.run([mount, "--bind", str(path), str(path)], check=False)
+    if made.returncode != 0:
+        pytest.skip("cannot bind-mount here")
+    try:
+        ro = subprocess.run([mount, "-o", "remount,bind,ro", str(path)], check=False)
+        if ro.returncode != 0:
+            pytest.skip("cannot remount read-only here")
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_primary_cache_on_a_read_only_filesystem_says_so_not_to_ask_its_owner(
+    tmp_path: Path,
+) -> None:
+    dataset = tmp_path / "dataset"
+    SqliteStore.in_dir(dataset).close()
+    with read_only_mount(dataset):
+        with pytest.raises(CacheError) as raised:
+            SqliteStore.in_dir(dataset)
+        lookup = SqliteStore.in_dir(dataset, readonly=True)  # reading it is fine
+        lookup.close()
+    said = str(raised.value)
+    assert f"{dataset / DB_NAME} is on a read-only filesystem" in said
+    assert "CACHE_LOOKUP_DIRS" in said
+    assert "ask its owner" not in said
+
+
+def test_a_cache_copied_without_its_wal_says_where_its_answers_are(tmp_path: Path) -> None:
+    live = tmp_path / "live"
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    owner = SqliteStore.in_dir(live)
+    try:
+        owner.put_many_sync(_rows(0, 3, "old"))
+        # A preempted job's directory copied file by file, the WAL left out.
+        shutil.copy(live / DB_NAME, copy / DB_NAME)
+    finally:
+        owner.close()
+    with pytest.raises(CacheError, match="copied without the -wal file"):
+        SqliteStore.in_dir(copy, readonly=True)
+
+
+def test_another_programs_database_gets_no_wal_hint(tmp_path: Path) -> None:
+    with closing(sqlite3.connect(tmp_path / DB_NAME)) as conn:
+        conn.execute("CREATE TABLE other (x)")
+    with pytest.raises(CacheError, match="no cache table") as raised:
+        SqliteStore.in_dir(tmp_path, readonly=True)
+    assert "-wal" not in str(raised.value)

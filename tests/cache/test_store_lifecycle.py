@@ -376,3 +376,26 @@ def test_a_dropped_trace_writer_closes_its_file(tmp_path: Path) -> None:
     gc.collect()
     assert open_files(tmp_path) == []
     assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_relative_path_stays_on_its_file_across_a_chdir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The checkpointer connects anew for each checkpoint, and the writer looks at the
+    # path twice a second: a relative path then named another file (or none).
+    first, later = tmp_path / "first", tmp_path / "later"
+    (first / "cache").mkdir(parents=True)
+    (later / "cache").mkdir(parents=True)
+    monkeypatch.chdir(first)
+    store = SqliteStore(Path("cache") / DB_NAME, checkpoint_frames=1)
+    try:
+        store.put_many_sync([row(0)])
+        monkeypatch.chdir(later)
+        time.sleep(0.6)  # past the writer's interval between two looks at its file
+        store.put_many_sync([row(i) for i in range(1, 50)])
+        assert len(store.get_many_sync([row(i).key for i in range(50)])) == 50
+    finally:
+        store.close()
+    assert store.path == first / "cache" / DB_NAME
+    assert count(first / "cache" / DB_NAME) == 50
+    assert os.listdir(later / "cache") == []

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..errors import CacheError
 from ._checkpoint import Checkpointer, checkpoint
+from ._mounts import MOUNTINFO, warn_if_network
 from ._worker import ConnectionWorker
 from .store import CacheRow
 
@@ -93,7 +94,8 @@ class _SqliteFile:
         self._checkpoint_done = False
         # What the reader selects; a read-only file from before 0.2.7 lacks model and canonical.
         self._select = _COLUMNS
-        # Set when the file sits in a directory we cannot write: see ``_read_now``.
+        # Set when the file is read without SQLite's index (a directory we cannot write,
+        # or a file nobody had open): see ``_read_now``.
         self._immutable = False
         # The file the writer opened (device, inode), to notice it being deleted under us.
         self._identity: tuple[int, int] | None = None
@@ -173,6 +175,13 @@ class _SqliteFile:
         if not self.path.exists():
             raise FileNotFoundError(f"no cache file at {self.path}")
         uri = self.path.resolve().as_uri()
+        if not self._open_elsewhere():
+            # A ?mode=ro reader creates a -wal and a -shm beside a file nobody has open
+            # and, being read-only, never removes them. In a shared directory those are
+            # this user's, and refuse the owner's next run (see _check_writable). Read
+            # as in a read-only directory instead, which leaves no file behind.
+            self._immutable = True
+            return self._checked(_connect_uri(uri + "?immutable=1"))
         try:
             return self._checked(_connect_uri(uri + "?mode=ro"))
         except sqlite3.OperationalError as exc:
@@ -186,12 +195,17 @@ class _SqliteFile:
             self._immutable = True
             return self._checked(_connect_uri(uri + "?immutable=1"))
 
+    def _open_elsewhere(self) -> bool:
+        """Whether a connection may have the file open: a -shm exists, or its WAL holds commits."""
+        shm = self.path.with_name(self.path.name + "-shm")
+        return shm.exists() or self._wal_in_use()
+
     def _wal_in_use(self) -> bool:
         wal = self.path.with_name(self.path.name + "-wal")
         return wal.exists() and wal.stat().st_size > 0
 
     def _read_now(self) -> sqlite3.Connection:
-        """A connection for one read of a file in a directory we cannot write.
+        """A connection for one read of a file read without its -shm index (``_immutable``).
 
         immutable=1 promises SQLite that nobody changes the file, but its owner may
         run again and write to it; a connection kept open would then read pages from
@@ -281,6 +295,7 @@ class SqliteStore:
 
     ``checkpoint_frames`` is about how many WAL pages (an estimate from the rows' size)
     the writer appends before the checkpointer thread copies them into the file.
+    ``mountinfo`` is the file that tells which filesystem holds it (a test's own).
     """
 
     def __init__(
@@ -288,14 +303,21 @@ class SqliteStore:
         path: str | os.PathLike[str],
         readonly: bool = False,
         checkpoint_frames: int = CHECKPOINT_FRAMES,
+        *,
+        mountinfo: str | os.PathLike[str] = MOUNTINFO,
     ) -> None:
-        self.path = Path(path)
+        # Absolute now: the checkpointer and a reopened worker connect again later, and a
+        # relative path would follow an os.chdir to another file (and a false "replaced").
+        self.path = Path(os.path.abspath(path))
         self.readonly = readonly
         self._file = file = _SqliteFile(self.path, readonly, checkpoint_frames)
         self._writer: ConnectionWorker | None = None
         try:
             if not readonly:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                # Only a writer: a lookup cache on a shared dataset mount is the normal
+                # case, and is safe while nobody writes it from another host.
+                warn_if_network(str(self.path), mountinfo)
                 # Before the writer, whose opening arms it.
                 file.checkpointer = Checkpointer(
                     self.path, f"minima-cache-checkpoint:{self.path.name}", file.checkpointed
@@ -319,9 +341,15 @@ class SqliteStore:
         weakref.finalize(self, _release, file.checkpointer, self._writer, self._reader)
 
     @classmethod
-    def in_dir(cls, cache_dir: str | os.PathLike[str], readonly: bool = False) -> SqliteStore:
+    def in_dir(
+        cls,
+        cache_dir: str | os.PathLike[str],
+        readonly: bool = False,
+        *,
+        mountinfo: str | os.PathLike[str] = MOUNTINFO,
+    ) -> SqliteStore:
         """The store at ``{cache_dir}/minima_llm.db``."""
-        return cls(Path(cache_dir) / DB_NAME, readonly=readonly)
+        return cls(Path(cache_dir) / DB_NAME, readonly=readonly, mountinfo=mountinfo)
 
     @property
     def rows_written(self) -> int:
@@ -415,7 +443,8 @@ def _why(path: Path, readonly: bool) -> str:
     if not directory.is_dir() or os.access(directory, os.W_OK | os.X_OK):
         return ""
     if not readonly:
-        return f" (the directory {directory} is not writable: point cache_dir elsewhere)"
+        why = "is on a read-only filesystem" if _read_only_fs(directory) else "is not writable"
+        return f" (the directory {directory} {why}: point cache_dir elsewhere)"
     wal_in_use = False
     wal = path.with_name(path.name + "-wal")
     with contextlib.suppress(OSError):  # a directory we cannot even search: no hint
@@ -445,11 +474,26 @@ def _check_writable(path: Path) -> None:
         # -shm, and access() says no for a file gone since exists() saw it.
         if part.exists() and not os.access(part, os.W_OK) and part.exists():
             # An sqlite3 error, so the store's constructor cleans up and says CacheError.
+            if _read_only_fs(part):
+                # A read-only mount (a shared dataset, a container's ro bind): no owner
+                # can make it writable, and asking them would send the user astray.
+                raise sqlite3.OperationalError(
+                    f"{part} is on a read-only filesystem, where a cache can only be read: "
+                    "name its directory in CACHE_LOOKUP_DIRS"
+                )
             raise sqlite3.OperationalError(
                 f"{part} is not writable by this user: ask its owner to make it group-"
                 "writable, or use another cache_dir (a cache only to read from belongs in "
                 "CACHE_LOOKUP_DIRS)"
             )
+
+
+def _read_only_fs(path: Path) -> bool:
+    """Whether ``path`` is on a filesystem mounted read-only."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # Windows has no statvfs
+        return False
 
 
 def _data_version(conn: sqlite3.Connection) -> int:
@@ -489,7 +533,7 @@ def _cache_columns(conn: sqlite3.Connection) -> set[str]:
     """The columns of the file's ``cache`` table, refused unless it is ours (of any version)."""
     have = [row[1] for row in conn.execute("PRAGMA table_info(cache)")]
     if not have:
-        raise sqlite3.DatabaseError("no cache table")
+        raise sqlite3.DatabaseError("no cache table" + _empty_hint(conn))
     if not set(_REQUIRED) <= set(have):
         # Some other program's table: writing would fail on every row, reading would
         # return rows without their text, and migrating would alter a file not ours.
@@ -498,6 +542,18 @@ def _cache_columns(conn: sqlite3.Connection) -> set[str]:
             f"needs ({', '.join(_REQUIRED)})"
         )
     return set(have)
+
+
+def _empty_hint(conn: sqlite3.Connection) -> str:
+    """Why a file may hold no table at all: most often, its WAL was left behind."""
+    if conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is not None:
+        return ""  # some other program's database
+    # The file of a run killed (or still running) copied alone: until a checkpoint,
+    # even the table exists only in the -wal file beside the original.
+    return (
+        " (copied without the -wal file beside it? a run that was killed or is still "
+        "running keeps its latest answers there: copy both)"
+    )
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
