@@ -56,6 +56,36 @@ def test_a_relative_path_stays_where_the_config_was_built(
     assert READ[name](cfg.replace(rpm=1)) == value
 
 
+@pytest.mark.parametrize("name", READ)
+def test_a_tilde_is_the_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # YAML has no shell to expand it: "~/llm-cache" must not be a directory named "~".
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert READ[name](build(name, "~/llm-cache")) == str(tmp_path / "home" / "llm-cache")
+
+
+def test_a_tilde_from_yaml_and_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "config.yml").write_text(f'base_url: "{URL}"\nmodel: m\ncache_dir: ~/c\n')
+    environ = {"OPENAI_BASE_URL": URL, "OPENAI_MODEL": "m", "CACHE_LOOKUP_DIRS": "~/a:~/b"}
+    assert MinimaLlmConfig.from_yaml(tmp_path / "config.yml").cache_dir == str(tmp_path / "c")
+    assert MinimaLlmConfig.from_env(environ).cache_lookup_dirs == (
+        str(tmp_path / "a"),
+        str(tmp_path / "b"),
+    )
+
+
+def test_a_tilde_that_cannot_be_expanded_fails_naming_the_field() -> None:
+    with pytest.raises(ConfigError) as caught:
+        MinimaLlmConfig(base_url=URL, model="m", cache_dir="~no-such-user-4711/cache")
+    assert caught.value.field == "cache_dir"
+    assert "~ can be expanded" in caught.value.allowed
+
+
 def test_cache_path_is_absolute_after_a_chdir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

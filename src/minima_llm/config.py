@@ -40,17 +40,30 @@ def _check_path(owner: Any, attr: str, name: str, note: str = "", kind: str = "d
     allowed = f"a {kind} path or None {note}".rstrip()
     _check(value is None or isinstance(value, (str, os.PathLike)), name, value, allowed)
     if value is not None:
-        object.__setattr__(owner, attr, _absolute(os.fspath(value)))
+        object.__setattr__(owner, attr, _absolute(os.fspath(value), name))
 
 
-def _absolute(path: str) -> str:
-    """``path`` made absolute against the current directory now, symlinks left alone.
+def _absolute(path: str, name: str) -> str:
+    """``path`` with ``~`` expanded, made absolute against the current directory now.
 
     The cache store opens and re-checks its file long after the config is built; a
     relative path read then follows a later ``os.chdir`` to another directory (and a
-    false "cache file was deleted or replaced"). "" is no path: it means "none".
+    false "cache file was deleted or replaced"). A YAML ``cache_dir: ~/cache`` (no
+    shell to expand it) would otherwise be a directory named ``~`` under each job's
+    working directory: every job of an array its own empty cache. Symlinks are left
+    alone, and "" is no path: it means "none".
     """
-    return os.path.abspath(path) if path else path
+    if not path:
+        return path
+    expanded = os.path.expanduser(path)
+    # HOME unset and no passwd entry for this uid (a container's): expanduser gives up.
+    _check(
+        not expanded.startswith("~"),
+        name,
+        path,
+        "a path whose ~ can be expanded (HOME is unset, or no such user)",
+    )
+    return os.path.abspath(expanded)
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
@@ -479,7 +492,7 @@ def _lookup_dirs(dirs: Any) -> tuple[str, ...]:
         dirs,
         f"a list of directory paths, or one string of them separated by ',' or {os.pathsep!r}",
     )
-    return tuple(_absolute(os.fspath(d)) for d in items)
+    return tuple(_absolute(os.fspath(d), "cache_lookup_dirs") for d in items)
 
 
 def _split_dirs(text: str) -> tuple[str, ...]:
