@@ -1,4 +1,4 @@
-"""Console entry point ``minima-llm``: the demo, the mock server and batch management."""
+"""Console entry point ``minima-llm``: the demo, the mock server, batch jobs and cache files."""
 
 from __future__ import annotations
 
@@ -87,6 +87,17 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--no-refresh", action="store_true", help="show the state files without asking the provider"
     )
+    cache = sub.add_parser("cache", help="what cache files hold; merge several into one")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    stats = cache_sub.add_parser("stats", help="rows, size, dates and models of cache files")
+    stats.add_argument("paths", nargs="+", metavar="PATH", help="a cache directory or .db file")
+    merge = cache_sub.add_parser(
+        "merge", help="copy rows into one cache directory, the newest answer per key winning"
+    )
+    merge.add_argument("sources", nargs="+", metavar="SOURCE", help="cache directories or files")
+    merge.add_argument(
+        "--into", required=True, metavar="CACHE_DIR", help="the cache directory to merge into"
+    )
     return parser
 
 
@@ -103,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.command == "batch-status":
             return _batch_status(args)
+        if args.command == "cache":
+            return _cache(args)
         return _mock_server(args)
     except (MinimaLlmError, ValueError, ImportError, OSError) as exc:
         # A config file that is missing or a directory: one line, as minimallm-proxy says it.
@@ -219,6 +232,17 @@ def _env_config() -> MinimaLlmConfig:
 
 # Where --cancel-remote would go with no endpoint configured: an address that cannot resolve.
 _NO_ENDPOINT = "http://openai-base-url-not-set.invalid/v1"
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from .cache.maintenance import cache_stats, merge_caches
+
+    if args.cache_command == "stats":
+        print("\n".join(cache_stats(path).describe() for path in args.paths))
+        return 0
+    report = merge_caches(args.into, args.sources, progress=print)
+    print(report.describe())
+    return 0
 
 
 if __name__ == "__main__":

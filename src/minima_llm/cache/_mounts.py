@@ -163,7 +163,8 @@ def warn_if_network(db: str, mountinfo: str | os.PathLike[str] = MOUNTINFO) -> b
         "needs every process that opens the file on one host: processes on other nodes (a "
         "SLURM job array, say) writing it at the same time can corrupt it or lose answers "
         "with no error. Give each node its own cache_dir (on node-local scratch, or one "
-        "per node or job on this filesystem) and list the others in CACHE_LOOKUP_DIRS, or "
+        "per node or job on this filesystem), list the others in CACHE_LOOKUP_DIRS and merge "
+        "them afterwards with `minima-llm cache merge`, or "
         "send every job through one minimallm-proxy gateway. A cache_dir that only this "
         "host writes is not at risk.",
         db,

@@ -18,7 +18,7 @@ import re
 import sqlite3
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ _PAGE_GUESS = 2048  # characters of row text per WAL frame (a page holds about 4
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class _SqliteFile:
+class SqliteFile:
     """What the worker threads need of a store: opening, reading, writing, counting.
 
     The threads hold this and never the store, so a store nobody holds (a backend
@@ -229,12 +229,36 @@ class _SqliteFile:
 
     def read(self, conn: sqlite3.Connection, requests: list[list[str]]) -> list[Any]:
         try:
+            # Not through _one_read: a lookup is on every miss's path, a generator is not free.
             if self._immutable:
                 with contextlib.closing(self._read_now()) as now:
                     return _read_batch(now, requests, self._select)
             return _read_batch(conn, requests, self._select)
         except sqlite3.Error as exc:
             raise CacheError(f"cache read from {self.path} failed: {exc}") from exc
+
+    def scan(self, conn: sqlite3.Connection, after: int, limit: int) -> list[tuple[int, CacheRow]]:
+        """Up to ``limit`` rows (with their rowid) in rowid order, past rowid ``after``."""
+        sql = f"SELECT rowid, {self._select} FROM cache WHERE rowid > ? ORDER BY rowid LIMIT ?"
+        try:
+            with self._one_read(conn) as now:
+                found = now.execute(sql, (after, limit)).fetchall()
+        except sqlite3.Error as exc:
+            raise CacheError(f"cache read from {self.path} failed: {exc}") from exc
+        return [(r[0], CacheRow._make(r[1:])) for r in found]
+
+    def has_column(self, name: str) -> bool:
+        """Whether the file's table has column ``name`` (known once a reader is connected)."""
+        return name in _COLUMN_NAMES and f"NULL AS {name}" not in self._select
+
+    @contextlib.contextmanager
+    def _one_read(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        """The connection for one read: ``conn``, or one of its own for a file read as immutable."""
+        if not self._immutable:
+            yield conn
+            return
+        with contextlib.closing(self._read_now()) as now:
+            yield now
 
     def write_batch(self, conn: sqlite3.Connection, batches: list[list[CacheRow]]) -> list[Any]:
         rows = [row for batch in batches for row in batch]
@@ -310,7 +334,7 @@ class SqliteStore:
         # relative path would follow an os.chdir to another file (and a false "replaced").
         self.path = Path(os.path.abspath(path))
         self.readonly = readonly
-        self._file = file = _SqliteFile(self.path, readonly, checkpoint_frames)
+        self._file = file = SqliteFile(self.path, readonly, checkpoint_frames)
         self._writer: ConnectionWorker | None = None
         try:
             if not readonly:
