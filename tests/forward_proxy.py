@@ -58,6 +58,11 @@ class ForwardProxy:
         await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 5.0)
         await self._server.wait_closed()
 
+    def drop_connections(self) -> None:
+        """Close every connection now, as a proxy does with idle ones (no TLS goodbye inside)."""
+        for writer in list(self._writers):
+            writer.close()
+
     def _expected(self) -> str | None:
         if self.credentials is None:
             return None

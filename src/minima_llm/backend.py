@@ -83,8 +83,14 @@ class OpenAIMinimaLlm:
         headers = request_headers(config)
         # The proxy the *_proxy variables give for base_url (None: direct); one that
         # cannot be used fails here, naming the variable, not at the first request.
-        proxies = ProxyRules.from_environ()
-        self.proxy: Proxy | None = proxies.for_url(config.base_url) if transport is None else None
+        # A transport passed in may have rules of its own (a StdlibTransport built by
+        # hand reads the environment too); the health check and banner follow them.
+        proxies = (
+            ProxyRules.from_environ() if transport is None else getattr(transport, "proxies", None)
+        )
+        self.proxy: Proxy | None = (
+            proxies.for_url(config.base_url) if isinstance(proxies, ProxyRules) else None
+        )
         # The transport learns the headers most requests carry, so it need not merge them each time.
         self.transport = transport or make_transport(
             config.transport,

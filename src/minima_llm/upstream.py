@@ -751,6 +751,9 @@ def _transport_problem(exc: TransportError, timeout_s: float) -> Problem:
         return Problem("TimeoutError", f"timed out after {timeout_s}s", 408, str(exc), True)
     if exc.kind == "closed":
         return Problem("ClosedError", str(exc), None, None, False)
+    if exc.kind == "proxy":
+        # The proxy's own refusal (407, 403): asking again asks it again, to the same answer.
+        return Problem("ProxyError", str(exc), None, str(exc)[:SNIPPET], False)
     if exc.kind == "too_large":
         # The same request would most likely bring the same runaway answer again.
         return Problem("ResponseTooLarge", str(exc), None, str(exc)[:SNIPPET], False)

@@ -692,3 +692,15 @@ def test_a_batch_api_with_an_unusable_proxy_fails_at_construction(
     with pytest.raises(ConfigError) as caught:
         BatchApi("https://batches.test/v1", None)
     assert caught.value.field == "ALL_PROXY"
+
+
+async def test_a_batch_api_call_refused_by_the_proxy_is_not_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with ForwardProxy(credentials="ada:pw") as via:
+        monkeypatch.setenv("HTTPS_PROXY", via.url.replace("//", "//ada:wrong@"))
+        api = BatchApi("https://batches.test/v1", None, sleep=lambda _: None)
+        with pytest.raises(BatchApiError) as caught:
+            await asyncio.to_thread(api.create, "file-1", "/v1/chat/completions")
+    assert [s.method for s in via.seen] == ["CONNECT"]
+    assert "HTTP 407" in str(caught.value) and "may have been done" not in str(caught.value)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from backend_support import FAST
 from forward_proxy import ForwardProxy
 from minima_llm import MinimaLlmConfig, MinimaLlmFailure, MinimaLlmRequest, OpenAIMinimaLlm
 from minima_llm.errors import ConfigError
@@ -245,3 +246,88 @@ def test_an_unusable_proxy_for_base_url_fails_at_construction(
         OpenAIMinimaLlm(config)
     assert caught.value.field == "HTTPS_PROXY"
     assert "secret" not in str(caught.value)
+
+
+# --- refusals, dropped tunnels, names outside ASCII -------------------------------------
+
+
+@needs_openssl
+async def test_a_connect_refused_by_the_proxy_is_one_attempt_and_no_retry(
+    tls_mock: MockServer, transport: str, tmp_path: Path
+) -> None:
+    # A wrong password asked again and again can lock a directory-backed account.
+    port = _port(tls_mock)
+    async with ForwardProxy({NAME: ("127.0.0.1", port)}, credentials="ada:pw") as proxy:
+        client = _transport(transport, _rules(proxy, "HTTPS_PROXY", credentials="ada:wrong"))
+        config = MinimaLlmConfig(
+            base_url=f"https://{NAME}:{port}/v1", model="m", cache_dir=str(tmp_path), **FAST
+        )
+        async with OpenAIMinimaLlm(config, transport=client) as backend:
+            result = await backend.generate(
+                MinimaLlmRequest("q", [{"role": "user", "content": "x"}])
+            )
+    assert isinstance(result, MinimaLlmFailure)
+    assert result.error_type == "ProxyError" and result.attempts == 1
+    assert "HTTP 407" in result.message and "via proxy" in result.message
+    assert [s.method for s in proxy.seen] == ["CONNECT"]
+
+
+async def test_a_proxy_that_cannot_reach_the_upstream_is_a_connect_error(transport: str) -> None:
+    async with ForwardProxy({NAME: ("127.0.0.1", 1)}) as proxy:
+        rules = ProxyRules.from_environ({"HTTPS_PROXY": proxy.url})
+        with pytest.raises(TransportError) as caught:
+            await _post_once(transport, rules, f"https://{NAME}/v1/chat/completions")
+    assert caught.value.kind == "connect"  # the upstream may be back soon: retried
+    assert "HTTP 502" in str(caught.value)
+
+
+@needs_openssl
+async def test_a_tunnel_the_proxy_closed_while_idle_is_replaced_at_once(
+    tls_mock: MockServer, certificate: tuple[Path, Path], transport: str
+) -> None:
+    port = _port(tls_mock)
+    # Each request waits for a line, read on a thread: the child's loop runs meanwhile,
+    # as an application's does, and sees what the proxy closes.
+    script = _TLS_CHILD.replace(
+        "for _ in range(2):",
+        "for _ in range(3):\n            await asyncio.to_thread(sys.stdin.readline)",
+    )
+    async with ForwardProxy({NAME: ("127.0.0.1", port)}) as proxy:
+        env = {**os.environ, "SSL_CERT_FILE": str(certificate[0]), "HTTPS_PROXY": proxy.url}
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", script, transport, f"https://{NAME}:{port}/v1/chat/completions",
+            env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert child.stdin is not None and child.stdout is not None
+        statuses = []
+        for turn in range(3):
+            if turn == 2:
+                proxy.drop_connections()  # idle: the proxy closes the tunnel, no TLS goodbye
+                await asyncio.sleep(0.2)
+            child.stdin.write(b"\n")
+            statuses.append(await asyncio.wait_for(child.stdout.readline(), 30))
+        _, err = await asyncio.wait_for(child.communicate(), 30)
+    assert [s.strip() for s in statuses] == [b"200"] * 3, err.decode()
+    assert [s.method for s in proxy.seen] == ["CONNECT", "CONNECT"]
+
+
+async def test_a_host_name_outside_ascii_goes_through_the_proxy_in_idna(
+    mock: MockServer, transport: str
+) -> None:
+    async with ForwardProxy({"xn--bcher-kva.test": ("127.0.0.1", _port(mock))}) as proxy:
+        rules = ProxyRules.from_environ({"HTTP_PROXY": proxy.url})
+        url = f"http://bücher.test:{_port(mock)}/v1/chat/completions"
+        resp = await _post_once(transport, rules, url)
+    assert resp.status == 200
+    assert proxy.seen[0].target == f"http://xn--bcher-kva.test:{_port(mock)}/v1/chat/completions"
+
+
+def test_a_backend_given_a_transport_reports_that_transports_proxy(tmp_path: Path) -> None:
+    rules = ProxyRules.from_environ({"HTTPS_PROXY": "http://proxy.corp:3128"})
+    config = MinimaLlmConfig(
+        base_url="https://api.example.com/v1", model="m", cache_dir=str(tmp_path)
+    )
+    backend = OpenAIMinimaLlm(config, transport=make_transport("stdlib", 2, proxies=rules))
+    assert str(backend.proxy) == "http://proxy.corp:3128 (from HTTPS_PROXY)"
+    assert OpenAIMinimaLlm(config, transport=object()).proxy is None  # type: ignore[arg-type]

@@ -55,6 +55,8 @@ CORP = "http://proxy.corp:3128"
             "http://a.io",
             "http://proxy.corp:3128 (from http_proxy)",
         ),
+        # Set empty, the lower-case name still wins: "https_proxy= cmd" turns it off.
+        ({"https_proxy": "", "HTTPS_PROXY": CORP}, "https://a.io", None),
     ],
 )
 def test_which_proxy(env: dict[str, str], url: str, expected: str | None) -> None:
@@ -90,6 +92,13 @@ def test_which_proxy(env: dict[str, str], url: str, expected: str | None) -> Non
         ("", "http://localhost:8000", True),
         ("", "http://vllm.localhost:8000", True),
         ("", "http://[::1]:8000", True),
+        ("", "http://0.0.0.0:8000/v1", True),  # what vLLM prints as its address
+        ("", "http://[::]:8000", True),
+        ("", "http://[::ffff:127.0.0.1]:8000", True),
+        ("", "http://vllm.localhost.:8000", True),
+        # httpx documents URLs in NO_PROXY.
+        ("https://a.io", "https://a.io/v1", True),
+        ("http://10.1.2.3:8000", "http://10.1.2.3:8000/v1", True),
     ],
 )
 def test_no_proxy(no_proxy: str, url: str, direct: bool) -> None:
@@ -123,7 +132,9 @@ def test_credentials_become_a_basic_header_and_stay_out_of_repr() -> None:
         ("https://proxy.corp:443", "https://proxy.corp:443"),
         ("http://proxy.corp:99999", "http://proxy.corp:99999"),
         ("http://", "http://"),
-        ("socks5h://user:hunter2@proxy.corp:1080", "socks5h://***@proxy.corp"),
+        ("socks5h://user:hunter2@proxy.corp:1080", "socks5h://***@proxy.corp:1080"),
+        # A bare "/" in the password ends the authority early: "ada" would be the host.
+        ("http://ada:12/34@proxy.corp:3128", "http://***@proxy.corp:3128"),
     ],
 )
 def test_an_unusable_proxy_is_refused_naming_the_variable(value: str, shown: str) -> None:
@@ -132,7 +143,7 @@ def test_an_unusable_proxy_is_refused_naming_the_variable(value: str, shown: str
         rules.for_url("https://api.openai.com/v1")
     assert caught.value.field == "ALL_PROXY"
     assert caught.value.value == shown
-    assert "hunter2" not in str(caught.value)
+    assert "hunter2" not in str(caught.value) and "ada:12" not in str(caught.value)
     assert "http://" in caught.value.allowed
 
 

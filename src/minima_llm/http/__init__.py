@@ -15,7 +15,7 @@ from .base import (
     decode_body,
     encode_body,
 )
-from .proxies import Proxy, ProxyRules
+from .proxies import Proxy, ProxyRules, tunnel_refusal_in
 from .stdlib_transport import StdlibTransport
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "decode_body",
     "encode_body",
     "make_transport",
+    "tunnel_refusal_in",
 ]
 
 

@@ -6,13 +6,13 @@ import asyncio
 import functools
 import io
 from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 from .._version import USER_AGENT
 from ..errors import ConfigError, TransportError
 from ..loopbound import LoopBound
 from .base import DEFAULT_MAX_RESPONSE_BYTES, HttpResponse, body_limit, too_large
-from .proxies import Proxy, ProxyRules, via
+from .proxies import Proxy, ProxyRules, tunnel_refused, via
 
 try:
     import aiohttp
@@ -197,7 +197,7 @@ class AiohttpTransport:
         except TransportError:
             raise
         except Exception as exc:
-            raise via(_translate(exc, timeout_s), target.route) from exc
+            _raise_translated(exc, timeout_s, target.route)
 
     async def open_stream(
         self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
@@ -221,7 +221,7 @@ class AiohttpTransport:
         except TransportError:
             raise
         except Exception as exc:
-            raise via(_translate(exc, timeout_s), target.route) from exc
+            _raise_translated(exc, timeout_s, target.route)
         return _AiohttpStream(resp, timeout_s, self._limit)
 
     async def aclose(self) -> None:
@@ -309,12 +309,23 @@ async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     return b"".join(pieces)
 
 
+def _raise_translated(exc: Exception, timeout_s: float, route: Proxy | None) -> NoReturn:
+    """Raise ``exc`` as the transport's own error, naming the proxy the request went through."""
+    error = via(_translate(exc, timeout_s), route)
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        # Not chained: its repr holds the CONNECT's headers, the proxy's password among them.
+        raise error from None
+    raise error from exc
+
+
 def _translate(exc: Exception, timeout_s: float) -> Exception:
     """aiohttp's exceptions as the transport's own; anything else is passed through."""
     if isinstance(exc, asyncio.TimeoutError):
         return TransportError("timeout", f"timed out after {timeout_s}s")
     if isinstance(exc, aiohttp.ClientPayloadError):
         return TransportError("reset", f"connection closed mid-body: {exc}")
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        return tunnel_refused(exc.status, exc.message)
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return TransportError("reset", f"server disconnected: {exc}")
     if isinstance(exc, aiohttp.ClientOSError) and not isinstance(exc, aiohttp.ClientConnectorError):

@@ -4,13 +4,13 @@ The OpenAI SDK (httpx), requests and curl all honour ``HTTPS_PROXY``, ``HTTP_PRO
 ``ALL_PROXY`` and ``NO_PROXY``; compute nodes and corporate containers often reach
 the internet only that way. The rules here follow that common convention:
 
-- the lower-case name wins over the upper-case one; ``HTTP_PROXY`` is ignored when
+- the lower-case name wins over the upper-case one, even set empty; ``HTTP_PROXY`` is ignored when
   ``REQUEST_METHOD`` is set (a CGI request can set it: "httpoxy");
 - ``https_proxy`` serves https URLs and ``http_proxy`` http ones, ``all_proxy`` both;
 - ``no_proxy`` lists hosts (``example.com`` also covers its subdomains, a leading
   ``.`` or ``*.`` is the same), ``host:port``, IP addresses, CIDR blocks, or ``*``;
-- loopback (``localhost``, 127.0.0.0/8, ``::1``) is never proxied: a local model
-  server beside a proxy meant for the internet is the usual set-up on a cluster.
+- this host (``localhost``, 127.0.0.0/8, ``::1``, ``0.0.0.0``) is never proxied: a
+  local model server beside a proxy meant for the internet is the usual set-up on a cluster.
 
 Only ``http://`` proxies are supported (https targets tunnel through them with
 ``CONNECT``); a proxy's ``user:password`` becomes a ``Proxy-Authorization`` header.
@@ -21,17 +21,20 @@ from __future__ import annotations
 import base64
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigError, TransportError
 
-__all__ = ["Proxy", "ProxyRules", "via"]
+__all__ = ["Proxy", "ProxyRules", "tunnel_refusal_in", "tunnel_refused", "via"]
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-_LOOPBACK_NAMES = ("localhost", "localhost.")
-_ALLOWED = "http://[user:password@]host[:port] (https:// and socks proxies are not supported)"
+_ALLOWED = (
+    "http://[user:password@]host[:port], with / # ? @ in a password percent-encoded "
+    "(https:// and socks proxies are not supported)"
+)
 
 
 @dataclass(frozen=True)
@@ -152,13 +155,37 @@ class ProxyRules:
 
     def bypasses(self, host: str, port: int) -> bool:
         """Whether ``host:port`` is reached directly: loopback, or listed in ``no_proxy``."""
-        host = host.lower().strip("[]")
+        host = host.lower().strip("[]").rstrip(".")
         address = _address(host)
-        if address is not None and address.is_loopback:
+        if address is not None and _local(address):
             return True
-        if host in _LOOPBACK_NAMES or host.endswith(".localhost"):
+        if host == "localhost" or host.endswith(".localhost"):
             return True
-        return any(rule.covers(host.rstrip("."), address, port) for rule in self.exempt)
+        return any(rule.covers(host, address, port) for rule in self.exempt)
+
+
+# How http.client reports a CONNECT the proxy answered with anything but 200.
+_TUNNEL_FAILED = re.compile(r"Tunnel connection failed: (\d{3})")
+
+
+def tunnel_refused(status: int, reason: str) -> TransportError:
+    """The error for a ``CONNECT`` the proxy answered with ``status``.
+
+    A 4xx is the proxy's own verdict (407: wrong credentials, 403: site blocked):
+    kind ``proxy``, not retried, so a wrong password is not tried again and again
+    (a directory-backed proxy may lock the account) and no breaker takes the
+    upstream for down. A 5xx means the proxy could not reach the upstream: ``connect``.
+    """
+    kind = "proxy" if 400 <= status < 500 else "connect"
+    return TransportError(kind, f"the proxy answered CONNECT with HTTP {status} {reason}".rstrip())
+
+
+def tunnel_refusal_in(exc: BaseException) -> TransportError | None:
+    """``tunnel_refused`` for http.client's ``OSError("Tunnel connection failed: NNN ...")``."""
+    match = _TUNNEL_FAILED.match(str(exc)) if isinstance(exc, OSError) else None
+    if match is None:
+        return None
+    return tunnel_refused(int(match.group(1)), str(exc)[match.end() :].strip())
 
 
 def via(error: BaseException, proxy: Proxy | None) -> BaseException:
@@ -169,16 +196,19 @@ def via(error: BaseException, proxy: Proxy | None) -> BaseException:
 
 
 def _variable(env: Mapping[str, str], name: str) -> tuple[str, str] | None:
-    """(variable, value) of the first non-blank of ``name`` and ``NAME``."""
-    names = [name]
+    """(variable, value) from ``name``, else ``NAME``; None if unset or blank.
+
+    The lower-case name wins even when blank, as for urllib, requests and httpx:
+    ``https_proxy= cmd`` turns a proxy off for one command.
+    """
+    if name in env:
+        value = env[name].strip()
+        return (name, value) if value else None
     # httpoxy: in a CGI request, HTTP_PROXY is the client's "Proxy:" header, not a setting.
-    if name != "http_proxy" or "REQUEST_METHOD" not in env:
-        names.append(name.upper())
-    for variable in names:
-        value = env.get(variable, "").strip()
-        if value:
-            return variable, value
-    return None
+    if name == "http_proxy" and "REQUEST_METHOD" in env:
+        return None
+    value = env.get(name.upper(), "").strip()
+    return (name.upper(), value) if value else None
 
 
 def _parse_proxy(variable: str, value: str) -> Proxy | _Unusable:
@@ -191,6 +221,10 @@ def _parse_proxy(variable: str, value: str) -> Proxy | _Unusable:
     except ValueError:
         return unusable
     if parts.scheme.lower() != "http" or not parts.hostname:
+        return unusable
+    if "@" in value and parts.username is None:
+        # A password with a bare "/" or "#" ends the authority early: the host parsed
+        # would be part of the credentials. Percent-encode them (%2F, %23).
         return unusable
     credentials = None
     if parts.username is not None:
@@ -205,7 +239,9 @@ def _masked(scheme: str, host: str | None, value: str) -> str:
     """The value as an error may show it: without the password a proxy URL may carry."""
     if "@" not in value:
         return value
-    return f"{scheme or 'http'}://***@{host or '?'}"
+    # The host after the last "@": what urlsplit calls the host may be part of a password.
+    after = value.rpartition("@")[2].split("/", 1)[0]
+    return f"{scheme or 'http'}://***@{after or host or '?'}"
 
 
 def _parse_exempt(text: str) -> tuple[_Exempt, ...]:
@@ -215,6 +251,8 @@ def _parse_exempt(text: str) -> tuple[_Exempt, ...]:
         if entry == "*":
             rules.append(_Exempt(everything=True))
             continue
+        # httpx's documented form names a URL: its host (and port) is what counts here.
+        entry = entry.split("://", 1)[1].rstrip("/") if "://" in entry else entry
         host, port = _split_port(entry)
         try:
             network = ipaddress.ip_network(host, strict=False)
@@ -237,6 +275,13 @@ def _split_port(entry: str) -> tuple[str, int | None]:
     if colon and port.isdigit() and ":" not in host:
         return host, int(port)
     return entry, None
+
+
+def _local(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Loopback, or the unspecified address (0.0.0.0, ::: what vLLM prints), which is this host."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback or address.is_unspecified
 
 
 def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -25,7 +25,7 @@ from .base import (
     decode_body,
     too_large,
 )
-from .proxies import Proxy, ProxyRules, via
+from .proxies import Proxy, ProxyRules, tunnel_refusal_in, via
 
 _Origin = tuple[str, str, int]
 T = TypeVar("T")
@@ -36,6 +36,8 @@ _STALE = (
     BrokenPipeError,
     ConnectionResetError,
     http.client.BadStatusLine,
+    # A proxy closing an idle tunnel cannot send TLS's close_notify: its end is a bare EOF.
+    ssl.SSLEOFError,
 )
 # A body without a Content-Length is read in pieces of this size, so one past the cap
 # is refused after at most this much more than the cap.
@@ -160,7 +162,7 @@ class StdlibTransport:
         proxy = self._route(origin)
         if proxy is not None and origin[0] == "http":
             # A plain-http request through a proxy names its whole URL (RFC 9112, 3.2.2).
-            path = url
+            path = _absolute_form(url)
             if proxy.authorization:
                 headers["Proxy-Authorization"] = proxy.authorization
         for attempt in range(2):
@@ -253,7 +255,7 @@ class StdlibTransport:
         tunnel = http.client.HTTPSConnection(
             proxy.host, proxy.port, timeout=timeout_s, context=self._tls()
         )
-        tunnel.set_tunnel(host, port, headers=proxy.headers)
+        tunnel.set_tunnel(_idna(host), port, headers=proxy.headers)
         return tunnel, False
 
     def _checkin(self, origin: _Origin, conn: http.client.HTTPConnection) -> None:
@@ -446,6 +448,21 @@ def _split(url: str) -> tuple[_Origin, str]:
     return (scheme, host, port), path
 
 
+def _idna(host: str) -> str:
+    """``host`` as it goes on the wire: IDNA for a name outside ASCII (http.client sends ASCII)."""
+    return host if host.isascii() else host.encode("idna").decode("ascii")
+
+
+def _absolute_form(url: str) -> str:
+    """``url`` with its host in IDNA, for the request line of a request through a proxy."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if host.isascii():
+        return url
+    netloc = _idna(host) + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
+
+
 def _translate(exc: BaseException, timeout_s: float) -> BaseException:
     """``http.client`` and socket errors as the transport's own."""
     if isinstance(exc, TransportError):
@@ -458,6 +475,10 @@ def _translate(exc: BaseException, timeout_s: float) -> BaseException:
         )
     if isinstance(exc, _STALE):
         return TransportError("reset", f"connection closed by server: {exc!r}")
-    if isinstance(exc, (OSError, http.client.HTTPException)):
+    refused = tunnel_refusal_in(exc)
+    if refused is not None:
+        return refused
+    # A host name with no IDNA form (or a URL that cannot be sent as ASCII).
+    if isinstance(exc, (OSError, http.client.HTTPException, UnicodeError)):
         return TransportError("connect", f"{type(exc).__name__}: {exc}")
     return exc

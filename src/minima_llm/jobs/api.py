@@ -23,7 +23,7 @@ from typing import IO, Any
 
 from .._version import USER_AGENT
 from ..errors import ConfigError, MinimaLlmError, TransportError
-from ..http import ProxyRules
+from ..http import ProxyRules, tunnel_refusal_in
 from ..resilience import backoff_delay, is_retryable_status, parse_retry_after
 from ..upstream import SNIPPET
 
@@ -338,6 +338,12 @@ class BatchApi:
                 problem = f"{type(exc).__name__}: {reason}"
                 if proxy is not None:
                     problem += f" (via proxy {proxy})"
+                    refused = tunnel_refusal_in(reason)
+                    if refused is not None and refused.kind == "proxy":
+                        # The proxy's verdict, and the request never reached the provider.
+                        raise BatchApiError(
+                            f"{method} {url}: {refused} (via proxy {proxy})"
+                        ) from exc
                 if not idempotent and not isinstance(reason, ConnectionRefusedError):
                     raise BatchApiError(
                         f"{method} {url}: {problem} (it may have been done)"
