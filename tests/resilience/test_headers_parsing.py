@@ -140,3 +140,28 @@ def test_parse_rate_limits_partial_or_unreadable(
     headers: dict[str, str], expected: RateLimitInfo
 ) -> None:
     assert parse_rate_limits(headers) == expected
+
+
+EPOCH_NOW = 1_750_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("reset", "seconds"),
+    [
+        (str(int(EPOCH_NOW) + 3), 3.0),  # a Unix timestamp in seconds
+        (str(int(EPOCH_NOW * 1000) + 2500), 2.5),  # in milliseconds
+        (str(int(EPOCH_NOW) - 60), 0.0),  # already past
+        ("86400", 86400.0),  # a long wait is still a wait
+        ("2m59.56s", 179.56),
+    ],
+)
+def test_reset_sent_as_a_timestamp_is_read_as_the_time_left(reset: str, seconds: float) -> None:
+    headers = {
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": reset,
+        "x-ratelimit-limit-tokens": "1000",
+        "x-ratelimit-reset-tokens": reset,
+    }
+    info = parse_rate_limits(headers, now=EPOCH_NOW)
+    assert info.reset_requests_s == pytest.approx(seconds)
+    assert info.reset_tokens_s == pytest.approx(seconds)

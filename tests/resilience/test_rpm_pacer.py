@@ -337,3 +337,38 @@ def test_a_probe_left_pending_by_a_closed_loop_is_let_go() -> None:
 
     asyncio.run(second_run())
     assert pacer.server_rpm == 600
+
+
+@pytest.mark.parametrize(
+    ("configured", "limit", "remaining", "reset"),
+    [
+        (300, 14400, 14370, 179.56),  # Groq: requests per day, "2m59.56s"
+        (0, 14400, 14370, 179.56),
+        (60, 200, 199, 432.0),  # a daily tier's "7m12s"
+    ],
+)
+def test_a_limit_counted_over_more_than_a_minute_is_not_a_rate(
+    configured: int, limit: int, remaining: int, reset: float
+) -> None:
+    pacer, _ = make(configured)
+    pacer.observe(RateLimitInfo(limit_requests=limit, remaining_requests=remaining))
+    # Its first answers cannot tell (a reset under a minute); the next one can.
+    pacer.observe(
+        RateLimitInfo(limit_requests=limit, remaining_requests=remaining, reset_requests_s=reset)
+    )
+    assert pacer.server_rpm is None
+    assert pacer.rpm == configured
+    gap = 60.0 / configured if configured else 0.0
+    assert slots(pacer, 3) == pytest.approx([0.0, gap, 2 * gap])
+    # It stays so: later answers that spent little of the day do not bring it back.
+    pacer.observe(
+        RateLimitInfo(limit_requests=limit, remaining_requests=limit - 1, reset_requests_s=6.0)
+    )
+    assert pacer.rpm == configured
+
+
+@pytest.mark.parametrize("reset", [0.02, 1.0, 60.0, 64.0])
+def test_a_reset_within_a_minute_keeps_the_limit_as_requests_per_minute(reset: float) -> None:
+    pacer, _ = make(600)
+    pacer.observe(RateLimitInfo(limit_requests=3000, remaining_requests=10, reset_requests_s=reset))
+    assert pacer.server_rpm == 3000

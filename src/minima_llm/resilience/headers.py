@@ -12,6 +12,11 @@ from dataclasses import dataclass
 # "20ms", "1h2m3.5s"); other servers send plain seconds. Accept both.
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|us|µs|ns|h|m|s)")
 _UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+# Some servers send the moment a limit resets as a Unix timestamp rather than the wait.
+# No wait is 30 years long: a value past 1e9 (September 2001) is a moment in seconds,
+# past 1e12 the same in milliseconds.
+_EPOCH_S = 1e9
+_EPOCH_MS = 1e12
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -34,6 +39,14 @@ def parse_duration(text: str | None) -> float | None:
         total += float(match.group(1)) * _UNIT_S[match.group(2)]
         pos = match.end()
     return total if pos == len(text) and pos > 0 else None
+
+
+def seconds_until(value: float | None, now: float | None = None) -> float | None:
+    """A reset value as seconds to wait: itself, or the time left until it if it is a Unix timestamp."""
+    if value is None or value < _EPOCH_S:
+        return value
+    moment = value / 1000.0 if value >= _EPOCH_MS else value
+    return max(0.0, moment - (time.time() if now is None else now))
 
 
 def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
@@ -83,8 +96,11 @@ class RateLimitInfo:
 NO_RATE_LIMITS = RateLimitInfo()
 
 
-def parse_rate_limits(headers: Mapping[str, str]) -> RateLimitInfo:
-    """Read the ``x-ratelimit-*`` headers; absent or unreadable ones are None."""
+def parse_rate_limits(headers: Mapping[str, str], now: float | None = None) -> RateLimitInfo:
+    """Read the ``x-ratelimit-*`` headers; absent or unreadable ones are None.
+
+    ``now`` (Unix time) is only read for a reset sent as a timestamp.
+    """
     if (
         getattr(headers, "lowercase", False)
         and "x-ratelimit-limit-requests" not in headers
@@ -100,10 +116,14 @@ def parse_rate_limits(headers: Mapping[str, str]) -> RateLimitInfo:
     return RateLimitInfo(
         limit_requests=_int(_get(headers, "x-ratelimit-limit-requests")),
         remaining_requests=_int(_get(headers, "x-ratelimit-remaining-requests")),
-        reset_requests_s=parse_duration(_get(headers, "x-ratelimit-reset-requests")),
+        reset_requests_s=seconds_until(
+            parse_duration(_get(headers, "x-ratelimit-reset-requests")), now
+        ),
         limit_tokens=_int(_get(headers, "x-ratelimit-limit-tokens")),
         remaining_tokens=_int(_get(headers, "x-ratelimit-remaining-tokens")),
-        reset_tokens_s=parse_duration(_get(headers, "x-ratelimit-reset-tokens")),
+        reset_tokens_s=seconds_until(
+            parse_duration(_get(headers, "x-ratelimit-reset-tokens")), now
+        ),
     )
 
 

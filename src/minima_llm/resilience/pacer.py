@@ -17,6 +17,12 @@ SAFETY = 0.97
 # The others wait at most this long for the probe's answer, so a slow endpoint
 # costs only this much once.
 PROBE_WAIT_S = 0.1
+# Whatever a per-minute request limit spends comes back within a minute, so a longer
+# reset (a few seconds allowed for rounding) says the limit is counted over a longer
+# window: Groq's x-ratelimit-limit-requests is per day ("14400" with "2m59.56s"), as
+# is OpenAI's on tiers with a daily limit ("200" with "7m12s"). Read as per minute, it
+# would pace at 14,400 a minute, far past the configured rate and the real limit.
+PER_MINUTE_RESET_MAX_S = 65.0
 
 
 class RpmPacer:
@@ -30,9 +36,9 @@ class RpmPacer:
         max_hold_s: float = math.inf,
     ) -> None:
         self.configured_rpm = rpm
-        # A Retry-After of an hour (a spent quota) or a reset header sent as an epoch
-        # timestamp must not stop every request that long; retries cope with a server
-        # that still refuses when the hold ends.
+        # A Retry-After of an hour (a spent quota) or the reset of a daily limit must
+        # not stop every request that long; retries cope with a server that still
+        # refuses when the hold ends.
         self.max_hold_s = max_hold_s
         self.server_rpm: int | None = None
         self.follow_server = follow_server
@@ -43,6 +49,8 @@ class RpmPacer:
         self._probe: asyncio.Future[None] | None = None
         self._probe_deadline = 0.0
         self._learned = rpm > 0
+        # The server's request limit turned out to be counted over more than a minute.
+        self.limit_not_per_minute = False
         self.waits = 0
         self.waited_s = 0.0
 
@@ -110,7 +118,13 @@ class RpmPacer:
             return  # nothing to learn, and no probe left to finish (learning finished it)
         now = self._clock.monotonic()
         limit = info.limit_requests
-        if limit:
+        reset = info.reset_requests_s
+        if limit and reset is not None and reset > PER_MINUTE_RESET_MAX_S:
+            # A budget for the day (or hour), not a rate: pace as if it had not been said.
+            self.limit_not_per_minute = True
+            self.server_rpm = None
+            self._burst = 0
+        if limit and not self.limit_not_per_minute:
             first = self.server_rpm is None
             self.server_rpm = limit
             if first and self.configured_rpm == 0 and info.remaining_requests:
