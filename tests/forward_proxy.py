@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
+import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -81,7 +84,7 @@ class ForwardProxy:
         finally:
             self._tasks.discard(task)
             self._writers.discard(writer)
-            writer.close()
+            await _closed(writer)
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -119,7 +122,8 @@ class ForwardProxy:
             back.cancel()
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await back
-            up_writer.close()
+            self._writers.discard(up_writer)
+            await _closed(up_writer)
 
     def _parse(self, head: bytes) -> tuple[str, str, list[str], str | None]:
         first, *lines = head.decode("latin-1").split("\r\n")
@@ -178,6 +182,13 @@ def _content_length(lines: list[str]) -> int:
     return 0
 
 
+async def _closed(writer: asyncio.StreamWriter) -> None:
+    """Close and wait until closed: a socket left to a loop that ends is a ResourceWarning."""
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     while data := await reader.read(65536):
         writer.write(data)
@@ -200,7 +211,19 @@ async def _pipe_both(
         for way in ways:
             way.cancel()
         await asyncio.gather(*ways, return_exceptions=True)
-        up_writer.close()
+        await _closed(up_writer)
+
+
+def free_refused_tunnels() -> None:
+    """Collect the sockets http.client before 3.11 leaves open after a refused CONNECT.
+
+    Its ``_tunnel`` does not close the response that reads the proxy's answer (3.11
+    does, in a finally): the socket is freed only when collected, with a ResourceWarning.
+    """
+    if sys.version_info < (3, 11):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from backend_support import FAST
-from forward_proxy import ForwardProxy
+from forward_proxy import ForwardProxy, free_refused_tunnels
 from minima_llm import (
     MinimaLlmConfig,
     ParasailBatchConfig,
@@ -702,5 +702,6 @@ async def test_a_batch_api_call_refused_by_the_proxy_is_not_retried(
         api = BatchApi("https://batches.test/v1", None, sleep=lambda _: None)
         with pytest.raises(BatchApiError) as caught:
             await asyncio.to_thread(api.create, "file-1", "/v1/chat/completions")
+    free_refused_tunnels()
     assert [s.method for s in via.seen] == ["CONNECT"]
     assert "HTTP 407" in str(caught.value) and "may have been done" not in str(caught.value)

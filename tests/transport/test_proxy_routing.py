@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from backend_support import FAST
-from forward_proxy import ForwardProxy
+from forward_proxy import ForwardProxy, free_refused_tunnels
 from minima_llm import MinimaLlmConfig, MinimaLlmFailure, MinimaLlmRequest, OpenAIMinimaLlm
 from minima_llm.errors import ConfigError
 from minima_llm.http import HttpResponse, ProxyRules, Transport, TransportError, make_transport
@@ -266,6 +266,7 @@ async def test_a_connect_refused_by_the_proxy_is_one_attempt_and_no_retry(
             result = await backend.generate(
                 MinimaLlmRequest("q", [{"role": "user", "content": "x"}])
             )
+    free_refused_tunnels()
     assert isinstance(result, MinimaLlmFailure)
     assert result.error_type == "ProxyError" and result.attempts == 1
     assert "HTTP 407" in result.message and "via proxy" in result.message
@@ -277,6 +278,7 @@ async def test_a_proxy_that_cannot_reach_the_upstream_is_a_connect_error(transpo
         rules = ProxyRules.from_environ({"HTTPS_PROXY": proxy.url})
         with pytest.raises(TransportError) as caught:
             await _post_once(transport, rules, f"https://{NAME}/v1/chat/completions")
+    free_refused_tunnels()
     assert caught.value.kind == "connect"  # the upstream may be back soon: retried
     assert "HTTP 502" in str(caught.value)
 
