@@ -238,8 +238,14 @@ def _cache(args: argparse.Namespace) -> int:
     from .cache.maintenance import cache_stats, merge_caches
 
     if args.cache_command == "stats":
-        print("\n".join(cache_stats(path).describe() for path in args.paths))
-        return 0
+        status = 0
+        for path in args.paths:
+            try:
+                print(cache_stats(path).describe(), flush=True)
+            except MinimaLlmError as exc:  # the other paths are still worth showing
+                print(f"minima-llm: {exc}", file=sys.stderr)
+                status = 2
+        return status
     report = merge_caches(args.into, args.sources, progress=print)
     print(report.describe())
     return 0

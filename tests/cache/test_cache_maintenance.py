@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 from contextlib import closing
 from pathlib import Path
@@ -157,3 +160,104 @@ def test_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "rows     2" in capsys.readouterr().out
     assert main(["cache", "stats", str(tmp_path / "nothing")]) == 2
     assert "nothing" in capsys.readouterr().err
+
+
+def test_a_rollback_journal_left_hot_by_a_killed_writer_is_refused(tmp_path: Path) -> None:
+    # minima-llm before 0.2.7 wrote with a rollback journal; a writer killed mid-commit
+    # leaves a hot -journal, and reading around it would copy uncommitted rows.
+    old = make_old_file(tmp_path / "old", [f"p{i}" for i in range(3000)])
+    kill_mid_write = (
+        "import os, signal, sqlite3, sys\n"
+        "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "c.execute('PRAGMA cache_size=5'); c.execute('BEGIN')\n"
+        "c.execute(\"UPDATE cache SET response_text='UNCOMMITTED', created_at=99.0\")\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    subprocess.run([sys.executable, "-c", kill_mid_write, str(old)], timeout=60)
+    assert (old.parent / "minima_llm.db-journal").exists()
+    for attempt in (lambda: cache_stats(old), lambda: merge_caches(tmp_path / "m", [old])):
+        with pytest.raises(CacheError, match="-journal left by a writer that was killed"):
+            attempt()
+    # As the error says: opened once as a cache_dir, SQLite rolls the journal back.
+    SqliteStore.in_dir(old.parent).close()
+    assert merge_caches(tmp_path / "m", [old]).added == 3000
+    assert "UNCOMMITTED" not in texts(tmp_path / "m").values()
+
+
+def test_a_killed_run_of_another_user_is_read_from_a_copy(tmp_path: Path) -> None:
+    source = tmp_path / "task-1"
+    write_then_kill = (
+        "import os, signal, sys\n"
+        "from minima_llm.cache import CacheRow, SqliteStore\n"
+        "s = SqliteStore.in_dir(sys.argv[1])\n"
+        "s.put_many_sync([CacheRow(f'k{i}', 't', None, 1.0, 'm', None) for i in range(50)])\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    subprocess.run([sys.executable, "-c", write_then_kill, str(source)], timeout=60)
+    (source / "minima_llm.db-shm").unlink()  # as after a reboot, or a copy of db and WAL
+    if os.geteuid() == 0:
+        for name in ("minima_llm.db", "minima_llm.db-wal"):
+            os.chown(source / name, 4711, 4711)  # a colleague's run
+    else:
+        pytest.skip("needs root to give the files to another user")
+    before = sorted(p.name for p in source.iterdir())
+    assert cache_stats(source).rows == 50
+    assert merge_caches(tmp_path / "m", [source]).added == 50
+    # No -shm of ours beside a colleague's files: it would refuse their next run.
+    assert sorted(p.name for p in source.iterdir()) == before
+
+
+def test_rows_that_order_nothing_are_skipped_and_bad_text_is_kept_readable(tmp_path: Path) -> None:
+    db = tmp_path / "odd" / "minima_llm.db"
+    write(db.parent, [row("good", "t", 1.0)])
+    with closing(sqlite3.connect(db)) as conn:
+        conn.execute("PRAGMA ignore_check_constraints=1")
+        conn.execute("INSERT INTO cache VALUES ('textual', 't', NULL, 'yesterday', 'm', NULL)")
+        conn.execute(
+            "INSERT INTO cache VALUES ('bytes', CAST(X'ff41' AS TEXT), NULL, 2.0, 'm', NULL)"
+        )
+        conn.commit()
+    report = merge_caches(tmp_path / "m", [db])
+    assert (report.added, report.skipped) == (2, 1)
+    assert texts(tmp_path / "m")["bytes"] == "\ufffdA"
+    assert "1 unreadable rows skipped" in report.describe()
+
+
+def test_a_target_that_cannot_be_written_says_so(tmp_path: Path) -> None:
+    source = write(tmp_path / "a", [row("k", "t", 1.0)])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CacheError, match="must be a cache directory"):
+        merge_caches(tmp_path / "file", [source])
+    (tmp_path / "locked").mkdir()
+    with (
+        read_only_dir(tmp_path / "locked"),
+        pytest.raises(CacheError, match="cannot write the cache"),
+    ):
+        merge_caches(tmp_path / "locked", [source])
+    # A mistyped source is refused before anything is made.
+    with pytest.raises(CacheError, match="no cache file"):
+        merge_caches(tmp_path / "new", [tmp_path / "typo"])
+    assert not (tmp_path / "new").exists()
+
+
+def test_side_files_named_by_a_glob_are_skipped(tmp_path: Path) -> None:
+    source = write(tmp_path / "a", [row("k", "t", 1.0)])
+    (source / "minima_llm.db-wal").touch()
+    notes: list[str] = []
+    files = [source / "minima_llm.db", source / "minima_llm.db-wal"]
+    assert merge_caches(tmp_path / "m", files, progress=notes.append).added == 1
+    assert any("SQLite's own file" in n for n in notes)
+
+
+def test_stats_of_a_time_no_calendar_holds(tmp_path: Path) -> None:
+    write(tmp_path / "c", [row("k", "t", 1e300)])
+    assert "1e+300" in cache_stats(tmp_path / "c").describe()
+
+
+def test_stats_of_several_paths_shows_those_it_can(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = write(tmp_path / "good", [row("k", "t", 1.0)])
+    assert main(["cache", "stats", str(tmp_path / "missing"), str(good)]) == 2
+    captured = capsys.readouterr()
+    assert "rows     1" in captured.out and "missing" in captured.err

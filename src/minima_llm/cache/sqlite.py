@@ -175,6 +175,11 @@ class SqliteFile:
         if not self.path.exists():
             raise FileNotFoundError(f"no cache file at {self.path}")
         uri = self.path.resolve().as_uri()
+        if not _in_wal_mode(self.path):
+            # A file of minima-llm before 0.2.7 may still use a rollback journal. Its readers
+            # take locks on the file itself and make no side files, and immutable=1 would
+            # skip a hot -journal (a writer killed mid-commit) and read torn, uncommitted pages.
+            return self._checked_rollback(_connect_uri(uri + "?mode=ro"))
         if not self._open_elsewhere():
             # A ?mode=ro reader creates a -wal and a -shm beside a file nobody has open
             # and, being read-only, never removes them. In a shared directory those are
@@ -194,6 +199,18 @@ class SqliteFile:
             log.info("cache: %s is in a read-only directory, reading it as immutable", self.path)
             self._immutable = True
             return self._checked(_connect_uri(uri + "?immutable=1"))
+
+    def _checked_rollback(self, conn: sqlite3.Connection) -> sqlite3.Connection:
+        try:
+            return self._checked(conn)
+        except sqlite3.OperationalError as exc:
+            if "readonly" not in str(exc) and "read-only" not in str(exc):
+                raise
+            # SQLite must roll a hot journal back before anyone reads, and a reader cannot.
+            raise sqlite3.OperationalError(
+                f"{self.path} has a -journal left by a writer that was killed mid-write; "
+                "open it once where it can be written (as its cache_dir) to roll it back"
+            ) from exc
 
     def _open_elsewhere(self) -> bool:
         """Whether a connection may have the file open: a -shm exists, or its WAL holds commits."""
@@ -242,6 +259,9 @@ class SqliteFile:
         sql = f"SELECT rowid, {self._select} FROM cache WHERE rowid > ? ORDER BY rowid LIMIT ?"
         try:
             with self._one_read(conn) as now:
+                # Text that is not UTF-8 (written by some other tool) is kept with U+FFFD
+                # in its place, not a reason to stop reading the file.
+                now.text_factory = _lenient_text
                 found = now.execute(sql, (after, limit)).fetchall()
         except sqlite3.Error as exc:
             raise CacheError(f"cache read from {self.path} failed: {exc}") from exc
@@ -510,6 +530,23 @@ def _check_writable(path: Path) -> None:
                 "writable, or use another cache_dir (a cache only to read from belongs in "
                 "CACHE_LOOKUP_DIRS)"
             )
+
+
+def _lenient_text(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
+
+
+def _in_wal_mode(path: Path) -> bool:
+    """Whether the database file's header says WAL (byte 18 is 2; 1 is a rollback journal).
+
+    An empty or unreadable header is taken as WAL, the mode every writer here sets.
+    """
+    try:
+        with open(path, "rb") as fh:
+            header = fh.read(19)
+    except OSError:
+        return True
+    return len(header) < 19 or header[18] == 2
 
 
 def _read_only_fs(path: Path) -> bool:
