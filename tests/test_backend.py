@@ -603,3 +603,19 @@ def test_the_text_of_a_row_comes_back_from_its_raw_body_only_where_the_file_lost
 
     row = CacheRow("k", text, raw, 0.0, "m", None)
     assert text_of_row(row, raw) == expected
+
+
+async def test_learns_a_rate_from_refusals_when_the_server_states_no_limit(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    # 429s with no x-ratelimit-* and no retry-after, as from many gateways: before, all
+    # workers waited out one doubled pause, were released together and refused again.
+    mock.update_config(rpm=6000, rate_limit_headers=0)  # 100/s, one second of burst
+    backend = make_backend(max_outstanding=16, max_attempts=8)
+    results = await asyncio.gather(*(backend.generate(req(i)) for i in range(200)))
+    assert all(isinstance(r, MinimaLlmResponse) for r in results)
+    stats = mock.stats()
+    assert stats["rate_limited"] <= 0.15 * stats["requests"], stats
+    pacer = backend.upstream.pacer
+    assert pacer.server_rpm is None and pacer.learned_rpm is not None
+    assert 600 <= pacer.learned_rpm <= 12_000

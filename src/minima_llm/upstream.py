@@ -411,6 +411,7 @@ class UpstreamCaller:
             if breaker is not None and not ok:
                 self._answered(breaker, resp.status, stamps[-1])
             if ok:
+                self.pacer.answered(stamps[-1])
                 self.stats.in_flight += 1
                 stream = UpstreamStream(resp, lambda: self._release_stream(slots), self.stats)
                 try:
@@ -524,6 +525,10 @@ class UpstreamCaller:
         delay = backoff_delay(
             tries, self.cfg.base_backoff_s, self.cfg.max_backoff_s, self.cfg.jitter, self.rng
         )
+        if problem.status == 429 and self.pacer.learns_from_refusals:
+            # The pacer spaces the retry with every other start: a growing backoff of
+            # its own on top would only leave the rate the server allows unused.
+            delay = 0.0
         if problem.retry_after is not None:
             delay = max(delay, problem.retry_after)
         self.stats.retries += 1
@@ -561,6 +566,7 @@ class UpstreamCaller:
                 await self.cooldown.wait()
             if not self.pacer.ready():
                 await self.pacer.acquire()
+            unpaced = self.pacer.rpm <= 0  # the turn was taken with no pace in force
             wait_s = self.queue_wait_s if first else None
             if not await slots.take(wait_s):
                 self.refused += 1
@@ -571,6 +577,14 @@ class UpstreamCaller:
                     None,
                     False,
                 )
+            if unpaced and self.pacer.rpm > 0:
+                # A pace was set (a first 429) while this request waited for a slot:
+                # sent now, a whole queue would go at once, to be refused together.
+                try:
+                    await self.pacer.acquire()
+                except BaseException:
+                    slots.release()
+                    raise
         finally:
             self.queued -= 1
 
@@ -604,8 +618,10 @@ class UpstreamCaller:
             slots.release()
         if breaker is not None:
             self._answered(breaker, resp.status, stamps[-1])
-        self.pacer.observe(parse_rate_limits(resp.headers))
+        pacer = self.pacer
+        pacer.observe(parse_rate_limits(resp.headers))
         if 200 <= resp.status < 300:
+            pacer.answered(stamps[-1])
             if slots.limit < slots.max:
                 slots.succeeded()
             return parse_completion(resp, endpoint)
@@ -696,7 +712,11 @@ class UpstreamCaller:
             return problem
         if status == 429:
             self.stats.rate_limited += 1
-            self.pacer.penalize(problem.retry_after)
+            self.pacer.penalize(problem.retry_after, sent_at)
+            if self.pacer.learns_from_refusals:
+                # A rate problem, paced from here on: a doubled shared pause would send
+                # every worker back at once, to be refused together again.
+                return problem
         if (
             status in (503, 504)
             and problem.retry_after is None

@@ -23,6 +23,26 @@ PROBE_WAIT_S = 0.1
 # is OpenAI's on tiers with a daily limit ("200" with "7m12s"). Read as per minute, it
 # would pace at 14,400 a minute, far past the configured rate and the real limit.
 PER_MINUTE_RESET_MAX_S = 65.0
+# A server that refuses with 429s but never states its limit (Azure without limit
+# headers, Together's per-second names, most gateways) is paced at a rate learned from
+# its refusals, as TCP learns a path's capacity: at the first 429, a little under the
+# rate it accepted just before; at each later one sent since, a fifth less; and a
+# little more after each answer, so the rate keeps probing upward. Without this, every
+# worker waits out one shared pause, is released at once, and is refused together.
+FIRST_DECREASE = 0.9
+DECREASE = 0.8
+# Raised by this fraction a second while answers come: back from a decrease in about
+# 4.5 s, so a server at its limit refuses about one start in every few hundred.
+INCREASE_PER_S = 0.05
+MIN_LEARNED_RPM = 6.0  # one start in ten seconds, however often refused
+# At most one decrease this often: requests that took their turn before one (queued
+# for a connection, or retried) are refused after it, and say nothing of the new rate.
+DECREASE_EVERY_S = 1.0
+# The rate accepted before the first refusal is counted over windows this long, and
+# learned only from this many answers at least: fewer say how often this client asked,
+# not how often the server allows (a lone 429 before any answer tells nothing of a rate).
+RATE_WINDOW_S = 2.0
+MIN_EVIDENCE = 8
 
 
 class RpmPacer:
@@ -51,6 +71,14 @@ class RpmPacer:
         self._learned = rpm > 0
         # The server's request limit turned out to be counted over more than a minute.
         self.limit_not_per_minute = False
+        # The rate learned from 429s of a server that states no limit (None: none yet).
+        self.learned_rpm: float | None = None
+        self._decreased_at = -math.inf
+        self._raised_at = -math.inf
+        # Answers in the current and the last full RATE_WINDOW_S, for the first estimate.
+        self._window_at = -math.inf
+        self._window_answers = 0
+        self._last_window_answers = 0
         self.waits = 0
         self.waited_s = 0.0
 
@@ -59,6 +87,9 @@ class RpmPacer:
         """The rate in force now (0 = unlimited)."""
         if self.server_rpm and self.follow_server:
             return self.server_rpm * SAFETY
+        learned = self.learned_rpm
+        if learned is not None and (self.configured_rpm <= 0 or learned < self.configured_rpm):
+            return learned
         return float(self.configured_rpm)
 
     def reserve(self) -> float:
@@ -144,12 +175,61 @@ class RpmPacer:
             self._hold(now, info.reset_tokens_s)
         self._finish_probe()
 
-    def penalize(self, retry_after_s: float | None) -> None:
-        """After a 429: hold every start until the server's retry-after has passed."""
+    def answered(self, at: float) -> None:
+        """A request sent at ``at`` was answered (2xx): count it, and probe the learned rate up."""
+        learned = self.learned_rpm
+        if learned is not None:
+            # By time, not per answer: per answer, a rate learned low would climb slowly.
+            elapsed = at - self._raised_at
+            if elapsed > 0:
+                self.learned_rpm = learned * (1.0 + INCREASE_PER_S * min(elapsed, 1.0))
+                self._raised_at = at
+        elif at - self._window_at < RATE_WINDOW_S:
+            self._window_answers += 1
+        else:
+            full = at - self._window_at < 2 * RATE_WINDOW_S
+            self._last_window_answers = self._window_answers if full else 0
+            self._window_at, self._window_answers = at, 1
+
+    def penalize(self, retry_after_s: float | None, sent_at: float | None = None) -> None:
+        """After a 429: hold every start until the server's retry-after has passed.
+
+        For a server that states no limit, also lower the learned rate, once for the
+        requests sent after the last lowering (the rest were on the wire already).
+        """
+        now = self._clock.monotonic()
         if retry_after_s:
-            self._hold(self._clock.monotonic(), retry_after_s)
+            self._hold(now, retry_after_s)
         self._burst = 0
+        if (
+            self.follow_server
+            and not self.server_rpm
+            and now - self._decreased_at >= DECREASE_EVERY_S
+            and (sent_at is None or sent_at >= self._decreased_at)
+        ):
+            self._decrease(now)
         self._finish_probe()
+
+    @property
+    def learns_from_refusals(self) -> bool:
+        """Whether the last 429 set the pace: a server that states no limit, and a rate learned."""
+        return self.learned_rpm is not None and self.follow_server and not self.server_rpm
+
+    def _decrease(self, now: float) -> None:
+        learned = self.learned_rpm
+        if learned is None:
+            answers = self._last_window_answers + self._window_answers
+            if answers < MIN_EVIDENCE:
+                return
+            # Answers per minute over the last full window and the one under way.
+            span = RATE_WINDOW_S + max(min(now - self._window_at, RATE_WINDOW_S), 0.0)
+            configured = self.configured_rpm or math.inf
+            learned = min(answers * 60.0 / span, configured) * FIRST_DECREASE
+        else:
+            learned *= DECREASE
+        self.learned_rpm = max(MIN_LEARNED_RPM, learned)
+        self._decreased_at = self._raised_at = now
+        self._next_at = max(self._next_at, now)
 
     def _hold(self, now: float, seconds: float) -> None:
         self._hold_until = max(self._hold_until, now + min(seconds, self.max_hold_s))
@@ -167,9 +247,10 @@ class RpmPacer:
                 loop.call_soon_threadsafe(_resolve, probe)
 
     def __repr__(self) -> str:
+        learned = f" learned={self.learned_rpm:.0f}" if self.learned_rpm is not None else ""
         return (
             f"<RpmPacer rpm={self.rpm:.0f} configured={self.configured_rpm} "
-            f"server={self.server_rpm} waits={self.waits} waited={self.waited_s:.2f}s>"
+            f"server={self.server_rpm}{learned} waits={self.waits} waited={self.waited_s:.2f}s>"
         )
 
 

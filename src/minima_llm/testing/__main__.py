@@ -12,6 +12,7 @@ _OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("latency_s", float, "delay before each answer, seconds"),
     ("latency_jitter_s", float, "extra uniform random delay, up to this many seconds"),
     ("rpm", int, "requests per minute before 429s (0: unlimited)"),
+    ("rate_limit_headers", int, "1: x-ratelimit-* and retry-after headers; 0: 429s without them"),
     ("max_concurrency", int, "in-flight requests before 503s (0: unlimited)"),
     ("failure_rate", float, "fraction of requests answered 500"),
     ("reset_rate", float, "fraction of connections reset mid-body"),

@@ -27,6 +27,9 @@ class MockConfig:
     latency_s: float = 0.0
     latency_jitter_s: float = 0.0
     rpm: int = 0
+    # 1: 429s and answers carry x-ratelimit-* and retry-after; 0: none (Azure without
+    # limit headers, most gateways), so a client must learn the rate from refusals.
+    rate_limit_headers: int = 1
     max_concurrency: int = 0
     failure_rate: float = 0.0
     reset_rate: float = 0.0
@@ -53,6 +56,8 @@ class MockConfig:
                 raise ValueError(f"{name} must be an int, got {value!r}")
             if name != "seed" and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
+        if self.rate_limit_headers not in (0, 1) or isinstance(self.rate_limit_headers, bool):
+            raise ValueError(f"rate_limit_headers must be 0 or 1, got {self.rate_limit_headers!r}")
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be a non-empty string, got {self.model!r}")
 

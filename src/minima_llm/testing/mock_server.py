@@ -265,7 +265,8 @@ class MockServer:
                 return self._json(503, _OVERLOADED)
             if self._bucket is not None:
                 admitted = self._bucket.try_acquire()
-                headers = self._bucket.headers(limited=not admitted)
+                if config.rate_limit_headers:
+                    headers = self._bucket.headers(limited=not admitted)
                 if not admitted:
                     stats.rate_limited += 1
                     return self._json(429, self._rate_limited_body, headers)
