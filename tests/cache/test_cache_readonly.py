@@ -215,12 +215,18 @@ def _lookup_text(directory: Path) -> str:
         lookup.close()
 
 
-def test_a_lookup_of_a_cache_nobody_has_open_leaves_no_file_beside_it(tmp_path: Path) -> None:
-    # A ?mode=ro reader made a -wal and a -shm here and, read-only, never removed them.
+def _closed_archive(tmp_path: Path) -> Path:
+    """A cache directory whose owner wrote three rows ("old 0".."old 2") and closed it."""
     archive = tmp_path / "archive"
     owner = SqliteStore.in_dir(archive)
     owner.put_many_sync(_rows(0, 3, "old"))
     owner.close()
+    return archive
+
+
+def test_a_lookup_of_a_cache_nobody_has_open_leaves_no_file_beside_it(tmp_path: Path) -> None:
+    # A ?mode=ro reader made a -wal and a -shm here and, read-only, never removed them.
+    archive = _closed_archive(tmp_path)
     lookup = SqliteStore.in_dir(archive, readonly=True)
     try:
         assert lookup.get_many_sync(["k1"])["k1"].response_text.startswith("old 1")
@@ -231,10 +237,7 @@ def test_a_lookup_of_a_cache_nobody_has_open_leaves_no_file_beside_it(tmp_path: 
 
 
 def test_a_lookup_in_a_writable_directory_follows_its_owner_writing_again(tmp_path: Path) -> None:
-    archive = tmp_path / "archive"
-    owner = SqliteStore.in_dir(archive)
-    owner.put_many_sync(_rows(0, 3, "old"))
-    owner.close()
+    archive = _closed_archive(tmp_path)
     lookup = SqliteStore.in_dir(archive, readonly=True)
     try:
         assert lookup.get_many_sync(["k1"])["k1"].response_text.startswith("old 1")
