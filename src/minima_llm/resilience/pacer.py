@@ -202,8 +202,7 @@ class RpmPacer:
             self._hold(now, retry_after_s)
         self._burst = 0
         if (
-            self.follow_server
-            and not self.server_rpm
+            self._limit_unstated
             and now - self._decreased_at >= DECREASE_EVERY_S
             and (sent_at is None or sent_at >= self._decreased_at)
         ):
@@ -213,7 +212,12 @@ class RpmPacer:
     @property
     def learns_from_refusals(self) -> bool:
         """Whether the last 429 set the pace: a server that states no limit, and a rate learned."""
-        return self.learned_rpm is not None and self.follow_server and not self.server_rpm
+        return self.learned_rpm is not None and self._limit_unstated
+
+    @property
+    def _limit_unstated(self) -> bool:
+        """Whether refusals may set the pace: the server is followed, and stated no limit."""
+        return self.follow_server and not self.server_rpm
 
     def _decrease(self, now: float) -> None:
         learned = self.learned_rpm
