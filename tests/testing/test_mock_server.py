@@ -241,6 +241,29 @@ async def test_rate_limit_answers_429_after_the_burst_and_recovers(
     assert mock.stats()["rate_limited"] >= 1
 
 
+async def test_token_limit_charges_as_openai_counts_and_names_what_it_refuses(
+    mock: MockServer, http: aiohttp.ClientSession
+) -> None:
+    mock.set_config(MockConfig(tpm=60_000))  # 1,000 a second, a bucket of one second
+    url = mock.url + "/chat/completions"
+    # 400 characters at four a token, and max_tokens for each of two choices.
+    body = {"messages": [{"role": "user", "content": "x" * 400}], "max_tokens": 50, "n": 2}
+    status, _, response = await post(http, url, body)
+    assert status == 200
+    assert response.headers["x-ratelimit-limit-tokens"] == "60000"
+    assert 800 <= int(response.headers["x-ratelimit-remaining-tokens"]) <= 801
+    assert "x-ratelimit-limit-requests" not in response.headers
+    status, refused, response = await post(http, url, {**body, "max_tokens": 400})
+    assert status == 429
+    assert refused["error"]["type"] == "tokens"
+    assert refused["error"]["message"].startswith("Rate limit reached for mock-model")
+    assert 0 < float(response.headers["retry-after"]) <= 0.1  # 900 short of 1,000 at most
+    status, refused, response = await post(http, url, {**body, "max_tokens": 1000})
+    assert status == 429 and "retry-after" not in response.headers
+    assert refused["error"]["message"].startswith("Request too large for mock-model")
+    assert mock.stats()["rate_limited"] == 2
+
+
 async def test_max_concurrency_rejects_the_excess_with_503(
     mock: MockServer, http: aiohttp.ClientSession
 ) -> None:

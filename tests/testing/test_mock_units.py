@@ -135,6 +135,41 @@ def test_token_bucket_below_60_rpm_still_admits_one_request() -> None:
         TokenBucket(0)
 
 
+def test_a_token_bucket_charges_costs_and_names_its_headers_for_tokens() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(120_000, clock=clock, unit="tokens", burst_s=0.5)
+    assert bucket.capacity == 1000
+    assert bucket.try_acquire(600) and not bucket.try_acquire(600)
+    assert bucket.headers(limited=True, cost=600) == {
+        "x-ratelimit-limit-tokens": "120000",
+        "x-ratelimit-remaining-tokens": "400",
+        "x-ratelimit-reset-tokens": "300ms",
+        "retry-after": "0.1",
+        "retry-after-ms": "100",
+    }
+    assert repr(bucket) == "<TokenBucket tokens=120000/min level=400.00/1000>"
+    with pytest.raises(ValueError, match="tpm"):
+        TokenBucket(0, unit="tokens")
+
+
+@pytest.mark.parametrize(
+    ("body", "charged"),
+    [
+        ({"messages": [{"role": "user", "content": "x" * 41}]}, 11 + 3),  # "mock reply: xxx"
+        ({"messages": [{"role": "user", "content": "x" * 40}], "max_tokens": 5, "n": 3}, 25),
+    ],
+)
+def test_a_reply_is_charged_the_prompt_at_four_characters_and_max_tokens(
+    body: dict[str, object], charged: int
+) -> None:
+    assert parse_chat(json.dumps(body).encode(), "m").charged_tokens == charged
+
+
+def test_a_completion_reply_is_charged_max_tokens_for_every_choice() -> None:
+    body = {"prompt": ["x" * 8, "y" * 8], "max_tokens": 3, "n": 2}
+    assert parse_completion(json.dumps(body).encode(), "m").charged_tokens == 4 + 3 * 4
+
+
 @pytest.mark.parametrize(
     "text", ["", "one", "mock reply: hello  there\nworld ", "  leading", "a\tb\n\nc"]
 )

@@ -12,6 +12,8 @@ _OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("latency_s", float, "delay before each answer, seconds"),
     ("latency_jitter_s", float, "extra uniform random delay, up to this many seconds"),
     ("rpm", int, "requests per minute before 429s (0: unlimited)"),
+    ("tpm", int, "tokens per minute before 429s, counted as OpenAI counts them (0: unlimited)"),
+    ("tpm_burst_s", float, "seconds of the token limit that may be spent at once"),
     ("rate_limit_headers", int, "1: x-ratelimit-* and retry-after headers; 0: 429s without them"),
     ("max_concurrency", int, "in-flight requests before 503s (0: unlimited)"),
     ("failure_rate", float, "fraction of requests answered 500"),

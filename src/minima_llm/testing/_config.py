@@ -9,8 +9,14 @@ from dataclasses import dataclass
 from typing import Any
 
 _RATES = ("failure_rate", "reset_rate", "malformed_rate")
-_DURATIONS = ("latency_s", "latency_jitter_s", "stream_chunk_delay_s", "batch_delay_s")
-_COUNTS = ("rpm", "max_concurrency")
+_DURATIONS = (
+    "latency_s",
+    "latency_jitter_s",
+    "stream_chunk_delay_s",
+    "batch_delay_s",
+    "tpm_burst_s",
+)
+_COUNTS = ("rpm", "tpm", "max_concurrency")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +36,11 @@ class MockConfig:
     # 1: 429s and answers carry x-ratelimit-* and retry-after; 0: none (Azure without
     # limit headers, most gateways), so a client must learn the rate from refusals.
     rate_limit_headers: int = 1
+    # Tokens per minute, charged as OpenAI's limiter counts them (see Reply.charged_tokens)
+    # from a bucket holding tpm_burst_s seconds of the limit; a request costing more
+    # than the bucket holds is refused as too large, as OpenAI refuses it.
+    tpm: int = 0
+    tpm_burst_s: float = 1.0
     max_concurrency: int = 0
     failure_rate: float = 0.0
     reset_rate: float = 0.0
@@ -58,6 +69,8 @@ class MockConfig:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
         if self.rate_limit_headers not in (0, 1) or isinstance(self.rate_limit_headers, bool):
             raise ValueError(f"rate_limit_headers must be 0 or 1, got {self.rate_limit_headers!r}")
+        if self.tpm and self.tpm_burst_s <= 0:
+            raise ValueError(f"tpm_burst_s must be > 0, got {self.tpm_burst_s!r}")
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be a non-empty string, got {self.model!r}")
 

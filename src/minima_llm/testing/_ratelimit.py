@@ -1,4 +1,4 @@
-"""A request token bucket and OpenAI-style rate-limit headers, free of I/O."""
+"""Request and token buckets and OpenAI-style rate-limit headers, free of I/O."""
 
 from __future__ import annotations
 
@@ -37,35 +37,49 @@ def format_retry_after(seconds: float) -> tuple[str, str]:
 
 
 class TokenBucket:
-    """Requests-per-minute limiter holding one second of burst, starting full.
+    """A per-minute limit enforced as a bucket holding ``burst_s`` seconds of it, starting full.
 
-    Capacity is ``rpm / 60`` tokens but at least one, otherwise an rpm below
-    60 could never admit a request.
+    ``unit`` names what it counts in the headers: ``requests`` (one a request) or
+    ``tokens`` (a request's cost). OpenAI enforces per-minute limits over shorter
+    periods like this. A request bucket holds at least one request, otherwise an
+    rpm below 60 could never admit one.
     """
 
-    __slots__ = ("_clock", "_last", "_tokens", "capacity", "limit_header", "rate", "rpm")
+    __slots__ = ("_clock", "_last", "_names", "_tokens", "capacity", "limit_header", "rate", "rpm")
 
-    def __init__(self, rpm: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        rpm: int,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        unit: str = "requests",
+        burst_s: float = 1.0,
+    ) -> None:
         if rpm <= 0:
-            raise ValueError(f"rpm must be > 0, got {rpm!r}")
+            name = "rpm" if unit == "requests" else "tpm"
+            raise ValueError(f"{name} must be > 0, got {rpm!r}")
         self.rpm = rpm
         self.rate = rpm / 60.0
-        self.capacity = max(1.0, self.rate)
+        self.capacity = max(1.0, self.rate * burst_s)
         self.limit_header = str(rpm)
+        self._names = tuple(
+            f"x-ratelimit-{kind}-{unit}" for kind in ("limit", "remaining", "reset")
+        )
         self._clock = clock
         self._tokens = self.capacity
         self._last = clock()
 
     def __repr__(self) -> str:
-        return f"<TokenBucket rpm={self.rpm} tokens={self._tokens:.2f}/{self.capacity:g}>"
+        unit = self._names[0].rsplit("-", 1)[1]
+        return f"<TokenBucket {unit}={self.rpm}/min level={self._tokens:.2f}/{self.capacity:g}>"
 
-    def try_acquire(self) -> bool:
-        """Take one token if available; return whether the request is admitted."""
+    def try_acquire(self, cost: float = 1.0) -> bool:
+        """Take ``cost`` if available; return whether the request is admitted."""
         now = self._clock()
         tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
         self._last = now
-        if tokens >= 1.0:
-            self._tokens = tokens - 1.0
+        if tokens >= cost:
+            self._tokens = tokens - cost
             return True
         self._tokens = tokens
         return False
@@ -83,17 +97,22 @@ class TokenBucket:
     @property
     def seconds_until_token(self) -> float:
         """Time until one token is available, as of the last acquire."""
-        return max(0.0, (1.0 - self._tokens) / self.rate)
+        return self.seconds_until(1.0)
 
-    def headers(self, *, limited: bool) -> dict[str, str]:
-        """Build the ``x-ratelimit-*-requests`` headers, plus ``retry-after`` when ``limited``."""
+    def seconds_until(self, cost: float) -> float:
+        """Time until ``cost`` is available, as of the last acquire."""
+        return max(0.0, (cost - self._tokens) / self.rate)
+
+    def headers(self, *, limited: bool, cost: float = 1.0) -> dict[str, str]:
+        """Build the ``x-ratelimit-*`` headers, plus ``retry-after`` for ``cost`` when ``limited``."""
+        limit, remaining, reset = self._names
         headers = {
-            "x-ratelimit-limit-requests": self.limit_header,
-            "x-ratelimit-remaining-requests": str(self.remaining),
-            "x-ratelimit-reset-requests": format_duration(self.seconds_until_full),
+            limit: self.limit_header,
+            remaining: str(self.remaining),
+            reset: format_duration(self.seconds_until_full),
         }
         if limited:
-            seconds, millis = format_retry_after(self.seconds_until_token)
+            seconds, millis = format_retry_after(self.seconds_until(cost))
             headers["retry-after"] = seconds
             headers["retry-after-ms"] = millis
         return headers

@@ -54,6 +54,18 @@ class Reply:
     prompt_tokens: int
     stream: bool
     include_usage: bool
+    # What a token rate limit charges, as OpenAI's limiter counts: the prompt at four
+    # characters a token, plus max_tokens for every choice (the reply itself without it).
+    prompt_chars: int = 0
+    max_tokens: int | None = None
+
+    @property
+    def charged_tokens(self) -> int:
+        """Tokens a per-minute token limit counts for this request when it is admitted."""
+        prompt = -(-self.prompt_chars // 4)
+        if self.max_tokens is None:
+            return prompt + self.completion_tokens
+        return prompt + self.max_tokens * len(self.choices)
 
     @property
     def completion_tokens(self) -> int:
@@ -130,7 +142,8 @@ def parse_chat(raw: bytes, default_model: str, responder: Responder | None = Non
         text = responder([(m["role"], c) for m, c in zip(messages, contents, strict=True)], payload)
     if text is None:
         text = reply_text(users[-1] if users else contents[-1])
-    choice = truncate_words(text, _max_tokens(payload))
+    max_tokens = _max_tokens(payload)
+    choice = truncate_words(text, max_tokens)
     return Reply(
         kind="chat",
         id="chatcmpl-" + _short_hash(raw),
@@ -139,6 +152,8 @@ def parse_chat(raw: bytes, default_model: str, responder: Responder | None = Non
         prompt_tokens=prompt_tokens,
         stream=payload.get("stream") is True,
         include_usage=_include_usage(payload),
+        prompt_chars=sum(map(len, contents)),
+        max_tokens=max_tokens,
     )
 
 
@@ -162,6 +177,8 @@ def parse_completion(raw: bytes, default_model: str) -> Reply:
         prompt_tokens=sum(len(text.split()) for text in prompts),
         stream=payload.get("stream") is True,
         include_usage=_include_usage(payload),
+        prompt_chars=sum(map(len, prompts)),
+        max_tokens=max_tokens,
     )
 
 

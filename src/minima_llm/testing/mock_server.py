@@ -19,7 +19,7 @@ from ._control import add_control_routes
 from ._dspy_replies import DSPyReplies
 from ._embeddings import render_embeddings
 from ._faults import Fault, FaultQueue, draw_fault
-from ._ratelimit import TokenBucket
+from ._ratelimit import TokenBucket, format_duration
 from ._replies import (
     CREATED,
     Reply,
@@ -209,6 +209,11 @@ class MockServer:
         # Everything derived from the config is computed here, once, not per request.
         self._config = config
         self._bucket = TokenBucket(config.rpm) if config.rpm else None
+        self._token_bucket = (
+            TokenBucket(config.tpm, unit="tokens", burst_s=config.tpm_burst_s)
+            if config.tpm
+            else None
+        )
         self._random_faults = config.has_random_faults
         self._rng = random.Random(config.seed)
         self._latency_rng = random.Random(f"{config.seed}/latency")
@@ -263,13 +268,11 @@ class MockServer:
             if config.max_concurrency and stats.concurrency >= config.max_concurrency:
                 stats.overloaded += 1
                 return self._json(503, _OVERLOADED)
-            if self._bucket is not None:
-                admitted = self._bucket.try_acquire()
-                if config.rate_limit_headers:
-                    headers = self._bucket.headers(limited=not admitted)
-                if not admitted:
+            if self._bucket is not None or self._token_bucket is not None:
+                headers, refusal = self._limit(result)
+                if refusal is not None:
                     stats.rate_limited += 1
-                    return self._json(429, self._rate_limited_body, headers)
+                    return self._json(429, refusal, headers)
             if self._random_faults:
                 fault = draw_fault(self._rng, config)
         stats.enter()
@@ -283,6 +286,41 @@ class MockServer:
             return self._json(200, events[0], headers)
         finally:
             stats.concurrency -= 1
+
+    def _limit(self, result: Reply | bytes) -> tuple[dict[str, str] | None, bytes | None]:
+        """The rate-limit headers for this request, and the 429 body if a limit refuses it."""
+        headers: dict[str, str] = {}
+        refusal = None
+        bucket, tokens = self._bucket, self._token_bucket
+        if bucket is not None:
+            admitted = bucket.try_acquire()
+            headers.update(bucket.headers(limited=not admitted))
+            if not admitted:
+                refusal = self._rate_limited_body
+        if tokens is not None and refusal is None and isinstance(result, Reply):
+            cost = result.charged_tokens
+            too_large = cost > tokens.capacity
+            admitted = not too_large and tokens.try_acquire(cost)
+            headers.update(tokens.headers(limited=not admitted and not too_large, cost=cost))
+            if not admitted:
+                refusal = self._token_refusal(tokens, cost, too_large)
+        return (headers if self._config.rate_limit_headers else None), refusal
+
+    def _token_refusal(self, tokens: TokenBucket, cost: int, too_large: bool) -> bytes:
+        # OpenAI's wording: a client can tell a request no wait will admit by "too large".
+        limit = f"on tokens per min (TPM): Limit {tokens.rpm}"
+        if too_large:
+            message = (
+                f"Request too large for {self._config.model} {limit}, Requested {cost}."
+                " The input or output tokens must be reduced in order to run successfully."
+            )
+        else:
+            wait = format_duration(tokens.seconds_until(cost))
+            message = (
+                f"Rate limit reached for {self._config.model} {limit}, Requested {cost}."
+                f" Please try again in {wait}."
+            )
+        return error_body(message, type="tokens", code="rate_limit_exceeded")
 
     async def _delay(self, config: MockConfig) -> None:
         delay = config.latency_s
