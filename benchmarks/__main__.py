@@ -23,7 +23,7 @@ from .gateway import (
 )
 from .live import latency_bound, throughput_aiohttp, throughput_stdlib
 from .memory import memory_100k
-from .ratelimit import rate_limit_goodput
+from .ratelimit import rate_limit_goodput, token_limit_goodput
 from .replay import cached_replay
 
 Benchmark = Callable[[Context], list[Row]]
@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "latency_bound": latency_bound,
     "cached_replay": cached_replay,
     "rate_limit_goodput": rate_limit_goodput,
+    "token_limit_goodput": token_limit_goodput,
     "memory_100k": memory_100k,
     "gateway_throughput": gateway_throughput,
     "gateway_cache_hits": gateway_cache_hits,

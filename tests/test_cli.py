@@ -163,6 +163,7 @@ def test_readme_shows_the_mock_server_defaults(monkeypatch: pytest.MonkeyPatch) 
         "port": str(started["port"]),
         "latency-ms": f"{config.latency_s * 1000:g}",
         "rpm": str(config.rpm),
+        "tpm": str(config.tpm),
         "max-concurrency": str(config.max_concurrency),
         "failure-rate": f"{config.failure_rate:g}",
         "seed": str(config.seed),

@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
         "--rpm", type=int, default=0, help="rate limit, answered with 429s (0 = none)"
     )
     mock.add_argument(
+        "--tpm", type=int, default=0, help="token limit a minute, answered with 429s (0 = none)"
+    )
+    mock.add_argument(
         "--max-concurrency", type=int, default=0, help="answer 503 above this many in flight"
     )
     mock.add_argument("--failure-rate", type=float, default=0.0)
@@ -175,6 +178,7 @@ def _mock_server(args: argparse.Namespace) -> int:
     config = MockConfig(
         latency_s=args.latency_ms / 1000.0,
         rpm=args.rpm,
+        tpm=args.tpm,
         max_concurrency=args.max_concurrency,
         failure_rate=args.failure_rate,
         seed=args.seed,

@@ -21,12 +21,16 @@ from .resilience import (
     DOWN_KINDS,
     DOWN_STATUS,
     HALF_OPEN,
+    NO_RATE_LIMITS,
     Breaker,
+    Charge,
     Cooldown,
     RpmPacer,
     Slots,
+    TokenPacer,
     attempts_left,
     backoff_delay,
+    estimate_tokens,
     is_overload_status,
     is_retryable_status,
     parse_rate_limits,
@@ -73,6 +77,9 @@ class Problem(Exception):
         self.snippet = snippet
         self.retryable = retryable
         self.retry_after: float | None = None
+        # A 429 the pacers space out: retried at its paced turn, without a backoff or
+        # cooldown of its own, which would only leave the rate the server allows unused.
+        self.paced = False
         # The upstream's OpenAI-style error object, when its answer carried one.
         self.error: Mapping[str, Any] | None = None
         # That answer's identifying headers (KEPT_HEADERS), when it had any.
@@ -97,6 +104,7 @@ class StreamInterrupted(MinimaLlmError):
 # Error types of OpenAI's error objects that asking again cannot change.
 # OpenAI's code and type for a 429 that means the account is out of credit, not too fast.
 _QUOTA = "insufficient_quota"
+_TOO_LARGE = "Request too large"
 _PERMANENT_TYPES = frozenset(
     {"invalid_request_error", "authentication_error", "permission_error", "not_found_error"}
 )
@@ -300,6 +308,7 @@ class UpstreamCaller:
         # Retry-After can be long; every wait still needs a bound.
         self.max_wait_s = max(config.max_backoff_s, config.cooldown_cap_s)
         self.pacer = RpmPacer(config.rpm, clock, max_hold_s=self.max_wait_s)
+        self.tokens = TokenPacer(clock)
         self._slots: LoopBound[Slots] = LoopBound(lambda: Slots(config.max_outstanding))
         self.headers = headers if headers is not None else request_headers(config)
         # Admission: how many new requests may wait for their turn (cooldown, pacing or a
@@ -357,11 +366,11 @@ class UpstreamCaller:
         # The first attempt runs inline: most calls succeed at once, and the retry
         # loop's extra coroutines and closure cost several microseconds a request.
         try:
-            return await self._post_once(url, data, headers, endpoint, stamps)
+            return await self._post_once(url, data, headers, endpoint, stamps, payload, body)
         except Problem as problem:
 
             def attempt(stamps: list[float]) -> Awaitable[Completion]:
-                return self._post_once(url, data, headers, endpoint, stamps)
+                return self._post_once(url, data, headers, endpoint, stamps, payload, body)
 
             return await self._retrying(request_id, attempt, stamps, problem)
 
@@ -388,8 +397,9 @@ class UpstreamCaller:
             if breaker is not None and breaker.is_open:
                 self._check_breaker(breaker)
             slots = self._slots.get()
+            charged = None
             if not self._turn_now(slots):
-                await self._take_turn(slots, first=not stamps)
+                charged = await self._take_turn(slots, not stamps, payload, None)
             if breaker is not None and breaker.is_open:
                 # Its headers, then its first chunk: each bounded on its own.
                 self._admit(breaker, slots, 3 * self.cfg.timeout_s + 1)
@@ -406,7 +416,7 @@ class UpstreamCaller:
                 if breaker is not None:
                     breaker.unjudged(stamps[-1])
                 raise
-            self.pacer.observe(parse_rate_limits(resp.headers))
+            self._observe(resp.status, resp.headers, stamps[-1], charged)
             ok = 200 <= resp.status < 300
             if breaker is not None and not ok:
                 self._answered(breaker, resp.status, stamps[-1])
@@ -525,9 +535,7 @@ class UpstreamCaller:
         delay = backoff_delay(
             tries, self.cfg.base_backoff_s, self.cfg.max_backoff_s, self.cfg.jitter, self.rng
         )
-        if problem.status == 429 and self.pacer.learns_from_refusals:
-            # The pacer spaces the retry with every other start: a growing backoff of
-            # its own on top would only leave the rate the server allows unused.
+        if problem.paced:
             delay = 0.0
         if problem.retry_after is not None:
             delay = max(delay, problem.retry_after)
@@ -539,10 +547,20 @@ class UpstreamCaller:
         """Take a slot if nothing is to be waited for first: no cooldown, no pacing, one free."""
         # Checked before any await: most requests have nothing to wait for, and the
         # coroutines of the waiting path are measurable at thousands of requests a second.
-        return self.cooldown.remaining() <= 0 and self.pacer.ready() and slots.try_take()
+        return (
+            self.cooldown.remaining() <= 0
+            and self.pacer.ready()
+            and self.tokens.limit is None
+            and slots.try_take()
+        )
 
-    async def _take_turn(self, slots: Slots, first: bool) -> None:
-        """Wait out cooldown and pacing, then for a slot; a new request finding the queue full is refused."""
+    async def _take_turn(
+        self, slots: Slots, first: bool, payload: Mapping[str, Any], raw: bytes | None
+    ) -> Charge | None:
+        """Wait out cooldown and pacing, then for a slot; a new request finding the queue full is refused.
+
+        Returns what the token pacer charged this request (None: no token limit paced it).
+        """
         limit = self.queue_limit
         # Against the limit: the waiting requests no free slot is left for. Those held
         # only by the first answer's rate-limit probe (at most PROBE_WAIT_S) or by a
@@ -566,6 +584,11 @@ class UpstreamCaller:
                 await self.cooldown.wait()
             if not self.pacer.ready():
                 await self.pacer.acquire()
+            charged = None
+            if self.tokens.limit is not None:
+                if raw is not None and not payload:
+                    payload = json.loads(raw)
+                charged = await self.tokens.acquire(estimate_tokens(payload))
             unpaced = self.pacer.rpm <= 0  # the turn was taken with no pace in force
             wait_s = self.queue_wait_s if first else None
             if not await slots.take(wait_s):
@@ -587,17 +610,30 @@ class UpstreamCaller:
                     raise
         finally:
             self.queued -= 1
+        return charged
 
     async def _post_once(
-        self, url: str, body: bytes, headers: dict[str, str], endpoint: str, stamps: list[float]
+        self,
+        url: str,
+        body: bytes,
+        headers: dict[str, str],
+        endpoint: str,
+        stamps: list[float],
+        payload: Mapping[str, Any],
+        raw: bytes | None,
     ) -> Completion:
-        """One attempt: wait for a turn and a slot, POST, read the answer or raise a ``Problem``."""
+        """One attempt: wait for a turn and a slot, POST, read the answer or raise a ``Problem``.
+
+        ``raw`` is ``payload`` encoded when the caller passed it that way (``payload`` is
+        then empty): the token pacer reads it only when a token limit is in force.
+        """
         breaker = self.breaker
         if breaker is not None and breaker.is_open:
             self._check_breaker(breaker)
         slots = self._slots.get()
+        charged = None
         if not self._turn_now(slots):
-            await self._take_turn(slots, first=not stamps)
+            charged = await self._take_turn(slots, not stamps, payload, raw)
         if breaker is not None and breaker.is_open:
             # The stdlib transport's bound on a whole call, the longer of the two.
             self._admit(breaker, slots, 2 * self.cfg.timeout_s + 1)
@@ -618,14 +654,25 @@ class UpstreamCaller:
             slots.release()
         if breaker is not None:
             self._answered(breaker, resp.status, stamps[-1])
-        pacer = self.pacer
-        pacer.observe(parse_rate_limits(resp.headers))
+        self._observe(resp.status, resp.headers, stamps[-1], charged)
         if 200 <= resp.status < 300:
-            pacer.answered(stamps[-1])
+            self.pacer.answered(stamps[-1])
             if slots.limit < slots.max:
                 slots.succeeded()
             return parse_completion(resp, endpoint)
         raise self._status_problem(resp.status, resp.headers, resp.body, stamps[-1], slots)
+
+    def _observe(
+        self, status: int, headers: Mapping[str, str], sent_at: float, charge: Charge | None
+    ) -> None:
+        """Both pacers learn from an answer's rate-limit headers."""
+        info = parse_rate_limits(headers)
+        self.pacer.observe(info)
+        if info is not NO_RATE_LIMITS:
+            if status == 429:
+                self.tokens.observe(info, sent_at, charge, True, parse_retry_after(headers))
+            else:
+                self.tokens.observe(info, sent_at, charge)
 
     def _check_breaker(self, breaker: Breaker) -> None:
         """Refuse a call before it waits for a turn if the breaker would refuse it anyway."""
@@ -700,22 +747,23 @@ class UpstreamCaller:
             # Not followed (a POST must not become a GET elsewhere): say where to point instead.
             message += f", redirected to {headers['location']}: set base_url to the new address"
         # A spent quota is a 429 that no wait will lift; retried, it only delays the answer.
-        quota = (
-            status == 429 and error is not None and _QUOTA in (error.get("code"), error.get("type"))
-        )
-        retryable = is_retryable_status(status) and not quota
+        # So is a request larger than a token limit allows in a minute (OpenAI: "Request
+        # too large for <model> ... on tokens per min").
+        hopeless = status == 429 and error is not None and _never_admitted(error)
+        retryable = is_retryable_status(status) and not hopeless
         problem = Problem("HTTPError", message, status, snippet, retryable)
         problem.error = error
         problem.headers = kept_headers(headers)
         problem.retry_after = parse_retry_after(headers)
-        if quota:
+        if hopeless:
             return problem
         if status == 429:
             self.stats.rate_limited += 1
             self.pacer.penalize(problem.retry_after, sent_at)
-            if self.pacer.learns_from_refusals:
+            if self.pacer.learns_from_refusals or self.tokens.limit is not None:
                 # A rate problem, paced from here on: a doubled shared pause would send
                 # every worker back at once, to be refused together again.
+                problem.paced = True
                 return problem
         if (
             status in (503, 504)
@@ -746,6 +794,14 @@ class UpstreamCaller:
             upstream_error=problem.error,
             upstream_headers=problem.headers,
         )
+
+
+def _never_admitted(error: Mapping[str, Any]) -> bool:
+    """Whether a 429's error object says no wait will admit the request."""
+    if _QUOTA in (error.get("code"), error.get("type")):
+        return True
+    message = error.get("message")
+    return isinstance(message, str) and message.startswith(_TOO_LARGE)
 
 
 def _error_parts(body: bytes) -> tuple[str, Mapping[str, Any] | None]:

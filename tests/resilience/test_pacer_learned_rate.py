@@ -98,6 +98,17 @@ def test_a_server_that_states_its_limit_is_followed_instead() -> None:
     assert pacer.rpm == pytest.approx(1200 * pacer_module.SAFETY)
 
 
+def test_refusals_under_a_stated_token_limit_leave_the_request_rate_alone() -> None:
+    # Those 429s are for tokens, and the token pacer waits for them request by request.
+    clock = FakeClock()
+    pacer = RpmPacer(0, clock)
+    answered_at_rate(pacer, clock, 10.0, 4.0)
+    pacer.observe(RateLimitInfo(limit_tokens=30_000, remaining_tokens=10, reset_tokens_s=5.0))
+    pacer.penalize(None, sent_at=clock.monotonic())
+    assert pacer.learned_rpm is None and not pacer.learns_from_refusals
+    assert pacer.rpm == 0 and pacer.reserve() == 0.0
+
+
 def test_not_following_the_server_learns_nothing() -> None:
     clock = FakeClock()
     pacer = RpmPacer(600, clock, follow_server=False)

@@ -117,12 +117,6 @@ def test_first_observation_without_configured_rpm_grants_a_burst() -> None:
             RateLimitInfo(limit_requests=600, remaining_requests=0, reset_requests_s=30.0),
             60.0 / (600 * 0.97),
         ),
-        # Tokens nearly spent (< 1% left): hold until they reset.
-        (
-            600,
-            RateLimitInfo(limit_tokens=100_000, remaining_tokens=50, reset_tokens_s=6.0),
-            6.0,
-        ),
     ],
 )
 def test_exhausted_limit_holds_starts(rpm: int, info: RateLimitInfo, hold: float) -> None:
@@ -139,6 +133,8 @@ def test_exhausted_limit_holds_starts(rpm: int, info: RateLimitInfo, hold: float
         RateLimitInfo(remaining_requests=0),
         RateLimitInfo(remaining_requests=1, reset_requests_s=30.0),
         RateLimitInfo(limit_tokens=100_000, remaining_tokens=5_000, reset_tokens_s=6.0),
+        # Tokens nearly spent are the token pacer's to wait for, request by request.
+        RateLimitInfo(limit_tokens=100_000, remaining_tokens=50, reset_tokens_s=6.0),
     ],
 )
 def test_limits_with_room_left_do_not_hold(info: RateLimitInfo) -> None:
@@ -164,9 +160,6 @@ def test_penalize_holds_for_retry_after(rpm: int, retry_after: float) -> None:
     [
         lambda p: p.penalize(3600.0),  # Retry-After after a spent daily quota
         lambda p: p.observe(RateLimitInfo(remaining_requests=0, reset_requests_s=1.7e9)),
-        lambda p: p.observe(
-            RateLimitInfo(limit_tokens=1000, remaining_tokens=0, reset_tokens_s=1.7e9)
-        ),  # a reset sent as an epoch timestamp, read as seconds
     ],
 )
 def test_every_hold_is_bounded_by_max_hold_s(hold: Any) -> None:

@@ -1,8 +1,9 @@
-"""Retry decisions, backoff, cooldown, pacing and a breaker: small objects driven by a clock."""
+"""Retry decisions, backoff, cooldown, request and token pacing, and a breaker: small objects driven by a clock."""
 
 from .breaker import CLOSED, DOWN_KINDS, DOWN_STATUS, HALF_OPEN, OPEN, Breaker
 from .cooldown import Cooldown
 from .headers import (
+    NO_RATE_LIMITS,
     RateLimitInfo,
     lower_headers,
     parse_duration,
@@ -12,20 +13,25 @@ from .headers import (
 from .pacer import RpmPacer
 from .retry import attempts_left, backoff_delay, is_overload_status, is_retryable_status
 from .slots import Slots
+from .tokens import Charge, TokenPacer, estimate_tokens
 
 __all__ = [
     "CLOSED",
     "DOWN_KINDS",
     "DOWN_STATUS",
     "HALF_OPEN",
+    "NO_RATE_LIMITS",
     "OPEN",
     "Breaker",
+    "Charge",
     "Cooldown",
     "RateLimitInfo",
     "RpmPacer",
     "Slots",
+    "TokenPacer",
     "attempts_left",
     "backoff_delay",
+    "estimate_tokens",
     "is_overload_status",
     "is_retryable_status",
     "lower_headers",

@@ -71,6 +71,8 @@ class RpmPacer:
         self._learned = rpm > 0
         # The server's request limit turned out to be counted over more than a minute.
         self.limit_not_per_minute = False
+        # The server states a token limit: its 429s are paced by tokens, not learned from.
+        self.token_limit_stated = False
         # The rate learned from 429s of a server that states no limit (None: none yet).
         self.learned_rpm: float | None = None
         self._decreased_at = -math.inf
@@ -166,13 +168,10 @@ class RpmPacer:
             interval = 60.0 / self.rpm if self.rpm > 0 else info.reset_requests_s
             self._hold(now, min(info.reset_requests_s, interval))
             self._burst = 0
-        if (
-            info.remaining_tokens is not None
-            and info.limit_tokens
-            and info.remaining_tokens < info.limit_tokens * 0.01
-            and info.reset_tokens_s
-        ):
-            self._hold(now, info.reset_tokens_s)
+        if info.limit_tokens:
+            # Token limits are TokenPacer's: holding every start until the bucket is full
+            # again (what x-ratelimit-reset-tokens says) would idle most of a minute.
+            self.token_limit_stated = True
         self._finish_probe()
 
     def answered(self, at: float) -> None:
@@ -217,7 +216,7 @@ class RpmPacer:
     @property
     def _limit_unstated(self) -> bool:
         """Whether refusals may set the pace: the server is followed, and stated no limit."""
-        return self.follow_server and not self.server_rpm
+        return self.follow_server and not self.server_rpm and not self.token_limit_stated
 
     def _decrease(self, now: float) -> None:
         learned = self.learned_rpm

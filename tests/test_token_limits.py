@@ -1,0 +1,51 @@
+"""A server with a per-minute token limit (OpenAI's TPM): paced by tokens, large prompts included."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from backend_support import BackendFactory, req
+from minima_llm import MinimaLlmFailure, MinimaLlmResponse
+from minima_llm.testing import MockServer
+
+
+def mixed_prompts(n: int, seed: int = 7) -> list[str]:
+    """Prompts of 50 to 1,600 tokens, the largest most of what the mock's bucket holds."""
+    rng = random.Random(seed)
+    return [f"q{i} " + "word " * (rng.choice([40, 160, 640, 1280]) * 5 // 4) for i in range(n)]
+
+
+async def test_a_token_limit_paces_a_batch_of_mixed_prompts_without_refusals(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    # 20,000 tokens a second, a bucket of one second: before, every request went at once,
+    # the small ones took each refill and the largest were refused again and again.
+    mock.update_config(tpm=1_200_000)
+    backend = make_backend(max_outstanding=64, rpm=0)
+    prompts = mixed_prompts(80)
+    requests = [req(i, text, max_tokens=20 if i % 2 else None) for i, text in enumerate(prompts)]
+    results = await asyncio.gather(*(backend.generate(r) for r in requests))
+    assert all(isinstance(r, MinimaLlmResponse) for r in results)
+    stats = mock.stats()
+    # The first wave goes before any answer states the limit; what follows is paced.
+    assert stats["rate_limited"] <= 0.1 * stats["requests"], stats
+    tokens = backend.upstream.tokens
+    assert tokens.limit == 1_200_000 and tokens.waits > 0
+    assert (
+        backend.upstream.pacer.learned_rpm is None
+    )  # token refusals say nothing of a request rate
+
+
+async def test_a_request_larger_than_the_token_limit_fails_at_once(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    # OpenAI answers 429 "Request too large ... on tokens per min": no wait would admit it.
+    mock.update_config(tpm=6000)  # a bucket of 100 tokens
+    backend = make_backend(max_attempts=5)
+    result = await backend.generate(req(1, "word " * 400))
+    assert isinstance(result, MinimaLlmFailure), result
+    assert result.status == 429 and result.attempts == 1
+    assert result.upstream_error is not None
+    assert str(result.upstream_error["message"]).startswith("Request too large for mock-model")
+    assert mock.stats()["requests"] == 1
