@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -14,6 +15,14 @@ DONE = "[DONE]"
 _SPECIAL = ("role", "content", "tool_calls", "function_call")
 # The parallel lists of a legacy completion's ``logprobs``, one entry per token.
 _TOKEN_LISTS = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+# Top-level chunk fields the assembler reads by their own rules. ``obfuscation`` is
+# OpenAI's random padding, different in every chunk and absent from a whole answer.
+_CHUNK_OWN = frozenset({"id", "object", "created", "model", "choices", "usage", "obfuscation"})
+# Top-level fields OpenAI repeats in every chunk: the first non-null value is the answer's.
+_EVERY_CHUNK = ("system_fingerprint", "service_tier")
+_CHUNK_KNOWN = _CHUNK_OWN | frozenset(_EVERY_CHUNK)
+# A UTF-16 surrogate pair, as two chunks' halves (each a JSON ``\u`` escape) join up.
+_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
 _T = TypeVar("_T")
 
 
@@ -104,7 +113,7 @@ class _Slot:
     def text(self, key: str) -> str:
         """The joined string field ``key`` ("" when it carried none)."""
         value = self.fields.get(key)
-        return "".join(value) if isinstance(value, _Text) else ""
+        return _joined(value) if isinstance(value, _Text) else ""
 
     def choice(self, index: int, chat: bool) -> dict[str, Any]:
         """The choice as a non-streamed response has it."""
@@ -128,8 +137,10 @@ class ChunkAssembler:
     (``content`` may also come as a list of content parts), ``tool_calls`` merge
     by ``index``, function arguments concatenate, other values keep the last
     non-null one, and a field only ever sent as null stays null. ``logprobs``
-    lists concatenate. ``add`` raises ``ValueError`` for a chunk not shaped like
-    an OpenAI chunk.
+    lists concatenate. Other top-level fields (``system_fingerprint``, Azure's
+    ``prompt_filter_results``, vLLM's ``prompt_logprobs``...) are kept as a whole
+    answer has them. ``add`` raises ``ValueError`` for a chunk not shaped like an
+    OpenAI chunk.
     """
 
     kind: str = "chat"
@@ -137,19 +148,37 @@ class ChunkAssembler:
     model: str | None = None
     created: int | None = None
     usage: dict[str, Any] | None = None
-    system_fingerprint: str | None = None
-    service_tier: str | None = None
+    _top: dict[str, Any] = field(default_factory=dict)
     _choices: dict[int, _Slot] = field(default_factory=dict)
+
+    @property
+    def system_fingerprint(self) -> str | None:
+        """The stream's ``system_fingerprint``, if it carried one."""
+        return self._top.get("system_fingerprint")
+
+    @property
+    def service_tier(self) -> str | None:
+        """The stream's ``service_tier``, if it carried one."""
+        return self._top.get("service_tier")
 
     def add(self, chunk: Mapping[str, Any]) -> None:
         """Fold one chunk in."""
         self.id = self.id or chunk.get("id")
         self.model = self.model or chunk.get("model")
         self.created = self.created or chunk.get("created")
-        self.system_fingerprint = self.system_fingerprint or chunk.get("system_fingerprint")
-        self.service_tier = self.service_tier or chunk.get("service_tier")
         if isinstance(chunk.get("usage"), Mapping):
             self.usage = dict(chunk["usage"])
+        top = self._top
+        for key in _EVERY_CHUNK:
+            if top.get(key) is None and key in chunk:
+                top[key] = chunk[key]
+        # One C-level check for the usual chunk, which has no other field: this runs per chunk.
+        if not _CHUNK_KNOWN.issuperset(chunk):
+            for key, value in chunk.items():
+                if key not in _CHUNK_KNOWN:
+                    # Sent once (Azure's filter results) or repeated whole (Perplexity's
+                    # citations): the last non-null value, never a concatenation.
+                    _merge_last(top, key, value)
         chat = self.kind == "chat"
         for choice in _choices_of(chunk):
             index = _index(choice)
@@ -180,10 +209,8 @@ class ChunkAssembler:
             "model": self.model or "",
             "choices": [self._choices[i].choice(i, chat) for i in sorted(self._choices)],
         }
-        if self.system_fingerprint:
-            body["system_fingerprint"] = self.system_fingerprint
-        if self.service_tier:
-            body["service_tier"] = self.service_tier
+        # Before ``usage``: ``calls.usage_of`` reads a body fastest with usage last.
+        body.update(self._top)
         if self.usage is not None:
             body["usage"] = self.usage
         return body
@@ -362,10 +389,24 @@ def _slot_of(target: dict[str, Any], key: str, kind: type[_T]) -> _T:
     return value
 
 
+def _joined(pieces: list[str]) -> str:
+    """String pieces joined, with a surrogate pair split between two pieces made one character.
+
+    A server that cuts text by UTF-16 units sends an emoji's halves in two chunks; left
+    apart, the text cannot be encoded and the cache stored two U+FFFD for the emoji.
+    """
+    text = "".join(pieces)
+    if len(pieces) < 2 or _PAIR.search(text) is None:
+        return text
+    return _PAIR.sub(
+        lambda m: m.group().encode("utf-16-le", "surrogatepass").decode("utf-16-le"), text
+    )
+
+
 def _settled(value: Any) -> Any:
     """An accumulated value as plain JSON."""
     if isinstance(value, _Text):
-        return "".join(value)
+        return _joined(value)
     if isinstance(value, _Items):
         return list(value)
     if isinstance(value, _Calls):
@@ -403,16 +444,21 @@ def replay_chunks(
         "created": completion.get("created", 0),
         "model": completion.get("model", ""),
     }
-    for key in ("system_fingerprint", "service_tier"):
-        if completion.get(key) is not None:
-            base[key] = completion[key]
+    # Present even as null: OpenAI sends ``"system_fingerprint": null`` in every chunk too.
+    base.update((key, completion[key]) for key in _EVERY_CHUNK if key in completion)
+    # Fields of the answer itself (Azure's prompt_filter_results...) go once, in the first chunk.
+    head = {k: v for k, v in completion.items() if k not in _REPLAY_OWN}
     for choice in completion.get("choices") or ():
         if isinstance(choice, Mapping):  # a stored body's non-object choice has nothing to replay
             for body in _replayed_choice(choice, kind == "chat", piece_chars):
-                yield {**base, "choices": [body]}
+                yield {**base, "choices": [body], **head}
+                head = {}
     if include_usage and isinstance(completion.get("usage"), Mapping):
         yield {**base, "choices": [], "usage": dict(completion["usage"])}
 
+
+# What ``replay_chunks`` puts in every chunk, or in chunks of its own.
+_REPLAY_OWN = frozenset({"id", "object", "created", "model", "choices", "usage", *_EVERY_CHUNK})
 
 # One chunk's choice fields (its delta, or its text) and the logprobs that go with them.
 _Part: TypeAlias = tuple[dict[str, Any], dict[str, Any] | None]
@@ -433,9 +479,8 @@ def _replayed_choice(choice: Mapping[str, Any], chat: bool, size: int) -> list[d
         if k not in ("index", "message", "text", "delta", "logprobs", "finish_reason")
     }
     final: dict[str, Any] = {"delta": {}} if chat else {"text": ""}
-    parts.append(
-        ({**final, "finish_reason": choice.get("finish_reason") or "stop", **extras}, None)
-    )
+    # A null finish reason stays null: the whole answer replayed says so too.
+    parts.append(({**final, "finish_reason": choice.get("finish_reason"), **extras}, None))
     bodies = []
     for n, (fields, piece_logprobs) in enumerate(parts):
         body = {"index": choice.get("index", 0), **fields}
@@ -467,7 +512,9 @@ def _message_parts(message: Any, spread: dict[str, Any], size: int) -> list[_Par
             deltas.append(({key: value}, None))
     if text:
         deltas += _string_parts("content", text, spread, size)
-    deltas += _tool_call_parts(message.get("tool_calls"), size)
+    calls = message.get("tool_calls")
+    # vLLM answers text with ``"tool_calls": []``; no call to stream, but the list is the answer's.
+    deltas += _tool_call_parts(calls, size) if calls != [] else [({"tool_calls": []}, None)]
     function_call = message.get("function_call")
     if isinstance(function_call, Mapping):
         deltas += [({"function_call": f}, None) for f in _function_parts(function_call, size)]

@@ -1,0 +1,190 @@
+"""A cached answer replayed (whole or as a stream) carries what the original answer carried.
+
+Against a scripted upstream on 127.0.0.1 that sends provider-shaped answers the mock
+does not: vLLM's ``"tool_calls": []`` and top-level ``prompt_logprobs``, Azure's
+``prompt_filter_results``, a stream that never names a finish reason, and an emoji
+whose two UTF-16 halves arrive in two chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from backend_support import BackendFactory, req
+from minima_llm import MinimaLlmResponse
+from minima_llm.backend import ChunkStream
+from minima_llm.streaming import ChunkAssembler, encode_event
+
+BOUND_S = 5.0
+FILTERS = [{"prompt_index": 0, "content_filter_results": {"hate": {"filtered": False}}}]
+PROMPT_LOGPROBS = [None, {"1": {"logprob": -0.5, "rank": 1, "decoded_token": "x"}}]
+
+
+def _whole(message: dict[str, Any], finish: str | None = "stop", **top: Any) -> dict[str, Any]:
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+    return {
+        "id": "chatcmpl-r",
+        "object": "chat.completion",
+        "created": 5,
+        "model": "m",
+        "choices": [choice],
+        **top,
+    }
+
+
+def _chunk(delta: dict[str, Any] | None, finish: str | None = None, **top: Any) -> str:
+    """One SSE ``data`` payload; ``delta=None`` makes a chunk with no choices."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+    body = {"id": "chatcmpl-r", "object": "chat.completion.chunk", "created": 5, "model": "m"}
+    return json.dumps({**body, "choices": choices, **top})
+
+
+# Whole answers, by prompt.
+BODIES = {
+    "vllm": _whole(
+        {"role": "assistant", "content": "hi", "tool_calls": []},
+        prompt_logprobs=PROMPT_LOGPROBS,
+        kv_transfer_params=None,
+        system_fingerprint=None,
+    ),
+}
+# Streams, by prompt: the data payloads before [DONE], as the servers send them.
+STREAMS = {
+    "azure": [
+        # Azure's own first chunk: no choices, blank id and model, the prompt's filter results.
+        json.dumps(
+            {
+                "id": "",
+                "object": "",
+                "created": 0,
+                "model": "",
+                "choices": [],
+                "prompt_filter_results": FILTERS,
+            }
+        ),
+        _chunk({"role": "assistant", "content": ""}),
+        _chunk({"content": "hi"}),
+        _chunk({}, "stop"),
+    ],
+    "no finish reason": [_chunk({"role": "assistant", "content": "hi"})],
+    # A server cutting text by UTF-16 units: "wave \U0001f44b!" with the emoji in two halves.
+    "surrogates": [
+        _chunk({"role": "assistant", "content": ""}),
+        _chunk({"content": "wave \ud83d"}),
+        _chunk({"content": "\udc4b!"}),
+        _chunk({}, "stop"),
+    ],
+}
+
+
+class ScriptedUpstream:
+    """Answers whole with ``BODIES`` and streams ``STREAMS``, by the last user message."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, int] = {}
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        payload = await request.json()
+        prompt = payload["messages"][-1]["content"]
+        self.requests[prompt] = self.requests.get(prompt, 0) + 1
+        if not payload.get("stream"):
+            return web.json_response(BODIES[prompt])
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for data in STREAMS[prompt]:
+            await resp.write(encode_event(data))
+        await resp.write(encode_event("[DONE]"))
+        return resp
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[ScriptedUpstream]:
+    scripted = ScriptedUpstream()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", scripted.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    scripted.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    yield scripted
+    await runner.cleanup()
+
+
+def _assemble(chunks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    assembler = ChunkAssembler()
+    for chunk in chunks:
+        assembler.add(chunk)
+    return assembler.completion()
+
+
+async def _read(stream: Any) -> list[dict[str, Any]]:
+    assert isinstance(stream, ChunkStream), stream
+
+    async def read() -> list[dict[str, Any]]:
+        return [chunk async for chunk in stream]
+
+    return await asyncio.wait_for(read(), BOUND_S)
+
+
+async def test_a_whole_answer_replayed_as_a_stream_keeps_every_field(
+    make_backend: BackendFactory, upstream: ScriptedUpstream
+) -> None:
+    # The stream replay dropped "tool_calls": [], the null system_fingerprint and the
+    # top-level fields a whole answer may carry beyond OpenAI's own (prompt_logprobs).
+    backend = make_backend(base_url=upstream.url)
+    whole = await backend.generate(req(1, text="vllm"))
+    assert isinstance(whole, MinimaLlmResponse) and not whole.cached
+    replayed = await backend.open_stream(req(1, text="vllm"))
+    assert isinstance(replayed, ChunkStream) and replayed.cached
+    assert _assemble(await _read(replayed)) == BODIES["vllm"]
+    assert upstream.requests == {"vllm": 1}
+
+
+async def test_a_streamed_answer_keeps_its_top_level_fields_whole_and_replayed(
+    make_backend: BackendFactory, upstream: ScriptedUpstream
+) -> None:
+    # Azure's prompt_filter_results came in a chunk of its own and was lost from the cache.
+    backend = make_backend(base_url=upstream.url)
+    live = _assemble(await _read(await backend.open_stream(req(2, text="azure"))))
+    assert live["prompt_filter_results"] == FILTERS and live["id"] == "chatcmpl-r"
+    whole = await backend.generate(req(2, text="azure"))
+    assert isinstance(whole, MinimaLlmResponse) and whole.cached
+    assert whole.raw == live
+    assert _assemble(await _read(await backend.open_stream(req(2, text="azure")))) == live
+    assert upstream.requests == {"azure": 1}
+
+
+async def test_a_null_finish_reason_stays_null_in_every_replay(
+    make_backend: BackendFactory, upstream: ScriptedUpstream
+) -> None:
+    # The stream replay said "stop" where the whole replay of the same row said null.
+    backend = make_backend(base_url=upstream.url)
+    live = await _read(await backend.open_stream(req(3, text="no finish reason")))
+    assert _assemble(live)["choices"][0]["finish_reason"] is None
+    whole = await backend.generate(req(3, text="no finish reason"))
+    assert isinstance(whole, MinimaLlmResponse) and whole.cached and whole.raw is not None
+    assert whole.raw["choices"][0]["finish_reason"] is None
+    replayed = await _read(await backend.open_stream(req(3, text="no finish reason")))
+    assert [c["choices"][0]["finish_reason"] for c in replayed if c["choices"]][-1] is None
+    assert _assemble(replayed) == whole.raw
+
+
+async def test_an_emoji_split_into_surrogate_halves_is_cached_as_the_emoji(
+    make_backend: BackendFactory, upstream: ScriptedUpstream
+) -> None:
+    # Joined as two lone surrogates, the text could not be stored: a hit read "wave \ufffd\ufffd!".
+    backend = make_backend(base_url=upstream.url)
+    live = await _read(await backend.open_stream(req(4, text="surrogates")))
+    assert _assemble(live)["choices"][0]["message"]["content"] == "wave \U0001f44b!"
+    hit = await backend.generate(req(4, text="surrogates"))
+    assert isinstance(hit, MinimaLlmResponse) and hit.cached
+    assert hit.text == "wave \U0001f44b!"
+    assert hit.raw is not None and hit.raw["choices"][0]["message"]["content"] == hit.text
