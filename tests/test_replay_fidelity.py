@@ -15,11 +15,13 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.chat import ChatCompletionChunk
 
 from backend_support import BackendFactory, req
 from minima_llm import MinimaLlmResponse
 from minima_llm.backend import ChunkStream
-from minima_llm.streaming import ChunkAssembler, encode_event
+from minima_llm.streaming import ChunkAssembler, encode_event, replay_chunks
 
 BOUND_S = 5.0
 FILTERS = [{"prompt_index": 0, "content_filter_results": {"hate": {"filtered": False}}}]
@@ -188,3 +190,30 @@ async def test_an_emoji_split_into_surrogate_halves_is_cached_as_the_emoji(
     assert isinstance(hit, MinimaLlmResponse) and hit.cached
     assert hit.text == "wave \U0001f44b!"
     assert hit.raw is not None and hit.raw["choices"][0]["message"]["content"] == hit.text
+
+
+def test_the_openai_sdk_stream_helper_keeps_a_replayed_choices_own_fields() -> None:
+    # The SDK keeps choice-level fields from a choice's first chunk only; on a hit it
+    # showed none of vLLM's stop_reason or Azure's content_filter_results.
+    filters = {"hate": {"filtered": False, "severity": "safe"}}
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": "hello there"},
+        "finish_reason": "stop",
+        "stop_reason": 128009,
+        "content_filter_results": filters,
+    }
+    whole = {
+        "id": "c",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "choices": [choice],
+    }
+    state = ChatCompletionStreamState()
+    chunks = list(replay_chunks(whole, "chat"))
+    for chunk in chunks:
+        state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
+    final = state.get_final_completion().choices[0].model_dump()
+    assert (final["stop_reason"], final["content_filter_results"]) == (128009, filters)
+    assert _assemble(chunks)["choices"] == [choice]

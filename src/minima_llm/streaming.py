@@ -465,7 +465,7 @@ _Part: TypeAlias = tuple[dict[str, Any], dict[str, Any] | None]
 
 
 def _replayed_choice(choice: Mapping[str, Any], chat: bool, size: int) -> list[dict[str, Any]]:
-    """The chunk choices of one choice; the last carries the finish reason and other fields."""
+    """The chunk choices of one choice; the last carries the finish reason, first and last its other fields."""
     logprobs = choice.get("logprobs")
     spread = dict(logprobs) if isinstance(logprobs, Mapping) else {}
     parts = (
@@ -491,6 +491,10 @@ def _replayed_choice(choice: Mapping[str, Any], chat: bool, size: int) -> list[d
             body["logprobs"] = logprobs
         body.setdefault("finish_reason", None)
         bodies.append(body)
+    if extras and len(bodies) > 1:
+        # Also on the first chunk: the OpenAI SDK's stream helpers keep a choice's own
+        # fields (vLLM's stop_reason, Azure's content_filter_results) from its first.
+        bodies[0].update((k, v) for k, v in extras.items() if k not in bodies[0])
     return bodies
 
 
