@@ -54,14 +54,16 @@ METHOD = """
   a bare aiohttp client (one `ClientSession`, 64 tasks each POSTing and reading
   `await resp.json()`) for throughput and latency; the cold, live pass for cached
   replay (its target is absolute); `count / server rate` for rate-limit goodput (the
-  server also allows a 1 s burst, so a perfect client can beat the ideal by ~5%); a
+  server also allows a 1 s burst, so a perfect client can beat the ideal by ~5%);
+  the tokens charged, less the 1 s bucket a fresh server starts with, over the token
+  rate for token-limit goodput; a
   child process that builds the same requests and backend but does not run the batch
   for memory (its target is absolute).
 - Gateway latency and time to first token send one request at a time, taking turns
   between the mock and the gateway, so both sides see the same moment of the machine.
 - Reference and subject runs alternate and the fastest of each is reported. Both warm
-  their connections (256 requests, untimed) before the timed run, except the rate-limit
-  run, where learning the server's limit is part of what is measured.
+  their connections (256 requests, untimed) before the timed run, except the rate- and
+  token-limit runs, where learning the server's limit is part of what is measured.
 - The subject is `OpenAIMinimaLlm(MinimaLlmConfig(rpm=0, max_outstanding=64,
   batch=BatchConfig(num_workers=64)))` with a fresh temporary `cache_dir` for every
   run; the timed region is one whole `await backend.run_batched(requests)` (cache keys,
