@@ -204,6 +204,20 @@ async def test_client_errors_fail_at_once(
     assert mock.stats()["requests"] == 1
 
 
+@pytest.mark.parametrize(
+    ("status", "should_retry", "attempts"), [(503, "false", 1), (400, "true", 3), (503, "bogus", 3)]
+)
+async def test_the_servers_x_should_retry_overrides_the_status(
+    make_backend: BackendFactory, mock: MockServer, status: int, should_retry: str, attempts: int
+) -> None:
+    # OpenAI sends it, and its SDK follows it before looking at the status.
+    headers = {"x-should-retry": should_retry}
+    mock.fail_next(5, status=status, headers=headers, body={"error": {"message": "no"}})
+    failure = await make_backend(max_attempts=3).generate(req(1))
+    assert isinstance(failure, MinimaLlmFailure)
+    assert failure.status == status and failure.attempts == attempts
+
+
 async def test_connection_refused_is_a_bounded_failure(transport: str, tmp_path: Path) -> None:
 
     cfg = MinimaLlmConfig(

@@ -35,6 +35,7 @@ from .resilience import (
     is_retryable_status,
     parse_rate_limits,
     parse_retry_after,
+    server_says_retry,
 )
 from .stats import LiveStats
 from .streaming import DONE, SseDecoder, kind_of, parts_text, replay_chunks
@@ -750,7 +751,9 @@ class UpstreamCaller:
         # So is a request larger than a token limit allows in a minute (OpenAI: "Request
         # too large for <model> ... on tokens per min").
         hopeless = status == 429 and error is not None and _never_admitted(error)
-        retryable = is_retryable_status(status) and not hopeless
+        # The server's x-should-retry overrides the status, as OpenAI's own SDK takes it.
+        said = server_says_retry(headers)
+        retryable = (is_retryable_status(status) if said is None else said) and not hopeless
         problem = Problem("HTTPError", message, status, snippet, retryable)
         problem.error = error
         problem.headers = kept_headers(headers)

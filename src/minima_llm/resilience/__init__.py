@@ -9,6 +9,7 @@ from .headers import (
     parse_duration,
     parse_rate_limits,
     parse_retry_after,
+    server_says_retry,
 )
 from .pacer import RpmPacer
 from .retry import attempts_left, backoff_delay, is_overload_status, is_retryable_status
@@ -38,4 +39,5 @@ __all__ = [
     "parse_duration",
     "parse_rate_limits",
     "parse_retry_after",
+    "server_says_retry",
 ]

@@ -127,6 +127,15 @@ def parse_rate_limits(headers: Mapping[str, str], now: float | None = None) -> R
     )
 
 
+def server_says_retry(headers: Mapping[str, str]) -> bool | None:
+    """The server's own word on retrying, from ``x-should-retry`` (OpenAI's); None if unsaid."""
+    value = _get(headers, "x-should-retry")
+    if value is None:
+        return None
+    value = value.strip().lower()
+    return True if value == "true" else False if value == "false" else None
+
+
 def _get(headers: Mapping[str, str], name: str) -> str | None:
     value = headers.get(name)
     # Transports hand over lower-cased names (marked ``lowercase``): no scan needed.
