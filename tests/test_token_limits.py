@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import random
 
 from backend_support import BackendFactory, req
-from minima_llm import MinimaLlmFailure, MinimaLlmResponse
+from minima_llm import BatchConfig, MinimaLlmFailure, MinimaLlmResponse
 from minima_llm.testing import MockServer
 
 
@@ -49,3 +50,21 @@ async def test_a_request_larger_than_the_token_limit_fails_at_once(
     assert result.upstream_error is not None
     assert str(result.upstream_error["message"]).startswith("Request too large for mock-model")
     assert mock.stats()["requests"] == 1
+
+
+async def test_the_heartbeat_and_the_snapshot_say_which_limit_paces_the_batch(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    # Without it a batch slowed by the server's limit looked like a slow server.
+    mock.update_config(tpm=600_000, rpm=6000)
+    batch = BatchConfig(num_workers=8, heartbeat_s=0.05, stall_s=0)
+    backend = make_backend(batch=batch)
+    assert backend.snapshot().pace is None  # nothing stated yet
+    stream = io.StringIO()
+    prompts = [req(i, "word " * 2000, max_tokens=10) for i in range(20)]  # 2,510 tokens each
+    results = await backend.run_batched(prompts, progress=stream)
+    assert all(isinstance(r, MinimaLlmResponse) for r in results)
+    pace = "6000 requests/min (server), 600000 tokens/min (server)"
+    assert backend.snapshot().pace == pace
+    assert backend.snapshot().as_dict()["pace"] == pace
+    assert f"| paced at {pace}" in stream.getvalue()

@@ -137,8 +137,10 @@ class OpenAIMinimaLlm:
         return cache_key(model, request.messages, request.temperature, request.max_tokens, extra)
 
     def snapshot(self) -> StatsSnapshot:
-        """The live statistics."""
-        return self.stats.snapshot()
+        """The live statistics, with the server's limits pacing live calls."""
+        snap = self.stats.snapshot()
+        pace = self.upstream.pace()
+        return snap if pace is None else replace(snap, pace=pace)
 
     def _prepare(
         self,

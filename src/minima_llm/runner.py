@@ -119,7 +119,8 @@ class _Tally:
             spent_in, spent_out, saved = (
                 now - then for now, then in zip(_tokens(stats), self.base_tokens, strict=True)
             )
-            return text + f" | tokens in {spent_in} out {spent_out}, saved by cache {saved}"
+            text += f" | tokens in {spent_in} out {spent_out}, saved by cache {saved}"
+            return text + f" | paced at {stats.pace}" if stats.pace else text
         return text + f" | tokens in {self.tokens_in} out {self.tokens_out}"
 
 

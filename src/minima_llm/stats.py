@@ -29,6 +29,9 @@ class StatsSnapshot:
     latency_avg_s: float | None
     latency_max_s: float | None
     cache_errors: int
+    # The limits the server set on live calls now, when it stated or taught one
+    # ("120000 tokens/min (server)"): why a batch runs slower than its workers could.
+    pace: str | None = None
 
     @property
     def hits(self) -> int:

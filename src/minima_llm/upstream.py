@@ -327,6 +327,18 @@ class UpstreamCaller:
         self.breaker = Breaker(threshold, reset_s, self.clock)
         return self.breaker
 
+    def pace(self) -> str | None:
+        """The limits the server stated, or that its refusals taught, as a short phrase; None if none."""
+        parts = []
+        pacer = self.pacer
+        if pacer.server_rpm and pacer.follow_server:
+            parts.append(f"{pacer.server_rpm} requests/min (server)")
+        elif pacer.learns_from_refusals:
+            parts.append(f"{pacer.rpm:.0f} requests/min (learned from 429s)")
+        if self.tokens.limit is not None:
+            parts.append(f"{self.tokens.limit} tokens/min (server)")
+        return ", ".join(parts) or None
+
     @property
     def in_flight_limit(self) -> int:
         """Requests this loop may have in flight now: ``max_outstanding``, less after 503s."""
