@@ -595,13 +595,15 @@ class UpstreamCaller:
         try:
             if self.cooldown.remaining() > 0:
                 await self.cooldown.wait()
-            if not self.pacer.ready():
-                await self.pacer.acquire()
             charged = None
             if self.tokens.limit is not None:
-                if raw is not None and not payload:
-                    payload = json.loads(raw)
-                charged = await self.tokens.acquire(estimate_tokens(payload))
+                charged = await self._charge(payload, raw)
+            # The request turn after the token wait: taken before it, the turns of all
+            # requests queued behind a large prompt would fall due together.
+            if not self.pacer.ready():
+                await self.pacer.acquire()
+            if charged is None and self.tokens.limit is not None:
+                charged = await self._charge(payload, raw)  # the first answer stated it
             unpaced = self.pacer.rpm <= 0  # the turn was taken with no pace in force
             wait_s = self.queue_wait_s if first else None
             if not await slots.take(wait_s):
@@ -624,6 +626,12 @@ class UpstreamCaller:
         finally:
             self.queued -= 1
         return charged
+
+    async def _charge(self, payload: Mapping[str, Any], raw: bytes | None) -> Charge:
+        """Wait for the tokens the request will be charged (``raw``: the payload encoded)."""
+        if raw is not None and not payload:
+            payload = json.loads(raw)
+        return await self.tokens.acquire(estimate_tokens(payload))
 
     async def _post_once(
         self,

@@ -162,3 +162,29 @@ def test_a_waiter_left_by_an_ended_loop_does_not_block_the_next_one() -> None:
 
     moved = clock.now
     assert asyncio.run(later()) == pytest.approx(moved + 100.0)
+
+
+async def test_a_refusal_by_the_request_limit_teaches_nothing_of_the_charge() -> None:
+    # OpenAI sends token headers on every 429: one for requests, with tokens to spare,
+    # once set the extra to the whole bucket, and every request waited a minute.
+    pacer, clock = learned(left=50_000)
+    charge = await pacer.acquire(600)
+    spare = RateLimitInfo(
+        limit_tokens=LIMIT, remaining_tokens=49_000, reset_tokens_s=1.0, remaining_requests=0
+    )
+    pacer.observe(spare, clock.now, charge, refused=True, retry_after=0.12)
+    assert pacer.extra == 0.0
+
+
+async def test_one_refusal_raises_the_extra_by_a_tenth_of_the_bucket_at_most() -> None:
+    pacer, clock = learned(left=50_000)
+    charge = await pacer.acquire(600)
+    # A Retry-After in whole seconds: "1" where 1 ms was meant.
+    pacer.observe(limit(40_000), clock.now, charge, refused=True, retry_after=1.0)
+    assert pacer.extra == pytest.approx(tokens_module.MAX_EXTRA_STEP * pacer.capacity)
+
+
+def test_a_reset_of_zero_does_not_empty_the_bucket() -> None:
+    pacer, clock = learned(left=500, reset_s=1.5)
+    pacer.observe(limit(0, reset_s=0.0), clock.now, None)
+    assert pacer.capacity == pytest.approx(2000)

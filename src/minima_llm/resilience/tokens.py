@@ -23,6 +23,7 @@ RECHECK_S = 0.1
 # tokenizer). Each refusal says by how much, and that is added to every charge after
 # it, fading by this factor with each answer so one long reply does not count forever.
 EXTRA_FADE = 0.98
+MAX_EXTRA_STEP = 0.1  # of the bucket, at most, per refusal
 
 
 class Charge(NamedTuple):
@@ -163,7 +164,10 @@ class TokenPacer:
         left = float(info.remaining_tokens)
         if reset is not None:
             # OpenAI's reset is the time until the bucket is full again: it says how much it holds.
-            self.capacity = min(float(self.limit), left + reset * self.limit / 60.0)
+            # Never lowered: a reset rounded to 0s, or a window that rolls over, would
+            # otherwise say the bucket holds nothing and leave every request unpaced.
+            held = left + reset * self.limit / 60.0
+            self.capacity = min(float(self.limit), max(self.capacity, held))
         elif not self.capacity:
             self.capacity = float(self.limit)
         now = self._clock.monotonic()
@@ -172,10 +176,11 @@ class TokenPacer:
         self._at = now
         if charge is None:
             return
-        if refused:
-            self._learn_extra(left, retry_after, charge.tokens)
-        else:
+        if not refused:
             self.extra *= EXTRA_FADE
+        elif info.remaining_requests != 0:
+            # A 429 with no request left is the request limit's, whatever tokens were left.
+            self._learn_extra(left, retry_after, charge.tokens)
 
     def _learn_extra(self, left: float, retry_after: float | None, took: float) -> None:
         """A paced request was refused: count what the server must have charged past ``took``."""
@@ -185,11 +190,12 @@ class TokenPacer:
         elif left >= took:
             short = left - took + 0.1 * took  # it fit by this client's count: more than that
         else:
-            short = (
-                0.0  # too little was left: this client's count of the level was off, not the charge
-            )
+            short = 0.0  # too little was left: the count of the level was off, not the charge
         if short > 0:
-            self.extra = min(self.extra + short, self.capacity)
+            # A little at a time: a Retry-After in whole seconds, or one set by another
+            # limit, says far more than any estimate is off by.
+            step = min(short, MAX_EXTRA_STEP * self.capacity)
+            self.extra = min(self.extra + step, self.capacity)
 
     def __repr__(self) -> str:
         limit = "unknown" if self.limit is None else f"{self.limit}/min"
