@@ -68,3 +68,27 @@ async def test_the_heartbeat_and_the_snapshot_say_which_limit_paces_the_batch(
     assert backend.snapshot().pace == pace
     assert backend.snapshot().as_dict()["pace"] == pace
     assert f"| paced at {pace}" in stream.getvalue()
+
+
+async def test_streams_are_paced_and_token_refusals_never_escalate_the_cooldown(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    # Streams wait for their tokens like whole answers; a token 429 is retried at its
+    # paced turn, not behind a doubled pause shared by every request.
+    mock.update_config(tpm=1_200_000)
+    backend = make_backend(max_outstanding=64, rpm=0)
+
+    async def streamed(i: int, text: str) -> str:
+        pieces = [c async for c in backend.stream(req(i, text, max_tokens=20))]
+        return "".join(
+            (choice.get("delta") or {}).get("content") or ""
+            for chunk in pieces
+            for choice in chunk.get("choices", ())
+        )
+
+    texts = await asyncio.gather(*(streamed(i, t) for i, t in enumerate(mixed_prompts(60))))
+    assert all(text.startswith("mock reply:") for text in texts)
+    stats = mock.stats()
+    assert stats["rate_limited"] <= 0.1 * stats["requests"], stats
+    upstream = backend.upstream
+    assert upstream.tokens.waits > 0 and upstream.cooldown.bumps == 0
