@@ -8,22 +8,20 @@ whose two UTF-16 halves arrive in two chunks.
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiohttp import web
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletionChunk
 
 from backend_support import BackendFactory, req
 from minima_llm import MinimaLlmResponse
 from minima_llm.backend import ChunkStream
-from minima_llm.streaming import ChunkAssembler, encode_event, replay_chunks
+from minima_llm.streaming import replay_chunks
+from scripted_upstream import ScriptedUpstream, assemble, read_chunks, serving
 
-BOUND_S = 5.0
 FILTERS = [{"prompt_index": 0, "content_filter_results": {"hate": {"filtered": False}}}]
 PROMPT_LOGPROBS = [None, {"1": {"logprob": -0.5, "rank": 1, "decoded_token": "x"}}]
 
@@ -85,55 +83,10 @@ STREAMS = {
 }
 
 
-class ScriptedUpstream:
-    """Answers whole with ``BODIES`` and streams ``STREAMS``, by the last user message."""
-
-    def __init__(self) -> None:
-        self.requests: dict[str, int] = {}
-        self.url = ""
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        payload = await request.json()
-        prompt = payload["messages"][-1]["content"]
-        self.requests[prompt] = self.requests.get(prompt, 0) + 1
-        if not payload.get("stream"):
-            return web.json_response(BODIES[prompt])
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for data in STREAMS[prompt]:
-            await resp.write(encode_event(data))
-        await resp.write(encode_event("[DONE]"))
-        return resp
-
-
 @pytest.fixture
 async def upstream() -> AsyncIterator[ScriptedUpstream]:
-    scripted = ScriptedUpstream()
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", scripted.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    scripted.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-    yield scripted
-    await runner.cleanup()
-
-
-def _assemble(chunks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    assembler = ChunkAssembler()
-    for chunk in chunks:
-        assembler.add(chunk)
-    return assembler.completion()
-
-
-async def _read(stream: Any) -> list[dict[str, Any]]:
-    assert isinstance(stream, ChunkStream), stream
-
-    async def read() -> list[dict[str, Any]]:
-        return [chunk async for chunk in stream]
-
-    return await asyncio.wait_for(read(), BOUND_S)
+    async with serving(ScriptedUpstream(BODIES, STREAMS)) as scripted:
+        yield scripted
 
 
 async def test_a_whole_answer_replayed_as_a_stream_keeps_every_field(
@@ -146,7 +99,7 @@ async def test_a_whole_answer_replayed_as_a_stream_keeps_every_field(
     assert isinstance(whole, MinimaLlmResponse) and not whole.cached
     replayed = await backend.open_stream(req(1, text="vllm"))
     assert isinstance(replayed, ChunkStream) and replayed.cached
-    assert _assemble(await _read(replayed)) == BODIES["vllm"]
+    assert assemble(await read_chunks(replayed)) == BODIES["vllm"]
     assert upstream.requests == {"vllm": 1}
 
 
@@ -155,12 +108,12 @@ async def test_a_streamed_answer_keeps_its_top_level_fields_whole_and_replayed(
 ) -> None:
     # Azure's prompt_filter_results came in a chunk of its own and was lost from the cache.
     backend = make_backend(base_url=upstream.url)
-    live = _assemble(await _read(await backend.open_stream(req(2, text="azure"))))
+    live = assemble(await read_chunks(await backend.open_stream(req(2, text="azure"))))
     assert live["prompt_filter_results"] == FILTERS and live["id"] == "chatcmpl-r"
     whole = await backend.generate(req(2, text="azure"))
     assert isinstance(whole, MinimaLlmResponse) and whole.cached
     assert whole.raw == live
-    assert _assemble(await _read(await backend.open_stream(req(2, text="azure")))) == live
+    assert assemble(await read_chunks(await backend.open_stream(req(2, text="azure")))) == live
     assert upstream.requests == {"azure": 1}
 
 
@@ -169,14 +122,14 @@ async def test_a_null_finish_reason_stays_null_in_every_replay(
 ) -> None:
     # The stream replay said "stop" where the whole replay of the same row said null.
     backend = make_backend(base_url=upstream.url)
-    live = await _read(await backend.open_stream(req(3, text="no finish reason")))
-    assert _assemble(live)["choices"][0]["finish_reason"] is None
+    live = await read_chunks(await backend.open_stream(req(3, text="no finish reason")))
+    assert assemble(live)["choices"][0]["finish_reason"] is None
     whole = await backend.generate(req(3, text="no finish reason"))
     assert isinstance(whole, MinimaLlmResponse) and whole.cached and whole.raw is not None
     assert whole.raw["choices"][0]["finish_reason"] is None
-    replayed = await _read(await backend.open_stream(req(3, text="no finish reason")))
+    replayed = await read_chunks(await backend.open_stream(req(3, text="no finish reason")))
     assert [c["choices"][0]["finish_reason"] for c in replayed if c["choices"]][-1] is None
-    assert _assemble(replayed) == whole.raw
+    assert assemble(replayed) == whole.raw
 
 
 async def test_an_emoji_split_into_surrogate_halves_is_cached_as_the_emoji(
@@ -184,8 +137,8 @@ async def test_an_emoji_split_into_surrogate_halves_is_cached_as_the_emoji(
 ) -> None:
     # Joined as two lone surrogates, the text could not be stored: a hit read "wave \ufffd\ufffd!".
     backend = make_backend(base_url=upstream.url)
-    live = await _read(await backend.open_stream(req(4, text="surrogates")))
-    assert _assemble(live)["choices"][0]["message"]["content"] == "wave \U0001f44b!"
+    live = await read_chunks(await backend.open_stream(req(4, text="surrogates")))
+    assert assemble(live)["choices"][0]["message"]["content"] == "wave \U0001f44b!"
     hit = await backend.generate(req(4, text="surrogates"))
     assert isinstance(hit, MinimaLlmResponse) and hit.cached
     assert hit.text == "wave \U0001f44b!"
@@ -216,4 +169,4 @@ def test_the_openai_sdk_stream_helper_keeps_a_replayed_choices_own_fields() -> N
         state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
     final = state.get_final_completion().choices[0].model_dump()
     assert (final["stop_reason"], final["content_filter_results"]) == (128009, filters)
-    assert _assemble(chunks)["choices"] == [choice]
+    assert assemble(chunks)["choices"] == [choice]

@@ -9,12 +9,11 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from backend_support import FAST, BackendFactory, req
 from minima_llm import MinimaLlmConfig, MinimaLlmResponse, OpenAIMinimaLlm
@@ -22,9 +21,9 @@ from minima_llm.backend import ChunkStream
 from minima_llm.http import HttpResponse, TransportError
 from minima_llm.streaming import ChunkAssembler, encode_event, replay_chunks
 from minima_llm.upstream import StreamInterrupted
+from scripted_upstream import ScriptedUpstream, assemble, read_chunks, serving
 
 # Every stream in these tests ends well within this; a hang fails the test instead.
-BOUND_S = 5.0
 
 
 def _lp(token: str, logprob: float) -> dict[str, Any]:
@@ -192,13 +191,6 @@ TEXT_COMPLETIONS = {
 }
 
 
-def _assemble(chunks: Sequence[Mapping[str, Any]], kind: str = "chat") -> dict[str, Any]:
-    assembler = ChunkAssembler(kind)
-    for chunk in chunks:
-        assembler.add(chunk)
-    return assembler.completion()
-
-
 @pytest.mark.parametrize("piece_chars", [0, 1, 4])
 @pytest.mark.parametrize(
     ("kind", "completion"),
@@ -211,7 +203,7 @@ def test_assembling_a_replay_gives_the_completion_back(
 ) -> None:
     original = copy.deepcopy(completion)
     chunks = list(replay_chunks(completion, kind, piece_chars=piece_chars))
-    assert _assemble(json.loads(json.dumps(chunks)), kind) == completion
+    assert assemble(json.loads(json.dumps(chunks)), kind) == completion
     assert completion == original  # neither side mutates what it is given
 
 
@@ -227,7 +219,7 @@ def test_audio_and_annotations_in_pieces_assemble_whole() -> None:
         _chunk(_delta(annotations=[{"type": "url_citation", "n": 2}])),
         _chunk(_delta(finish="stop")),
     ]
-    message = _assemble(chunks)["choices"][0]["message"]
+    message = assemble(chunks)["choices"][0]["message"]
     assert message["audio"] == {
         "id": "audio_1",
         "expires_at": 1700000000,
@@ -236,8 +228,8 @@ def test_audio_and_annotations_in_pieces_assemble_whole() -> None:
     }
     assert [a["n"] for a in message["annotations"]] == [1, 2]
     # And a replay of it assembles to the same message.
-    completion = _assemble(chunks)
-    assert _assemble(list(replay_chunks(completion, "chat"))) == completion
+    completion = assemble(chunks)
+    assert assemble(list(replay_chunks(completion, "chat"))) == completion
 
 
 def test_replayed_text_starts_like_openai_and_carries_logprobs_with_its_content() -> None:
@@ -444,7 +436,7 @@ RECORDED: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
 def test_recorded_stream_assembles_to_the_non_streamed_response(
     chunks: list[dict[str, Any]], expected: dict[str, Any]
 ) -> None:
-    assert _assemble(chunks) == expected
+    assert assemble(chunks) == expected
 
 
 def test_recorded_legacy_stream_with_logprobs() -> None:
@@ -465,7 +457,7 @@ def test_recorded_legacy_stream_with_logprobs() -> None:
         }
 
     chunks = [piece(" Hello", 5), piece(" world", 11), piece("", 17, "length")]
-    assert _assemble(chunks, "text")["choices"] == [
+    assert assemble(chunks, "text")["choices"] == [
         {
             "index": 0,
             "text": " Hello world",
@@ -528,7 +520,7 @@ def test_tool_call_deltas_without_index_are_told_apart_by_id() -> None:
         _chunk(_delta(tool_calls=[{"function": {"arguments": '"Europe/Paris"}'}}])),
         _chunk(_delta(finish="tool_calls")),
     ]
-    message = _assemble(chunks)["choices"][0]["message"]
+    message = assemble(chunks)["choices"][0]["message"]
     assert message == {"role": "assistant", "content": None, "tool_calls": [WEATHER, TIME]}
 
 
@@ -549,49 +541,14 @@ BODIES = {
 }
 
 
-class ScriptedUpstream:
-    """A chat endpoint that streams (or returns whole) a fixed answer per last user message."""
-
-    def __init__(self) -> None:
-        self.requests: dict[str, int] = {}
-        self.url = ""
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        payload = await request.json()
-        prompt = payload["messages"][-1]["content"]
-        self.requests[prompt] = self.requests.get(prompt, 0) + 1
-        if not payload.get("stream"):
-            body = BODIES.get(prompt) or _chat(_choice(content=f"whole answer to {prompt}"))
-            return web.json_response(body)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for chunk in STREAMS[prompt]:
-            await resp.write(encode_event(chunk))
-        await resp.write(encode_event("[DONE]"))
-        return resp
+def _whole_answer(prompt: str) -> dict[str, Any]:
+    return _chat(_choice(content=f"whole answer to {prompt}"))
 
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[ScriptedUpstream]:
-    scripted = ScriptedUpstream()
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", scripted.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    scripted.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-    yield scripted
-    await runner.cleanup()
-
-
-async def _read(stream: Any) -> list[dict[str, Any]]:
-    assert isinstance(stream, ChunkStream), stream
-
-    async def read() -> list[dict[str, Any]]:
-        return [chunk async for chunk in stream]
-
-    return await asyncio.wait_for(read(), BOUND_S)
+    async with serving(ScriptedUpstream(BODIES, STREAMS, _whole_answer)) as scripted:
+        yield scripted
 
 
 async def test_streamed_tool_calls_are_cached_and_replayed_whole(
@@ -599,14 +556,14 @@ async def test_streamed_tool_calls_are_cached_and_replayed_whole(
 ) -> None:
     backend = make_backend(base_url=upstream.url)
     expected = RECORDED["openai parallel tool calls"][1]
-    live = await _read(await backend.open_stream(req(1, text="weather?")))
-    assert _assemble(live) == expected
+    live = await read_chunks(await backend.open_stream(req(1, text="weather?")))
+    assert assemble(live) == expected
     whole = await backend.generate(req(1, text="weather?"))
     assert isinstance(whole, MinimaLlmResponse) and whole.cached
     assert whole.raw is not None and whole.raw["choices"] == expected["choices"]
     replayed = await backend.open_stream(req(1, text="weather?"))
     assert isinstance(replayed, ChunkStream) and replayed.cached
-    assert _assemble(await _read(replayed))["choices"] == expected["choices"]
+    assert assemble(await read_chunks(replayed))["choices"] == expected["choices"]
     assert upstream.requests == {"weather?": 1}
 
 
@@ -618,8 +575,8 @@ async def test_whole_tool_call_answer_replays_as_a_stream(
     assert isinstance(whole, MinimaLlmResponse) and not whole.cached
     replayed = await backend.open_stream(req(2, text="whole tool call"))
     assert isinstance(replayed, ChunkStream) and replayed.cached
-    chunks = await _read(replayed)
-    assert _assemble(chunks) == BODIES["whole tool call"]
+    chunks = await read_chunks(replayed)
+    assert assemble(chunks) == BODIES["whole tool call"]
     assert upstream.requests == {"whole tool call": 1}
 
 
@@ -627,8 +584,8 @@ async def test_list_content_deltas_stream_and_cache_their_text(
     make_backend: BackendFactory, upstream: ScriptedUpstream
 ) -> None:
     backend = make_backend(base_url=upstream.url)
-    chunks = await _read(await backend.open_stream(req(3, text="bonjour?")))
-    assert _assemble(chunks)["choices"][0]["message"]["content"] == "Bonjour!"
+    chunks = await read_chunks(await backend.open_stream(req(3, text="bonjour?")))
+    assert assemble(chunks)["choices"][0]["message"]["content"] == "Bonjour!"
     again = await backend.generate(req(3, text="bonjour?"))
     assert isinstance(again, MinimaLlmResponse) and again.cached and again.text == "Bonjour!"
 
@@ -641,7 +598,7 @@ async def test_malformed_chunk_interrupts_every_reader_and_is_not_cached(
 ) -> None:
     backend = make_backend(base_url=upstream.url)
     opened = await asyncio.gather(*(backend.open_stream(req(i, text=prompt)) for i in range(3)))
-    results = await asyncio.gather(*(_read(o) for o in opened), return_exceptions=True)
+    results = await asyncio.gather(*(read_chunks(o) for o in opened), return_exceptions=True)
     assert all(isinstance(r, StreamInterrupted) for r in results), results
     assert all("malformed stream chunk" in str(r) for r in results)
     assert backend.snapshot().failures == 1 and backend.snapshot().in_flight == 0
@@ -691,7 +648,7 @@ async def test_unexpected_error_in_the_producer_ends_the_stream(tmp_path: Path) 
     async with OpenAIMinimaLlm(config, transport=_BuggyTransport()) as backend:
         opened = await backend.open_stream(req(1, text="anything"))
         with pytest.raises(StreamInterrupted, match="a bug deep in the stack") as caught:
-            await _read(opened)
+            await read_chunks(opened)
         assert isinstance(caught.value.__cause__, RuntimeError)
         assert backend.snapshot().failures == 1
         assert await backend.lookup_many([req(1, text="anything")]) == [None]

@@ -9,13 +9,11 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from aiohttp import web
 from gateway_harness import chunks_of, serve
 
-from minima_llm.streaming import ChunkAssembler, encode_event
+from scripted_upstream import ScriptedUpstream, assemble, serving
 
 FILTERS = [{"prompt_index": 0, "content_filter_results": {"hate": {"filtered": False}}}]
 HEAD = {"id": "chatcmpl-r", "object": "chat.completion.chunk", "created": 5, "model": "m"}
@@ -51,35 +49,11 @@ VLLM = {
 }
 
 
-async def _answer(request: web.Request) -> web.StreamResponse:
-    """vLLM's whole answer, or Azure's stream."""
-    if not (await request.json()).get("stream"):
-        return web.json_response(VLLM)
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-    await resp.prepare(request)
-    for chunk in AZURE:
-        await resp.write(encode_event(chunk))
-    await resp.write(encode_event("[DONE]"))
-    return resp
-
-
 @pytest.fixture
 async def upstream_url() -> AsyncIterator[str]:
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", _answer)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-    await runner.cleanup()
-
-
-def _assembled(events: list[str]) -> dict[str, Any]:
-    assembler = ChunkAssembler()
-    for chunk in chunks_of(events):
-        assembler.add(chunk)
-    return assembler.completion()
+    # vLLM's whole answer to "plain", Azure's stream for "filtered".
+    async with serving(ScriptedUpstream({"plain": VLLM}, {"filtered": AZURE})) as scripted:
+        yield scripted.url
 
 
 async def test_azure_filter_results_of_a_stream_survive_both_replays(
@@ -91,7 +65,9 @@ async def test_azure_filter_results_of_a_stream_survive_both_replays(
         replayed = await gw.chat("filtered", stream=True)
     assert (live.cache, whole.cache, replayed.cache) == ("miss", "hit", "hit")
     assert whole.json()["prompt_filter_results"] == FILTERS
-    assert _assembled(replayed.events()) == _assembled(live.events()) == whole.json()
+    assert (
+        assemble(chunks_of(replayed.events())) == assemble(chunks_of(live.events())) == whole.json()
+    )
 
 
 async def test_a_vllm_answer_replayed_as_a_stream_assembles_to_itself(
@@ -102,4 +78,4 @@ async def test_a_vllm_answer_replayed_as_a_stream_assembles_to_itself(
         replayed = await gw.chat("plain", stream=True, stream_options={"include_usage": True})
     assert (whole.cache, replayed.cache) == ("miss", "hit")
     assert json.loads(whole.text) == VLLM
-    assert _assembled(replayed.events()) == VLLM
+    assert assemble(chunks_of(replayed.events())) == VLLM
