@@ -39,9 +39,9 @@ def taken_port() -> Iterator[int]:
         yield taken.getsockname()[1]
 
 
-@pytest.fixture(params=["aiohttp", "stdlib"])
+@pytest.fixture(params=["aiohttp", "stdlib", "asyncio"])
 def transport(request: pytest.FixtureRequest) -> str:
-    """Every backend test runs over both transports."""
+    """Every backend test runs over every transport."""
     return str(request.param)
 
 

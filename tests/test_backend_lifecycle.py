@@ -32,7 +32,7 @@ from minima_llm.cache import DB_NAME
 from minima_llm.testing import MockConfig, MockServer, run_mock_server_in_thread
 
 # Items per transport; the stdlib transport loads the CA store for each backend (~40 ms).
-ITEMS = {"aiohttp": 300, "stdlib": 100}
+ITEMS = {"aiohttp": 300, "stdlib": 100, "asyncio": 300}
 
 
 def rows(cache_dir: Path) -> int:
@@ -131,7 +131,9 @@ async def settle(baseline_threads: int, baseline_fds: int, timeout: float = 20.0
     return True
 
 
-@pytest.mark.parametrize("kind", ["aiohttp", pytest.param("stdlib", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "kind", ["aiohttp", "asyncio", pytest.param("stdlib", marks=pytest.mark.slow)]
+)
 async def test_a_backend_per_item_never_closed_is_freed(
     kind: str, mock: MockServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

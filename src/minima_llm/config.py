@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
-TRANSPORTS = ("auto", "stdlib", "aiohttp")
+TRANSPORTS = ("auto", "stdlib", "aiohttp", "asyncio")
 # A per-request timeout past a day is a mistake, and sockets overflow on very large ones.
 MAX_TIMEOUT_S = 86_400.0
 # Far past any real completion (a long answer with logprobs is a few MiB), yet it stops a

@@ -1,4 +1,4 @@
-"""HTTP transports behind one small protocol: standard library, or aiohttp when installed."""
+"""HTTP transports behind one small protocol: standard library (threads or asyncio), or aiohttp."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import importlib.util
 from collections.abc import Mapping
 
 from ..errors import ConfigError
+from .asyncio_transport import AsyncioTransport
 from .base import (
     DEFAULT_MAX_RESPONSE_BYTES,
     HttpResponse,
@@ -19,6 +20,7 @@ from .proxies import Proxy, ProxyRules, tunnel_refusal_in
 from .stdlib_transport import StdlibTransport
 
 __all__ = [
+    "AsyncioTransport",
     "HttpResponse",
     "Proxy",
     "ProxyRules",
@@ -56,6 +58,10 @@ def make_transport(
     """
     if kind == "auto":
         kind = "aiohttp" if aiohttp_available() else "stdlib"
+    if kind == "asyncio":
+        return AsyncioTransport(
+            max_connections, default_headers, max_response_bytes=max_response_bytes, proxies=proxies
+        )
     if kind == "stdlib":
         return StdlibTransport(
             max_connections, max_response_bytes=max_response_bytes, proxies=proxies
@@ -65,11 +71,11 @@ def make_transport(
             raise ConfigError(
                 "transport",
                 kind,
-                "auto or stdlib (aiohttp is not installed: pip install 'minima-llm[proxy]')",
+                "auto, stdlib or asyncio (aiohttp is not installed: pip install 'minima-llm[proxy]')",
             )
         from .aiohttp_transport import AiohttpTransport
 
         return AiohttpTransport(
             max_connections, default_headers, max_response_bytes=max_response_bytes, proxies=proxies
         )
-    raise ConfigError("transport", kind, "one of auto, stdlib, aiohttp")
+    raise ConfigError("transport", kind, "one of auto, stdlib, aiohttp, asyncio")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import ssl
 import zlib
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, NamedTuple, Protocol
@@ -20,6 +21,7 @@ __all__ = [
     "body_limit",
     "decode_body",
     "encode_body",
+    "tls_context",
     "too_large",
 ]
 
@@ -103,6 +105,11 @@ def encode_body(body: bytes, headers: dict[str, str], compress_gzip: bool) -> by
         return body
     headers["Content-Encoding"] = "gzip"
     return gzip.compress(body, compresslevel=5)
+
+
+def tls_context(verify: bool) -> ssl.SSLContext:
+    """The context for https upstreams: the system's CA store, or no checks at all."""
+    return ssl.create_default_context() if verify else ssl._create_unverified_context()
 
 
 def body_limit(max_response_bytes: int) -> int:

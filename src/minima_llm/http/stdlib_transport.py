@@ -23,6 +23,7 @@ from .base import (
     LowerHeaders,
     body_limit,
     decode_body,
+    tls_context,
     too_large,
 )
 from .proxies import Proxy, ProxyRules, tunnel_refusal_in, via
@@ -93,11 +94,7 @@ class StdlibTransport:
     def _tls(self) -> ssl.SSLContext:
         """The TLS context, made once (racing threads may both make one; either is fine)."""
         if self._ssl is None:
-            self._ssl = (
-                ssl.create_default_context()
-                if self._verify_tls
-                else ssl._create_unverified_context()
-            )
+            self._ssl = tls_context(self._verify_tls)
         return self._ssl
 
     def _pool(self) -> ThreadPoolExecutor:
