@@ -49,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--cache-dir", default=None, help="keep the cache here (default: a temporary directory)"
     )
-    demo.add_argument("--transport", choices=("auto", "stdlib", "aiohttp"), default="auto")
+    demo.add_argument(
+        "--transport", choices=("auto", "stdlib", "aiohttp", "asyncio"), default="auto"
+    )
     demo.add_argument(
         "--latency-ms", type=float, default=5.0, help="mock upstream latency (default 5)"
     )

@@ -22,6 +22,7 @@ from backend_support import FAST
 from minima_llm import MinimaLlmConfig, OpenAIMinimaLlm
 from minima_llm.clock import SYSTEM_CLOCK, Clock
 from minima_llm.proxy import ProxySettings, build_app
+from minima_llm.proxy.cli import GATEWAY_TRANSPORT
 from minima_llm.proxy.gateway import Gateway
 from minima_llm.proxy.handlers import GATEWAY
 from minima_llm.proxy.log import ProxyLog
@@ -36,6 +37,8 @@ def backend_config(base_url: str, cache_dir: Path, **overrides: Any) -> MinimaLl
         "base_url": base_url,
         "model": MODEL,
         "cache_dir": str(cache_dir),
+        # The upstream transport minimallm-proxy itself uses.
+        "transport": GATEWAY_TRANSPORT,
         **FAST,
     }
     fields.update(overrides)

@@ -53,6 +53,23 @@ def test_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     assert (settings.host, settings.port) == ("127.0.0.1", 8990)
 
 
+@pytest.mark.parametrize(
+    ("given", "used"),
+    [(None, "asyncio"), ("auto", "asyncio"), ("aiohttp", "aiohttp"), ("stdlib", "stdlib")],
+)
+def test_the_upstream_transport_is_asyncio_unless_one_is_named(
+    monkeypatch: pytest.MonkeyPatch, given: str | None, used: str
+) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://upstream.test/v1")
+    monkeypatch.setenv("OPENAI_MODEL", "m")
+    if given is None:
+        monkeypatch.delenv("MINIMA_TRANSPORT", raising=False)
+    else:
+        monkeypatch.setenv("MINIMA_TRANSPORT", given)
+    config, _ = cli.load(args())
+    assert config.transport == used
+
+
 def test_environment_must_name_the_upstream() -> None:
     with pytest.raises(ConfigError) as info:
         cli.load(args())

@@ -27,6 +27,10 @@ from .log import LineFormatter
 from .settings import DEFAULT_PORT, ProxySettings
 
 GATEWAY_MEMORY_ENTRIES = 10_000
+# What ``transport: auto`` means here: a gateway spends most of its CPU relaying to
+# the upstream, and this transport costs a third of aiohttp's client per request
+# (docs/performance.md).
+GATEWAY_TRANSPORT = "asyncio"
 # aiohttp waits this much longer than the gateway's own deadline, so the deadline (which
 # stops the requests that overstay) is what ends a shutdown, not aiohttp's two waits.
 _SHUTDOWN_SLACK_S = 2.0
@@ -81,6 +85,8 @@ def load(args: argparse.Namespace) -> tuple[MinimaLlmConfig, ProxySettings]:
         # A long-running gateway answers the same questions again and again: keep
         # recent answers in memory unless told otherwise.
         config = config.replace(memory_cache_entries=GATEWAY_MEMORY_ENTRIES)
+    if config.transport == "auto":
+        config = config.replace(transport=GATEWAY_TRANSPORT)
     section.update(ProxySettings.env_overrides())
     for flag in ("host", "port"):
         if getattr(args, flag) is not None:
@@ -194,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def announce(_: str) -> None:
         print(
             f"minimallm-proxy listening on http://{host}:{port}/v1\n"
-            f"  upstream {config.base_url} model {config.model}{' (forced)' if settings.force_model else ''}{via}\n"
+            f"  upstream {config.base_url} model {config.model}{' (forced)' if settings.force_model else ''}"
+            f" over {config.transport}{via}\n"
             f"  cache    {cache}\n  auth     {auth}",
             flush=True,
         )
