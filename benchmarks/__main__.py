@@ -21,7 +21,7 @@ from .gateway import (
     gateway_throughput,
     gateway_ttft,
 )
-from .live import latency_bound, throughput_aiohttp, throughput_stdlib
+from .live import latency_bound, throughput_aiohttp, throughput_asyncio, throughput_stdlib
 from .memory import memory_100k
 from .ratelimit import rate_limit_goodput, token_limit_goodput
 from .replay import cached_replay
@@ -31,6 +31,7 @@ Benchmark = Callable[[Context], list[Row]]
 BENCHMARKS: dict[str, Benchmark] = {
     "throughput_aiohttp": throughput_aiohttp,
     "throughput_stdlib": throughput_stdlib,
+    "throughput_asyncio": throughput_asyncio,
     "latency_bound": latency_bound,
     "cached_replay": cached_replay,
     "rate_limit_goodput": rate_limit_goodput,
@@ -68,7 +69,7 @@ METHOD = """
   batch=BatchConfig(num_workers=64)))` with a fresh temporary `cache_dir` for every
   run; the timed region is one whole `await backend.run_batched(requests)` (cache keys,
   prefetch, workers, cache writes). Requests are distinct, so live runs are cache misses.
-  `auto` transport resolves to aiohttp (installed).
+  `auto` transport resolves to aiohttp (installed); the gateway's `auto` to asyncio.
 - "client CPU/request" (in the notes) is the benchmark process's CPU time, all threads,
   over the timed region divided by requests: it moves much less than wall-clock rates
   when other work shares the machine. When the client, not the mock, is the

@@ -80,12 +80,18 @@ async def _server(kind: str, url: str, count: int, counts: collections.Counter[s
     from aiohttp import web
 
     from minima_llm.proxy import build_app
+    from minima_llm.proxy.cli import GATEWAY_TRANSPORT
 
     from ._relay import make_app
 
     with tempfile.TemporaryDirectory(prefix="minima-opcodes-") as cache_dir:
         config = MinimaLlmConfig(
-            base_url=url, model="mock-model", cache_dir=cache_dir, rpm=0, max_outstanding=64
+            base_url=url,
+            model="mock-model",
+            cache_dir=cache_dir,
+            rpm=0,
+            max_outstanding=64,
+            transport=GATEWAY_TRANSPORT,
         )
         app = build_app(OpenAIMinimaLlm(config)) if kind == "gateway" else make_app(url)
         runner = web.AppRunner(app, access_log=None)
