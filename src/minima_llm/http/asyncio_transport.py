@@ -99,6 +99,9 @@ class _Target(NamedTuple):
         if parts.port:
             authority += f":{parts.port}"
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        if not path.isascii() or any(c <= " " or c == "\x7f" for c in path):
+            # http.client refuses the same: the line would not be one request line.
+            raise TransportError("connect", "a URL path with spaces, controls or non-ASCII")
         block = b""
         if proxy is not None and scheme == "http":
             # A plain-http request through a proxy names its whole URL (RFC 9112, 3.2.2).
@@ -181,7 +184,7 @@ class _Conn(asyncio.Protocol):
         self.alive = False
         self.pool.lost(self)
         state = self.state
-        if state == _REST:
+        if state == _REST and exc is None:
             if self._buf:
                 self._add(bytes(self._buf))
                 self._buf.clear()
@@ -695,6 +698,12 @@ class AsyncioTransport:
             conn = pool.checkout(target.origin) if attempt == 0 else None
             if conn is None:
                 conn = await self._connect(pool, target, deadline, timeout_s)
+                if not conn.alive:
+                    # Handed over by a request that had just finished on it, it closed
+                    # before this one ran: its slot is already free again.
+                    if attempt == 0:
+                        continue
+                    raise via(TransportError("reset", "connection closed before use"), target.proxy)
             waiter = conn.begin(whole, self._limit, loop)
             conn.timer = loop.call_at(
                 deadline,
@@ -764,7 +773,8 @@ class AsyncioTransport:
             raise via(
                 TransportError("timeout", f"no connection within {timeout_s}s"), proxy
             ) from exc
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
+            # ValueError: the resolver's IDNA codec refusing a host name (an empty label).
             conn.abort()
             pool.lost(conn)
             error = TransportError("connect", f"{type(exc).__name__}: {exc}")
@@ -863,6 +873,9 @@ class _AsyncioStream:
     async def _more(self) -> bool:
         """Wait for body bytes or the end; False at the end. Raises a read's error."""
         conn = self._conn
+        if self._closed:
+            # Its connection may be carrying another request by now.
+            raise TransportError("closed", "the stream was closed")
         if conn.error is not None:
             raise conn.error
         if conn.pieces:
@@ -965,4 +978,7 @@ def _render(headers: Mapping[str, str], stream: bool) -> bytes:
         # Streams are read line by line as they come: a compressed one could not be.
         own["Accept-Encoding"] = "identity" if stream else "gzip"
     kept = {name: value for name, value in headers.items() if name.lower() not in _OWN}
-    return header_block({**own, **kept}).encode("latin-1")
+    try:
+        return header_block({**own, **kept}).encode("latin-1")
+    except UnicodeEncodeError:
+        raise TransportError("malformed", "a request header outside Latin-1") from None
