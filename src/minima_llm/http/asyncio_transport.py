@@ -222,11 +222,15 @@ class _Conn(asyncio.Protocol):
         self.waiter = waiter = loop.create_future()
         return waiter
 
-    def expire(self, what: str) -> None:
-        """The caller's deadline passed: fail the read and close the connection."""
+    def expire(self, what: str, timeout_s: float) -> None:
+        """The caller's deadline passed: fail the read and close the connection.
+
+        The message is made here, not when the timer is set: nearly every timer is
+        cancelled, and this one is set for every request.
+        """
         self.timer = None
         if self.state not in (_IDLE, _DONE):
-            self._fail(TransportError("timeout", what))
+            self._fail(TransportError("timeout", f"no {what} within {timeout_s}s"))
 
     def wait(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
         """A future woken by the next piece, the end, or an error (stream mode)."""
@@ -705,11 +709,8 @@ class AsyncioTransport:
                         continue
                     raise via(TransportError("reset", "connection closed before use"), target.proxy)
             waiter = conn.begin(whole, self._limit, loop)
-            conn.timer = loop.call_at(
-                deadline,
-                conn.expire,
-                f"no {'response' if whole else 'headers'} within {timeout_s}s",
-            )
+            what = "response" if whole else "headers"
+            conn.timer = loop.call_at(deadline, conn.expire, what, timeout_s)
             transport = conn.transport
             assert transport is not None
             try:
@@ -800,7 +801,7 @@ class AsyncioTransport:
         if proxy.authorization:
             lines += f"Proxy-Authorization: {proxy.authorization}\r\n"
         waiter = conn.begin(True, self._limit, loop, no_body=True)
-        conn.timer = loop.call_at(deadline, conn.expire, f"no CONNECT answer within {timeout_s}s")
+        conn.timer = loop.call_at(deadline, conn.expire, "CONNECT answer", timeout_s)
         conn.transport.write((lines + "\r\n").encode("latin-1"))
         await waiter
         if conn.error is not None:
@@ -884,7 +885,7 @@ class _AsyncioStream:
             return False
         loop = asyncio.get_running_loop()
         waiter = conn.wait(loop)
-        timer = loop.call_later(self._timeout_s, conn.expire, f"no data within {self._timeout_s}s")
+        timer = loop.call_later(self._timeout_s, conn.expire, "data", self._timeout_s)
         try:
             await waiter
         except BaseException:
