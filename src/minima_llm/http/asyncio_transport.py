@@ -285,11 +285,7 @@ class _Conn(asyncio.Protocol):
                     return
                 continue
             elif state == _BODY:
-                take = min(len(buf), self._left)
-                self._left -= take
-                self._add(bytes(buf[:take]))
-                del buf[:take]
-                if self._left == 0:
+                if self._take_due(buf):
                     self._finish()
             elif state in (_CHUNK_SIZE, _TRAILERS, _CHUNK_END):
                 end = buf.find(b"\n")
@@ -319,11 +315,7 @@ class _Conn(asyncio.Protocol):
                         self._left = size
                         self.state = _CHUNK_DATA
             elif state == _CHUNK_DATA:
-                take = min(len(buf), self._left)
-                self._left -= take
-                self._add(bytes(buf[:take]))
-                del buf[:take]
-                if self._left == 0:
+                if self._take_due(buf):
                     self.state = _CHUNK_END
             elif state == _REST:
                 self._add(bytes(buf))
@@ -334,6 +326,14 @@ class _Conn(asyncio.Protocol):
                 return
             if self.error is not None:
                 return
+
+    def _take_due(self, buf: bytearray) -> bool:
+        """Move what is due of the body or chunk from ``buf`` to the pieces; True once all is."""
+        take = min(len(buf), self._left)
+        self._left -= take
+        self._add(bytes(buf[:take]))
+        del buf[:take]
+        return self._left == 0
 
     def _took_head(self, raw: bytes) -> bool:
         """Act on a response head; False if it failed the read."""
