@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from local_server import Listener
+
 
 @dataclass(frozen=True)
 class Seen:
@@ -37,34 +39,29 @@ class ForwardProxy:
     credentials: str | None = None  # "user:password"
     seen: list[Seen] = field(default_factory=list)
     connections: int = 0
-    _server: asyncio.Server | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    _listener: Listener = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._listener = Listener(self._serve)
 
     @property
     def url(self) -> str:
         """``http://127.0.0.1:port``."""
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        assert self._listener.port, "the proxy has not started"
+        return f"http://127.0.0.1:{self._listener.port}"
 
     async def __aenter__(self) -> ForwardProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        await self._listener.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        # Closing the sockets ends every relay; cancelling them instead would trip an
-        # asyncio bug (3.11) that logs each cancelled connection handler as an error.
-        for writer in list(self._writers):
-            writer.close()
-        await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 5.0)
-        await self._server.wait_closed()
+        # Closing the sockets ends every relay (the upstream sides are tracked too).
+        stuck = await self._listener.stop()
+        assert not stuck, f"{stuck} relays were still running after their sockets closed"
 
     def drop_connections(self) -> None:
         """Close every connection now, as a proxy does with idle ones (no TLS goodbye inside)."""
-        for writer in list(self._writers):
-            writer.close()
+        self._listener.drop_connections()
 
     def _expected(self) -> str | None:
         if self.credentials is None:
@@ -73,17 +70,11 @@ class ForwardProxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.add(writer)
         try:
             await self._relay(reader, writer)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass  # either side went away
         finally:
-            self._tasks.discard(task)
-            self._writers.discard(writer)
             await _closed(writer)
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -122,7 +113,7 @@ class ForwardProxy:
             back.cancel()
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await back
-            self._writers.discard(up_writer)
+            self._listener.writers.discard(up_writer)
             await _closed(up_writer)
 
     def _parse(self, head: bytes) -> tuple[str, str, list[str], str | None]:
@@ -161,7 +152,7 @@ class ForwardProxy:
                 b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
             )
             return None
-        self._writers.add(upstream[1])
+        self._listener.writers.add(upstream[1])
         return upstream
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from local_server import Listener, read_request
 from minima_llm.errors import ConfigError, TransportError
 from minima_llm.http.asyncio_transport import AsyncioTransport
 from minima_llm.http.proxies import ProxyRules
@@ -93,25 +94,16 @@ class RawServer:
     errors: list[BaseException] = field(default_factory=list)
     port: int = 0
     _numbers: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
-    _server: asyncio.Server | None = None
+    _listener: Listener | None = None
 
     async def __aenter__(self) -> RawServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
+        self._listener = Listener(self._serve)
+        self.port = await self._listener.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in list(self._writers):
-            writer.close()
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=2.0)
-            for task in pending:
-                task.cancel()
-        await self._server.wait_closed()
+        assert self._listener is not None
+        await self._listener.stop(timeout=2.0)
         if self.errors and exc[0] is None:
             raise AssertionError(f"the server's routes failed: {self.errors!r}")
 
@@ -130,24 +122,16 @@ class RawServer:
             await asyncio.sleep(0.005)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.add(writer)
         number = next(self._numbers)
         self.connections += 1
         self.open_now += 1
         self.max_open = max(self.max_open, self.open_now)
         try:
             for nth in itertools.count(1):
-                try:
-                    raw = await reader.readuntil(b"\r\n\r\n")
-                    first, *lines = raw.decode("latin-1").split("\r\n")
-                    pairs = (line.split(": ", 1) for line in lines if line)
-                    headers = {name.lower(): value for name, value in pairs}
-                    body = await reader.readexactly(int(headers.get("content-length", "0")))
-                except (asyncio.IncompleteReadError, ConnectionError):
+                request = await read_request(reader)
+                if request is None:
                     return
+                first, headers, body = request
                 method, path, version = first.split(" ")
                 assert (method, version) == ("POST", "HTTP/1.1"), first
                 exchange = Exchange(self, number, nth, path, headers, body, reader, writer)
@@ -164,8 +148,6 @@ class RawServer:
             self.open_now -= 1
             self.closed.append(number)
             writer.close()
-            self._writers.discard(writer)
-            self._tasks.discard(task)
 
 
 def reply(raw: bytes, style: str = "whole", close: bool = False) -> Route:

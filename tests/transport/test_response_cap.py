@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from local_server import Listener, read_request
 from minima_llm.http import Transport, TransportError, decode_body, make_transport
 
 CAP = 2**20
@@ -67,24 +68,14 @@ class RawUpstream:
         self.sent: dict[int, int] = {}  # body bytes a route got onto a connection
         self.gave_up: list[int] = []  # connections the client closed mid-answer
         self._numbers = itertools.count(1)
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._writers: set[Writer] = set()
-        self._server: asyncio.Server | None = None
+        self._listener = Listener(self._serve)
 
     async def __aenter__(self) -> RawUpstream:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
+        self.port = await self._listener.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        # Closed, not cancelled: Python 3.11's start_server logs a cancelled handler as an error.
-        for writer in self._writers:
-            writer.close()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=5.0)
-        await self._server.wait_closed()
+        await self._listener.stop()
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}/v1/{path}"
@@ -93,31 +84,15 @@ class RawUpstream:
         return self.requests[index][0]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: Writer) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.add(writer)
         number = next(self._numbers)
-        try:
-            while True:
-                try:
-                    request = await reader.readuntil(b"\r\n\r\n")
-                    first, *fields = request.decode("latin-1").split("\r\n")
-                    named = dict(f.split(": ", 1) for f in fields if ": " in f)
-                    await reader.readexactly(int(named.get("Content-Length", "0")))
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return
-                path = first.split()[1]
-                self.requests.append((number, path))
-                try:
-                    await self.routes[path](self, number, reader, writer)
-                except ConnectionError:
-                    self.gave_up.append(number)
-                    return
-        finally:
-            writer.close()
-            self._writers.discard(writer)
-            self._tasks.discard(task)
+        while (request := await read_request(reader)) is not None:
+            path = request[0].split()[1]
+            self.requests.append((number, path))
+            try:
+                await self.routes[path](self, number, reader, writer)
+            except ConnectionError:
+                self.gave_up.append(number)
+                return
 
 
 async def _ok(up: RawUpstream, number: int, reader: asyncio.StreamReader, w: Writer) -> None:
