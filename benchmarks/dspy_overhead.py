@@ -34,10 +34,11 @@ from typing import Any
 import dspy
 from pydantic import BaseModel
 
-from minima_llm import BatchConfig, MinimaLlmConfig, MinimaLlmRequest, OpenAIMinimaLlm
+from minima_llm import MinimaLlmRequest, OpenAIMinimaLlm
 from minima_llm.dspy_adapter import DSPyRetryConfig, TolerantChatAdapter, run_dspy_batch
 from minima_llm.runner import run_batched_callable
 
+from ._clients import backend_config
 from ._mock import MockProcess
 
 REPLAY_TARGET = 0.15
@@ -65,16 +66,7 @@ def convert(prediction: Any, item: Item) -> None:
 
 
 def backend(url: str, cache_dir: str) -> OpenAIMinimaLlm:
-    batch = BatchConfig(num_workers=64, heartbeat_s=0, stall_s=0)
-    config = MinimaLlmConfig(
-        base_url=url,
-        model="mock-model",
-        cache_dir=cache_dir,
-        rpm=0,
-        max_outstanding=64,
-        batch=batch,
-    )
-    return OpenAIMinimaLlm(config)
+    return OpenAIMinimaLlm(backend_config(url, cache_dir))
 
 
 def items(n: int) -> list[Item]:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
-from minima_llm import MinimaLlmConfig, OpenAIMinimaLlm
+from minima_llm import OpenAIMinimaLlm
 
 from ._clients import backend_config, bare_aiohttp, make_requests, payloads_of, quiet
 from ._mock import MockProcess
@@ -85,14 +85,7 @@ async def _server(kind: str, url: str, count: int, counts: collections.Counter[s
     from ._relay import make_app
 
     with tempfile.TemporaryDirectory(prefix="minima-opcodes-") as cache_dir:
-        config = MinimaLlmConfig(
-            base_url=url,
-            model="mock-model",
-            cache_dir=cache_dir,
-            rpm=0,
-            max_outstanding=64,
-            transport=GATEWAY_TRANSPORT,
-        )
+        config = backend_config(url, cache_dir, GATEWAY_TRANSPORT)
         app = build_app(OpenAIMinimaLlm(config)) if kind == "gateway" else make_app(url)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
