@@ -592,10 +592,10 @@ class UpstreamCaller:
                 False,
             )
         self.queued += 1
+        charged: Charge | None = None
         try:
             if self.cooldown.remaining() > 0:
                 await self.cooldown.wait()
-            charged = None
             if self.tokens.limit is not None:
                 charged = await self._charge(payload, raw)
             # The request turn after the token wait: taken before it, the turns of all
@@ -623,6 +623,11 @@ class UpstreamCaller:
                 except BaseException:
                     slots.release()
                     raise
+        except BaseException:
+            if charged is not None:
+                # Never sent (refused, or its client left): the tokens go back to the queue.
+                self.tokens.refund(charged)
+            raise
         finally:
             self.queued -= 1
         return charged

@@ -20,10 +20,13 @@ URL = "http://x/v1/chat/completions"
 class GatedTransport:
     """Holds every POST until ``open`` is set; answers with ``statuses`` in turn, then 200."""
 
-    def __init__(self, statuses: list[int] | None = None) -> None:
+    def __init__(
+        self, statuses: list[int] | None = None, headers: Mapping[str, str] | None = None
+    ) -> None:
         self.open = asyncio.Event()
         self.sent = 0
         self.statuses = statuses or []
+        self.headers = headers or {}
 
     async def post(
         self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
@@ -33,7 +36,7 @@ class GatedTransport:
             status = self.statuses.pop(0)
             return HttpResponse(status, {}, b"{}")
         await self.open.wait()
-        return HttpResponse(200, {}, BODY)
+        return HttpResponse(200, self.headers, BODY)
 
     async def open_stream(self, *args: Any) -> Any:
         raise NotImplementedError
@@ -173,3 +176,46 @@ async def test_a_new_request_waits_for_a_slot_no_longer_than_the_queue_wait() ->
     # The slot the refused request waited for was not kept by it: the next call gets it.
     after = await asyncio.wait_for(up.complete("after", URL, {"model": "m"}), 2.0)
     assert isinstance(after, Completion)
+
+
+# A server stating a token limit, with its bucket full: every request is paced by tokens.
+TOKEN_LIMIT = {
+    "x-ratelimit-limit-tokens": "60000",
+    "x-ratelimit-remaining-tokens": "60000",
+    "x-ratelimit-reset-tokens": "0s",
+}
+# Charged 5,000 tokens, far more than a second's refill (900).
+LARGE = {"model": "m", "max_tokens": 5000}
+
+
+async def test_a_request_refused_before_it_was_sent_gives_its_tokens_back() -> None:
+    transport = GatedTransport(headers=TOKEN_LIMIT)
+    up = await warmed(transport, limit=10, max_outstanding=1)
+    assert up.tokens.limit == 60000
+    up.queue_wait_s = 0.1
+    holder = asyncio.ensure_future(up.complete("holder", URL, LARGE))
+    await settle()
+    before = up.tokens.level()
+    late = await up.complete("late", URL, LARGE)  # charged, then no slot within 0.1 s
+    assert refusal(late) and transport.sent == 1
+    # Back to where it was, plus the refill while it waited; kept, it would be 5,000 short.
+    assert before <= up.tokens.level() <= before + 200
+    transport.open.set()
+    assert isinstance(await holder, Completion)
+
+
+async def test_a_request_cancelled_before_it_was_sent_gives_its_tokens_back() -> None:
+    transport = GatedTransport(headers=TOKEN_LIMIT)
+    up = await warmed(transport, limit=10, max_outstanding=1)
+    holder = asyncio.ensure_future(up.complete("holder", URL, LARGE))
+    await settle()
+    before = up.tokens.level()
+    waiter = asyncio.ensure_future(up.complete("waiter", URL, LARGE))
+    await settle()
+    assert up.tokens.level() < before - 4000  # charged while it waits for the slot
+    waiter.cancel()
+    await settle()
+    assert before <= up.tokens.level() <= before + 200
+    assert up.queued == 0 and transport.sent == 1
+    transport.open.set()
+    assert isinstance(await holder, Completion)

@@ -188,3 +188,18 @@ def test_a_reset_of_zero_does_not_empty_the_bucket() -> None:
     pacer, clock = learned(left=500, reset_s=1.5)
     pacer.observe(limit(0, reset_s=0.0), clock.now, None)
     assert pacer.capacity == pytest.approx(2000)
+
+
+async def test_a_refund_restores_the_level_up_to_the_bucket_and_keeps_the_total() -> None:
+    pacer, _ = learned(left=10_000)
+    charge = await pacer.acquire(4_000)
+    assert pacer.level() == pytest.approx(6_000)
+    pacer.refund(charge)
+    assert pacer.level() == pytest.approx(10_000)
+    # The total stays: answers to requests sent before it still count it, erring low.
+    assert pacer.charged == pytest.approx(4_000)
+    full, _ = learned(left=LIMIT)
+    pacer_charge = await full.acquire(100)
+    full.refund(pacer_charge)
+    full.refund(pacer_charge)  # twice by mistake: never past what the bucket holds
+    assert full.level() == pytest.approx(full.capacity)

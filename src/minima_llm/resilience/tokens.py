@@ -119,6 +119,15 @@ class TokenPacer:
         finally:
             self._leave(turn)
 
+    def refund(self, charge: Charge) -> None:
+        """Give back what ``acquire`` took for a request that was never sent.
+
+        Only the level goes back up; the running total stays, so an answer to a request
+        sent before this one still counts these tokens as spent, which errs on the side
+        of sending less until the next answer sets the level again.
+        """
+        self._level = min(self.capacity, self.level() + charge.tokens)
+
     def _need(self, cost: int) -> float:
         # More than the bucket holds goes when it is full: the server says whether it fits.
         return min(cost + self.extra, self.capacity)
