@@ -43,6 +43,8 @@ def crlf(*lines: str) -> bytes:
         # A reason is latin-1 text, never refused for its bytes.
         (b"HTTP/1.1 200 \xe9t\xe9\r\nContent-Length: 0", 200, "\xe9t\xe9"),
         (b"HTTP/1.1 599 Whatever\r\nContent-Length: 0", 599, "Whatever"),
+        # A later minor version is read as the 1.1 this client speaks (RFC 9110 2.5).
+        (b"HTTP/1.2 200 OK\r\nContent-Length: 0", 200, "OK"),
     ],
     ids=[
         "ok",
@@ -53,6 +55,7 @@ def crlf(*lines: str) -> bytes:
         "http10",
         "latin1",
         "599",
+        "http12",
     ],
 )
 def test_status_line_forms(head: bytes, status: int, reason: str) -> None:
@@ -81,6 +84,11 @@ def test_status_line_forms(head: bytes, status: int, reason: str) -> None:
         b" HTTP/1.1 200 OK",
         b"ICY 200 OK",
         b"HTTP/1.1 \xd9\xa2\xd9\xa0\xd9\xa0 OK",  # Arabic-Indic digits are not a status code
+        b"HTTP/1.1 099 Early",  # under 100: no status class at all
+        b"HTTP/1.1 000 Nothing",
+        b"HTTP/1.x 200 OK",
+        b"HTTP/1.10 200 OK",
+        b"HTTP/1. 200 OK",
     ],
 )
 def test_malformed_status_lines_are_refused(head: bytes) -> None:
@@ -298,6 +306,11 @@ def test_transfer_encoding(codings: list[str], framing: int, keep_alive: bool) -
 def test_chunked_over_http10_is_not_kept_alive() -> None:
     parsed = parse_head(crlf("HTTP/1.0 200 OK", "Transfer-Encoding: chunked"))
     assert (parsed.framing, parsed.keep_alive) == (CHUNKED, False)
+    # Not even when it asks: HTTP/1.0 with Transfer-Encoding is faulty framing (RFC 9112 6.1).
+    asked = parse_head(
+        crlf("HTTP/1.0 200 OK", "Transfer-Encoding: chunked", "Connection: keep-alive")
+    )
+    assert (asked.framing, asked.keep_alive) == (CHUNKED, False)
 
 
 @pytest.mark.parametrize(

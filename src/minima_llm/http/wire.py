@@ -59,7 +59,16 @@ def parse_head(head: bytes, no_body: bool = False) -> ResponseHead:
     lines = head.split(b"\n")
     version, _, rest = lines[0].rstrip(b"\r").partition(b" ")
     code, _, reason = rest.partition(b" ")
-    if version[:7] != b"HTTP/1." or len(code) != 3 or not code.isdigit():
+    # HTTP/1.x with x one digit (a later minor version is read as 1.1, RFC 9110 2.5),
+    # and a status of 100 to 599 (RFC 9110 15): a code under 100 is no status at all.
+    if (
+        len(version) != 8
+        or version[:7] != b"HTTP/1."
+        or not version[7:].isdigit()
+        or len(code) != 3
+        or not code.isdigit()
+        or code[:1] == b"0"
+    ):
         raise malformed("no HTTP/1.x status line")
     headers = LowerHeaders()
     name = ""
@@ -99,8 +108,9 @@ def _framed(
     if coding is not None:
         if coding.rsplit(",", 1)[-1].strip().lower() != "chunked":
             return ResponseHead(status, reason, headers, UNTIL_CLOSE, 0, False)
-        # With both, Transfer-Encoding wins, and the connection may not be trusted after.
-        keep_alive = keep_alive and "content-length" not in headers
+        # With both, Transfer-Encoding wins, and the connection may not be trusted after;
+        # nor after HTTP/1.0 with Transfer-Encoding, whose framing RFC 9112 6.1 calls faulty.
+        keep_alive = keep_alive and not http10 and "content-length" not in headers
         return ResponseHead(status, reason, headers, CHUNKED, 0, keep_alive)
     length = headers.get("content-length")
     if length is None:
