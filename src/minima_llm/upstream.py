@@ -315,7 +315,8 @@ class UpstreamCaller:
         # Admission: how many new requests may wait for their turn (cooldown, pacing or a
         # slot) before more are refused with QUEUE_FULL. None: no bound, as a batch wants.
         self.queue_limit: int | None = None
-        # And how long a new request may wait for an in-flight slot before it is refused.
+        # And how long a new request may wait for its turn (cooldown, pacing, tokens, a
+        # slot) before it is refused.
         self.queue_wait_s: float | None = None
         self.queued = 0
         self.refused = 0
@@ -593,28 +594,28 @@ class UpstreamCaller:
             )
         self.queued += 1
         charged: Charge | None = None
+        # One bound on a new request's whole wait, whatever it waits for: an operator's
+        # "at most this long in the queue" covers a token or pacing queue as much as slots.
+        wait_s = self.queue_wait_s if first else None
+        deadline = None if wait_s is None else asyncio.get_running_loop().time() + wait_s
         try:
             if self.cooldown.remaining() > 0:
-                await self.cooldown.wait()
+                await self._within(self.cooldown.wait(), deadline, wait_s)
             if self.tokens.limit is not None:
-                charged = await self._charge(payload, raw)
+                charged = await self._within(self._charge(payload, raw), deadline, wait_s)
             # The request turn after the token wait: taken before it, the turns of all
             # requests queued behind a large prompt would fall due together.
             if not self.pacer.ready():
-                await self.pacer.acquire()
+                await self._within(self.pacer.acquire(), deadline, wait_s)
             if charged is None and self.tokens.limit is not None:
-                charged = await self._charge(payload, raw)  # the first answer stated it
+                # The first answer stated a limit.
+                charged = await self._within(self._charge(payload, raw), deadline, wait_s)
             unpaced = self.pacer.rpm <= 0  # the turn was taken with no pace in force
-            wait_s = self.queue_wait_s if first else None
-            if not await slots.take(wait_s):
-                self.refused += 1
-                raise Problem(
-                    QUEUE_FULL,
-                    f"no turn upstream within {wait_s:g}s of waiting for an in-flight slot",
-                    None,
-                    None,
-                    False,
-                )
+            left = (
+                None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
+            )
+            if not await slots.take(left):
+                raise self._waited_too_long(wait_s)
             if unpaced and self.pacer.rpm > 0:
                 # A pace was set (a first 429) while this request waited for a slot:
                 # sent now, a whole queue would go at once, to be refused together.
@@ -631,6 +632,28 @@ class UpstreamCaller:
         finally:
             self.queued -= 1
         return charged
+
+    async def _within(
+        self, awaitable: Awaitable[T], deadline: float | None, wait_s: float | None
+    ) -> T:
+        """``await awaitable``, refused with QUEUE_FULL if ``deadline`` (loop time) passes first."""
+        if deadline is None:
+            return await awaitable
+        try:
+            return await bounded(awaitable, max(0.0, deadline - asyncio.get_running_loop().time()))
+        except asyncio.TimeoutError:
+            raise self._waited_too_long(wait_s) from None
+
+    def _waited_too_long(self, wait_s: float | None) -> Problem:
+        self.refused += 1
+        return Problem(
+            QUEUE_FULL,
+            f"no turn upstream within {wait_s:g}s of waiting (for a cooldown, pacing,"
+            " tokens or an in-flight slot)",
+            None,
+            None,
+            False,
+        )
 
     async def _charge(self, payload: Mapping[str, Any], raw: bytes | None) -> Charge:
         """Wait for the tokens the request will be charged (``raw``: the payload encoded)."""

@@ -46,7 +46,8 @@ class GatedTransport:
 
 
 def caller(transport: GatedTransport, limit: int | None, **config: Any) -> UpstreamCaller:
-    cfg = MinimaLlmConfig(base_url="http://127.0.0.1:9/v1", model="m", rpm=0, **config)
+    config = {"rpm": 0, **config}
+    cfg = MinimaLlmConfig(base_url="http://127.0.0.1:9/v1", model="m", **config)
     up = UpstreamCaller(cfg, transport, SYSTEM_CLOCK, LiveStats())
     up.queue_limit = limit
     return up
@@ -219,3 +220,32 @@ async def test_a_request_cancelled_before_it_was_sent_gives_its_tokens_back() ->
     assert up.queued == 0 and transport.sent == 1
     transport.open.set()
     assert isinstance(await holder, Completion)
+
+
+async def test_a_new_request_waits_for_tokens_no_longer_than_the_queue_wait() -> None:
+    empty = {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "60s"}
+    transport = GatedTransport(headers={**TOKEN_LIMIT, **empty})
+    up = await warmed(transport, limit=10)
+    up.queue_wait_s = 0.1
+    before = up.tokens.level()
+    started = asyncio.get_running_loop().time()
+    # 5,000 tokens: five seconds of refill. Bounded, so a regression fails rather than hangs.
+    late = await asyncio.wait_for(up.complete("late", URL, LARGE), 3.0)
+    waited = asyncio.get_running_loop().time() - started
+    assert refusal(late) and "within 0.1s" in late.message and 0.09 <= waited < 1.0
+    assert (up.queued, up.refused, transport.sent) == (0, 1, 0)
+    # It left the token queue uncharged: the next request is not stuck behind it.
+    assert up.tokens.level() >= before
+    assert not up.tokens._queue
+
+
+async def test_a_new_request_waits_for_its_pace_no_longer_than_the_queue_wait() -> None:
+    transport = GatedTransport()
+    up = await warmed(transport, limit=10, rpm=6)  # one start every ten seconds
+    up.queue_wait_s = 0.1
+    transport.open.set()
+    started = asyncio.get_running_loop().time()
+    late = await asyncio.wait_for(up.complete("late", URL, {"model": "m"}), 3.0)
+    waited = asyncio.get_running_loop().time() - started
+    assert refusal(late) and 0.09 <= waited < 1.0
+    assert (up.queued, up.refused, transport.sent) == (0, 1, 0)

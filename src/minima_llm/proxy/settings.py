@@ -44,7 +44,7 @@ class ProxySettings:
     # Requests that may wait for an upstream turn (cooldown, pacing or an in-flight slot);
     # a cache miss arriving when that many wait is answered 503 with Retry-After.
     max_queued: int = DEFAULT_MAX_QUEUED
-    # How long an admitted cache miss may wait for an in-flight slot before that 503.
+    # How long an admitted cache miss may wait for its turn upstream before that 503.
     max_queue_wait_s: float = 60.0
     # After this many calls in a row find the upstream down (0: never), misses are
     # answered 503 at once instead of after their retries, and one call probes it after
