@@ -620,7 +620,7 @@ class UpstreamCaller:
                 # A pace was set (a first 429) while this request waited for a slot:
                 # sent now, a whole queue would go at once, to be refused together.
                 try:
-                    await self.pacer.acquire()
+                    await self._within(self.pacer.acquire(), deadline, wait_s)
                 except BaseException:
                     slots.release()
                     raise
