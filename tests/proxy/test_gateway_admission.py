@@ -89,3 +89,27 @@ async def test_a_miss_that_waits_too_long_for_a_slot_is_refused(
         assert refused(waited) and "within 0.2s" in waited.json()["error"]["message"]
         assert not slow.done()
         assert (await slow).status == 200
+
+
+async def test_a_miss_that_waits_too_long_for_tokens_is_refused_and_costs_none(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    # 100 tokens a second with one second of burst: each request below costs most of it.
+    mock.update_config(tpm=6000)
+    settings = ProxySettings(port=0, max_queue_wait_s=0.2)
+    async with serve(mock.url, tmp_path, settings) as gw:
+        assert (await gw.chat("warm", max_tokens=80)).status == 200
+        assert gw.backend.upstream.tokens.limit == 6000  # learned from the answer
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        waited = await gw.chat("waited", max_tokens=80)
+        elapsed = loop.time() - started
+        assert refused(waited) and "within 0.2s" in waited.json()["error"]["message"]
+        assert elapsed < 0.6  # not the second or so the tokens would have taken
+        assert mock.stats()["requests"] == 1
+        # Nothing was kept for the refused request: the next one goes once the bucket refills.
+        tokens = gw.backend.upstream.tokens
+        assert await eventually(lambda: tokens.level() >= 90, timeout_s=5.0)
+        later = await asyncio.wait_for(gw.chat("later", max_tokens=80), 10.0)
+        assert later.status == 200
+    assert mock.stats()["rate_limited"] == 0
