@@ -172,6 +172,11 @@ def kept_headers(headers: Mapping[str, str]) -> dict[str, str] | None:
     return kept or None
 
 
+def _left(deadline: float) -> float:
+    """Seconds from now (loop time) to ``deadline``, never below 0."""
+    return max(0.0, deadline - asyncio.get_running_loop().time())
+
+
 def parse_completion(resp: HttpResponse, endpoint: str = "chat/completions") -> Completion:
     """Read a 2xx body; an unreadable one is a retryable ``Problem``."""
     try:
@@ -611,10 +616,7 @@ class UpstreamCaller:
                 # The first answer stated a limit.
                 charged = await self._within(self._charge(payload, raw), deadline, wait_s)
             unpaced = self.pacer.rpm <= 0  # the turn was taken with no pace in force
-            left = (
-                None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
-            )
-            if not await slots.take(left):
+            if not await slots.take(None if deadline is None else _left(deadline)):
                 raise self._waited_too_long(wait_s)
             if unpaced and self.pacer.rpm > 0:
                 # A pace was set (a first 429) while this request waited for a slot:
@@ -640,7 +642,7 @@ class UpstreamCaller:
         if deadline is None:
             return await awaitable
         try:
-            return await bounded(awaitable, max(0.0, deadline - asyncio.get_running_loop().time()))
+            return await bounded(awaitable, _left(deadline))
         except asyncio.TimeoutError:
             raise self._waited_too_long(wait_s) from None
 
