@@ -93,6 +93,9 @@ async def test_gateway_log(
         await gw.chat("cut short on the way", stream=True)  # failed mid-stream
         await gw.get("/health")  # not an answer: not counted
     got = [text for _, text in lines(caplog)]
+    other = [t for t in got if t.startswith("GET /health 200 ")]
+    assert len(other) == (1 if verbose else 0)  # --verbose: a line for every request
+    got = [t for t in got if t not in other]
     live = [t for t in got if " miss " in t]
     assert len(live) == 1 and live[0].startswith("/v1/chat/completions model=mock-model miss 200")
     failed = [t for t in got if " failed " in t]
@@ -181,3 +184,62 @@ def test_the_summary_comes_every_n_requests_but_at_most_once_a_second(
         "51 requests: 51 cache hits, 0 llm calls, 0 failed",
         "61 requests: 60 cache hits, 1 llm calls, 0 failed",
     ]
+
+
+def test_a_callers_text_cannot_write_lines_of_its_own(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    forged = "m\n2026-12-03 13:00:00,000 INFO minima_llm.proxy: 100 requests: 100 cache hits"
+    log = ProxyLog(every=0)
+    log.answered("miss", "/r", forged, 200, 0.0, "upstream said\r\nX: y")
+    log.answered("miss", "/r", "x" * 5000, 200, 0.0)
+    log.answered("miss", "/r", "modèle-✓", 200, 0.0)  # printable: as sent
+    (first, long, plain) = [m for _, m in lines(caplog)]
+    assert "\n" not in first and "\r" not in first
+    assert first.startswith("/r model=m\\n2026-12-03") and first.endswith("upstream said\\r\\nX: y")
+    assert len(long) < 300 and long.startswith("/r model=" + "x" * 200 + "... miss")
+    assert plain.startswith("/r model=modèle-✓ miss")
+
+
+def test_rejections_are_logged_counted_and_summarised(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    log = ProxyLog(every=4)
+    log.rejected_request("POST", "/v1/chat/completions", 400, 0.001, "bad JSON", "id-1")
+    log.rejected_request("GET", "/nope", 404, 0.0, "Not Found")  # within 10 s: counted
+    log.answered("miss", "/r", "m", 200, 0.0)
+    log.rejected_request("POST", "/r", 401, 0.0, "no API key")
+    assert [m for _, m in lines(caplog)] == [
+        "POST /v1/chat/completions rejected 400 1ms id=id-1 bad JSON",
+        "/r model=m miss 200 0ms",
+        "4 requests: 0 cache hits, 1 llm calls, 0 failed, 3 rejected",
+    ]
+    caplog.clear()
+    verbose = ProxyLog(every=0, verbose=True)
+    for status in (400, 404, 401):
+        verbose.rejected_request("POST", "/r", status, 0.0, "why")
+    assert len(lines(caplog)) == 3
+
+
+async def test_the_gateways_own_errors_reach_the_log(
+    mock: MockServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    settings = ProxySettings(port=0, log_every=3, verbose=True, api_keys=("sk-gw-right",))
+    right = {"Authorization": "Bearer sk-gw-right"}
+    async with serve(mock.url, tmp_path, settings) as gw:
+        bad = await gw.request("POST", "/v1/chat/completions", headers=right, data=b"{nope")
+        missing = await gw.chat("x")
+        wrong = await gw.chat("x", headers={"Authorization": "Bearer sk-no"})
+        assert (bad.status, missing.status, wrong.status) == (400, 401, 401)
+        assert (await gw.get("/v1/models", headers=right)).status == 200
+    got = [m for _, m in lines(caplog)]
+    rejected = [m for m in got if " rejected " in m]
+    assert [m.split()[:4] for m in rejected] == [
+        ["POST", "/v1/chat/completions", "rejected", "400"],
+        ["POST", "/v1/chat/completions", "rejected", "401"],
+        ["POST", "/v1/chat/completions", "rejected", "401"],
+    ]
+    assert "not valid JSON" in rejected[0]
+    assert "no API key" in rejected[1] and "wrong API key" in rejected[2]
+    assert not any("sk-no" in m or "sk-gw-right" in m for m in got)
+    assert any(m.startswith("GET /v1/models 200 ") for m in got)
+    assert "3 requests: 0 cache hits, 0 llm calls, 0 failed, 3 rejected" in got

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -12,7 +13,7 @@ from ..backend import OpenAIMinimaLlm
 from ..config import is_header_safe
 from .errors import ClientLeft, RequestError, error_response
 from .gateway import Gateway
-from .handlers import CLIENT_KEY, GATEWAY, REQUEST_ID, TENANT, add_routes
+from .handlers import CLIENT_KEY, GATEWAY, INFERENCE_ROUTES, REQUEST_ID, TENANT, add_routes
 from .log import ProxyLog, quiet_malformed_requests
 from .metrics import GatewayMetrics
 from .settings import ProxySettings
@@ -30,12 +31,13 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     """
     gw = request.app[GATEWAY]
     request[REQUEST_ID] = gw.request_ids.of(request)
+    started = time.monotonic()
     task = asyncio.current_task()
     if task is not None:
         gw.answering.add(task)
     status = 500
     try:
-        resp = await _shaped(request, handler, gw)
+        resp = await _shaped(request, handler, gw, started)
         status = resp.status
         return resp
     finally:
@@ -43,20 +45,45 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         gw.metrics.count_request(route, status)
+        if gw.log.verbose and status < 400 and route not in INFERENCE_ROUTES:
+            # Model calls log their own lines; with --verbose every other request has one too.
+            gw.log.served(
+                request.method,
+                request.path,
+                status,
+                time.monotonic() - started,
+                request[REQUEST_ID],
+            )
 
 
-async def _shaped(request: web.Request, handler: Handler, gw: Gateway) -> web.StreamResponse:
+async def _shaped(
+    request: web.Request, handler: Handler, gw: Gateway, started: float
+) -> web.StreamResponse:
     """Auth, then the handler; every error as OpenAI-shaped JSON, never a stack trace."""
+
+    def rejected(resp: web.Response, reason: str) -> web.Response:
+        gw.log.rejected_request(
+            request.method,
+            request.path,
+            resp.status,
+            time.monotonic() - started,
+            reason,
+            request[REQUEST_ID],
+        )
+        return resp
+
     try:
         refused = _authenticate(request, gw)
-        return refused if refused is not None else await handler(request)
+        if refused is not None:
+            return rejected(*refused)
+        return await handler(request)
     except RequestError as exc:
         resp = error_response(exc.status, str(exc), exc.param, exc.code)
         if exc.close or isinstance(exc.__cause__, web.RequestPayloadError):
             # The body was not read to its end: the connection cannot carry another
             # request, so say so (Connection: close) rather than reset the client's next one.
             resp.force_close()
-        return resp
+        return rejected(resp, str(exc))
     except ClientLeft:
         # Nobody is there to answer: counted apart from the gateway's own errors.
         gw.metrics.client_disconnects += 1
@@ -68,9 +95,10 @@ async def _shaped(request: web.Request, handler: Handler, gw: Gateway) -> web.St
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
         code = "not_found" if exc.status == 404 else None
-        return error_response(
+        resp = error_response(
             exc.status, f"{message} ({request.method} {request.path})", code=code, headers=headers
         )
+        return rejected(resp, message)
     except asyncio.CancelledError:
         raise
     except Exception:
@@ -80,8 +108,11 @@ async def _shaped(request: web.Request, handler: Handler, gw: Gateway) -> web.St
         )
 
 
-def _authenticate(request: web.Request, gw: Gateway) -> web.Response | None:
-    """A 401 unless the request carries one of the configured keys; remembers the caller's key."""
+def _authenticate(request: web.Request, gw: Gateway) -> tuple[web.Response, str] | None:
+    """A 401 and the reason to log, unless the request carries one of the configured keys.
+
+    Remembers the caller's key for the handler. The reason never quotes the key.
+    """
     settings = gw.settings
     presented = _presented_key(request)
     if settings.auth_enabled and request.path not in _OPEN_PATHS:
@@ -90,13 +121,15 @@ def _authenticate(request: web.Request, gw: Gateway) -> web.Response | None:
                 401,
                 "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
                 code="missing_api_key",
-            )
+            ), "no API key"
         if not gw.key_is_valid(presented):
-            return error_response(401, "Incorrect API key provided.", code="invalid_api_key")
+            wrong = error_response(401, "Incorrect API key provided.", code="invalid_api_key")
+            return wrong, "wrong API key"
     if presented:
         if settings.pass_through_client_key and not is_header_safe(presented):
             # It would go upstream in a header, which no transport can send as it is.
-            return error_response(401, "Incorrect API key provided.", code="invalid_api_key")
+            wrong = error_response(401, "Incorrect API key provided.", code="invalid_api_key")
+            return wrong, "API key not sendable upstream"
         request[CLIENT_KEY] = presented
         # A key passed through is the upstream's to judge: a shared cache would hand
         # answers to a caller whose key the upstream never saw (or would refuse), so

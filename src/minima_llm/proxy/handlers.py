@@ -640,6 +640,12 @@ async def metrics_prometheus(request: web.Request) -> web.Response:
     )
 
 
+# The routes of model calls, which log their own lines (ProxyLog.answered).
+INFERENCE_ROUTES = frozenset(
+    f"{prefix}/{endpoint}" for prefix in ("/v1", "") for endpoint in (CHAT, COMPLETIONS, EMBEDDINGS)
+)
+
+
 def add_routes(app: web.Application) -> None:
     """Every route with and without the ``/v1`` prefix."""
     for prefix in ("/v1", ""):

@@ -40,6 +40,22 @@ class LineFormatter(logging.Formatter):
 _ANSWERS = frozenset({"hit", "miss", "refresh", "coalesced"})
 SUMMARY_EVERY_S = 1.0
 _ALWAYS_LOGGED = frozenset({"miss", "refresh", "failed", "refused"})
+# Longest a caller's text (a model name, an upstream's message) is logged.
+_FIELD_CHARS = 200
+_DETAIL_CHARS = 1000
+
+
+def loggable(text: str, limit: int = _FIELD_CHARS) -> str:
+    """``text`` as one safe piece of a log line: control characters escaped, at most ``limit``.
+
+    A model name is the caller's, and an error message may be the upstream's: a line
+    break in either would let them write lines of their own into the operator's log.
+    """
+    if len(text) <= limit and text.isprintable():
+        return text
+    cut = text[:limit]
+    shown = cut if cut.isprintable() else ascii(cut)[1:-1]
+    return shown + "..." if len(text) > limit else shown
 
 
 class ProxyLog:
@@ -59,8 +75,11 @@ class ProxyLog:
         self._summary_at = -float("inf")
         self._summary_owed = False  # a summary was left out: the next one due is written
         self.requests = self.hits = self.live = self.failed = self.joined = 0
-        # Refusals come in floods, thousands a second while the gateway is full.
+        self.rejected = 0  # refused by the gateway itself: bad request, no key, no route
+        # Refusals come in floods, thousands a second while the gateway is full, and
+        # rejections whenever a client is misconfigured or something scans the port.
         self._refusals = RepeatedError(10.0, logger=logger, level=logging.WARNING)
+        self._rejections = RepeatedError(10.0, logger=logger, level=logging.INFO)
 
     def _summary_due(self) -> bool:
         # Every N requests, but at most once a second: the counts are totals, so a line
@@ -100,13 +119,53 @@ class ProxyLog:
             self.joined += 1
         if result in _ALWAYS_LOGGED or self.verbose:
             named = f" id={request_id}" if request_id else ""
-            line = f"{route} model={model} {result} {status} {latency_s * 1000:.0f}ms{named}"
-            line = f"{line} {detail}" if detail else line
+            line = (
+                f"{route} model={loggable(model)} {result} {status} {latency_s * 1000:.0f}ms{named}"
+            )
+            line = f"{line} {loggable(detail, _DETAIL_CHARS)}" if detail else line
             if result == "refused" and not self.verbose:
                 self._refusals.log("%s", line)
             else:
                 level = logging.INFO if result in _ANSWERS else logging.WARNING
                 self.logger.log(level, line)
+        self._count()
+
+    def rejected_request(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        latency_s: float,
+        reason: str,
+        request_id: str | None = None,
+    ) -> None:
+        """A request the gateway answered with an error of its own (400, 401, 404, 405, 413...).
+
+        One line each with ``--verbose``; otherwise at most one per 10 s, each saying
+        how many were left out, so a scanner or a broken client cannot flood the log.
+        """
+        self.requests += 1
+        self.rejected += 1
+        named = f" id={request_id}" if request_id else ""
+        line = (
+            f"{method} {loggable(path)} rejected {status} {latency_s * 1000:.0f}ms{named}"
+            f" {loggable(reason, _DETAIL_CHARS)}"
+        )
+        if self.verbose:
+            self.logger.info(line)
+        else:
+            self._rejections.log("%s", line)
+        self._count()
+
+    def served(
+        self, method: str, path: str, status: int, latency_s: float, request_id: str | None = None
+    ) -> None:
+        """With ``--verbose``, a line for a request to a route that is not a model call (models, health, metrics)."""
+        if self.verbose:
+            named = f" id={request_id}" if request_id else ""
+            self.logger.info(f"{method} {loggable(path)} {status} {latency_s * 1000:.0f}ms{named}")
+
+    def _count(self) -> None:
         if (
             self.every
             and (self._summary_owed or self.requests % self.every == 0)
@@ -115,13 +174,15 @@ class ProxyLog:
             # Answers that joined an identical call in flight are neither hits nor calls;
             # named only when there are some, so the counts always add up.
             joined = f", {self.joined} joined a call in flight" if self.joined else ""
+            rejected = f", {self.rejected} rejected" if self.rejected else ""
             self.logger.info(
-                "%d requests: %d cache hits, %d llm calls, %d failed%s",
+                "%d requests: %d cache hits, %d llm calls, %d failed%s%s",
                 self.requests,
                 self.hits,
                 self.live,
                 self.failed,
                 joined,
+                rejected,
             )
 
 
