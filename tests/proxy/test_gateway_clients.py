@@ -77,6 +77,48 @@ async def test_a_body_that_stops_arriving_gets_a_408(mock: MockServer, tmp_path:
     assert mock.stats()["requests"] == 0
 
 
+async def test_a_slow_but_steady_body_is_read_however_long_it_takes(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    # Sent over 4 x HOLD_S in pieces each well inside HOLD_S: never stalled, never refused.
+    body = json.dumps(chat_body("sent slowly")).encode()
+    pieces = [body[i : i + len(body) // 8 + 1] for i in range(0, len(body), len(body) // 8 + 1)]
+    async with serve(mock.url, tmp_path, settings()) as gw:
+        reader, writer = await connect(gw)
+        writer.write(head("/v1/chat/completions", len(body)))
+        started = asyncio.get_running_loop().time()
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(HOLD_S / 2)
+        status, _, answer = await answer_of(reader)
+        assert asyncio.get_running_loop().time() - started > 2 * HOLD_S
+        assert status == 200, answer
+        assert json.loads(answer)["choices"][0]["message"]["content"]
+        writer.close()
+    assert mock.stats()["requests"] == 1
+
+
+async def test_a_chunked_body_over_the_limit_sent_slowly_gets_a_413(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    async with serve(mock.url, tmp_path, settings(max_body_bytes=4096)) as gw:
+        reader, writer = await connect(gw)
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        for _ in range(6):  # 6 KiB in 1 KiB chunks, a pause between: the slow path
+            writer.write(b"400\r\n" + b" " * 1024 + b"\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        status, headers, body = await answer_of(reader)
+        assert status == 413 and "over the limit of 4096 bytes" in body.decode()
+        assert headers.get("connection", "").lower() == "close"
+        writer.close()
+    assert mock.stats()["requests"] == 0
+
+
 async def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(
     mock: MockServer, tmp_path: Path
 ) -> None:
