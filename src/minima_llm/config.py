@@ -155,7 +155,7 @@ class BatchConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BatchConfig:
         """Build from a mapping of field names; unknown keys are an error."""
-        return cls(**_known_keys(cls, data, "batch"))
+        return cls(**known_keys(cls, data, "batch"))
 
 
 _BATCH_FIELDS = frozenset(f.name for f in fields(BatchConfig))
@@ -203,7 +203,7 @@ class ParasailBatchConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ParasailBatchConfig:
         """Build from a mapping of field names; unknown keys are an error."""
-        return cls(**_known_keys(cls, data, "parasail"))
+        return cls(**known_keys(cls, data, "parasail"))
 
 
 @dataclass(frozen=True)
@@ -427,7 +427,7 @@ class MinimaLlmConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MinimaLlmConfig:
         """Build from a mapping of field names (nested ``batch`` and ``parasail`` mappings)."""
-        return cls(**_known_keys(cls, data, "config"))
+        return cls(**known_keys(cls, data, "config"))
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> MinimaLlmConfig:
@@ -608,7 +608,8 @@ def _parse_synonym_string(text: str) -> Mapping[str, Any]:
     return result
 
 
-def _known_keys(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any]:
+def known_keys(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``data`` as keyword arguments of dataclass ``cls``; an unknown or missing key is a ``ConfigError``."""
     allowed = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - allowed)
     if unknown:

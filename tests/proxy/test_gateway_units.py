@@ -378,6 +378,11 @@ def test_settings_values() -> None:
     with pytest.raises(ConfigError) as info:
         ProxySettings.from_mapping({"port": 1, "bogus": 2})
     assert info.value.field == "proxy.bogus"
+    with pytest.raises(ConfigError) as info:
+        # A misspelt api_keys holds keys: the error names the field, never the value.
+        ProxySettings.from_mapping({"api_key": ["sk-typo-secret"]})
+    assert info.value.field == "proxy.api_key" and "api_keys" in str(info.value)
+    assert "sk-typo-secret" not in str(info.value)
     env = {
         "MINIMA_PROXY_API_KEYS": "k1,k2",
         "MINIMA_PROXY_LOG_EVERY": "7",

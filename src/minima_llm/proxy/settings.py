@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..config import is_finite_number
+from ..config import is_finite_number, known_keys
 from ..errors import ConfigError
 
 DEFAULT_PORT = 8990
@@ -117,15 +117,7 @@ class ProxySettings:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> ProxySettings:
         """Build from a YAML ``proxy:`` section; unknown keys are an error."""
-        allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise ConfigError(
-                f"proxy.{unknown[0]}",
-                data[unknown[0]],
-                f"a known key ({', '.join(sorted(allowed))})",
-            )
-        return cls(**dict(data))
+        return cls(**known_keys(cls, data, "proxy"))
 
     @staticmethod
     def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
