@@ -74,6 +74,20 @@ SAME_KEY = [
     ),
     pytest.param(
         {"model": "m", "messages": MSGS},
+        {
+            "model": "m",
+            "messages": MSGS,
+            "safety_identifier": "hashed-end-user",
+            "prompt_cache_key": "tenant-7",
+            "prompt_cache_retention": "24h",
+            "metadata": {"run": "2026-12-03-a"},
+            "store": False,
+            "service_tier": "auto",
+        },
+        id="who-asks-and-billing",
+    ),
+    pytest.param(
+        {"model": "m", "messages": MSGS},
         {"model": "m", "messages": MSGS, "cache": {"no-store": True}},
         id="cache-directive",
     ),
@@ -260,6 +274,18 @@ def test_strict_mode_rejects_unknown_parameters() -> None:
     assert (info.value.status, info.value.param) == (400, "top_k")
     known = {"model": "m", "messages": MSGS, "user": "u", "seed": 1, "stream": False}
     assert parse(known, strict=True).request.extra == {"seed": 1}
+    current = {  # parameters of OpenAI's chat completions API added in 2025
+        "verbosity": "low",
+        "web_search_options": {},
+        "safety_identifier": "s",
+        "prompt_cache_key": "k",
+        "prompt_cache_retention": "in_memory",
+    }
+    assert parse({**known, **current}, strict=True).request.extra == {
+        "seed": 1,
+        "verbosity": "low",
+        "web_search_options": {},
+    }
     with pytest.raises(RequestError) as info:
         parse({"model": "m", "input": "x", "messages": MSGS}, EMBEDDINGS, strict=True)
     assert info.value.param == "messages"

@@ -24,7 +24,17 @@ EMBEDDINGS = "embeddings"
 _TRANSPORT_FIELDS = {"stream", "stream_options", "cache"}
 # A body of only these is exactly the one the backend builds from the parsed request.
 _REBUILT = {"model", "messages", "temperature", "max_tokens"} | _TRANSPORT_FIELDS
-_NOT_IN_KEY = {"user"}
+# Who asks, how the provider files or bills it: none of these can change the answer,
+# and keyed by them (an end user's id, a run's metadata) every caller would miss.
+_NOT_IN_KEY = {
+    "user",
+    "safety_identifier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "metadata",
+    "store",
+    "service_tier",
+}
 # OpenAI's defaults: sending them or not asks the same question.
 _DEFAULTS: dict[str, Any] = {
     "n": 1,
@@ -75,9 +85,14 @@ _KNOWN = {
         "store",
         "metadata",
         "reasoning_effort",
+        "verbosity",
         "modalities",
         "audio",
         "prediction",
+        "web_search_options",
+        "safety_identifier",
+        "prompt_cache_key",
+        "prompt_cache_retention",
     },
     COMPLETIONS: _SAMPLING | {"prompt", "echo", "best_of", "suffix"},
     EMBEDDINGS: {"model", "input", "encoding_format", "dimensions", "user", "cache"},
