@@ -78,8 +78,8 @@ LONG = " ".join(f"word{i}" for i in range(40))  # some 12 s of chunks at 0.3 s e
 
 def _slow_stream(
     gw: Service, mock: MockControl, prompt: str, signals: int = 1
-) -> tuple[int, float, bool]:
-    """Read a stream while ``gw`` gets ``signals`` SIGTERMs, a chunk apart: chunks, seconds, cut."""
+) -> tuple[int, float, Exception | None]:
+    """Read a stream while ``gw`` gets ``signals`` SIGTERMs, a chunk apart: chunks, seconds, the error that ended it."""
     mock.configure(stream_chunk_delay_s=0.3)
     chunks = 0
     started = time.monotonic()
@@ -92,9 +92,26 @@ def _slow_stream(
                 chunks += 1
                 if chunks <= signals:
                     gw.signal(signal.SIGTERM)
-        except (openai.APIError, httpx.HTTPError):
-            return chunks, time.monotonic() - started, True
-    return chunks, time.monotonic() - started, False
+        except (openai.APIError, httpx.HTTPError) as exc:
+            return chunks, time.monotonic() - started, exc
+    return chunks, time.monotonic() - started, None
+
+
+def _with_shutdown_timeout(
+    launch_gateway: Callable[..., Service], mock: MockControl, tmp_path: Path, seconds: float
+) -> Service:
+    config = tmp_path / "gateway.yml"
+    config.write_text(
+        f'base_url: "{mock.url}"\nmodel: "{MODEL}"\napi_key: "{API_KEY}"\nrpm: 0\n'
+        f"proxy:\n  shutdown_timeout_s: {seconds}\n",
+        encoding="utf-8",
+    )
+    return launch_gateway("--config", str(config))
+
+
+def _told_shutting_down(error: Exception | None) -> bool:
+    """Ended by the gateway's error event (the SDK raises it), not by a broken connection."""
+    return isinstance(error, openai.APIError) and "shutting down" in str(error)
 
 
 def test_a_stream_that_outlasts_the_shutdown_timeout_is_stopped_at_it(
@@ -105,18 +122,40 @@ def test_a_stream_that_outlasts_the_shutdown_timeout_is_stopped_at_it(
 ) -> None:
     # aiohttp alone let a stream run for twice the timeout: it waits, asks the handler
     # to stop (which a handler writing to its client never notices), then waits again.
-    config = tmp_path / "gateway.yml"
-    config.write_text(
-        f'base_url: "{mock.url}"\nmodel: "{MODEL}"\napi_key: "{API_KEY}"\nrpm: 0\n'
-        "proxy:\n  shutdown_timeout_s: 2.0\n",
-        encoding="utf-8",
-    )
-    gw = launch_gateway("--config", str(config))
+    gw = _with_shutdown_timeout(launch_gateway, mock, tmp_path, 2.0)
     chunks, elapsed, cut = _slow_stream(gw, mock, unique(LONG))
-    assert cut and 2 <= chunks < 30
+    assert _told_shutting_down(cut), cut
+    assert 2 <= chunks < 30
     assert gw.proc.wait(timeout=EXIT_BOUND_S) == 0, gw.output()
     assert elapsed < 3.5, f"the stream ran {elapsed:.1f}s after a 2 s shutdown timeout"
     assert "stopped 1 request(s) still running after 2s" in gw.output()
+    assert "shutting down: no new connections; 1 request(s) in flight get up to 2s" in gw.output()
+    assert "stopped by the shutdown (still running after 2s) mid-stream" in gw.output()
+
+
+def test_a_request_that_outlasts_the_shutdown_timeout_gets_a_503(
+    launch_gateway: Callable[..., Service],
+    mock: MockControl,
+    unique: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    gw = _with_shutdown_timeout(launch_gateway, mock, tmp_path, 1.0)
+    mock.configure(latency_s=6.0)
+    with _sdk(gw) as client, ThreadPoolExecutor(1) as pool:
+        future = pool.submit(
+            client.chat.completions.create, model=MODEL, messages=user(unique("too slow"))
+        )
+        mock.wait_in_flight(1)
+        gw.signal(signal.SIGTERM)
+        try:
+            future.result(timeout=EXIT_BOUND_S)
+        except openai.APIStatusError as exc:
+            refused = exc
+        else:
+            raise AssertionError("a request cut off by the shutdown was answered")
+    assert refused.status_code == 503
+    assert refused.body["code"] == "server_shutting_down"  # type: ignore[index]
+    assert gw.proc.wait(timeout=EXIT_BOUND_S) == 0, gw.output()
 
 
 def test_a_second_sigterm_stops_what_is_in_flight_and_exits_cleanly(
@@ -124,7 +163,8 @@ def test_a_second_sigterm_stops_what_is_in_flight_and_exits_cleanly(
 ) -> None:
     gw = launch_gateway()  # with the default 30 s timeout, only the second signal ends it soon
     chunks, elapsed, cut = _slow_stream(gw, mock, unique(LONG), signals=2)
-    assert cut and chunks < 30 and elapsed < 5
+    assert _told_shutting_down(cut), cut
+    assert chunks < 30 and elapsed < 5
     assert gw.proc.wait(timeout=EXIT_BOUND_S) == 0, gw.output()
     assert "Traceback" not in gw.output(), gw.output()
     assert "stopped 1 request(s) second signal" in gw.output()

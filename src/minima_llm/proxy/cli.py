@@ -149,6 +149,12 @@ async def _drain(gateway: Gateway, timeout_s: float) -> None:
     for a second SIGINT/SIGTERM breaks the cleanup with tracebacks and exit status 1.
     """
     loop = asyncio.get_running_loop()
+    running = sum(not task.done() for task in gateway.answering)
+    log.info(
+        "shutting down: no new connections; %d request(s) in flight get up to %gs",
+        running,
+        timeout_s,
+    )
     loop.call_later(timeout_s, _cut_off, gateway, f"still running after {timeout_s:g}s")
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -158,7 +164,7 @@ async def _drain(gateway: Gateway, timeout_s: float) -> None:
 
 
 def _cut_off(gateway: Gateway, why: str) -> None:
-    stopped = gateway.cut_off()
+    stopped = gateway.cut_off(why)
     if stopped:
         log.warning("shutting down: stopped %d request(s) %s", stopped, why)
 

@@ -180,6 +180,7 @@ class Gateway:
         self._session: aiohttp.ClientSession | None = None
         # The tasks answering requests right now: a shutdown stops those that overstay.
         self.answering: set[asyncio.Task[Any]] = set()
+        self.cut_off_why: str | None = None  # set when a shutdown stops what still runs
         self.metrics.watch_in_flight(self.answering.__len__)
         upstream = backend.upstream
         self.metrics.watch_admission(lambda: (upstream.queued, upstream.refused))
@@ -271,12 +272,25 @@ class Gateway:
         self._health = (now, result)
         return result
 
-    def cut_off(self) -> int:
-        """Cancel every request still being answered; how many there were."""
+    def cut_off(self, why: str = "shutting down") -> int:
+        """Cancel every request still being answered; how many there were.
+
+        Each request learns from ``took_back_cut_off`` that this cancellation was
+        the shutdown's, so it can tell its client why instead of dropping the line.
+        """
+        self.cut_off_why = why
         tasks = [task for task in self.answering if not task.done()]
         for task in tasks:
             task.cancel()
         return len(tasks)
+
+    def took_back_cut_off(self, task: asyncio.Task[Any] | None) -> str | None:
+        """Why a cancelled request was stopped by ``cut_off`` (the cancellation then undone), else None."""
+        why = self.cut_off_why
+        if why is None or task is None:
+            return None
+        take_back_cancel(task)
+        return why
 
     async def aclose(self) -> None:
         """Close the health-check session and the backend (flushing the cache)."""

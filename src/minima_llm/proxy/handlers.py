@@ -187,10 +187,13 @@ def _inference(endpoint: str) -> Any:
         try:
             result = await gw.backend.call(parsed.request, **options)
         except asyncio.CancelledError:
-            if not sweep.took_back(task):
+            if sweep.took_back(task):
+                # Nobody reads this; the sweep counted the disconnect.
+                return error_response(499, "client closed the request before it was answered")
+            why = gw.took_back_cut_off(task)
+            if why is None:
                 raise
-            # Nobody reads this; the sweep counted the disconnect.
-            return error_response(499, "client closed the request before it was answered")
+            return _shut_down_response(request, gw, parsed, started, why)
         finally:
             del waiting[task]
         resp = _answer(gw, parsed, result, started, request)
@@ -337,10 +340,13 @@ async def _stream(
         try:
             opened = await gw.backend.open_stream(parsed.request, **options)
         except asyncio.CancelledError:
-            if not watch.took_back():
+            if watch.took_back():
+                gw.metrics.client_disconnects += 1
+                return error_response(499, "client closed the request before the stream opened")
+            why = gw.took_back_cut_off(request.task)
+            if why is None:
                 raise
-            gw.metrics.client_disconnects += 1
-            return error_response(499, "client closed the request before the stream opened")
+            return _shut_down_response(request, gw, parsed, started, why)
         if isinstance(opened, MinimaLlmFailure):
             return _answer(gw, parsed, opened, started, request)
         try:
@@ -410,9 +416,18 @@ async def _send_stream(
         return resp
     except asyncio.CancelledError:
         watch.stop()
-        if not watch.took_back():
+        if watch.took_back():
+            _client_left(request, gw, parsed, label, opened, started)
+            return resp
+        why = gw.took_back_cut_off(request.task)
+        if why is None:
             raise
-        _client_left(request, gw, parsed, label, opened, started)
+        # Cut off by a shutdown: the client is told so in the stream's own terms (an
+        # error event, then a clean end) rather than left with a broken chunked body.
+        event = _shut_down(request, gw, parsed, started, why, streamed=True)
+        await _try_write(send, encode_event(event))
+        with contextlib.suppress(*_GONE):
+            await send.eof()
         return resp
     gw.metrics.count_answer(
         label, usage, _token_source(label), None if opened.cached else _upstream_s(opened, started)
@@ -428,6 +443,34 @@ async def _send_stream(
         request[REQUEST_ID],
     )
     return resp
+
+
+def _shut_down(
+    request: web.Request, gw: Gateway, parsed: Parsed, started: float, why: str, streamed: bool
+) -> dict[str, Any]:
+    """Log a request a shutdown stopped; the error body to tell its client."""
+    gw.log.answered(
+        "failed",
+        request.path,
+        parsed.model,
+        503,
+        time.monotonic() - started,
+        f"stopped by the shutdown ({why})" + (" mid-stream, not cached" if streamed else ""),
+        request[REQUEST_ID],
+    )
+    return error_body(
+        503,
+        f"the gateway is shutting down ({why}); send the request again",
+        code="server_shutting_down",
+        kind="server_error",
+    )
+
+
+def _shut_down_response(
+    request: web.Request, gw: Gateway, parsed: Parsed, started: float, why: str
+) -> web.Response:
+    """The 503 for a request a shutdown stopped before anything of its answer was sent."""
+    return web.json_response(_shut_down(request, gw, parsed, started, why, False), status=503)
 
 
 def _client_left(
