@@ -758,8 +758,48 @@ def test_from_yaml_api_key_falls_back_to_environment(
 )
 def test_from_yaml_errors(tmp_path: Path, text: str, field: str) -> None:
     with pytest.raises(ConfigError) as info:
-        MinimaLlmConfig.from_yaml(write(tmp_path, text))
+        MinimaLlmConfig.from_yaml(write(tmp_path, text), environ={})
     assert info.value.field == field
+
+
+def test_from_yaml_takes_what_the_file_leaves_out_from_the_environment(tmp_path: Path) -> None:
+    # As minima-llm 0.2.x did: the file holds the project's settings, the job the rest.
+    env = {
+        "OPENAI_BASE_URL": "http://from-env:1/v1",
+        "OPENAI_MODEL": "env-model",
+        "CACHE_DIR": str(tmp_path / "env-cache"),
+        "CACHE_FORCE_REFRESH": "1",
+        "RPM": "not a number",  # the file sets rpm: this variable is never read
+        "BATCH_NUM_WORKERS": "7",
+        "BATCH_HEARTBEAT_S": "not read either",
+    }
+    text = "model: file-model\nrpm: 30\nbatch:\n  heartbeat_s: 5\n"
+    cfg = MinimaLlmConfig.from_yaml(write(tmp_path, text), environ=env)
+    assert (cfg.base_url, cfg.model, cfg.rpm) == ("http://from-env:1/v1", "file-model", 30)
+    assert cfg.cache_dir == str(tmp_path / "env-cache") and cfg.force_refresh
+    assert (cfg.batch.num_workers, cfg.batch.heartbeat_s) == (7, 5.0)
+    # What the file says wins, an explicit null included.
+    text = (
+        f"base_url: {URL}\nmodel: m\ncache_dir: null\nforce_refresh: false\n"
+        "batch:\n  heartbeat_s: 1\n"
+    )
+    with pytest.raises(ConfigError) as info:  # a bad variable for a key left out is an error
+        MinimaLlmConfig.from_yaml(write(tmp_path, text), environ=env)
+    assert info.value.field == "RPM"
+    cfg = MinimaLlmConfig.from_yaml(write(tmp_path, text + "rpm: 0\n"), environ=env)
+    assert (cfg.base_url, cfg.cache_dir, cfg.force_refresh) == (URL, None, False)
+
+
+def test_the_trace_file_variable_applies_however_the_config_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trace = tmp_path / "trace.jsonl"
+    monkeypatch.setenv("MINIMA_TRACE_FILE", str(trace))
+    assert MinimaLlmConfig(base_url=URL, model="m").trace_file == str(trace)
+    assert MinimaLlmConfig.from_dict({"base_url": URL, "model": "m"}).trace_file == str(trace)
+    assert MinimaLlmConfig(base_url=URL, model="m", trace_file=None).trace_file is None
+    monkeypatch.setenv("MINIMA_TRACE_FILE", " ")
+    assert MinimaLlmConfig(base_url=URL, model="m").trace_file is None
 
 
 @pytest.mark.parametrize(

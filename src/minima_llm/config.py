@@ -11,7 +11,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -146,11 +146,7 @@ class BatchConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> BatchConfig:
         """Read the ``BATCH_*`` variables; unset ones keep their defaults."""
         env = os.environ if environ is None else environ
-        kwargs: dict[str, Any] = {}
-        for var, name, parse in _BATCH_ENV:
-            if env_set(env, var):
-                kwargs[name] = parse(var, env[var])
-        return cls(**kwargs)
+        return cls(**_env_kwargs(env, _BATCH_ENV))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BatchConfig:
@@ -226,7 +222,9 @@ class MinimaLlmConfig:
     cooldown_halflife_s: float = 20.0
     compress_gzip: bool = False
     force_refresh: bool = False
-    trace_file: str | None = None
+    # The tracer is switched on from outside whatever builds the config (reference 000:
+    # "MINIMA_TRACE_FILE=trace.jsonl python my_script.py"); trace_file=None turns it off.
+    trace_file: str | None = field(default_factory=lambda: _trace_file_from_env(os.environ))
     model_synonyms: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     cache_lookup_dirs: tuple[str, ...] = ()
     memory_cache_entries: int = 0
@@ -418,9 +416,7 @@ class MinimaLlmConfig:
         kwargs["base_url"] = env["OPENAI_BASE_URL"].strip()
         kwargs["model"] = env["OPENAI_MODEL"].strip()
         kwargs["api_key"] = _env_api_key(env)
-        for var, name, parse in _CLIENT_ENV:
-            if env_set(env, var):
-                kwargs[name] = parse(var, env[var])
+        kwargs.update(_env_kwargs(env, _CLIENT_ENV))
         kwargs["batch"] = BatchConfig.from_env(env)
         return cls(**kwargs)
 
@@ -430,15 +426,29 @@ class MinimaLlmConfig:
         return cls(**known_keys(cls, data, "config"))
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike[str]) -> MinimaLlmConfig:
-        """Load a YAML file; ``api_key`` falls back to ``OPENAI_API_KEY`` / ``OPENAI_TOKEN``.
+    def from_yaml(
+        cls, path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
+    ) -> MinimaLlmConfig:
+        """Load a YAML file over the environment: a key the file leaves out takes its variable.
 
-        A top-level ``proxy:`` section belongs to the gateway and is skipped here.
+        As in minima-llm 0.2.x, so a file can hold what a project shares while a job
+        script or a node sets the rest (``CACHE_DIR``, ``CACHE_FORCE_REFRESH``,
+        ``OPENAI_API_KEY``). What the file says wins, and a variable for a key it sets
+        is not read at all. A top-level ``proxy:`` section belongs to the gateway and
+        is skipped here.
         """
+        env = os.environ if environ is None else environ
         data = {k: v for k, v in read_yaml(path).items() if k not in _OTHER_SECTIONS}
         key = data.get("api_key")
         if not key or (isinstance(key, str) and not key.strip()):
-            data["api_key"] = _env_api_key(os.environ)
+            data["api_key"] = _env_api_key(env)
+        for var, name in (("OPENAI_BASE_URL", "base_url"), ("OPENAI_MODEL", "model")):
+            if name not in data and env_set(env, var):
+                data[name] = env[var].strip()
+        data = {**_env_kwargs(env, _CLIENT_ENV, skip=data), **data}
+        batch = _env_kwargs(env, _BATCH_ENV, skip=data.get("batch") or {})
+        if batch and (data.get("batch") is None or isinstance(data["batch"], Mapping)):
+            data["batch"] = {**batch, **(data.get("batch") or {})}
         return cls.from_dict(data)
 
 
@@ -625,6 +635,23 @@ def known_keys(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any]
         if name not in data:
             raise ConfigError(f"{where}.{name}", None, "a value (this key is required)")
     return dict(data)
+
+
+def _trace_file_from_env(env: Mapping[str, str]) -> str | None:
+    return env["MINIMA_TRACE_FILE"].strip() if env_set(env, "MINIMA_TRACE_FILE") else None
+
+
+def _env_kwargs(
+    env: Mapping[str, str],
+    table: tuple[tuple[str, str, Callable[[str, str], Any]], ...],
+    skip: Collection[str] = (),
+) -> dict[str, Any]:
+    """The fields ``table`` maps from the variables set in ``env``, except those in ``skip``."""
+    return {
+        name: parse(var, env[var])
+        for var, name, parse in table
+        if name not in skip and env_set(env, var)
+    }
 
 
 def _key_for_variable(where: str, key: str) -> str | None:
