@@ -218,6 +218,24 @@ def _batch_status(args: argparse.Namespace) -> int:
             else jobs.cancel_all_batches(config, prefix=args.cancel)
         )
         print(f"cancelled {len(ids)} batch job(s)" + "".join(f"\n  {i}" for i in ids))
+        if args.cancel and not ids:
+            # A prefix names its jobs exactly (cancelling "exp" must not stop "exp-2"):
+            # say which longer prefixes the one given begins, should one of those be meant.
+            longer = sorted(
+                {
+                    s.prefix
+                    for s in jobs.list_states_of(config)
+                    if s.prefix
+                    and s.prefix != args.cancel
+                    and s.prefix.startswith(args.cancel)
+                    and not s.terminal
+                }
+            )
+            if longer:
+                print(
+                    f"no unfinished job has the prefix {args.cancel!r} itself; unfinished jobs"
+                    f" have these prefixes that begin with it: {', '.join(longer)}"
+                )
     jobs.batch_status_overview(config, refresh=not args.no_refresh)
     return 0
 

@@ -596,6 +596,23 @@ async def test_cli_cancel_prefix(
     assert f"Batch jobs in {env_cache_dir}:" in out  # the overview follows
 
 
+async def test_cli_cancel_names_longer_prefixes_when_none_is_exact(
+    mock: MockServer,
+    cfg: MinimaLlmConfig,
+    env_cache_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    mock.update_config(batch_delay_s=SLOW)
+    run = await submit(cfg, "exp_run1", "a")
+
+    assert await cli("--cancel", "exp") == 0  # a prefix names its jobs exactly
+
+    out = capsys.readouterr().out
+    assert out.startswith("cancelled 0 batch job(s)\n")
+    assert "unfinished jobs have these prefixes that begin with it: exp_run1" in out
+    assert await remote_status(mock, run) == "in_progress"
+
+
 async def test_cli_cancel_all(
     mock: MockServer,
     cfg: MinimaLlmConfig,
