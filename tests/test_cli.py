@@ -168,3 +168,20 @@ def test_readme_shows_the_mock_server_defaults(monkeypatch: pytest.MonkeyPatch) 
         "failure-rate": f"{config.failure_rate:g}",
         "seed": str(config.seed),
     }
+
+
+def test_the_gateway_command_on_a_core_install_says_what_to_install(tmp_path: Path) -> None:
+    # -S hides site-packages: the core install, where aiohttp is not there to import.
+    src = Path(__file__).resolve().parent.parent / "src"
+    code = (
+        f"import sys; sys.path.insert(0, {str(src)!r})\n"
+        "from minima_llm.cli import proxy_main\n"
+        "sys.exit(proxy_main(['--port', '0']))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("minimallm-proxy: the gateway needs the proxy extra (aiohttp")
+    assert "pip install 'minima-llm[proxy]'" in proc.stderr

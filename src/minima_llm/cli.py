@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from importlib.util import find_spec
 from typing import Any
 
 from .config import MinimaLlmConfig, env_set
@@ -104,6 +105,22 @@ def _parser() -> argparse.ArgumentParser:
         "--into", required=True, metavar="CACHE_DIR", help="the cache directory to merge into"
     )
     return parser
+
+
+def proxy_main(argv: Sequence[str] | None = None) -> int:
+    """Run ``minimallm-proxy``; without the ``[proxy]`` extra, say so in one line, not a traceback."""
+    missing = [name for name in ("aiohttp", "prometheus_client") if find_spec(name) is None]
+    if missing:
+        print(
+            f"minimallm-proxy: the gateway needs the proxy extra ({' and '.join(missing)}"
+            f" {'is' if len(missing) == 1 else 'are'} not installed):"
+            " pip install 'minima-llm[proxy]'",
+            file=sys.stderr,
+        )
+        return 2
+    from .proxy.cli import main as run_gateway
+
+    return run_gateway(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
