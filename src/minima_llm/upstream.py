@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -287,6 +288,23 @@ def request_headers(config: MinimaLlmConfig) -> dict[str, str]:
     return headers
 
 
+class Limits(NamedTuple):
+    """What one API key's calls learn and wait for: the cooldown and both pacers.
+
+    A provider limits each key (each organisation) apart: calls made with another key
+    (a gateway passing its callers' keys through) must not wait out this one's 429s
+    or follow the rate its headers state.
+    """
+
+    cooldown: Cooldown
+    pacer: RpmPacer
+    tokens: TokenPacer
+
+
+# Keys whose limits are remembered at once; the least recently used is forgotten first.
+MAX_KEYED_LIMITS = 1024
+
+
 class UpstreamCaller:
     """Sends request bodies with every resilience rule applied; never raises for upstream trouble."""
 
@@ -304,17 +322,10 @@ class UpstreamCaller:
         self.clock = clock
         self.stats = stats
         self.rng = rng or random.Random()
-        self.cooldown = Cooldown(
-            config.cooldown_floor_s,
-            config.cooldown_cap_s,
-            config.cooldown_halflife_s,
-            config.base_backoff_s,
-            clock,
-        )
         # Retry-After can be long; every wait still needs a bound.
         self.max_wait_s = max(config.max_backoff_s, config.cooldown_cap_s)
-        self.pacer = RpmPacer(config.rpm, clock, max_hold_s=self.max_wait_s)
-        self.tokens = TokenPacer(clock)
+        self.limits = self._new_limits()  # the configured key's
+        self._keyed: collections.OrderedDict[str, Limits] = collections.OrderedDict()
         self._slots: LoopBound[Slots] = LoopBound(lambda: Slots(config.max_outstanding))
         self.headers = headers if headers is not None else request_headers(config)
         # Admission: how many new requests may wait for their turn (cooldown, pacing or a
@@ -327,6 +338,48 @@ class UpstreamCaller:
         self.refused = 0
         # The upstream's circuit breaker (see use_breaker); None: every call is sent.
         self.breaker: Breaker | None = None
+
+    @property
+    def cooldown(self) -> Cooldown:
+        """The cooldown of calls made with the configured key."""
+        return self.limits.cooldown
+
+    @property
+    def pacer(self) -> RpmPacer:
+        """The request pacer of calls made with the configured key."""
+        return self.limits.pacer
+
+    @property
+    def tokens(self) -> TokenPacer:
+        """The token pacer of calls made with the configured key."""
+        return self.limits.tokens
+
+    def _new_limits(self) -> Limits:
+        cfg, clock = self.cfg, self.clock
+        cooldown = Cooldown(
+            cfg.cooldown_floor_s,
+            cfg.cooldown_cap_s,
+            cfg.cooldown_halflife_s,
+            cfg.base_backoff_s,
+            clock,
+        )
+        return Limits(
+            cooldown, RpmPacer(cfg.rpm, clock, max_hold_s=self.max_wait_s), TokenPacer(clock)
+        )
+
+    def limits_for(self, api_key: str | None) -> Limits:
+        """The limits of calls made with ``api_key`` (None: the configured key)."""
+        if not api_key or api_key == self.cfg.api_key:
+            return self.limits
+        keyed = self._keyed
+        limits = keyed.get(api_key)
+        if limits is None:
+            if len(keyed) >= MAX_KEYED_LIMITS:
+                keyed.popitem(last=False)
+            limits = keyed[api_key] = self._new_limits()
+        else:
+            keyed.move_to_end(api_key)
+        return limits
 
     def use_breaker(self, threshold: int, reset_s: float) -> Breaker:
         """Fail calls without sending them while ``threshold`` calls in a row found the upstream down."""
@@ -381,15 +434,18 @@ class UpstreamCaller:
         if api_key and not is_header_safe(api_key):
             return self._unsendable_key(request_id)
         data, headers = self.encode(payload, api_key, body)
+        limits = self.limits if api_key is None else self.limits_for(api_key)
         stamps: list[float] = []
         # The first attempt runs inline: most calls succeed at once, and the retry
         # loop's extra coroutines and closure cost several microseconds a request.
         try:
-            return await self._post_once(url, data, headers, endpoint, stamps, payload, body)
+            return await self._post_once(
+                url, data, headers, endpoint, stamps, payload, body, limits
+            )
         except Problem as problem:
 
             def attempt(stamps: list[float]) -> Awaitable[Completion]:
-                return self._post_once(url, data, headers, endpoint, stamps, payload, body)
+                return self._post_once(url, data, headers, endpoint, stamps, payload, body, limits)
 
             return await self._retrying(request_id, attempt, stamps, problem)
 
@@ -410,6 +466,7 @@ class UpstreamCaller:
             return self._unsendable_key(request_id)
         body, shared = self.encode(payload, api_key)
         headers = {**shared, "Accept": "text/event-stream"}
+        limits = self.limits_for(api_key)
 
         async def attempt(stamps: list[float]) -> UpstreamStream:
             breaker = self.breaker
@@ -417,8 +474,8 @@ class UpstreamCaller:
                 self._check_breaker(breaker)
             slots = self._slots.get()
             charged = None
-            if not self._turn_now(slots):
-                charged = await self._take_turn(slots, not stamps, payload, None)
+            if not self._turn_now(slots, limits):
+                charged = await self._take_turn(slots, not stamps, payload, None, limits)
             if breaker is not None and breaker.is_open:
                 # Its headers, then its first chunk: each bounded on its own.
                 self._admit(breaker, slots, 3 * self.cfg.timeout_s + 1)
@@ -435,12 +492,12 @@ class UpstreamCaller:
                 if breaker is not None:
                     breaker.unjudged(stamps[-1])
                 raise
-            self._observe(resp.status, resp.headers, stamps[-1], charged)
+            self._observe(resp.status, resp.headers, stamps[-1], charged, limits)
             ok = 200 <= resp.status < 300
             if breaker is not None and not ok:
                 self._answered(breaker, resp.status, stamps[-1])
             if ok:
-                self.pacer.answered(stamps[-1])
+                limits.pacer.answered(stamps[-1])
                 self.stats.in_flight += 1
                 stream = UpstreamStream(resp, lambda: self._release_stream(slots), self.stats)
                 try:
@@ -505,7 +562,7 @@ class UpstreamCaller:
             finally:
                 await resp.aclose()
                 slots.release()
-            raise self._status_problem(resp.status, resp.headers, data, stamps[-1], slots)
+            raise self._status_problem(resp.status, resp.headers, data, stamps[-1], slots, limits)
 
         return await self._retrying(request_id, attempt)
 
@@ -562,19 +619,25 @@ class UpstreamCaller:
         log.debug("%s: attempt %d failed (%s), retry in %.2fs", request_id, tries, problem, delay)
         await self.clock.sleep(min(delay, self.max_wait_s))
 
-    def _turn_now(self, slots: Slots) -> bool:
+    @staticmethod
+    def _turn_now(slots: Slots, limits: Limits) -> bool:
         """Take a slot if nothing is to be waited for first: no cooldown, no pacing, one free."""
         # Checked before any await: most requests have nothing to wait for, and the
         # coroutines of the waiting path are measurable at thousands of requests a second.
         return (
-            self.cooldown.remaining() <= 0
-            and self.pacer.ready()
-            and self.tokens.limit is None
+            limits.cooldown.remaining() <= 0
+            and limits.pacer.ready()
+            and limits.tokens.limit is None
             and slots.try_take()
         )
 
     async def _take_turn(
-        self, slots: Slots, first: bool, payload: Mapping[str, Any], raw: bytes | None
+        self,
+        slots: Slots,
+        first: bool,
+        payload: Mapping[str, Any],
+        raw: bytes | None,
+        limits: Limits,
     ) -> Charge | None:
         """Wait out cooldown and pacing, then for a slot; a new request finding the queue full is refused.
 
@@ -598,38 +661,39 @@ class UpstreamCaller:
                 False,
             )
         self.queued += 1
+        cooldown, pacer, tokens = limits
         charged: Charge | None = None
         # One bound on a new request's whole wait, whatever it waits for: an operator's
         # "at most this long in the queue" covers a token or pacing queue as much as slots.
         wait_s = self.queue_wait_s if first else None
         deadline = None if wait_s is None else asyncio.get_running_loop().time() + wait_s
         try:
-            if self.cooldown.remaining() > 0:
-                await self._within(self.cooldown.wait(), deadline, wait_s)
-            if self.tokens.limit is not None:
-                charged = await self._within(self._charge(payload, raw), deadline, wait_s)
+            if cooldown.remaining() > 0:
+                await self._within(cooldown.wait(), deadline, wait_s)
+            if tokens.limit is not None:
+                charged = await self._within(self._charge(payload, raw, tokens), deadline, wait_s)
             # The request turn after the token wait: taken before it, the turns of all
             # requests queued behind a large prompt would fall due together.
-            if not self.pacer.ready():
-                await self._within(self.pacer.acquire(), deadline, wait_s)
-            if charged is None and self.tokens.limit is not None:
+            if not pacer.ready():
+                await self._within(pacer.acquire(), deadline, wait_s)
+            if charged is None and tokens.limit is not None:
                 # The first answer stated a limit.
-                charged = await self._within(self._charge(payload, raw), deadline, wait_s)
-            unpaced = self.pacer.rpm <= 0  # the turn was taken with no pace in force
+                charged = await self._within(self._charge(payload, raw, tokens), deadline, wait_s)
+            unpaced = pacer.rpm <= 0  # the turn was taken with no pace in force
             if not await slots.take(None if deadline is None else _left(deadline)):
                 raise self._waited_too_long(wait_s)
-            if unpaced and self.pacer.rpm > 0:
+            if unpaced and pacer.rpm > 0:
                 # A pace was set (a first 429) while this request waited for a slot:
                 # sent now, a whole queue would go at once, to be refused together.
                 try:
-                    await self._within(self.pacer.acquire(), deadline, wait_s)
+                    await self._within(pacer.acquire(), deadline, wait_s)
                 except BaseException:
                     slots.release()
                     raise
         except BaseException:
             if charged is not None:
                 # Never sent (refused, or its client left): the tokens go back to the queue.
-                self.tokens.refund(charged)
+                tokens.refund(charged)
             raise
         finally:
             self.queued -= 1
@@ -657,11 +721,12 @@ class UpstreamCaller:
             False,
         )
 
-    async def _charge(self, payload: Mapping[str, Any], raw: bytes | None) -> Charge:
+    @staticmethod
+    async def _charge(payload: Mapping[str, Any], raw: bytes | None, tokens: TokenPacer) -> Charge:
         """Wait for the tokens the request will be charged (``raw``: the payload encoded)."""
         if raw is not None and not payload:
             payload = json.loads(raw)
-        return await self.tokens.acquire(estimate_tokens(payload))
+        return await tokens.acquire(estimate_tokens(payload))
 
     async def _post_once(
         self,
@@ -672,6 +737,7 @@ class UpstreamCaller:
         stamps: list[float],
         payload: Mapping[str, Any],
         raw: bytes | None,
+        limits: Limits,
     ) -> Completion:
         """One attempt: wait for a turn and a slot, POST, read the answer or raise a ``Problem``.
 
@@ -683,8 +749,8 @@ class UpstreamCaller:
             self._check_breaker(breaker)
         slots = self._slots.get()
         charged = None
-        if not self._turn_now(slots):
-            charged = await self._take_turn(slots, not stamps, payload, raw)
+        if not self._turn_now(slots, limits):
+            charged = await self._take_turn(slots, not stamps, payload, raw, limits)
         if breaker is not None and breaker.is_open:
             # The stdlib transport's bound on a whole call, the longer of the two.
             self._admit(breaker, slots, 2 * self.cfg.timeout_s + 1)
@@ -705,25 +771,30 @@ class UpstreamCaller:
             slots.release()
         if breaker is not None:
             self._answered(breaker, resp.status, stamps[-1])
-        self._observe(resp.status, resp.headers, stamps[-1], charged)
+        self._observe(resp.status, resp.headers, stamps[-1], charged, limits)
         if 200 <= resp.status < 300:
-            self.pacer.answered(stamps[-1])
+            limits.pacer.answered(stamps[-1])
             if slots.limit < slots.max:
                 slots.succeeded()
             return parse_completion(resp, endpoint)
-        raise self._status_problem(resp.status, resp.headers, resp.body, stamps[-1], slots)
+        raise self._status_problem(resp.status, resp.headers, resp.body, stamps[-1], slots, limits)
 
+    @staticmethod
     def _observe(
-        self, status: int, headers: Mapping[str, str], sent_at: float, charge: Charge | None
+        status: int,
+        headers: Mapping[str, str],
+        sent_at: float,
+        charge: Charge | None,
+        limits: Limits,
     ) -> None:
         """Both pacers learn from an answer's rate-limit headers."""
         info = parse_rate_limits(headers)
-        self.pacer.observe(info)
+        limits.pacer.observe(info)
         if info is not NO_RATE_LIMITS:
             if status == 429:
-                self.tokens.observe(info, sent_at, charge, True, parse_retry_after(headers))
+                limits.tokens.observe(info, sent_at, charge, True, parse_retry_after(headers))
             else:
-                self.tokens.observe(info, sent_at, charge)
+                limits.tokens.observe(info, sent_at, charge)
 
     def _check_breaker(self, breaker: Breaker) -> None:
         """Refuse a call before it waits for a turn if the breaker would refuse it anyway."""
@@ -790,7 +861,13 @@ class UpstreamCaller:
         )
 
     def _status_problem(
-        self, status: int, headers: Mapping[str, str], body: bytes, sent_at: float, slots: Slots
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes,
+        sent_at: float,
+        slots: Slots,
+        limits: Limits,
     ) -> Problem:
         snippet, error = _error_parts(body)
         message = f"HTTP {status}"
@@ -812,8 +889,8 @@ class UpstreamCaller:
             return problem
         if status == 429:
             self.stats.rate_limited += 1
-            self.pacer.penalize(problem.retry_after, sent_at)
-            if self.pacer.learns_from_refusals or self.tokens.limit is not None:
+            limits.pacer.penalize(problem.retry_after, sent_at)
+            if limits.pacer.learns_from_refusals or limits.tokens.limit is not None:
                 # A rate problem, paced from here on: a doubled shared pause would send
                 # every worker back at once, to be refused together again.
                 problem.paced = True
@@ -826,9 +903,9 @@ class UpstreamCaller:
             # Too many at once for this server: fewer in flight (grown back as answers
             # come) and a short pause, not a doubled cooldown. Doubling on every refusal
             # of a wave sends all workers back together at the cap, to be refused again.
-            self.cooldown.pause(self.cfg.base_backoff_s)
+            limits.cooldown.pause(self.cfg.base_backoff_s)
         elif is_overload_status(status):
-            self.cooldown.bump(problem.retry_after, sent_at)
+            limits.cooldown.bump(problem.retry_after, sent_at)
         return problem
 
     def _failure(

@@ -16,6 +16,7 @@ from gateway_harness import MODEL, Reply, serve
 
 from minima_llm.proxy import ProxySettings
 from minima_llm.testing import MockServer
+from minima_llm.upstream import MAX_KEYED_LIMITS
 
 K1, K2 = "sk-gw-alpha-7f3e21", "sk-gw-beta-91ad04"
 WRONG = "sk-gw-wrong-55c0de"
@@ -202,3 +203,34 @@ async def test_passed_through_keys_never_share_cached_answers(tmp_path: Path) ->
         keyless = await gw.chat("same")
     assert [first.cache, again.cache, other.cache, keyless.cache] == ["miss", "hit", "miss", "miss"]
     assert seen == ["Bearer sk-caller-1", "Bearer sk-caller-2", "Bearer sk-upstream-own"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_one_passed_through_keys_429_does_not_hold_back_another_key(
+    mock: MockServer, tmp_path: Path, stream: bool
+) -> None:
+    # Each key has its own quota upstream: a caller over its limit must not stall the rest.
+    settings = ProxySettings(port=0, pass_through_client_key=True)
+    user_a = {"Authorization": "Bearer sk-user-a"}
+    user_b = {"Authorization": "Bearer sk-user-b"}
+    # Waits as long as the Retry-After says (the harness caps them at 0.05 s).
+    waits = {"max_attempts": 1, "cooldown_cap_s": 10.0, "max_backoff_s": 10.0}
+    async with serve(mock.url, tmp_path, settings, api_key="sk-own", **waits) as gw:
+        mock.fail_next(1, status=429, headers={"retry-after": "3"})
+        refused = await gw.chat("a over its limit", headers=user_a)
+        assert refused.status == 429
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        other = await gw.chat("b within its own", headers=user_b, stream=stream)
+        assert other.status == 200 and loop.time() - started < 1.5
+        started = loop.time()
+        # a waits out its own Retry-After
+        again = await gw.chat("a again", headers=user_a, stream=stream)
+        assert again.status == 200 and loop.time() - started > 1.5
+        upstream = gw.backend.upstream
+        assert upstream.limits_for("sk-user-a") is not upstream.limits_for("sk-user-b")
+        assert upstream.limits_for("sk-own") is upstream.limits_for(None) is upstream.limits
+        first = upstream.limits_for("sk-user-a")
+        for n in range(MAX_KEYED_LIMITS):  # the least recently used key is forgotten first
+            upstream.limits_for(f"sk-many-{n}")
+        assert upstream.limits_for("sk-user-a") is not first
