@@ -243,3 +243,27 @@ async def test_the_gateways_own_errors_reach_the_log(
     assert not any("sk-no" in m or "sk-gw-right" in m for m in got)
     assert any(m.startswith("GET /v1/models 200 ") for m in got)
     assert "3 requests: 0 cache hits, 0 llm calls, 0 failed, 3 rejected" in got
+
+
+async def test_a_failure_line_says_what_the_upstream_said(
+    mock: MockServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    overflow = {
+        "error": {
+            "message": "This model's maximum context length is 8192 tokens.\nReduce it.",
+            "type": "invalid_request_error",
+            "code": "context_length_exceeded",
+        }
+    }
+    async with serve(mock.url, tmp_path, max_attempts=1) as gw:
+        mock.fail_next(1, status=400, body=overflow)
+        assert (await gw.chat("too long")).status == 400
+        mock.fail_next(1, status=500, body="<html>upstream\n  fell over</html>")
+        assert (await gw.chat("boom")).status == 502
+    failed = [m for _, m in lines(caplog) if " failed " in m]
+    assert failed[0].endswith(
+        "HTTPError: HTTP 400 (context_length_exceeded: This model's maximum context"
+        " length is 8192 tokens. Reduce it.)"
+    )
+    assert "HTTPError: HTTP 500 (<html>upstream fell over</html>)" in failed[1]

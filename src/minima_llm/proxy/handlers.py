@@ -259,7 +259,8 @@ def _answer(
             parsed.model,
             resp.status,
             latency,
-            f"{result.error_type}: {result.message}" + _upstream_id(upstream),
+            f"{result.error_type}: {result.message}{_upstream_said(result)}"
+            + _upstream_id(upstream),
             request[REQUEST_ID],
         )
         return resp
@@ -288,6 +289,33 @@ def _answer(
     return web.Response(
         body=_body(result, parsed.endpoint), content_type="application/json", headers=headers
     )
+
+
+# As much of an upstream's error message as a log line carries.
+_SAID_CHARS = 200
+
+
+def _upstream_said(failure: MinimaLlmFailure) -> str:
+    """`` (what the upstream said)`` for a log line: its error's code and message, else its body's start.
+
+    "HTTP 400" alone leaves an operator to guess between a context overflow, a bad
+    parameter and a model that does not exist.
+    """
+    snippet = failure.body_snippet
+    if not snippet:
+        return ""
+    said = snippet
+    try:
+        error = json.loads(snippet).get("error")
+    except (ValueError, AttributeError):
+        error = None  # cut at the snippet's length, or not JSON: the text as it came
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        code = error.get("code") or error.get("type")
+        said = f"{code}: {error['message']}" if isinstance(code, str) else error["message"]
+    elif isinstance(error, str):
+        said = error
+    said = " ".join(said.split())
+    return f" ({said[:_SAID_CHARS]}{'...' if len(said) > _SAID_CHARS else ''})"
 
 
 def _upstream_id(upstream: Mapping[str, str] | None) -> str:
