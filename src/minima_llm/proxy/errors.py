@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -129,7 +130,7 @@ def failure_response(failure: MinimaLlmFailure, retry_after_s: float = 0.0) -> w
             headers=headers,
         )
     snippet = failure.body_snippet
-    parsed = failure.upstream_error or _upstream_error(snippet)
+    parsed = upstream_error_of(failure)
     upstream = parsed or {}
     detail = _text(upstream.get("message"))
     if detail and status == failure.status and status < 500:
@@ -145,7 +146,12 @@ def failure_response(failure: MinimaLlmFailure, retry_after_s: float = 0.0) -> w
         )
     message = (
         f"upstream {failure.error_type} after {failure.attempts} attempt(s)"
-        + (f" (HTTP {failure.status})" if failure.status else "")
+        # A timeout's 408 is the failure record's convention (reference 002), not an answer.
+        + (
+            f" (HTTP {failure.status})"
+            if failure.status and failure.error_type != "TimeoutError"
+            else ""
+        )
         # A body that is not OpenAI-shaped (a proxy's HTML page, say) is quoted as it came.
         + f": {detail or (snippet[:200] if snippet and parsed is None else None) or failure.message}"
     )
@@ -157,6 +163,11 @@ def failure_response(failure: MinimaLlmFailure, retry_after_s: float = 0.0) -> w
         "upstream_error" if status >= 500 else None,
         headers,
     )
+
+
+def upstream_error_of(failure: MinimaLlmFailure) -> Mapping[str, Any] | None:
+    """The ``error`` object the upstream answered ``failure`` with, if it sent an OpenAI-shaped one."""
+    return failure.upstream_error or _upstream_error(failure.body_snippet)
 
 
 def _upstream_error(snippet: str | None) -> dict[str, Any] | None:

@@ -27,6 +27,7 @@ from .errors import (
     error_body,
     error_response,
     failure_response,
+    upstream_error_of,
 )
 from .gateway import Gateway, client_gone, take_back_cancel
 from .normalize import CHAT, COMPLETIONS, EMBEDDINGS, Parsed, key_extra, parse_body
@@ -301,19 +302,14 @@ def _upstream_said(failure: MinimaLlmFailure) -> str:
     "HTTP 400" alone leaves an operator to guess between a context overflow, a bad
     parameter and a model that does not exist.
     """
-    snippet = failure.body_snippet
-    if not snippet:
-        return ""
-    said = snippet
-    try:
-        error = json.loads(snippet).get("error")
-    except (ValueError, AttributeError):
-        error = None  # cut at the snippet's length, or not JSON: the text as it came
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
+    error = upstream_error_of(failure)
+    if error is not None and isinstance(error.get("message"), str):
         code = error.get("code") or error.get("type")
         said = f"{code}: {error['message']}" if isinstance(code, str) else error["message"]
-    elif isinstance(error, str):
-        said = error
+    elif failure.body_snippet:
+        said = failure.body_snippet  # not OpenAI-shaped (a proxy's page), or cut short
+    else:
+        return ""
     said = " ".join(said.split())
     return f" ({said[:_SAID_CHARS]}{'...' if len(said) > _SAID_CHARS else ''})"
 
