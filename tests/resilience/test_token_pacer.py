@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
-from minima_llm.clock import FakeClock
+from minima_llm.clock import SYSTEM_CLOCK, FakeClock
 from minima_llm.resilience import Charge, RateLimitInfo, TokenPacer, estimate_tokens
 from minima_llm.resilience import tokens as tokens_module
 
@@ -203,3 +204,27 @@ async def test_a_refund_restores_the_level_up_to_the_bucket_and_keeps_the_total(
     full.refund(pacer_charge)
     full.refund(pacer_charge)  # twice by mistake: never past what the bucket holds
     assert full.level() == pytest.approx(full.capacity)
+
+
+def test_waiters_from_event_loops_in_several_threads_all_get_their_turn() -> None:
+    # One backend serving asyncio.run() in several threads at once (DSPy's sync calls):
+    # a turn handed to another loop's waiter must wake it there, and a live loop's
+    # waiter is never dropped as an ended one's.
+    pacer = TokenPacer(SYSTEM_CLOCK)
+    pacer.observe(limit(0), SYSTEM_CLOCK.monotonic(), None)
+    charged: list[int] = []
+
+    def thread() -> None:
+        async def main() -> None:
+            charges = await asyncio.gather(*(pacer.acquire(40) for _ in range(5)))
+            charged.append(len(charges))
+
+        asyncio.run(main())
+
+    threads = [threading.Thread(target=thread, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)  # 800 tokens at about 1,000 a second: a second or two
+    assert not any(t.is_alive() for t in threads), "a waiter was never woken"
+    assert charged == [5, 5, 5, 5]

@@ -7,6 +7,7 @@ import contextlib
 import math
 
 from ..clock import SYSTEM_CLOCK, Clock
+from ._futures import wake
 from .headers import NO_RATE_LIMITS, RateLimitInfo
 
 # Pace a little under the advertised limit: responses arrive out of order and the
@@ -242,12 +243,9 @@ class RpmPacer:
         probe, self._probe = self._probe, None
         if probe is None or probe.done():
             return
-        loop = probe.get_loop()
         # A probe whose request failed without headers outlives its loop (asyncio.run
-        # ended); a backend reused under the next loop must not touch the closed one.
-        if not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # it closed just now, in its own thread
-                loop.call_soon_threadsafe(_resolve, probe)
+        # ended): a backend reused under the next loop must not touch the closed one.
+        wake(probe)
 
     def __repr__(self) -> str:
         learned = f" learned={self.learned_rpm:.0f}" if self.learned_rpm is not None else ""
@@ -255,8 +253,3 @@ class RpmPacer:
             f"<RpmPacer rpm={self.rpm:.0f} configured={self.configured_rpm} "
             f"server={self.server_rpm}{learned} waits={self.waits} waited={self.waited_s:.2f}s>"
         )
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections import deque
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from ..clock import SYSTEM_CLOCK, Clock
+from ._futures import wake
 from .headers import RateLimitInfo
 from .pacer import PER_MINUTE_RESET_MAX_S, SAFETY
 
@@ -79,6 +81,7 @@ class TokenPacer:
         # Tokens added to each estimate, learned from refusals (see EXTRA_FADE).
         self.extra = 0.0
         self._queue: deque[asyncio.Future[None]] = deque()
+        self._lock = threading.Lock()
         self.waits = 0
         self.waited_s = 0.0
 
@@ -97,16 +100,19 @@ class TokenPacer:
     async def acquire(self, cost: int) -> Charge:
         """Wait until ``cost`` tokens (and the learned extra) are left, and take them."""
         queue = self._queue
-        if not queue and self.level() >= self._need(cost):
-            return self._take(self._need(cost))
-        loop = asyncio.get_running_loop()
-        while queue and queue[0].get_loop() is not loop:
-            queue.popleft()  # left behind by an earlier event loop, which has ended
-        turn: asyncio.Future[None] = loop.create_future()
-        queue.append(turn)
+        # The queue and the level are shared by every event loop using the backend,
+        # each in its own thread: a turn is taken and handed on under one lock.
+        with self._lock:
+            if not queue and self.level() >= self._need(cost):
+                return self._take(self._need(cost))
+            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            while queue and queue[0].get_loop().is_closed():
+                queue.popleft()  # left behind by an event loop that has ended
+            queue.append(turn)
+            first = queue[0] is turn
         started = self._clock.monotonic()
         try:
-            if queue[0] is not turn:
+            if not first:
                 await turn
             # The need is read again each time: a refusal meanwhile may have raised the extra.
             # A thousandth of a token short is close enough: waits for less can round to
@@ -115,7 +121,8 @@ class TokenPacer:
                 await self._clock.sleep(min(short / self.rate, RECHECK_S))
             self.waits += 1
             self.waited_s += self._clock.monotonic() - started
-            return self._take(self._need(cost))
+            with self._lock:
+                return self._take(self._need(cost))
         finally:
             self._leave(turn)
 
@@ -139,14 +146,17 @@ class TokenPacer:
 
     def _leave(self, turn: asyncio.Future[None]) -> None:
         queue = self._queue
-        head = bool(queue) and queue[0] is turn
-        if head:
+        with self._lock:
+            head = bool(queue) and queue[0] is turn
+            if not head:
+                with contextlib.suppress(ValueError):  # dropped already, as an ended loop's
+                    queue.remove(turn)
+                return
             queue.popleft()
-        else:
-            with contextlib.suppress(ValueError):  # dropped already, as an ended loop's
-                queue.remove(turn)
-        if head and queue and not queue[0].done():
-            queue[0].set_result(None)  # the next request's turn to wait for its tokens
+            # The next request's turn to wait for its tokens, on whichever loop it waits.
+            # One already done was cancelled: leaving, it hands the turn on itself.
+            while queue and not queue[0].done() and not wake(queue[0]):
+                queue.popleft()  # its loop has closed: nobody is there to take the turn
 
     def observe(
         self,
