@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -361,6 +362,24 @@ async def test_cancelling_the_batch_cancels_its_workers() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert cancelled == 4
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="3.10 cannot tell whose cancellation")
+async def test_an_items_own_cancelled_await_is_that_items_failure() -> None:
+    # A future the item shared with another task was cancelled: the batch was not.
+    async def fn(i: int) -> int:
+        await asyncio.sleep(0)
+        if i == 5:
+            shared = asyncio.get_running_loop().create_future()
+            shared.cancel()
+            await shared
+        return i
+
+    batch = BatchConfig(num_workers=4, max_failures=None, **QUIET)
+    results = await run_batched_callable(range(50), fn, batch, progress=False)
+    failed = results[5]
+    assert isinstance(failed, MinimaLlmFailure) and failed.error_type == "CancelledError"
+    assert results[:5] + results[6:] == [i for i in range(50) if i != 5]
 
 
 async def test_a_worker_whose_cancellation_was_lost_takes_no_more_items() -> None:

@@ -159,6 +159,12 @@ async def run_batched_callable(
             set_last_cached(False)
             try:
                 result: Any = await fn(item)
+            except asyncio.CancelledError as exc:
+                if ended or _cancel_requested():
+                    raise
+                # Not this worker being cancelled: the item's own work met a cancelled
+                # future (one it shared with another task, say). A failure of that item.
+                result = _failure_from(item, index, exc)
             except Exception as exc:
                 result = _failure_from(item, index, exc)
             results[index] = result
@@ -243,7 +249,19 @@ def _summary(tally: _Tally, stats: StatsSnapshot | None) -> str:
     return f"[batch] finished {tally.done} in {elapsed:.2f}s ({rate:.0f}/s) | {tally.counts(stats)}"
 
 
-def _failure_from(item: Any, index: int, exc: Exception) -> MinimaLlmFailure:
+def _cancel_requested() -> bool:
+    """Whether the current task has a cancellation pending.
+
+    Always True before 3.11, which cannot tell: a worker that swallowed a real
+    cancellation (asyncio.run cancelling every task at an interrupt) would go on
+    sending the batch's requests, so there an item's stray one still ends the batch.
+    """
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling()) if cancelling is not None else True
+
+
+def _failure_from(item: Any, index: int, exc: BaseException) -> MinimaLlmFailure:
     request_id = getattr(item, "request_id", None) or f"item-{index}"
     return MinimaLlmFailure(
         request_id=str(request_id),
