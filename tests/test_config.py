@@ -973,6 +973,29 @@ def test_api_key_read_from_a_file_loses_its_newline() -> None:
     assert MinimaLlmConfig.from_env(environ=env).api_key == SECRET
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://h/deploy?api-version=2024-06-01",  # the path would land inside the query
+        "http://h/v1#frag",
+        "http://h/v1?",
+    ],
+)
+def test_a_base_url_with_a_query_or_fragment_is_refused(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"without \?query or #fragment") as info:
+        make(base_url=url)
+    assert info.value.field == "base_url"
+
+
+@pytest.mark.parametrize(
+    "url", ["http://user:pw-secret@h/v1", "https://user@h", "http://:pw-secret@h"]
+)
+def test_a_base_url_with_credentials_is_refused_without_showing_them(url: str) -> None:
+    with pytest.raises(ConfigError, match="without user:password@") as info:
+        make(base_url=url)
+    assert "pw-secret" not in str(info.value) and "user" not in str(info.value.value)
+
+
 def test_base_urls_that_are_valid_stay_valid() -> None:
     for url in ("http://[::1]:8000/v1", "https://api.example.com", "http://h:65535/v1/"):
         assert make(base_url=url).base_url.endswith("/v1")

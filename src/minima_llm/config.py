@@ -252,6 +252,7 @@ class MinimaLlmConfig:
             self.base_url,
             "an http(s) URL with a host, a port from 1 to 65535 if any, and no spaces",
         )
+        _check_url_parts(self.base_url)
         object.__setattr__(self, "base_url", normalize_base_url(self.base_url))
         _check(
             # Not stripped: a program passing a model gets exactly that model in its keys.
@@ -540,6 +541,25 @@ def _is_sendable_url(url: str) -> bool:
     except ValueError:
         return False
     return bool(parts.hostname) and port != 0
+
+
+def _check_url_parts(url: str) -> None:
+    """Refuse what a base URL cannot carry: the endpoint path is appended to it."""
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        # Not echoed: the part before the @ is a password. The transports would differ,
+        # too (aiohttp sends it as Basic auth, the others drop it).
+        shown = parts._replace(netloc=f"***@{parts.netloc.rpartition('@')[2]}").geturl()
+        raise ConfigError(
+            "base_url", shown, "a URL without user:password@ (the key goes in api_key)"
+        )
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        # "/chat/completions" would land inside the query ("?api-version=1/v1/chat/...").
+        raise ConfigError(
+            "base_url",
+            url,
+            "a URL without ?query or #fragment (the endpoint path is appended to it)",
+        )
 
 
 def normalize_base_url(url: str) -> str:
