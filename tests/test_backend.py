@@ -51,6 +51,18 @@ async def test_generate_then_cache_hit(make_backend: BackendFactory, mock: MockS
     assert snap.tokens_saved_in == first.usage.prompt_tokens  # saved once, not spent
 
 
+async def test_a_stream_asked_for_in_extra_is_refused_before_it_is_sent(
+    make_backend: BackendFactory, mock: MockServer
+) -> None:
+    # Sent, its event stream read as a whole body was "malformed": six paid generations.
+    backend = make_backend()
+    result = await backend.generate(req(1, extra={"stream": True}))
+    assert isinstance(result, MinimaLlmFailure)
+    assert result.error_type == "InvalidRequest" and "stream()" in result.message
+    assert result.attempts == 0 and mock.stats()["requests"] == 0
+    assert isinstance(await backend.generate(req(1, extra={"stream": False})), MinimaLlmResponse)
+
+
 @pytest.mark.parametrize(
     "answer",
     ["a\ud800b", "a\ufffdb \udfff", "a\ufffdb"],

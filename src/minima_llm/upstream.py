@@ -433,6 +433,18 @@ class UpstreamCaller:
         """Send until success, a permanent error, or attempts run out (``body``: ``payload`` encoded)."""
         if api_key and not is_header_safe(api_key):
             return self._unsendable_key(request_id)
+        if payload.get("stream"):
+            # The answer would be an event stream, which a whole-body read takes for a
+            # cut or malformed answer and retries, paying for every generation.
+            problem = Problem(
+                "InvalidRequest",
+                "the request asks for a stream ('stream' in extra): use stream() or"
+                " open_stream() for streamed answers",
+                None,
+                None,
+                False,
+            )
+            return self._failure(request_id, problem, 0, [])
         data, headers = self.encode(payload, api_key, body)
         limits = self.limits if api_key is None else self.limits_for(api_key)
         stamps: list[float] = []
