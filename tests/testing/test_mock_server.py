@@ -261,6 +261,7 @@ async def test_token_limit_charges_as_openai_counts_and_names_what_it_refuses(
     status, refused, response = await post(http, url, {**body, "max_tokens": 1000})
     assert status == 429 and "retry-after" not in response.headers
     assert refused["error"]["message"].startswith("Request too large for mock-model")
+    assert "bucket holds 1000 tokens at most" in refused["error"]["message"]
     assert mock.stats()["rate_limited"] == 2
 
 

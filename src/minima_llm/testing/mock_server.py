@@ -310,8 +310,12 @@ class MockServer:
         # OpenAI's wording: a client can tell a request no wait will admit by "too large".
         limit = f"on tokens per min (TPM): Limit {tokens.rpm}"
         if too_large:
+            # Say what refused it: the bucket (the limit's share of --tpm-burst-s), which
+            # is smaller than the per-minute limit named first.
             message = (
                 f"Request too large for {self._config.model} {limit}, Requested {cost}."
+                f" This server's bucket holds {tokens.capacity:g} tokens at most"
+                " (raise --tpm-burst-s to admit larger requests)."
                 " The input or output tokens must be reduced in order to run successfully."
             )
         else:
