@@ -175,3 +175,27 @@ def _points_under(fd: str, directory: Path) -> bool:
         return os.readlink(f"/proc/self/fd/{fd}").startswith(str(directory))
     except OSError:  # closed meanwhile
         return False
+
+
+def test_max_outstanding_bounds_event_loops_running_at_once_in_threads() -> None:
+    with run_mock_server_in_thread(MockConfig(latency_s=0.1)) as server:
+        config = MinimaLlmConfig(base_url=server.url, model="m", rpm=0, max_outstanding=3)
+        backend = OpenAIMinimaLlm(config)
+        answered: list[int] = []
+
+        def thread(k: int) -> None:
+            async def main() -> None:
+                results = await asyncio.gather(
+                    *(backend.generate(req(f"{k}-{i}")) for i in range(6))
+                )
+                answered.append(sum(isinstance(r, MinimaLlmResponse) for r in results))
+
+            asyncio.run(main())
+
+        threads = [threading.Thread(target=thread, args=(k,), daemon=True) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert answered == [6, 6, 6, 6]
+        assert server.stats()["peak_concurrency"] <= 3  # 12 with a bound per loop

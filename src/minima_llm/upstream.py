@@ -17,7 +17,6 @@ from .config import MinimaLlmConfig, is_header_safe
 from .deadline import bounded
 from .errors import MinimaLlmError, TransportError
 from .http import HttpResponse, StreamingResponse, Transport, encode_body
-from .loopbound import LoopBound
 from .resilience import (
     DOWN_KINDS,
     DOWN_STATUS,
@@ -326,7 +325,8 @@ class UpstreamCaller:
         self.max_wait_s = max(config.max_backoff_s, config.cooldown_cap_s)
         self.limits = self._new_limits()  # the configured key's
         self._keyed: collections.OrderedDict[str, Limits] = collections.OrderedDict()
-        self._slots: LoopBound[Slots] = LoopBound(lambda: Slots(config.max_outstanding))
+        # One bound for every event loop using this caller, threads' included.
+        self._slots = Slots(config.max_outstanding)
         self.headers = headers if headers is not None else request_headers(config)
         # Admission: how many new requests may wait for their turn (cooldown, pacing or a
         # slot) before more are refused with QUEUE_FULL. None: no bound, as a batch wants.
@@ -401,7 +401,7 @@ class UpstreamCaller:
     @property
     def in_flight_limit(self) -> int:
         """Requests this loop may have in flight now: ``max_outstanding``, less after 503s."""
-        return self._slots.get().limit
+        return self._slots.limit
 
     def encode(
         self, payload: Mapping[str, Any], api_key: str | None = None, body: bytes | None = None
@@ -484,7 +484,7 @@ class UpstreamCaller:
             breaker = self.breaker
             if breaker is not None and breaker.is_open:
                 self._check_breaker(breaker)
-            slots = self._slots.get()
+            slots = self._slots
             charged = None
             if not self._turn_now(slots, limits):
                 charged = await self._take_turn(slots, not stamps, payload, None, limits)
@@ -759,7 +759,7 @@ class UpstreamCaller:
         breaker = self.breaker
         if breaker is not None and breaker.is_open:
             self._check_breaker(breaker)
-        slots = self._slots.get()
+        slots = self._slots
         charged = None
         if not self._turn_now(slots, limits):
             charged = await self._take_turn(slots, not stamps, payload, raw, limits)

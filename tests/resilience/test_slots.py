@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -196,3 +197,38 @@ async def test_a_cancelled_timed_waiter_is_cancelled_not_timed_out() -> None:
     with pytest.raises(asyncio.CancelledError):
         await waiter
     assert slots.waiting == 0 and slots.held == 1
+
+
+def test_one_bound_for_event_loops_running_at_once_in_threads() -> None:
+    # DSPy's sync calls run asyncio.run() in each thread, all on one backend.
+    slots = Slots(2)
+    lock = threading.Lock()
+    holding = peak = 0
+    done: list[int] = []
+
+    def thread() -> None:
+        async def one() -> None:
+            nonlocal holding, peak
+            assert await slots.take(10)
+            with lock:
+                holding += 1
+                peak = max(peak, holding)
+            await asyncio.sleep(0.002)
+            with lock:
+                holding -= 1
+            slots.release()
+
+        async def main() -> None:
+            await asyncio.gather(*(one() for _ in range(10)))
+            done.append(1)
+
+        asyncio.run(main())
+
+    threads = [threading.Thread(target=thread, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert not any(t.is_alive() for t in threads), "a waiter was never handed its slot"
+    assert done == [1, 1, 1, 1] and peak == 2
+    assert slots.free == 2 and slots.waiting == 0 and slots.held == 0

@@ -13,18 +13,21 @@ import asyncio
 import collections
 import contextlib
 import math
+import threading
 
 
 class Slots:
-    """A counting semaphore for one event loop whose free path is a plain call.
+    """A counting semaphore whose free path is a plain call, shared by every event loop.
 
     ``asyncio.Semaphore`` does the same job, but every acquire is a coroutine and
     scans the waiters even when a slot is free; every upstream request takes one.
     A released slot passes straight to the longest waiter, so newcomers never jump
-    the queue.
+    the queue. One backend may serve loops running at once in threads (DSPy's sync
+    calls): the count is kept under a lock, and a slot passed to another loop's
+    waiter is handed over on that loop.
     """
 
-    __slots__ = ("_credit", "_shrunk_at", "_waiters", "held", "limit", "max", "shrinks")
+    __slots__ = ("_credit", "_lock", "_shrunk_at", "_waiters", "held", "limit", "max", "shrinks")
 
     def __init__(self, limit: int) -> None:
         if limit < 1:
@@ -36,6 +39,7 @@ class Slots:
         self._credit = 0.0
         self._shrunk_at = -math.inf
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._lock = threading.Lock()
 
     @property
     def free(self) -> int:
@@ -49,32 +53,34 @@ class Slots:
 
     def try_take(self) -> bool:
         """Take a slot if one is free now (and nobody queued first); no waiting."""
-        if self.held < self.limit and not self._waiters:
-            self.held += 1
-            return True
-        return False
+        with self._lock:
+            if self.held < self.limit and not self._waiters:
+                self.held += 1
+                return True
+            return False
 
     async def take(self, timeout_s: float | None = None) -> bool:
         """Wait for a slot, in arrival order; False if none came within ``timeout_s``."""
-        if self.try_take():
-            return True
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        self._waiters.append(fut)
+        with self._lock:
+            if self.held < self.limit and not self._waiters:
+                self.held += 1
+                return True
+            self._waiters.append(fut)
         # The timer fails the waiter's future rather than cancelling it, so a timeout
         # is never mistaken for (or swallows) a cancellation of the waiting task.
         timer = loop.call_later(timeout_s, _expire, fut) if timeout_s is not None else None
         try:
             await fut
         except _Expired:
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(fut)
+            self._forget(fut)
             return False
         except asyncio.CancelledError:
             if fut.cancelled():
-                # A release in the same loop pass may have popped (and skipped) it already.
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(fut)
+                # A release may have popped it already: then the hand-over, finding it
+                # cancelled, passes the slot on.
+                self._forget(fut)
             else:
                 # The slot was handed over as the cancellation arrived: pass it on.
                 self.release()
@@ -84,17 +90,36 @@ class Slots:
                 timer.cancel()
         return True
 
+    def _forget(self, fut: asyncio.Future[None]) -> None:
+        with self._lock, contextlib.suppress(ValueError):
+            self._waiters.remove(fut)
+
     def release(self) -> None:
         """Give a slot back: to the longest waiter if the limit allows, else to the pool."""
-        if self.held <= 0:
-            raise RuntimeError("Slots: released more slots than were taken")
-        if self.held <= self.limit:
-            while self._waiters:
-                fut = self._waiters.popleft()
-                if not fut.done():
-                    fut.set_result(None)  # the slot passes on: held stays the same
-                    return
-        self.held -= 1
+        with self._lock:
+            if self.held <= 0:
+                raise RuntimeError("Slots: released more slots than were taken")
+            if self.held <= self.limit:
+                while self._waiters:
+                    if self._pass_to(self._waiters.popleft()):
+                        return  # the slot passes on: held stays the same
+            self.held -= 1
+
+    def _pass_to(self, fut: asyncio.Future[None]) -> bool:
+        """Hand a slot to a popped waiter (lock held); False if nobody is there to take it."""
+        if fut.done():
+            return False  # expired or cancelled: its task has let go already
+        loop = fut.get_loop()
+        if loop is _running_loop():
+            fut.set_result(None)
+            return True
+        if loop.is_closed():
+            return False
+        try:
+            loop.call_soon_threadsafe(_hand_over, self, fut)
+        except RuntimeError:  # it closed just now, in its own thread
+            return False
+        return True
 
     def overloaded(self, sent_at: float, now: float) -> bool:
         """The server refused a request sent at ``sent_at`` for overload: halve the limit.
@@ -103,32 +128,29 @@ class Slots:
         when it happened, so one burst of refusals halves the limit once. Returns
         whether the limit had room to shrink (False once one at a time is refused too).
         """
-        if sent_at < self._shrunk_at:
+        with self._lock:
+            if sent_at < self._shrunk_at:
+                return True
+            if self.limit == 1:
+                return False
+            self.limit = max(1, self.limit // 2)
+            self._credit = 0.0
+            self._shrunk_at = now
+            self.shrinks += 1
             return True
-        if self.limit == 1:
-            return False
-        self.limit = max(1, self.limit // 2)
-        self._credit = 0.0
-        self._shrunk_at = now
-        self.shrinks += 1
-        return True
 
     def succeeded(self) -> None:
         """One request went through: grow the limit by one per ``limit`` successes."""
         if self.limit >= self.max:
             return
-        self._credit += 1.0 / self.limit
-        if self._credit >= 1.0:
-            self._credit = 0.0
-            self.limit += 1
-            self._wake()
-
-    def _wake(self) -> None:
-        while self.held < self.limit and self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                self.held += 1
-                fut.set_result(None)
+        with self._lock:
+            self._credit += 1.0 / self.limit
+            if self._credit >= 1.0:
+                self._credit = 0.0
+                self.limit += 1
+                while self.held < self.limit and self._waiters:
+                    if self._pass_to(self._waiters.popleft()):
+                        self.held += 1
 
     def __repr__(self) -> str:
         return (
@@ -139,6 +161,21 @@ class Slots:
 
 class _Expired(Exception):
     """A wait for a slot that ran out of time."""
+
+
+def _hand_over(slots: Slots, fut: asyncio.Future[None]) -> None:
+    """On the waiter's own loop: its slot, or, if it stopped waiting meanwhile, the next one's."""
+    if fut.done():
+        slots.release()
+    else:
+        fut.set_result(None)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _expire(fut: asyncio.Future[None]) -> None:
