@@ -232,3 +232,23 @@ def test_one_bound_for_event_loops_running_at_once_in_threads() -> None:
     assert not any(t.is_alive() for t in threads), "a waiter was never handed its slot"
     assert done == [1, 1, 1, 1] and peak == 2
     assert slots.free == 2 and slots.waiting == 0 and slots.held == 0
+
+
+def test_slots_held_by_a_loop_that_closed_are_freed_for_the_next() -> None:
+    # A loop closed with requests still holding slots (never cancelled, never finished):
+    # with one bound for every loop, the next loop must not wait for them for ever.
+    slots = Slots(2)
+    abandoned = asyncio.new_event_loop()
+
+    async def hold() -> None:
+        assert slots.try_take() and await slots.take(1)
+
+    abandoned.run_until_complete(hold())
+    abandoned.close()
+    assert slots.free == 0
+
+    async def later() -> bool:
+        return await slots.take(1) and await slots.take(1)
+
+    assert asyncio.run(later())
+    assert slots.held == 2

@@ -27,7 +27,17 @@ class Slots:
     waiter is handed over on that loop.
     """
 
-    __slots__ = ("_credit", "_lock", "_shrunk_at", "_waiters", "held", "limit", "max", "shrinks")
+    __slots__ = (
+        "_credit",
+        "_held_by",
+        "_lock",
+        "_shrunk_at",
+        "_waiters",
+        "held",
+        "limit",
+        "max",
+        "shrinks",
+    )
 
     def __init__(self, limit: int) -> None:
         if limit < 1:
@@ -40,6 +50,9 @@ class Slots:
         self._shrunk_at = -math.inf
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._lock = threading.Lock()
+        # Slots held per event loop: a loop closed with requests still holding some
+        # (its tasks never finished) must not shrink the bound for every later loop.
+        self._held_by: dict[asyncio.AbstractEventLoop, int] = {}
 
     @property
     def free(self) -> int:
@@ -56,16 +69,36 @@ class Slots:
         with self._lock:
             if self.held < self.limit and not self._waiters:
                 self.held += 1
+                # _count(loop, 1) inline: every request passes here.
+                held_by, loop = self._held_by, asyncio.get_running_loop()
+                held_by[loop] = held_by.get(loop, 0) + 1
                 return True
             return False
+
+    def _count(self, loop: asyncio.AbstractEventLoop, change: int) -> None:
+        """Slots ``loop`` holds go up or down by ``change`` (lock held)."""
+        held_by = self._held_by
+        left = held_by.get(loop, 0) + change
+        if left > 0:
+            held_by[loop] = left
+        else:
+            held_by.pop(loop, None)
+
+    def _reclaim(self) -> None:
+        """Free the slots of loops that closed while holding them (lock held)."""
+        for loop in [loop for loop in self._held_by if loop.is_closed()]:
+            self.held -= self._held_by.pop(loop)
 
     async def take(self, timeout_s: float | None = None) -> bool:
         """Wait for a slot, in arrival order; False if none came within ``timeout_s``."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         with self._lock:
+            if self.held >= self.limit:
+                self._reclaim()  # before waiting: the slots may be a dead loop's
             if self.held < self.limit and not self._waiters:
                 self.held += 1
+                self._count(loop, 1)
                 return True
             self._waiters.append(fut)
         # The timer fails the waiter's future rather than cancelling it, so a timeout
@@ -99,6 +132,12 @@ class Slots:
         with self._lock:
             if self.held <= 0:
                 raise RuntimeError("Slots: released more slots than were taken")
+            held_by, loop = self._held_by, asyncio.get_running_loop()
+            left = held_by.get(loop, 0) - 1  # _count(loop, -1) inline, as in try_take
+            if left > 0:
+                held_by[loop] = left
+            else:
+                held_by.pop(loop, None)
             if self.held <= self.limit:
                 while self._waiters:
                     if self._pass_to(self._waiters.popleft()):
@@ -112,14 +151,24 @@ class Slots:
         loop = fut.get_loop()
         if loop is _running_loop():
             fut.set_result(None)
+            self._count(loop, 1)
             return True
         if loop.is_closed():
             return False
         try:
-            loop.call_soon_threadsafe(_hand_over, self, fut)
+            loop.call_soon_threadsafe(self._hand_over, fut)
         except RuntimeError:  # it closed just now, in its own thread
             return False
         return True
+
+    def _hand_over(self, fut: asyncio.Future[None]) -> None:
+        """On the waiter's own loop: its slot, or, if it stopped waiting meanwhile, the next one's."""
+        with self._lock:
+            self._count(fut.get_loop(), 1)
+        if fut.done():
+            self.release()
+        else:
+            fut.set_result(None)
 
     def overloaded(self, sent_at: float, now: float) -> bool:
         """The server refused a request sent at ``sent_at`` for overload: halve the limit.
@@ -161,14 +210,6 @@ class Slots:
 
 class _Expired(Exception):
     """A wait for a slot that ran out of time."""
-
-
-def _hand_over(slots: Slots, fut: asyncio.Future[None]) -> None:
-    """On the waiter's own loop: its slot, or, if it stopped waiting meanwhile, the next one's."""
-    if fut.done():
-        slots.release()
-    else:
-        fut.set_result(None)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
