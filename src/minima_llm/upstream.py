@@ -490,7 +490,7 @@ class UpstreamCaller:
                 charged = await self._take_turn(slots, not stamps, payload, None, limits)
             if breaker is not None and breaker.is_open:
                 # Its headers, then its first chunk: each bounded on its own.
-                self._admit(breaker, slots, 3 * self.cfg.timeout_s + 1)
+                self._admit(breaker, slots, 2 * self.cfg.timeout_s + 1)
             try:
                 stamps.append(self.clock.monotonic())
                 resp = await self.transport.open_stream(url, body, headers, self.cfg.timeout_s)
@@ -764,8 +764,8 @@ class UpstreamCaller:
         if not self._turn_now(slots, limits):
             charged = await self._take_turn(slots, not stamps, payload, raw, limits)
         if breaker is not None and breaker.is_open:
-            # The stdlib transport's bound on a whole call, the longer of the two.
-            self._admit(breaker, slots, 2 * self.cfg.timeout_s + 1)
+            # Every transport bounds a whole call by timeout_s; a second for the rest.
+            self._admit(breaker, slots, self.cfg.timeout_s + 1)
         stamps.append(self.clock.monotonic())
         self.stats.in_flight += 1
         try:

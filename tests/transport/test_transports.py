@@ -168,6 +168,24 @@ async def test_timeout_raises_transport_error(client: Transport, mock: MockServe
     assert info.value.kind == "timeout"
 
 
+async def test_a_server_trickling_bytes_gets_timeout_s_on_every_transport(
+    client: Transport, mock: MockServer
+) -> None:
+    # A chunk every 0.1 s: no read waits long, so only a bound on the whole call ends it.
+    # The stdlib transport's bound was twice timeout_s plus a second.
+    mock.update_config(stream_chunk_delay_s=0.1)
+    words = " ".join(f"w{i}" for i in range(60))
+    slow = json.dumps(
+        {"model": "m", "stream": True, "messages": [{"role": "user", "content": words}]}
+    ).encode()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(TransportError) as info:
+        await client.post(mock.url + "/chat/completions", slow, JSON, 0.5)
+    assert info.value.kind == "timeout"
+    assert loop.time() - started < 1.2
+
+
 async def test_reset_mid_body_raises_transport_error(client: Transport, mock: MockServer) -> None:
     mock.fail_next(1, mode="reset")
     with pytest.raises(TransportError) as info:

@@ -137,8 +137,9 @@ class StdlibTransport:
             self._executor or self._pool(), work, url, body, dict(headers), timeout_s, handoff
         )
         try:
-            # The socket timeout applies per read; the outer bound caps a server that trickles bytes.
-            return await bounded(job, timeout_s * 2 + 1.0)
+            # The socket timeout applies per read; this bound is on the whole call, as the
+            # other transports' is: a server trickling bytes gets timeout_s, not twice it.
+            return await bounded(job, timeout_s)
         except asyncio.TimeoutError as exc:
             handoff.abort()
             raise TransportError("timeout", f"no {awaited} within {timeout_s}s") from exc
