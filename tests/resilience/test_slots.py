@@ -252,3 +252,44 @@ def test_slots_held_by_a_loop_that_closed_are_freed_for_the_next() -> None:
 
     assert asyncio.run(later())
     assert slots.held == 2
+
+
+def test_a_closed_loops_waiter_does_not_keep_the_next_loop_queued() -> None:
+    slots = Slots(1)
+    dead = asyncio.new_event_loop()
+
+    async def hold() -> None:
+        assert slots.try_take()
+
+    dead.run_until_complete(hold())
+    dead.create_task(slots.take())  # queued behind the holder, never finished
+    dead.run_until_complete(asyncio.sleep(0))
+    dead.close()
+
+    async def later() -> bool:
+        return await slots.take(1.0)
+
+    assert asyncio.run(later())
+
+
+def test_a_slot_handed_to_a_loop_that_closed_before_taking_it_is_freed() -> None:
+    slots = Slots(1)
+    holder, waiting = asyncio.new_event_loop(), asyncio.new_event_loop()
+
+    async def hold() -> None:
+        assert slots.try_take()
+
+    async def release() -> None:
+        slots.release()  # to the other loop's waiter, through that loop
+
+    holder.run_until_complete(hold())
+    waiting.create_task(slots.take())
+    waiting.run_until_complete(asyncio.sleep(0))
+    holder.run_until_complete(release())
+    holder.close()
+    waiting.close()  # the hand-over never ran
+
+    async def later() -> bool:
+        return await slots.take(1.0)
+
+    assert asyncio.run(later())

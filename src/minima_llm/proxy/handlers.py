@@ -191,7 +191,7 @@ def _inference(endpoint: str) -> Any:
             if sweep.took_back(task):
                 # Nobody reads this; the sweep counted the disconnect.
                 return error_response(499, "client closed the request before it was answered")
-            why = gw.took_back_cut_off(task)
+            why = gw.took_back_cut_off(asyncio.current_task())
             if why is None:
                 raise
             return _shut_down_response(request, gw, parsed, started, why)
@@ -367,7 +367,7 @@ async def _stream(
             if watch.took_back():
                 gw.metrics.client_disconnects += 1
                 return error_response(499, "client closed the request before the stream opened")
-            why = gw.took_back_cut_off(request.task)
+            why = gw.took_back_cut_off(asyncio.current_task())
             if why is None:
                 raise
             return _shut_down_response(request, gw, parsed, started, why)
@@ -443,7 +443,7 @@ async def _send_stream(
         if watch.took_back():
             _client_left(request, gw, parsed, label, opened, started)
             return resp
-        why = gw.took_back_cut_off(request.task)
+        why = gw.took_back_cut_off(asyncio.current_task())
         if why is None:
             raise
         # Cut off by a shutdown: the client is told so in the stream's own terms (an

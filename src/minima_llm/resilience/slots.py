@@ -85,17 +85,23 @@ class Slots:
             held_by.pop(loop, None)
 
     def _reclaim(self) -> None:
-        """Free the slots of loops that closed while holding them (lock held)."""
+        """Free what loops that closed still held or waited for (lock held)."""
         for loop in [loop for loop in self._held_by if loop.is_closed()]:
             self.held -= self._held_by.pop(loop)
+        waiters = self._waiters
+        if any(fut.done() or fut.get_loop().is_closed() for fut in waiters):
+            # A closed loop's waiter never leaves, and would keep every newcomer queued.
+            live = [f for f in waiters if not f.done() and not f.get_loop().is_closed()]
+            waiters.clear()
+            waiters.extend(live)
 
     async def take(self, timeout_s: float | None = None) -> bool:
         """Wait for a slot, in arrival order; False if none came within ``timeout_s``."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         with self._lock:
-            if self.held >= self.limit:
-                self._reclaim()  # before waiting: the slots may be a dead loop's
+            if self.held >= self.limit or self._waiters:
+                self._reclaim()  # before waiting: the slots or the queue may be a dead loop's
             if self.held < self.limit and not self._waiters:
                 self.held += 1
                 self._count(loop, 1)
@@ -132,12 +138,13 @@ class Slots:
         with self._lock:
             if self.held <= 0:
                 raise RuntimeError("Slots: released more slots than were taken")
-            held_by, loop = self._held_by, asyncio.get_running_loop()
-            left = held_by.get(loop, 0) - 1  # _count(loop, -1) inline, as in try_take
-            if left > 0:
-                held_by[loop] = left
-            else:
-                held_by.pop(loop, None)
+            held_by, loop = self._held_by, _running_loop()
+            if loop is not None:  # _count(loop, -1) inline, as in try_take
+                left = held_by.get(loop, 0) - 1
+                if left > 0:
+                    held_by[loop] = left
+                else:
+                    held_by.pop(loop, None)
             if self.held <= self.limit:
                 while self._waiters:
                     if self._pass_to(self._waiters.popleft()):
@@ -159,12 +166,13 @@ class Slots:
             loop.call_soon_threadsafe(self._hand_over, fut)
         except RuntimeError:  # it closed just now, in its own thread
             return False
+        # Counted as the waiter's loop's now: if that loop closes before the hand-over
+        # runs, the reclaim frees the slot.
+        self._count(loop, 1)
         return True
 
     def _hand_over(self, fut: asyncio.Future[None]) -> None:
         """On the waiter's own loop: its slot, or, if it stopped waiting meanwhile, the next one's."""
-        with self._lock:
-            self._count(fut.get_loop(), 1)
         if fut.done():
             self.release()
         else:
