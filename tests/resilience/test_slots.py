@@ -262,7 +262,7 @@ def test_a_closed_loops_waiter_does_not_keep_the_next_loop_queued() -> None:
         assert slots.try_take()
 
     dead.run_until_complete(hold())
-    dead.create_task(slots.take())  # queued behind the holder, never finished
+    left = dead.create_task(slots.take())  # queued behind the holder, never finished
     dead.run_until_complete(asyncio.sleep(0))
     dead.close()
 
@@ -270,6 +270,7 @@ def test_a_closed_loops_waiter_does_not_keep_the_next_loop_queued() -> None:
         return await slots.take(1.0)
 
     assert asyncio.run(later())
+    assert not left.done()  # its loop closed under it
 
 
 def test_a_slot_handed_to_a_loop_that_closed_before_taking_it_is_freed() -> None:
@@ -283,7 +284,7 @@ def test_a_slot_handed_to_a_loop_that_closed_before_taking_it_is_freed() -> None
         slots.release()  # to the other loop's waiter, through that loop
 
     holder.run_until_complete(hold())
-    waiting.create_task(slots.take())
+    left = waiting.create_task(slots.take())
     waiting.run_until_complete(asyncio.sleep(0))
     holder.run_until_complete(release())
     holder.close()
@@ -293,3 +294,4 @@ def test_a_slot_handed_to_a_loop_that_closed_before_taking_it_is_freed() -> None
         return await slots.take(1.0)
 
     assert asyncio.run(later())
+    assert not left.done()  # its loop closed under it
