@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -295,3 +296,30 @@ def test_a_slot_handed_to_a_loop_that_closed_before_taking_it_is_freed() -> None
 
     assert asyncio.run(later())
     assert not left.done()  # its loop closed under it
+
+
+def test_slots_reclaimed_from_a_closed_loop_go_to_the_waiters_already_queued() -> None:
+    slots = Slots(1)
+    dead = asyncio.new_event_loop()
+
+    async def hold() -> None:
+        assert slots.try_take()
+
+    dead.run_until_complete(hold())
+    got: dict[str, bool] = {}
+
+    def other_thread() -> None:
+        async def main() -> None:
+            queued = asyncio.ensure_future(slots.take(5.0))  # waits on the dead loop's slot
+            await asyncio.sleep(0.3)  # the holder's loop closes meanwhile
+            got["late"] = await slots.take(0.2)  # reclaims it: it must go to the first one
+            got["queued"] = await queued
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=other_thread, daemon=True)
+    thread.start()
+    time.sleep(0.1)
+    dead.close()
+    thread.join(timeout=20)
+    assert got == {"late": False, "queued": True}  # one slot: the first waiter's

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -228,3 +229,34 @@ def test_waiters_from_event_loops_in_several_threads_all_get_their_turn() -> Non
         t.join(timeout=20)  # 800 tokens at about 1,000 a second: a second or two
     assert not any(t.is_alive() for t in threads), "a waiter was never woken"
     assert charged == [5, 5, 5, 5]
+
+
+def test_a_waiter_behind_a_closed_loops_turn_is_woken_when_that_turn_is_dropped() -> None:
+    pacer = TokenPacer(SYSTEM_CLOCK)
+    pacer.observe(limit(0), SYSTEM_CLOCK.monotonic(), None)
+    dead = asyncio.new_event_loop()
+    head = dead.create_task(pacer.acquire(50))  # first in line, waiting for tokens
+    dead.run_until_complete(asyncio.sleep(0.01))
+    got: dict[str, object] = {}
+
+    def behind() -> None:
+        async def main() -> None:
+            got["behind"] = await asyncio.wait_for(pacer.acquire(10), 10)
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=behind, daemon=True)
+    thread.start()
+    time.sleep(0.2)
+    dead.close()  # its turn never leaves the queue by itself
+
+    async def newcomer() -> float:
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(pacer.acquire(10), 10)
+        return asyncio.get_running_loop().time() - started
+
+    waited = asyncio.run(newcomer())
+    thread.join(timeout=20)
+    assert isinstance(got.get("behind"), Charge)
+    assert waited < 3  # not stuck behind a waiter nobody woke (10 s before)
+    assert not head.done()

@@ -88,12 +88,15 @@ class Slots:
         """Free what loops that closed still held or waited for (lock held)."""
         for loop in [loop for loop in self._held_by if loop.is_closed()]:
             self.held -= self._held_by.pop(loop)
+        # A closed loop's waiter never leaves: at the head it would keep every newcomer
+        # queued (ones further back are skipped when their turn comes, by _pass_to).
         waiters = self._waiters
-        if any(fut.done() or fut.get_loop().is_closed() for fut in waiters):
-            # A closed loop's waiter never leaves, and would keep every newcomer queued.
-            live = [f for f in waiters if not f.done() and not f.get_loop().is_closed()]
-            waiters.clear()
-            waiters.extend(live)
+        while waiters and (waiters[0].done() or waiters[0].get_loop().is_closed()):
+            waiters.popleft()
+        # What was freed goes to those already waiting, first come first served.
+        while self.held < self.limit and waiters:
+            if self._pass_to(waiters.popleft()):
+                self.held += 1
 
     async def take(self, timeout_s: float | None = None) -> bool:
         """Wait for a slot, in arrival order; False if none came within ``timeout_s``."""

@@ -106,8 +106,12 @@ class TokenPacer:
             if not queue and self.level() >= self._need(cost):
                 return self._take(self._need(cost))
             turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            dropped = False
             while queue and queue[0].get_loop().is_closed():
                 queue.popleft()  # left behind by an event loop that has ended
+                dropped = True
+            if dropped and queue and not queue[0].done():
+                wake(queue[0])  # the live waiter now first was waiting on the dead one
             queue.append(turn)
             first = queue[0] is turn
         started = self._clock.monotonic()
