@@ -24,6 +24,15 @@ BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]
 JSON = {"Content-Type": "application/json"}
 
 
+def trickling(mock: MockServer) -> bytes:
+    """A request body whose answer the mock streams a chunk every 0.1 s, for 6 s in all."""
+    mock.update_config(stream_chunk_delay_s=0.1)
+    words = " ".join(f"w{i}" for i in range(60))
+    return json.dumps(
+        {"model": "m", "stream": True, "messages": [{"role": "user", "content": words}]}
+    ).encode()
+
+
 @pytest.fixture
 async def client(transport: str) -> AsyncIterator[Transport]:
     t = make_transport(transport, 8)
@@ -173,11 +182,7 @@ async def test_a_server_trickling_bytes_gets_timeout_s_on_every_transport(
 ) -> None:
     # A chunk every 0.1 s: no read waits long, so only a bound on the whole call ends it.
     # The stdlib transport's bound was twice timeout_s plus a second.
-    mock.update_config(stream_chunk_delay_s=0.1)
-    words = " ".join(f"w{i}" for i in range(60))
-    slow = json.dumps(
-        {"model": "m", "stream": True, "messages": [{"role": "user", "content": words}]}
-    ).encode()
+    slow = trickling(mock)
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(TransportError) as info:
@@ -274,11 +279,7 @@ async def test_stdlib_frees_the_thread_of_a_request_whose_server_trickles_bytes(
 ) -> None:
     # A streamed answer read whole, a chunk every 0.1 s: no single read times out, so
     # the one worker thread read on for seconds after the caller had given up.
-    mock.update_config(stream_chunk_delay_s=0.1)
-    words = " ".join(f"w{i}" for i in range(60))
-    slow = json.dumps(
-        {"model": "m", "stream": True, "messages": [{"role": "user", "content": words}]}
-    ).encode()
+    slow = trickling(mock)
     t = StdlibTransport(max_connections=1)
     try:
         with pytest.raises(TransportError, match="no complete response"):
