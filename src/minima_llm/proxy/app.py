@@ -60,22 +60,10 @@ async def _shaped(
     request: web.Request, handler: Handler, gw: Gateway, started: float
 ) -> web.StreamResponse:
     """Auth, then the handler; every error as OpenAI-shaped JSON, never a stack trace."""
-
-    def rejected(resp: web.Response, reason: str) -> web.Response:
-        gw.log.rejected_request(
-            request.method,
-            request.path,
-            resp.status,
-            time.monotonic() - started,
-            reason,
-            request[REQUEST_ID],
-        )
-        return resp
-
     try:
         refused = _authenticate(request, gw)
         if refused is not None:
-            return rejected(*refused)
+            return _rejected(request, gw, started, *refused)
         return await handler(request)
     except RequestError as exc:
         resp = error_response(exc.status, str(exc), exc.param, exc.code)
@@ -83,7 +71,7 @@ async def _shaped(
             # The body was not read to its end: the connection cannot carry another
             # request, so say so (Connection: close) rather than reset the client's next one.
             resp.force_close()
-        return rejected(resp, str(exc))
+        return _rejected(request, gw, started, resp, str(exc))
     except ClientLeft:
         # Nobody is there to answer: counted apart from the gateway's own errors.
         gw.metrics.client_disconnects += 1
@@ -98,7 +86,7 @@ async def _shaped(
         resp = error_response(
             exc.status, f"{message} ({request.method} {request.path})", code=code, headers=headers
         )
-        return rejected(resp, message)
+        return _rejected(request, gw, started, resp, message)
     except asyncio.CancelledError:
         raise
     except Exception:
@@ -106,6 +94,21 @@ async def _shaped(
         return error_response(
             500, "internal error in the gateway; see its log", kind="server_error"
         )
+
+
+def _rejected(
+    request: web.Request, gw: Gateway, started: float, resp: web.Response, reason: str
+) -> web.Response:
+    """Log a request the gateway refused itself; ``resp``, its answer."""
+    gw.log.rejected_request(
+        request.method,
+        request.path,
+        resp.status,
+        time.monotonic() - started,
+        reason,
+        request[REQUEST_ID],
+    )
+    return resp
 
 
 def _authenticate(request: web.Request, gw: Gateway) -> tuple[web.Response, str] | None:
