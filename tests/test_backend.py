@@ -134,7 +134,7 @@ async def test_503_storm_exhausts_attempts_then_next_request_succeeds(
     assert "overloaded" in (failure.body_snippet or "")
     assert list(failure.attempt_timestamps) == sorted(failure.attempt_timestamps)
     # Each refusal halved the in-flight limit and paused everyone briefly.
-    assert backend.upstream.cooldown.pauses == 3
+    assert backend.upstream.overload.pauses == 3
     assert backend.upstream.in_flight_limit == backend.cfg.max_outstanding // 8
     ok = await backend.generate(req(2))
     assert isinstance(ok, MinimaLlmResponse)
@@ -159,9 +159,9 @@ async def test_a_burst_refused_with_503_does_not_stall_the_batch(
     upstream = backend.upstream
     # The in-flight limit came down to what the server takes; the cooldown never escalated.
     assert upstream.in_flight_limit < 64
-    assert upstream.cooldown.bumps == 0 and upstream.cooldown.pauses > 0
+    assert upstream.overload.bumps == 0 and upstream.overload.pauses > 0
     # 200 answers at 4 x 20 ms take 1 s of server time; a storm of doubled cooldowns took minutes.
-    assert elapsed < 20.0, (elapsed, upstream.cooldown)
+    assert elapsed < 20.0, (elapsed, upstream.overload)
 
 
 async def test_timeout_is_retried_and_reported_as_408(

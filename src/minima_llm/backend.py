@@ -493,7 +493,7 @@ class OpenAIMinimaLlm:
     def __repr__(self) -> str:
         return (
             f"<OpenAIMinimaLlm {self.cfg.base_url} model={self.cfg.model!r} {self.stats!r} "
-            f"{self.upstream.pacer!r} {self.upstream.cooldown!r}>"
+            f"{self.upstream.pacer!r} {self.upstream.cooldown!r} {self.upstream.overload!r}>"
         )
 
 

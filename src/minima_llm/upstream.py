@@ -288,11 +288,12 @@ def request_headers(config: MinimaLlmConfig) -> dict[str, str]:
 
 
 class Limits(NamedTuple):
-    """What one API key's calls learn and wait for: the cooldown and both pacers.
+    """What one API key's calls learn and wait for: the cooldown after its 429s and both pacers.
 
     A provider limits each key (each organisation) apart: calls made with another key
     (a gateway passing its callers' keys through) must not wait out this one's 429s
-    or follow the rate its headers state.
+    or follow the rate its headers state. An overloaded server (503, 504) is
+    everyone's trouble: that cooldown is the caller's, shared by every key.
     """
 
     cooldown: Cooldown
@@ -324,6 +325,8 @@ class UpstreamCaller:
         # Retry-After can be long; every wait still needs a bound.
         self.max_wait_s = max(config.max_backoff_s, config.cooldown_cap_s)
         self.limits = self._new_limits()  # the configured key's
+        # After 503/504: the server's own state, whichever key was refused.
+        self.overload = self._new_cooldown()
         self._keyed: collections.OrderedDict[str, Limits] = collections.OrderedDict()
         # One bound for every event loop using this caller, threads' included.
         self._slots = Slots(config.max_outstanding)
@@ -341,7 +344,7 @@ class UpstreamCaller:
 
     @property
     def cooldown(self) -> Cooldown:
-        """The cooldown of calls made with the configured key."""
+        """The cooldown after 429s of calls made with the configured key."""
         return self.limits.cooldown
 
     @property
@@ -354,18 +357,19 @@ class UpstreamCaller:
         """The token pacer of calls made with the configured key."""
         return self.limits.tokens
 
-    def _new_limits(self) -> Limits:
-        cfg, clock = self.cfg, self.clock
-        cooldown = Cooldown(
+    def _new_cooldown(self) -> Cooldown:
+        cfg = self.cfg
+        return Cooldown(
             cfg.cooldown_floor_s,
             cfg.cooldown_cap_s,
             cfg.cooldown_halflife_s,
             cfg.base_backoff_s,
-            clock,
+            self.clock,
         )
-        return Limits(
-            cooldown, RpmPacer(cfg.rpm, clock, max_hold_s=self.max_wait_s), TokenPacer(clock)
-        )
+
+    def _new_limits(self) -> Limits:
+        pacer = RpmPacer(self.cfg.rpm, self.clock, max_hold_s=self.max_wait_s)
+        return Limits(self._new_cooldown(), pacer, TokenPacer(self.clock))
 
     def limits_for(self, api_key: str | None) -> Limits:
         """The limits of calls made with ``api_key`` (None: the configured key)."""
@@ -380,6 +384,13 @@ class UpstreamCaller:
         else:
             keyed.move_to_end(api_key)
         return limits
+
+    def cooling_s(self, api_key: str | None = None) -> float:
+        """Seconds until calls made with ``api_key`` (None: the configured key) may be sent again."""
+        limits = self.limits
+        if api_key and api_key != self.cfg.api_key:
+            limits = self._keyed.get(api_key, limits)
+        return max(self.overload.remaining(), limits.cooldown.remaining())
 
     def use_breaker(self, threshold: int, reset_s: float) -> Breaker:
         """Fail calls without sending them while ``threshold`` calls in a row found the upstream down."""
@@ -631,13 +642,14 @@ class UpstreamCaller:
         log.debug("%s: attempt %d failed (%s), retry in %.2fs", request_id, tries, problem, delay)
         await self.clock.sleep(min(delay, self.max_wait_s))
 
-    @staticmethod
-    def _turn_now(slots: Slots, limits: Limits) -> bool:
+    def _turn_now(self, slots: Slots, limits: Limits) -> bool:
         """Take a slot if nothing is to be waited for first: no cooldown, no pacing, one free."""
         # Checked before any await: most requests have nothing to wait for, and the
         # coroutines of the waiting path are measurable at thousands of requests a second.
+        now = self.clock.monotonic()
         return (
-            limits.cooldown.remaining() <= 0
+            limits.cooldown.until <= now
+            and self.overload.until <= now
             and limits.pacer.ready()
             and limits.tokens.limit is None
             and slots.try_take()
@@ -680,8 +692,9 @@ class UpstreamCaller:
         wait_s = self.queue_wait_s if first else None
         deadline = None if wait_s is None else asyncio.get_running_loop().time() + wait_s
         try:
-            if cooldown.remaining() > 0:
-                await self._within(cooldown.wait(), deadline, wait_s)
+            for cooling in (self.overload, cooldown):
+                if cooling.remaining() > 0:
+                    await self._within(cooling.wait(), deadline, wait_s)
             if tokens.limit is not None:
                 charged = await self._within(self._charge(payload, raw, tokens), deadline, wait_s)
             # The request turn after the token wait: taken before it, the turns of all
@@ -915,9 +928,11 @@ class UpstreamCaller:
             # Too many at once for this server: fewer in flight (grown back as answers
             # come) and a short pause, not a doubled cooldown. Doubling on every refusal
             # of a wave sends all workers back together at the cap, to be refused again.
-            limits.cooldown.pause(self.cfg.base_backoff_s)
-        elif is_overload_status(status):
+            self.overload.pause(self.cfg.base_backoff_s)
+        elif status == 429:
             limits.cooldown.bump(problem.retry_after, sent_at)
+        elif is_overload_status(status):
+            self.overload.bump(problem.retry_after, sent_at)
         return problem
 
     def _failure(

@@ -219,6 +219,7 @@ async def test_one_passed_through_keys_429_does_not_hold_back_another_key(
         mock.fail_next(1, status=429, headers={"retry-after": "3"})
         refused = await gw.chat("a over its limit", headers=user_a)
         assert refused.status == 429
+        assert refused.headers["Retry-After"] == "3"  # a's own wait, not the gateway key's
         loop = asyncio.get_running_loop()
         started = loop.time()
         other = await gw.chat("b within its own", headers=user_b, stream=stream)
@@ -234,3 +235,20 @@ async def test_one_passed_through_keys_429_does_not_hold_back_another_key(
         for n in range(MAX_KEYED_LIMITS):  # the least recently used key is forgotten first
             upstream.limits_for(f"sk-many-{n}")
         assert upstream.limits_for("sk-user-a") is not first
+
+
+async def test_an_overloaded_upstream_holds_back_every_passed_through_key(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    # A 503 speaks for the server, not for the key that happened to meet it.
+    settings = ProxySettings(port=0, pass_through_client_key=True)
+    waits = {"max_attempts": 1, "cooldown_cap_s": 10.0, "max_backoff_s": 10.0}
+    async with serve(mock.url, tmp_path, settings, api_key="sk-own", **waits) as gw:
+        mock.fail_next(1, status=503, headers={"retry-after": "1"})
+        refused = await gw.chat("a", headers={"Authorization": "Bearer sk-user-a"})
+        assert refused.status == 503
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        other = await gw.chat("b", headers={"Authorization": "Bearer sk-user-b"})
+        assert other.status == 200 and loop.time() - started > 0.7
+        assert gw.backend.upstream.overload.bumps == 1

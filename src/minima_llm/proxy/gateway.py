@@ -187,12 +187,15 @@ class Gateway:
         self.sweep = ClientSweep(backend.key_for, self.metrics)
         self.request_ids = RequestIds()
 
-    def retry_after_s(self, failure: MinimaLlmFailure) -> float:
-        """How long a caller refused with ``failure`` should wait: the breaker's or the cooldown's time."""
+    def retry_after_s(self, failure: MinimaLlmFailure, api_key: str | None = None) -> float:
+        """How long a caller refused with ``failure`` should wait: the breaker's or the cooldown's time.
+
+        ``api_key`` is the caller's key when it is passed through, whose 429s it waits out.
+        """
         upstream = self.backend.upstream
         if failure.error_type == UPSTREAM_DOWN and upstream.breaker is not None:
             return upstream.breaker.retry_in()
-        return upstream.cooldown.remaining()
+        return upstream.cooling_s(api_key)
 
     def key_is_valid(self, presented: str) -> bool:
         """Constant-time comparison against every configured key."""

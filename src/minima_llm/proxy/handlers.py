@@ -250,7 +250,8 @@ def _answer(
 ) -> web.Response:
     latency = time.monotonic() - started
     if isinstance(result, MinimaLlmFailure):
-        resp = failure_response(result, gw.retry_after_s(result))
+        key = request.get(CLIENT_KEY) if gw.settings.pass_through_client_key else None
+        resp = failure_response(result, gw.retry_after_s(result, key))
         upstream = result.upstream_headers
         if upstream is not None:
             resp.headers.update(upstream)  # the failed call's id, for the provider's support

@@ -30,7 +30,7 @@ class Cooldown:
         self._clock = clock
         self._level = 0.0
         self._level_at = clock.monotonic()
-        self._until = 0.0
+        self.until = 0.0  # monotonic time the cooldown ends; read, never set, from outside
         self._bumped_at = -math.inf
         self.bumps = 0
         # Signals from requests already in flight at the last bump: counted, not escalated.
@@ -40,7 +40,7 @@ class Cooldown:
     def pause(self, seconds: float) -> None:
         """Hold requests for ``seconds`` (within floor and cap) without raising the level."""
         seconds = min(self.cap_s, max(self.floor_s, seconds))
-        self._until = max(self._until, self._clock.monotonic() + seconds)
+        self.until = max(self.until, self._clock.monotonic() + seconds)
         self.pauses += 1
 
     def level(self) -> float:
@@ -70,14 +70,14 @@ class Cooldown:
             new = current * 2.0 if current > 0 else self.base_s
         new = min(self.cap_s, max(self.floor_s, new))
         self._level, self._level_at = new, now
-        self._until = max(self._until, now + new)
+        self.until = max(self.until, now + new)
         self._bumped_at = now
         self.bumps += 1
         return new
 
     def remaining(self) -> float:
         """Seconds until requests may be sent again."""
-        return max(0.0, self._until - self._clock.monotonic())
+        return max(0.0, self.until - self._clock.monotonic())
 
     async def wait(self) -> float:
         """Sleep out the cooldown (bounded by ``cap_s`` per loop); returns seconds waited."""
