@@ -80,8 +80,9 @@ async def test_a_body_that_stops_arriving_gets_a_408(mock: MockServer, tmp_path:
 async def test_a_slow_but_steady_body_is_read_however_long_it_takes(
     mock: MockServer, tmp_path: Path
 ) -> None:
-    # Sent over 4 x HOLD_S in pieces each well inside HOLD_S: never stalled, never refused.
-    body = json.dumps(chat_body("sent slowly")).encode()
+    # Sent over 4 x HOLD_S in pieces each well inside HOLD_S, at about 4 KB/s (a slow
+    # link, above the least average the gateway accepts): never stalled, never refused.
+    body = json.dumps(chat_body("sent slowly" + " and steadily" * 600)).encode()
     pieces = [body[i : i + len(body) // 8 + 1] for i in range(0, len(body), len(body) // 8 + 1)]
     async with serve(mock.url, tmp_path, settings()) as gw:
         reader, writer = await connect(gw)
@@ -97,6 +98,33 @@ async def test_a_slow_but_steady_body_is_read_however_long_it_takes(
         assert json.loads(answer)["choices"][0]["message"]["content"]
         writer.close()
     assert mock.stats()["requests"] == 1
+
+
+async def test_a_body_dripping_a_byte_at_a_time_is_refused_for_its_rate(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    # Each byte comes inside HOLD_S of the last, so no wait stalls; only the average
+    # (far under MIN_BODY_RATE) tells this sender from a slow link.
+    async with serve(mock.url, tmp_path, settings()) as gw:
+        reader, writer = await connect(gw)
+        writer.write(head("/v1/chat/completions", 100))
+        await writer.drain()
+        started = asyncio.get_running_loop().time()
+        answer = asyncio.ensure_future(answer_of(reader))
+        for _ in range(20):  # 8 s of drip if nothing stopped it
+            if answer.done():
+                break
+            writer.write(b" ")
+            await writer.drain()
+            await asyncio.sleep(HOLD_S * 0.8)
+        status, headers, body = await asyncio.wait_for(answer, 10)
+        waited = asyncio.get_running_loop().time() - started
+        assert status == 408 and error_code_of(body) == "request_timeout"
+        assert "bytes/s" in json.loads(body)["error"]["message"]
+        assert waited < 4 * HOLD_S
+        assert headers.get("connection", "").lower() == "close"
+        writer.close()
+    assert mock.stats()["requests"] == 0
 
 
 async def test_a_chunked_body_over_the_limit_sent_slowly_gets_a_413(

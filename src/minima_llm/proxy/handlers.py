@@ -73,13 +73,6 @@ async def _json_body(request: web.Request, settings: ProxySettings) -> Any:
             raw = await request.read()
         else:
             raw = await _read_slowly(request, limit, settings.client_timeout_s)
-    except asyncio.TimeoutError:
-        raise RequestError(
-            408,
-            f"the request body stopped arriving: nothing for {settings.client_timeout_s:g}s",
-            code="request_timeout",
-            close=True,
-        ) from None
     except web.RequestPayloadError as exc:
         # A body aiohttp cannot decode (Content-Encoding: gzip over bytes that are not
         # gzip) is the caller's mistake, not an internal error with a traceback.
@@ -103,16 +96,40 @@ async def _json_body(request: web.Request, settings: ProxySettings) -> Any:
     return body
 
 
+# The slowest average a request body may arrive at, after the first client_timeout_s.
+MIN_BODY_RATE = 1000
+
+
 async def _read_slowly(request: web.Request, limit: int, idle_s: float) -> bytes:
     """The body, each piece within ``idle_s`` of the last: a slow but steady sender gets in.
 
     One bound on the whole read would refuse a large body on a slow link that never
-    stalled. The size limit is checked as pieces come (decompressed, if encoded).
+    stalled. A sender must still keep up ``MIN_BODY_RATE`` on average after its first
+    ``idle_s``: a byte just inside every ``idle_s`` would otherwise hold a handler for
+    as long as the body limit lasts. The size limit is checked as pieces come
+    (decompressed, if encoded).
     """
     body = bytearray()
     content = request.content
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     while True:
-        piece = await bounded(content.readany(), idle_s)
+        # The time the bytes so far have earned: idle_s, and a second per MIN_BODY_RATE.
+        earned = started + idle_s + len(body) / MIN_BODY_RATE - loop.time()
+        try:
+            piece = await bounded(content.readany(), min(idle_s, earned))
+        except asyncio.TimeoutError:
+            if earned < idle_s:
+                took = loop.time() - started
+                why = f"{len(body)} bytes in {took:.0f}s, under {MIN_BODY_RATE} bytes/s"
+            else:
+                why = f"nothing for {idle_s:g}s"
+            raise RequestError(
+                408,
+                f"the request body stopped arriving: {why}",
+                code="request_timeout",
+                close=True,
+            ) from None
         if not piece:
             return bytes(body)
         body += piece
