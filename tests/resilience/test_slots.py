@@ -323,3 +323,21 @@ def test_slots_reclaimed_from_a_closed_loop_go_to_the_waiters_already_queued() -
     dead.close()
     thread.join(timeout=20)
     assert got == {"late": False, "queued": True}  # one slot: the first waiter's
+
+
+def test_a_slot_given_back_outside_its_loop_is_not_freed_again_when_that_loop_closes() -> None:
+    slots = Slots(2)
+    taker = asyncio.new_event_loop()
+
+    async def take() -> None:
+        assert slots.try_take()
+
+    taker.run_until_complete(take())
+    slots.release()  # from no loop at all, as a close from a finalizer or a thread may
+    taker.close()
+
+    async def later() -> tuple[bool, bool, bool]:
+        return slots.try_take(), slots.try_take(), await slots.take(0.05)
+
+    assert asyncio.run(later()) == (True, True, False)  # two slots, never a third
+    assert slots.held == 2

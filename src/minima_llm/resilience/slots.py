@@ -142,12 +142,16 @@ class Slots:
             if self.held <= 0:
                 raise RuntimeError("Slots: released more slots than were taken")
             held_by, loop = self._held_by, _running_loop()
-            if loop is not None:  # _count(loop, -1) inline, as in try_take
-                left = held_by.get(loop, 0) - 1
-                if left > 0:
+            if loop is not None and (left := held_by.get(loop, 0) - 1) >= 0:
+                if left:  # _count(loop, -1) inline, as in try_take
                     held_by[loop] = left
                 else:
-                    held_by.pop(loop, None)
+                    del held_by[loop]
+            elif held_by:
+                # Given back outside the loop that took it (another thread, or none): some
+                # loop's count still drops, so the counts keep adding up to ``held`` and a
+                # reclaim never frees a slot twice.
+                self._count(next(iter(held_by)), -1)
             if self.held <= self.limit:
                 while self._waiters:
                     if self._pass_to(self._waiters.popleft()):
@@ -202,8 +206,10 @@ class Slots:
     def succeeded(self) -> None:
         """One request went through: grow the limit by one per ``limit`` successes."""
         if self.limit >= self.max:
-            return
+            return  # the common case, without the lock; checked again under it
         with self._lock:
+            if self.limit >= self.max:
+                return
             self._credit += 1.0 / self.limit
             if self._credit >= 1.0:
                 self._credit = 0.0
