@@ -235,6 +235,15 @@ def test_one_bound_for_event_loops_running_at_once_in_threads() -> None:
     assert slots.free == 2 and slots.waiting == 0 and slots.held == 0
 
 
+def hold_one_on(loop: asyncio.AbstractEventLoop, slots: Slots) -> None:
+    """Take a free slot from a task of ``loop``, and leave it held."""
+
+    async def hold() -> None:
+        assert slots.try_take()
+
+    loop.run_until_complete(hold())
+
+
 def test_slots_held_by_a_loop_that_closed_are_freed_for_the_next() -> None:
     # A loop closed with requests still holding slots (never cancelled, never finished):
     # with one bound for every loop, the next loop must not wait for them for ever.
@@ -259,10 +268,7 @@ def test_a_closed_loops_waiter_does_not_keep_the_next_loop_queued() -> None:
     slots = Slots(1)
     dead = asyncio.new_event_loop()
 
-    async def hold() -> None:
-        assert slots.try_take()
-
-    dead.run_until_complete(hold())
+    hold_one_on(dead, slots)
     left = dead.create_task(slots.take())  # queued behind the holder, never finished
     dead.run_until_complete(asyncio.sleep(0))
     dead.close()
@@ -278,13 +284,10 @@ def test_a_slot_handed_to_a_loop_that_closed_before_taking_it_is_freed() -> None
     slots = Slots(1)
     holder, waiting = asyncio.new_event_loop(), asyncio.new_event_loop()
 
-    async def hold() -> None:
-        assert slots.try_take()
-
     async def release() -> None:
         slots.release()  # to the other loop's waiter, through that loop
 
-    holder.run_until_complete(hold())
+    hold_one_on(holder, slots)
     left = waiting.create_task(slots.take())
     waiting.run_until_complete(asyncio.sleep(0))
     holder.run_until_complete(release())
@@ -302,10 +305,7 @@ def test_slots_reclaimed_from_a_closed_loop_go_to_the_waiters_already_queued() -
     slots = Slots(1)
     dead = asyncio.new_event_loop()
 
-    async def hold() -> None:
-        assert slots.try_take()
-
-    dead.run_until_complete(hold())
+    hold_one_on(dead, slots)
     got: dict[str, bool] = {}
 
     def other_thread() -> None:
@@ -329,10 +329,7 @@ def test_a_slot_given_back_outside_its_loop_is_not_freed_again_when_that_loop_cl
     slots = Slots(2)
     taker = asyncio.new_event_loop()
 
-    async def take() -> None:
-        assert slots.try_take()
-
-    taker.run_until_complete(take())
+    hold_one_on(taker, slots)
     slots.release()  # from no loop at all, as a close from a finalizer or a thread may
     taker.close()
 
