@@ -710,6 +710,13 @@ def test_from_yaml_empty_sections_mean_the_defaults(tmp_path: Path) -> None:
     assert cfg.batch == BatchConfig() and cfg.parasail == ParasailBatchConfig()
 
 
+def test_an_empty_batch_section_sets_no_key_so_batch_variables_apply(tmp_path: Path) -> None:
+    env = {"BATCH_NUM_WORKERS": "7"}
+    for section in ("batch:\n", "batch: null\n", "batch: {}\n"):
+        text = f"base_url: {URL}\nmodel: m\n{section}"
+        assert MinimaLlmConfig.from_yaml(write(tmp_path, text), environ=env).batch.num_workers == 7
+
+
 def test_from_yaml_max_failures_none_as_the_env_var_spells_it(tmp_path: Path) -> None:
     text = f"base_url: {URL}\nmodel: m\nbatch:\n  max_failures: none\n"
     assert MinimaLlmConfig.from_yaml(write(tmp_path, text)).batch.max_failures is None
