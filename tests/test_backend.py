@@ -589,6 +589,20 @@ def test_a_recurring_cache_fault_is_logged_once_per_period(
         "cache write failed: disk full (159 more like it since the last such line)",
         "cache write failed: disk full (159 more like it since the last such line)",
     ]
+    # Asked first whether a line is due, a caller builds only the lines written; the
+    # ones it left out are counted all the same.
+    caplog.clear()
+    built = 0
+    with caplog.at_level(logging.ERROR, logger="minima_llm"):
+        for _ in range(400):
+            if repeated.due():
+                built += 1
+                repeated.log("cache read failed: %s", "locked")
+            now[0] += 0.0625
+    assert built == 3
+    assert [r.getMessage() for r in caplog.records][1:] == [
+        "cache read failed: locked (159 more like it since the last such line)"
+    ] * 2
 
 
 async def test_a_live_answer_keeps_the_upstreams_request_id_and_no_other_header(

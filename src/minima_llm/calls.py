@@ -46,16 +46,25 @@ class RepeatedError:
         self._logged_at = -float("inf")
         self._left_out = 0
 
+    def due(self) -> bool:
+        """Whether a line may go out now; one that may not is counted as left out.
+
+        For a caller whose line costs something to build: build it only when due,
+        then ``log`` it.
+        """
+        if self._clock() - self._logged_at < self.every_s:
+            self._left_out += 1
+            return False
+        return True
+
     def log(self, message: str, *args: Any) -> None:
         """Log ``message % args`` at the level given, unless one went out less than ``every_s`` ago."""
-        now = self._clock()
-        if now - self._logged_at < self.every_s:
-            self._left_out += 1
+        if not self.due():
             return
         if self._left_out:
             message += " (%d more like it since the last such line)"
             args = (*args, self._left_out)
-        self._logged_at, self._left_out = now, 0
+        self._logged_at, self._left_out = self._clock(), 0
         self._logger.log(self._level, message, *args)
 
 

@@ -117,7 +117,10 @@ class ProxyLog:
             self.live += 1
         elif result == "coalesced":
             self.joined += 1
-        if result in _ALWAYS_LOGGED or self.verbose:
+        if (result in _ALWAYS_LOGGED or self.verbose) and (
+            # A flood of refusals builds only the lines that will be written.
+            result != "refused" or self.verbose or self._refusals.due()
+        ):
             named = f" id={request_id}" if request_id else ""
             line = (
                 f"{route} model={loggable(model)} {result} {status} {latency_s * 1000:.0f}ms{named}"
@@ -146,6 +149,9 @@ class ProxyLog:
         """
         self.requests += 1
         self.rejected += 1
+        if not self.verbose and not self._rejections.due():
+            self._count()
+            return
         named = f" id={request_id}" if request_id else ""
         line = (
             f"{method} {loggable(path)} rejected {status} {latency_s * 1000:.0f}ms{named}"
