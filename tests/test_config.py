@@ -358,9 +358,9 @@ def test_invalid_field_pairs(kwargs: dict[str, float], name: str, value: float) 
     ("environ", "name", "value", "other"),
     [
         # Each variable set alone, against the other's default: the error names it.
-        ({"BASE_BACKOFF_S": "30"}, "base_backoff_s", 30.0, "at most max_backoff_s (20.0)"),
-        ({"MAX_BACKOFF_S": "0.1"}, "max_backoff_s", 0.1, "at least base_backoff_s (0.5)"),
-        ({"COOLDOWN_FLOOR_S": "40"}, "cooldown_floor_s", 40.0, "at most cooldown_cap_s (30.0)"),
+        ({"BASE_BACKOFF_S": "30"}, "BASE_BACKOFF_S", 30.0, "at most max_backoff_s (20.0)"),
+        ({"MAX_BACKOFF_S": "0.1"}, "MAX_BACKOFF_S", 0.1, "at least base_backoff_s (0.5)"),
+        ({"COOLDOWN_FLOOR_S": "40"}, "COOLDOWN_FLOOR_S", 40.0, "at most cooldown_cap_s (30.0)"),
     ],
 )
 def test_a_pair_out_of_order_names_the_value_that_was_set(
@@ -465,46 +465,72 @@ def test_batch_config_rejects_misspelt_field() -> None:
 
 
 ENV_INVALID = [
-    ("RPM", "fast", "RPM"),
-    ("RPM", "600.0", "RPM"),
-    ("RPM", "-5", "rpm"),
-    ("MAX_OUTSTANDING", "many", "MAX_OUTSTANDING"),
-    ("TIMEOUT_S", "soon", "TIMEOUT_S"),
-    ("TIMEOUT_S", "0", "timeout_s"),
-    ("MAX_ATTEMPTS", "-1", "max_attempts"),
-    ("JITTER", "1.5", "jitter"),
-    ("BASE_BACKOFF_S", "slow", "BASE_BACKOFF_S"),
-    ("COOLDOWN_CAP_S", "x", "COOLDOWN_CAP_S"),
-    ("COMPRESS_GZIP", "maybe", "COMPRESS_GZIP"),
-    ("CACHE_FORCE_REFRESH", "2", "CACHE_FORCE_REFRESH"),
-    ("MINIMA_TRANSPORT", "curl", "transport"),
-    ("MAX_RESPONSE_BYTES", "256MiB", "MAX_RESPONSE_BYTES"),
-    ("MAX_RESPONSE_BYTES", "1e6", "MAX_RESPONSE_BYTES"),
-    ("MAX_RESPONSE_BYTES", "-1", "max_response_bytes"),
-    ("BATCH_NUM_WORKERS", "0", "num_workers"),
-    ("BATCH_NUM_WORKERS", "lots", "BATCH_NUM_WORKERS"),
-    ("BATCH_MAX_FAILURES", "some", "BATCH_MAX_FAILURES"),
-    ("BATCH_HEARTBEAT_S", "-1", "heartbeat_s"),
-    ("BATCH_STALL_S", "never", "BATCH_STALL_S"),
+    ("RPM", "fast"),
+    ("RPM", "600.0"),
+    ("RPM", "-5"),
+    ("MAX_OUTSTANDING", "many"),
+    ("TIMEOUT_S", "soon"),
+    ("TIMEOUT_S", "0"),
+    ("MAX_ATTEMPTS", "-1"),
+    ("JITTER", "1.5"),
+    ("BASE_BACKOFF_S", "slow"),
+    ("COOLDOWN_CAP_S", "x"),
+    ("COMPRESS_GZIP", "maybe"),
+    ("CACHE_FORCE_REFRESH", "2"),
+    ("MINIMA_TRANSPORT", "curl"),
+    ("MAX_RESPONSE_BYTES", "256MiB"),
+    ("MAX_RESPONSE_BYTES", "1e6"),
+    ("MAX_RESPONSE_BYTES", "-1"),
+    ("BATCH_NUM_WORKERS", "0"),
+    ("BATCH_NUM_WORKERS", "lots"),
+    ("BATCH_MAX_FAILURES", "some"),
+    ("BATCH_HEARTBEAT_S", "-1"),
+    ("BATCH_STALL_S", "never"),
 ]
 
 
-@pytest.mark.parametrize(("var", "text", "named"), ENV_INVALID)
-def test_invalid_env_values(var: str, text: str, named: str) -> None:
+@pytest.mark.parametrize(("var", "text"), ENV_INVALID)
+def test_invalid_env_values(var: str, text: str) -> None:
+    # Named by the variable, unparsable or out of range alike: that is what the user set.
     with pytest.raises(ConfigError) as info:
         env(**{var: text})
+    assert info.value.field == var
     message = str(info.value)
-    assert named in message
-    assert text in message
+    assert var in message and text in message
+
+
+def test_a_yaml_key_left_to_the_environment_is_named_by_its_variable(tmp_path: Path) -> None:
+    text = "base_url: http://u.test/v1\nmodel: m\nbatch:\n  stall_s: 5\n"
+    path = write(tmp_path, text)
+    for environ, named in (
+        ({"TIMEOUT_S": "0"}, "TIMEOUT_S"),
+        ({"BATCH_NUM_WORKERS": "0"}, "BATCH_NUM_WORKERS"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            MinimaLlmConfig.from_yaml(path, environ=environ)
+        assert info.value.field == named
+    with pytest.raises(ConfigError) as info:  # the file's own value: named by its key
+        MinimaLlmConfig.from_yaml(write(tmp_path, text + "timeout_s: 0\n"), environ={})
+    assert info.value.field == "timeout_s"
+
+
+def test_a_url_refused_for_its_scheme_or_port_still_masks_a_password() -> None:
+    for url in ("ftp://me:hunter2@host/v1", "http://me:hunter2@host:99999/v1"):
+        with pytest.raises(ConfigError) as info:
+            make(base_url=url)
+        assert "hunter2" not in str(info.value) and "***@host" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        env(OPENAI_BASE_URL="ftp://me:hunter2@host/v1")
+    assert info.value.field == "OPENAI_BASE_URL" and "hunter2" not in str(info.value)
 
 
 def test_max_backoff_below_base_from_env() -> None:
-    with pytest.raises(ConfigError, match="max_backoff_s"):
+    with pytest.raises(ConfigError, match="MAX_BACKOFF_S"):
         env(BASE_BACKOFF_S="5", MAX_BACKOFF_S="1")
 
 
 def test_cooldown_cap_below_floor_from_env() -> None:
-    with pytest.raises(ConfigError, match="cooldown_cap_s"):
+    with pytest.raises(ConfigError, match="COOLDOWN_CAP_S"):
         env(COOLDOWN_FLOOR_S="10", COOLDOWN_CAP_S="2")
 
 

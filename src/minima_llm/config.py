@@ -240,16 +240,19 @@ class MinimaLlmConfig:
             self.base_url,
             "a non-empty http(s) URL",
         )
+        # Every refusal shows the URL with any user:password@ masked: a password there
+        # must not reach a log through a scheme or port error either.
+        shown = _masked_url(self.base_url)
         _check(
             self.base_url.startswith(("http://", "https://")),
             "base_url",
-            self.base_url,
+            shown,
             "a URL starting with http:// or https://",
         )
         _check(
             _is_sendable_url(self.base_url),
             "base_url",
-            self.base_url,
+            shown,
             "an http(s) URL with a host, a port from 1 to 65535 if any, and no spaces",
         )
         _check_url_parts(self.base_url)
@@ -418,8 +421,11 @@ class MinimaLlmConfig:
         kwargs["model"] = env["OPENAI_MODEL"].strip()
         kwargs["api_key"] = _env_api_key(env)
         kwargs.update(_env_kwargs(env, _CLIENT_ENV))
-        kwargs["batch"] = BatchConfig.from_env(env)
-        return cls(**kwargs)
+        try:
+            kwargs["batch"] = BatchConfig.from_env(env)
+            return cls(**kwargs)
+        except ConfigError as exc:
+            raise _blame_variable(exc, env, _VARIABLE_OF) from None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MinimaLlmConfig:
@@ -446,11 +452,21 @@ class MinimaLlmConfig:
         for var, name in (("OPENAI_BASE_URL", "base_url"), ("OPENAI_MODEL", "model")):
             if name not in data and env_set(env, var):
                 data[name] = env[var].strip()
-        data = {**_env_kwargs(env, _CLIENT_ENV, skip=data), **data}
+        client = _env_kwargs(env, _CLIENT_ENV, skip=data)
+        from_env = {
+            name: var
+            for name, var in _VARIABLE_OF.items()
+            if name in client or (name in ("base_url", "model") and name not in data)
+        }
+        data = {**client, **data}
         batch = _env_kwargs(env, _BATCH_ENV, skip=data.get("batch") or {})
         if batch and (data.get("batch") is None or isinstance(data["batch"], Mapping)):
             data["batch"] = {**batch, **(data.get("batch") or {})}
-        return cls.from_dict(data)
+            from_env.update((name, _VARIABLE_OF[name]) for name in batch)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise _blame_variable(exc, env, from_env) from None
 
 
 # Sections of a config file that other parts of the package read.
@@ -547,11 +563,9 @@ def _check_url_parts(url: str) -> None:
     """Refuse what a base URL cannot carry: the endpoint path is appended to it."""
     parts = urlsplit(url)
     if parts.username is not None or parts.password is not None:
-        # Not echoed: the part before the @ is a password. The transports would differ,
-        # too (aiohttp sends it as Basic auth, the others drop it).
-        shown = parts._replace(netloc=f"***@{parts.netloc.rpartition('@')[2]}").geturl()
+        # The transports would differ (aiohttp sends it as Basic auth, the others drop it).
         raise ConfigError(
-            "base_url", shown, "a URL without user:password@ (the key goes in api_key)"
+            "base_url", _masked_url(url), "a URL without user:password@ (the key goes in api_key)"
         )
     if parts.query or parts.fragment or url.endswith(("?", "#")):
         # "/chat/completions" would land inside the query ("?api-version=1/v1/chat/...").
@@ -560,6 +574,17 @@ def _check_url_parts(url: str) -> None:
             url,
             "a URL without ?query or #fragment (the endpoint path is appended to it)",
         )
+
+
+def _masked_url(url: str) -> str:
+    """``url`` with the part before an ``@`` in its authority (a password, often) as ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unbalanced [ in the host: nothing can be told apart
+        return "***" if "@" in url else url
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc=f"***@{parts.netloc.rpartition('@')[2]}").geturl()
 
 
 def normalize_base_url(url: str) -> str:
@@ -674,6 +699,20 @@ def _env_kwargs(
     }
 
 
+def _blame_variable(
+    exc: ConfigError, env: Mapping[str, str], names: Mapping[str, str]
+) -> ConfigError:
+    """``exc`` naming the variable its value came from, when ``names`` maps its field to one set in ``env``.
+
+    The value stays the one checked, as the field's own error showed it (credentials
+    in a URL masked).
+    """
+    var = names.get(exc.field)
+    if var is None or not env_set(env, var):
+        return exc
+    return ConfigError(var, exc.value, exc.allowed)
+
+
 def _key_for_variable(where: str, key: str) -> str | None:
     """The key to write for one spelt as its variable in lower case (``minima_transport``).
 
@@ -783,3 +822,11 @@ _BATCH_ENV = (
     ("BATCH_PRINT_FIRST_FAILURES", "print_first_failures", _env_int),
     ("BATCH_KEEP_FAILURE_SUMMARIES", "keep_failure_summaries", _env_int),
 )
+
+# The variable each field is read from (the batch section's field names included: no
+# name is in both tables). The API key is left out: its errors never show its value.
+_VARIABLE_OF = {
+    "base_url": "OPENAI_BASE_URL",
+    "model": "OPENAI_MODEL",
+    **{name: var for var, name, _ in _CLIENT_ENV + _BATCH_ENV},
+}
