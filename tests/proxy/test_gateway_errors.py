@@ -147,6 +147,11 @@ async def test_unknown_route_and_wrong_method(mock: MockServer, tmp_path: Path) 
         error_of(wrong, 405)
         assert "POST" in wrong.headers["Allow"]
         error_of(await gw.post("/health", {}), 405)
+        error_of(await gw.post("/v1/models/some-model", {}), 405)
+        requests = gw.gateway.metrics.requests
+        # A wrong method counts under the route it asked for; made-up paths share one label.
+        assert requests[("/v1/chat/completions", 405)] == 1 and requests[("/health", 405)] == 1
+        assert requests[("unmatched", 404)] == 2 and requests[("unmatched", 405)] == 1
 
 
 @pytest.mark.parametrize("stream", [False, True])

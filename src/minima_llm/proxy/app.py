@@ -43,7 +43,12 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     finally:
         gw.answering.discard(task)
         resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
+        if resource is not None:
+            route = resource.canonical
+        elif request.path in gw.route_paths:
+            route = request.path  # a route asked with the wrong method (405)
+        else:
+            route = "unmatched"
         gw.metrics.count_request(route, status)
         if gw.log.verbose and status < 400 and route not in INFERENCE_ROUTES:
             # Model calls log their own lines; with --verbose every other request has one too.
@@ -181,6 +186,10 @@ def build_app(
     )
     app[GATEWAY] = gateway
     add_routes(app)
+    # Fixed paths only: a label per path a scanner makes up would grow without bound.
+    gateway.route_paths = frozenset(
+        r.canonical for r in app.router.resources() if "{" not in r.canonical
+    )
 
     async def close(_: web.Application) -> None:
         await gateway.aclose()

@@ -186,6 +186,7 @@ class Gateway:
         self.metrics.watch_admission(lambda: (upstream.queued, upstream.refused))
         self.sweep = ClientSweep(backend.key_for, self.metrics)
         self.request_ids = RequestIds()
+        self.route_paths: frozenset[str] = frozenset()  # the app's fixed paths, set by build_app
 
     def retry_after_s(self, failure: MinimaLlmFailure, api_key: str | None = None) -> float:
         """How long a caller refused with ``failure`` should wait: the breaker's or the cooldown's time.
