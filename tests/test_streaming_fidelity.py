@@ -241,6 +241,9 @@ def test_replayed_text_starts_like_openai_and_carries_logprobs_with_its_content(
     assert content[0]["logprobs"]["content"] == completion["choices"][0]["logprobs"]["content"]
     assert last[0]["delta"] == {} and last[0]["finish_reason"] == "stop"
     assert usage == [] and chunks[-1]["usage"] == USAGE
+    # As OpenAI streams with include_usage: a null usage in every chunk before that one.
+    assert [c["usage"] for c in chunks[:-1]] == [None] * 3
+    assert not any("usage" in c for c in replay_chunks(completion, include_usage=False))
 
 
 def test_replayed_logprobs_travel_with_the_piece_their_token_starts_in() -> None:

@@ -448,13 +448,16 @@ def replay_chunks(
     base.update((key, completion[key]) for key in _EVERY_CHUNK if key in completion)
     # Fields of the answer itself (Azure's prompt_filter_results...) go once, in the first chunk.
     head = {k: v for k, v in completion.items() if k not in _REPLAY_OWN}
+    usage = completion.get("usage") if include_usage else None
+    # As OpenAI streams with include_usage: "usage": null in every chunk but the last.
+    pending = {"usage": None} if isinstance(usage, Mapping) else {}
     for choice in completion.get("choices") or ():
         if isinstance(choice, Mapping):  # a stored body's non-object choice has nothing to replay
             for body in _replayed_choice(choice, kind == "chat", piece_chars):
-                yield {**base, "choices": [body], **head}
+                yield {**base, "choices": [body], **head, **pending}
                 head = {}
-    if include_usage and isinstance(completion.get("usage"), Mapping):
-        yield {**base, "choices": [], "usage": dict(completion["usage"])}
+    if isinstance(usage, Mapping):
+        yield {**base, "choices": [], "usage": dict(usage)}
 
 
 # What ``replay_chunks`` puts in every chunk, or in chunks of its own.
