@@ -291,6 +291,17 @@ def test_strict_mode_rejects_unknown_parameters() -> None:
     assert info.value.param == "messages"
 
 
+def test_strict_mode_refuses_stream_options_without_a_stream() -> None:
+    options = {"stream_options": {"include_usage": True}}
+    body = {"model": "m", "messages": MSGS, **options}
+    assert not parse(body).stream  # lenient: a whole answer, as a server that ignores it gives
+    with pytest.raises(RequestError) as info:
+        parse(body, strict=True)
+    assert (info.value.status, info.value.param) == (400, "stream_options")
+    assert parse({**body, "stream": True}, strict=True).include_usage
+    assert not parse({**body, "stream_options": None}, strict=True).stream
+
+
 def _failure(error_type: str, status: int | None, snippet: str | None = None) -> MinimaLlmFailure:
     return MinimaLlmFailure("r", error_type, "msg", 3, status=status, body_snippet=snippet)
 

@@ -136,6 +136,13 @@ def parse_body(
     stream = _bool(body, "stream", False)
     if stream and endpoint == EMBEDDINGS:
         raise RequestError(400, "embeddings cannot be streamed", param="stream")
+    if strict and not stream and body.get("stream_options") is not None:
+        # OpenAI's own answer: checked as strictly as it checks, the app finds out here.
+        raise RequestError(
+            400,
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            param="stream_options",
+        )
     include_usage = _include_usage(body) if stream else True
     no_cache, no_store = _cache_directives(body, headers)
     temperature = _number(body, "temperature", 0, 2)
