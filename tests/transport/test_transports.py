@@ -186,9 +186,9 @@ async def test_a_server_trickling_bytes_gets_timeout_s_on_every_transport(
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(TransportError) as info:
-        await client.post(mock.url + "/chat/completions", slow, JSON, 0.5)
+        await client.post(mock.url + "/chat/completions", slow, JSON, 1.0)
     assert info.value.kind == "timeout"
-    assert loop.time() - started < 1.2
+    assert loop.time() - started < 2.2  # the old bound would be 3 s: room for a busy machine
 
 
 async def test_reset_mid_body_raises_transport_error(client: Transport, mock: MockServer) -> None:
