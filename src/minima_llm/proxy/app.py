@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 
@@ -66,6 +67,9 @@ async def _shaped(
 ) -> web.StreamResponse:
     """Auth, then the handler; every error as OpenAI-shaped JSON, never a stack trace."""
     try:
+        if request.method == "OPTIONS" and gw.settings.cors_origins:
+            # A browser's preflight carries no key: it asks whether it may send one.
+            return _preflight(request, gw, started)
         refused = _authenticate(request, gw)
         if refused is not None:
             return _rejected(request, gw, started, *refused)
@@ -170,6 +174,67 @@ async def _stamp_request_id(request: web.Request, resp: web.StreamResponse) -> N
         headers["x-request-id"] = rid
 
 
+# What a page may read of an answer besides the basic headers: whether it was a hit,
+# the ids to quote, and how long to wait after a refusal.
+_CORS_EXPOSED = "x-minima-cache, x-minima-request-id, x-request-id, Retry-After"
+# Request headers a page may send, when its preflight names none: what OpenAI's SDKs send.
+_CORS_HEADERS = "Authorization, Content-Type, Cache-Control, x-api-key, api-key"
+_CORS_MAX_AGE_S = "600"
+# A preflight's Access-Control-Request-Headers, echoed back only if it is header names.
+_HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*")
+
+
+def _allowed_origin(request: web.BaseRequest, origins: tuple[str, ...]) -> str | None:
+    """The Access-Control-Allow-Origin to answer ``request`` with; None if its page may not call."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return None
+    if "*" in origins:
+        return "*"
+    return origin if origin.lower() in origins else None
+
+
+def _preflight(request: web.Request, gw: Gateway, started: float) -> web.Response:
+    """Answer a CORS preflight: which origin, methods and headers the page may use."""
+    origin = _allowed_origin(request, gw.settings.cors_origins)
+    if origin is None or "Access-Control-Request-Method" not in request.headers:
+        resp = error_response(
+            403,
+            "this origin may not call the gateway (proxy.cors_origins)"
+            if origin is None
+            else "OPTIONS is only answered as a CORS preflight",
+        )
+        return _rejected(request, gw, started, resp, "CORS preflight refused")
+    asked = request.headers.get("Access-Control-Request-Headers", "")
+    # Echoed only when it is a plain list of header names: it goes back as a header.
+    allowed = asked if _HEADER_LIST.fullmatch(asked) else _CORS_HEADERS
+    headers = {
+        "Access-Control-Allow-Origin": origin,
+        "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+        "Access-Control-Allow-Headers": allowed,
+        "Access-Control-Max-Age": _CORS_MAX_AGE_S,
+    }
+    if origin != "*":
+        headers["Vary"] = "Origin"
+    return web.Response(status=204, headers=headers)
+
+
+def _cors_headers(
+    origins: tuple[str, ...],
+) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """The response hook that lets allowed pages read answers (registered only with CORS on)."""
+
+    async def stamp(request: web.Request, resp: web.StreamResponse) -> None:
+        origin = _allowed_origin(request, origins)
+        if origin is not None and "Access-Control-Allow-Origin" not in resp.headers:
+            resp.headers["Access-Control-Allow-Origin"] = origin
+            resp.headers["Access-Control-Expose-Headers"] = _CORS_EXPOSED
+            if origin != "*":
+                resp.headers.add("Vary", "Origin")
+
+    return stamp
+
+
 def build_app(
     backend: OpenAIMinimaLlm,
     settings: ProxySettings | None = None,
@@ -195,5 +260,7 @@ def build_app(
         await gateway.aclose()
 
     app.on_response_prepare.append(_stamp_request_id)
+    if settings.cors_origins:
+        app.on_response_prepare.append(_cors_headers(settings.cors_origins))
     app.on_cleanup.append(close)
     return app

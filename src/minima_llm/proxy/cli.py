@@ -201,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     cache = config.cache_path or "off (set CACHE_DIR)"
     auth = f"{len(settings.api_keys)} API key(s)" if settings.auth_enabled else "no auth"
+    if settings.cors_origins:
+        auth += f"; browsers from {', '.join(settings.cors_origins)}"
     via = f" via proxy {backend.proxy}" if backend.proxy else ""
 
     def announce(_: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -58,9 +59,13 @@ class ProxySettings:
     # How long the gateway waits on a client: for the rest of a request body, and for a
     # stream's reader to take data it has not taken. A client past it is disconnected.
     client_timeout_s: float = 60.0
+    # Web pages allowed to call the gateway from a browser (CORS), as origins
+    # ("https://app.example.com") or "*" for any; none by default, as browsers then refuse.
+    cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_keys", _keys(self.api_keys))
+        object.__setattr__(self, "cors_origins", _origins(self.cors_origins))
         if not isinstance(self.host, str) or not self.host:
             raise ConfigError("proxy.host", self.host, "a host name or IP address")
         for name in _FLAGS:
@@ -126,6 +131,11 @@ class ProxySettings:
         out: dict[str, Any] = {}
         if env.get("MINIMA_PROXY_API_KEYS"):
             out["api_keys"] = _split_keys(env["MINIMA_PROXY_API_KEYS"])
+        if env.get("MINIMA_PROXY_CORS_ORIGINS"):
+            try:
+                out["cors_origins"] = _origins(env["MINIMA_PROXY_CORS_ORIGINS"])
+            except ConfigError as exc:
+                raise ConfigError("MINIMA_PROXY_CORS_ORIGINS", exc.value, exc.allowed) from None
         numbers: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
             ("MINIMA_PROXY_MAX_BODY_BYTES", "max_body_bytes", int, "an integer"),
             ("MINIMA_PROXY_MAX_QUEUED", "max_queued", int, "an integer"),
@@ -174,6 +184,37 @@ def _keys(value: Any) -> tuple[str, ...]:
     if keys is None or not all(isinstance(k, str) and k for k in keys):
         raise ConfigError("proxy.api_keys", "<hidden>", "a list of non-empty strings")
     return keys
+
+
+# What a browser sends as Origin: a scheme, a host and maybe a port; no path, no slash.
+_ORIGIN = re.compile(
+    r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?"
+)
+
+
+def _origins(value: Any) -> tuple[str, ...]:
+    """Allowed CORS origins, lower-cased as browsers send them; "*" for any."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(o, str) for o in items):
+        raise ConfigError(
+            "proxy.cors_origins", value, "a list of origins, or a comma-separated string"
+        )
+    origins = []
+    for item in items:
+        origin = item.strip().rstrip("/").lower()
+        if not origin:
+            continue
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise ConfigError(
+                "proxy.cors_origins",
+                item,
+                "an origin such as https://app.example.com (scheme, host, optional port; no path),"
+                " or *",
+            )
+        origins.append(origin)
+    return tuple(origins)
 
 
 def _split_keys(text: str) -> tuple[str, ...]:
