@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -164,3 +165,40 @@ def test_a_stored_bodys_usage_is_its_own(raw: str) -> None:
 
     assert json.loads(raw)["usage"] == json.loads(USAGE)  # the table is what it says
     assert usage_of(raw) == Usage(prompt_tokens=11, completion_tokens=5)
+
+
+async def test_a_503_arriving_while_a_429_is_waited_out_holds_the_request_too() -> None:
+    clock = FakeClock()
+    sent_at: list[float] = []
+
+    class Stamping(RecordingTransport):
+        async def post(
+            self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
+        ) -> HttpResponse:
+            sent_at.append(clock.now)
+            return await super().post(url, body, headers, timeout_s)
+
+    cfg = MinimaLlmConfig(base_url="http://127.0.0.1:9/v1", model="m", rpm=0, cooldown_cap_s=10.0)
+    up = UpstreamCaller(cfg, Stamping(), clock, LiveStats())
+    start = clock.now
+    up.cooldown.bump(1.0)  # this key's 429: a second
+    waiting = asyncio.ensure_future(
+        up.complete("r", "http://x/v1/chat/completions", {"model": "m"})
+    )
+    await asyncio.sleep(0)  # into the wait: the fake clock's sleep yields once
+    assert not sent_at
+    up.overload.bump(3.0, clock.now)  # the server, overloaded, says 3 s more
+    assert isinstance(await waiting, Completion)
+    assert sent_at[0] >= start + 1.0 + 3.0 - 1e-9
+
+
+def test_the_wait_a_caller_is_told_counts_its_own_429s_and_everyones_503s() -> None:
+    up = caller(RecordingTransport(), api_key="sk-own", cooldown_cap_s=10.0)
+    up.cooldown.bump(2.0)  # the configured key's 429
+    assert up.cooling_s() == pytest.approx(2.0)
+    assert up.cooling_s("sk-unseen") == 0.0  # not this key's quota
+    up.limits_for("sk-other").cooldown.bump(5.0)
+    assert up.cooling_s("sk-other") == pytest.approx(5.0)
+    up.overload.bump(3.0)
+    assert up.cooling_s("sk-unseen") == pytest.approx(3.0)
+    assert up.cooling_s("sk-other") == pytest.approx(5.0)

@@ -387,10 +387,11 @@ class UpstreamCaller:
 
     def cooling_s(self, api_key: str | None = None) -> float:
         """Seconds until calls made with ``api_key`` (None: the configured key) may be sent again."""
-        limits = self.limits
+        overload = self.overload.remaining()
         if api_key and api_key != self.cfg.api_key:
-            limits = self._keyed.get(api_key, limits)
-        return max(self.overload.remaining(), limits.cooldown.remaining())
+            keyed = self._keyed.get(api_key)  # None: no 429 of its own remembered
+            return overload if keyed is None else max(overload, keyed.cooldown.remaining())
+        return max(overload, self.limits.cooldown.remaining())
 
     def use_breaker(self, threshold: int, reset_s: float) -> Breaker:
         """Fail calls without sending them while ``threshold`` calls in a row found the upstream down."""
@@ -692,9 +693,10 @@ class UpstreamCaller:
         wait_s = self.queue_wait_s if first else None
         deadline = None if wait_s is None else asyncio.get_running_loop().time() + wait_s
         try:
-            for cooling in (self.overload, cooldown):
-                if cooling.remaining() > 0:
-                    await self._within(cooling.wait(), deadline, wait_s)
+            # Until neither holds: a 503 arriving during a wait on a 429 extends it.
+            overload = self.overload
+            while (cooling := max(overload, cooldown, key=Cooldown.remaining)).remaining() > 0:
+                await self._within(cooling.wait(), deadline, wait_s)
             if tokens.limit is not None:
                 charged = await self._within(self._charge(payload, raw, tokens), deadline, wait_s)
             # The request turn after the token wait: taken before it, the turns of all

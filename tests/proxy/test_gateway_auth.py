@@ -247,6 +247,8 @@ async def test_an_overloaded_upstream_holds_back_every_passed_through_key(
         mock.fail_next(1, status=503, headers={"retry-after": "1"})
         refused = await gw.chat("a", headers={"Authorization": "Bearer sk-user-a"})
         assert refused.status == 503
+        # What any caller is told to wait, a key never seen before included.
+        assert gw.backend.upstream.cooling_s("sk-user-new") > 0.5
         loop = asyncio.get_running_loop()
         started = loop.time()
         other = await gw.chat("b", headers={"Authorization": "Bearer sk-user-b"})
