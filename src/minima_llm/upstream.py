@@ -523,7 +523,10 @@ class UpstreamCaller:
             if ok:
                 limits.pacer.answered(stamps[-1])
                 self.stats.in_flight += 1
-                stream = UpstreamStream(resp, lambda: self._release_stream(slots), self.stats)
+                took_on = asyncio.get_running_loop()  # its close may come from elsewhere
+                stream = UpstreamStream(
+                    resp, lambda: self._release_stream(slots, took_on), self.stats
+                )
                 try:
                     # One bound for the whole wait: each read has its own, but a server
                     # dripping keep-alive comments would otherwise hold the slot forever.
@@ -598,9 +601,9 @@ class UpstreamCaller:
         )
         return self._failure(request_id, problem, 0, [])
 
-    def _release_stream(self, slots: Slots) -> None:
+    def _release_stream(self, slots: Slots, took_on: asyncio.AbstractEventLoop) -> None:
         self.stats.in_flight -= 1
-        slots.release()
+        slots.release(took_on)
 
     async def _retrying(
         self,

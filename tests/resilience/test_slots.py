@@ -338,3 +338,24 @@ def test_a_slot_given_back_outside_its_loop_is_not_freed_again_when_that_loop_cl
 
     assert asyncio.run(later()) == (True, True, False)  # two slots, never a third
     assert slots.held == 2
+
+
+def test_a_slot_given_back_on_another_loop_names_the_loop_it_was_taken_on() -> None:
+    # A stream taken on A and closed by code running on B, which holds a slot of its
+    # own: B's count must not drop, or A's close would free A's slot a second time.
+    slots = Slots(2)
+    a, b = asyncio.new_event_loop(), asyncio.new_event_loop()
+    hold_one_on(a, slots)
+    hold_one_on(b, slots)
+
+    async def close_as_streams_do() -> None:
+        slots.release(a)
+
+    b.run_until_complete(close_as_streams_do())
+    a.close()
+
+    async def later() -> tuple[bool, bool]:
+        return slots.try_take(), await slots.take(0.05)
+
+    assert asyncio.run(later()) == (True, False)  # b's slot is still out: one free, not two
+    b.close()

@@ -136,12 +136,16 @@ class Slots:
         with self._lock, contextlib.suppress(ValueError):
             self._waiters.remove(fut)
 
-    def release(self) -> None:
-        """Give a slot back: to the longest waiter if the limit allows, else to the pool."""
+    def release(self, took_on: asyncio.AbstractEventLoop | None = None) -> None:
+        """Give a slot back: to the longest waiter if the limit allows, else to the pool.
+
+        ``took_on`` is the loop the slot was taken on, for a holder that may let go
+        elsewhere (a stream closed from another thread); the running loop by default.
+        """
         with self._lock:
             if self.held <= 0:
                 raise RuntimeError("Slots: released more slots than were taken")
-            held_by, loop = self._held_by, _running_loop()
+            held_by, loop = self._held_by, took_on or _running_loop()
             if loop is not None and (left := held_by.get(loop, 0) - 1) >= 0:
                 if left:  # _count(loop, -1) inline, as in try_take
                     held_by[loop] = left
