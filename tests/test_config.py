@@ -512,13 +512,25 @@ def test_a_yaml_key_left_to_the_environment_is_named_by_its_variable(tmp_path: P
     with pytest.raises(ConfigError) as info:  # the file's own value: named by its key
         MinimaLlmConfig.from_yaml(write(tmp_path, text + "timeout_s: 0\n"), environ={})
     assert info.value.field == "timeout_s"
+    no_url = write(tmp_path, "model: m\n")
+    with pytest.raises(ConfigError) as info:
+        MinimaLlmConfig.from_yaml(no_url, environ={"OPENAI_BASE_URL": "ftp://h/v1"})
+    assert info.value.field == "OPENAI_BASE_URL"
 
 
 def test_a_url_refused_for_its_scheme_or_port_still_masks_a_password() -> None:
-    for url in ("ftp://me:hunter2@host/v1", "http://me:hunter2@host:99999/v1"):
+    for url in (
+        "ftp://me:hunter2@host/v1",
+        "http://me:hunter2@host:99999/v1",
+        # A raw /, ? or # in a password ends urlsplit's authority before the @.
+        "http://me:hun/ter2@host/v1",
+        "http://me:hun?ter2@host/v1",
+        "http://me:hun#ter2@host/v1",
+        "http:/me:hunter2@host/v1",
+    ):
         with pytest.raises(ConfigError) as info:
             make(base_url=url)
-        assert "hunter2" not in str(info.value) and "***@host" in str(info.value)
+        assert "ter2" not in str(info.value) and "***@host" in str(info.value), url
     with pytest.raises(ConfigError) as info:
         env(OPENAI_BASE_URL="ftp://me:hunter2@host/v1")
     assert info.value.field == "OPENAI_BASE_URL" and "hunter2" not in str(info.value)
@@ -1018,6 +1030,7 @@ def test_a_base_url_with_a_query_or_fragment_is_refused(url: str) -> None:
     with pytest.raises(ConfigError, match=r"without \?query or #fragment") as info:
         make(base_url=url)
     assert info.value.field == "base_url"
+    assert "2024" not in info.value.value and "frag" not in info.value.value  # a key, maybe
 
 
 @pytest.mark.parametrize(

@@ -449,15 +449,12 @@ class MinimaLlmConfig:
         key = data.get("api_key")
         if not key or (isinstance(key, str) and not key.strip()):
             data["api_key"] = _env_api_key(env)
+        client = _env_kwargs(env, _CLIENT_ENV, skip=data)
         for var, name in (("OPENAI_BASE_URL", "base_url"), ("OPENAI_MODEL", "model")):
             if name not in data and env_set(env, var):
-                data[name] = env[var].strip()
-        client = _env_kwargs(env, _CLIENT_ENV, skip=data)
-        from_env = {
-            name: var
-            for name, var in _VARIABLE_OF.items()
-            if name in client or (name in ("base_url", "model") and name not in data)
-        }
+                client[name] = env[var].strip()
+        # The fields the environment gave: an error in one names its variable.
+        from_env = {name: _VARIABLE_OF[name] for name in client}
         data = {**client, **data}
         batch = _env_kwargs(env, _BATCH_ENV, skip=data.get("batch") or {})
         if batch and (data.get("batch") is None or isinstance(data["batch"], Mapping)):
@@ -569,22 +566,28 @@ def _check_url_parts(url: str) -> None:
         )
     if parts.query or parts.fragment or url.endswith(("?", "#")):
         # "/chat/completions" would land inside the query ("?api-version=1/v1/chat/...").
+        # Shown without it: a query may carry a key ("?key=...").
+        cut = min(i for i in (url.find("?"), url.find("#"), len(url)) if i >= 0)
         raise ConfigError(
             "base_url",
-            url,
+            url[:cut] + url[cut : cut + 1] + "...",
             "a URL without ?query or #fragment (the endpoint path is appended to it)",
         )
 
 
 def _masked_url(url: str) -> str:
-    """``url`` with the part before an ``@`` in its authority (a password, often) as ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # an unbalanced [ in the host: nothing can be told apart
-        return "***" if "@" in url else url
-    if "@" not in parts.netloc:
+    """``url`` with everything between its scheme and its last ``@`` as ``***``.
+
+    Not by ``urlsplit``'s authority: a raw password holding ``/``, ``?`` or ``#``
+    ends the authority early, and ``http:/user:pw@host`` has none at all.
+    """
+    if "@" not in url:
         return url
-    return parts._replace(netloc=f"***@{parts.netloc.rpartition('@')[2]}").geturl()
+    scheme, colon, rest = url.partition(":")
+    if not colon or not scheme.isalpha():
+        return "***@" + url.rpartition("@")[2]
+    slashes = len(rest) - len(rest.lstrip("/\\"))
+    return f"{scheme}:{rest[:slashes]}***@{rest.rpartition('@')[2]}"
 
 
 def normalize_base_url(url: str) -> str:

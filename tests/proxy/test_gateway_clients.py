@@ -70,6 +70,7 @@ async def test_a_body_that_stops_arriving_gets_a_408(mock: MockServer, tmp_path:
         status, headers, body = await answer_of(reader)
         waited = asyncio.get_running_loop().time() - started
         assert status == 408 and error_code_of(body) == "request_timeout"
+        assert "6 bytes in " in json.loads(body)["error"]["message"]
         assert HOLD_S * 0.8 < waited < HOLD_S + 5
         assert headers.get("connection", "").lower() == "close"
         assert not gw.gateway.answering  # aiohttp still lingers, bounded, over the rest
