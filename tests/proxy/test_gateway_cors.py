@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,8 @@ async def test_a_preflight_from_an_allowed_origin_is_answered_without_a_key(
             headers["Access-Control-Allow-Headers"] == PREFLIGHT["Access-Control-Request-Headers"]
         )
         assert int(headers["Access-Control-Max-Age"]) > 0
-        assert gw.gateway.metrics.requests[("/v1/chat/completions", 204)] == 1
+        # Counted apart: a browser asking, not a call of the route.
+        assert gw.gateway.metrics.requests == {("preflight", 204): 1}
     assert mock.stats()["requests"] == 0
 
 
@@ -67,10 +69,23 @@ async def test_another_origin_gets_no_grant(mock: MockServer, tmp_path: Path) ->
         assert refused.status == 403 and "cors_origins" in refused.json()["error"]["message"]
         answer = await gw.chat("hi", headers={"Origin": "https://evil.example"})
         assert answer.status == 200 and "Access-Control-Allow-Origin" not in answer.headers
+        # Whatever the origin, or none: a cache in between must keep answers apart.
+        assert answer.headers["Vary"] == "Origin"
+        assert (await gw.get("/v1/models")).headers["Vary"] == "Origin"
         # A header list that is not one is not echoed into the answer.
         odd = {**PREFLIGHT, "Origin": APP, "Access-Control-Request-Headers": "x-a; x-b=<1>"}
         reply = await gw.request("OPTIONS", "/v1/models", headers=odd)
         assert reply.status == 204 and "x-b" not in reply.headers["Access-Control-Allow-Headers"]
+
+
+def test_any_origin_needs_api_keys_or_an_explicit_allowance() -> None:
+    # A browser is a local program: a loopback gateway without keys is open to any page.
+    with pytest.raises(ConfigError) as info:
+        cors("*").check_exposure()
+    assert info.value.field == "proxy.cors_origins"
+    cors("*", api_keys=(KEY,)).check_exposure()
+    cors("*", allow_unauthenticated=True).check_exposure()
+    cors(APP).check_exposure()  # the operator named the page it trusts
 
 
 async def test_any_origin_with_a_star(mock: MockServer, tmp_path: Path) -> None:
@@ -80,6 +95,8 @@ async def test_any_origin_with_a_star(mock: MockServer, tmp_path: Path) -> None:
         assert "Vary" not in reply.headers
         answer = await gw.get("/v1/models", headers={"Origin": "http://localhost:5173"})
         assert answer.headers["Access-Control-Allow-Origin"] == "*"
+        plain = await gw.get("/v1/models")  # the same answer without an Origin: no Vary needed
+        assert plain.headers["Access-Control-Allow-Origin"] == "*" and "Vary" not in plain.headers
 
 
 async def test_without_cors_options_is_a_method_not_allowed(
@@ -104,3 +121,13 @@ def test_origins_are_checked_and_read_from_the_environment() -> None:
     with pytest.raises(ConfigError) as info:
         ProxySettings.env_overrides({"MINIMA_PROXY_CORS_ORIGINS": "nope"})
     assert info.value.field == "MINIMA_PROXY_CORS_ORIGINS"
+
+
+async def test_a_refused_preflight_is_logged_with_its_origin(
+    mock: MockServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with serve(mock.url, tmp_path, cors(APP)) as gw:
+        with caplog.at_level(logging.INFO, logger="minima_llm.proxy"):
+            headers = {**PREFLIGHT, "Origin": "https://typo.example"}
+            await gw.request("OPTIONS", "/v1/chat/completions", headers=headers)
+    assert "https://typo.example" in caplog.text

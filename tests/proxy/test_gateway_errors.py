@@ -152,6 +152,8 @@ async def test_unknown_route_and_wrong_method(mock: MockServer, tmp_path: Path) 
         # A wrong method counts under the route it asked for; made-up paths share one label.
         assert requests[("/v1/chat/completions", 405)] == 1 and requests[("/health", 405)] == 1
         assert requests[("unmatched", 404)] == 2 and requests[("unmatched", 405)] == 1
+        error_of(await gw.post("/v1/chat%2Fcompletions", {}), 404)  # no route, decoded or not
+        assert requests[("unmatched", 404)] == 3 and ("/v1/chat/completions", 404) not in requests
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -46,8 +46,12 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         resource = request.match_info.route.resource
         if resource is not None:
             route = resource.canonical
-        elif request.path in gw.route_paths:
-            route = request.path  # a route asked with the wrong method (405)
+        elif request.method == "OPTIONS" and gw.settings.cors_origins:
+            route = "preflight"  # a browser asking, not a call of the route
+        elif request.rel_url.raw_path in gw.route_paths:
+            # A route asked with the wrong method (405); as the router saw it, still
+            # encoded: /v1/chat%2Fcompletions is no route.
+            route = request.rel_url.raw_path
         else:
             route = "unmatched"
         gw.metrics.count_request(route, status)
@@ -204,7 +208,9 @@ def _preflight(request: web.Request, gw: Gateway, started: float) -> web.Respons
             if origin is None
             else "OPTIONS is only answered as a CORS preflight",
         )
-        return _rejected(request, gw, started, resp, "CORS preflight refused")
+        # The origin is what an operator needs to mend the setting (escaped by the log).
+        origin_sent = request.headers.get("Origin", "none")
+        return _rejected(request, gw, started, resp, f"CORS preflight from {origin_sent} refused")
     asked = request.headers.get("Access-Control-Request-Headers", "")
     # Echoed only when it is a plain list of header names: it goes back as a header.
     allowed = asked if _HEADER_LIST.fullmatch(asked) else _CORS_HEADERS
@@ -224,13 +230,24 @@ def _cors_headers(
 ) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
     """The response hook that lets allowed pages read answers (registered only with CORS on)."""
 
+    anyone = "*" in origins
+
     async def stamp(request: web.Request, resp: web.StreamResponse) -> None:
+        headers = resp.headers
+        if "Access-Control-Allow-Origin" in headers:
+            return  # a preflight's own answer
+        if anyone:
+            # The same for every request, with an Origin or without: nothing to vary on.
+            headers["Access-Control-Allow-Origin"] = "*"
+            headers["Access-Control-Expose-Headers"] = _CORS_EXPOSED
+            return
+        # Sent whether this origin is granted or not: the answer depends on it, and a
+        # cache in between must not hand one origin's answer to another.
+        headers.add("Vary", "Origin")
         origin = _allowed_origin(request, origins)
-        if origin is not None and "Access-Control-Allow-Origin" not in resp.headers:
-            resp.headers["Access-Control-Allow-Origin"] = origin
-            resp.headers["Access-Control-Expose-Headers"] = _CORS_EXPOSED
-            if origin != "*":
-                resp.headers.add("Vary", "Origin")
+        if origin is not None:
+            headers["Access-Control-Allow-Origin"] = origin
+            headers["Access-Control-Expose-Headers"] = _CORS_EXPOSED
 
     return stamp
 

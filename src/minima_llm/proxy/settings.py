@@ -103,8 +103,19 @@ class ProxySettings:
         return bool(self.api_keys)
 
     def check_exposure(self) -> None:
-        """Refuse to listen beyond loopback without API keys unless explicitly allowed."""
-        if self.auth_enabled or self.allow_unauthenticated or is_loopback(self.host):
+        """Refuse to listen beyond loopback, or to let any web page call, without API keys unless explicitly allowed."""
+        if self.auth_enabled or self.allow_unauthenticated:
+            return
+        if "*" in self.cors_origins:
+            # A browser is a local program: with any origin allowed, any page the user
+            # opens reaches a loopback gateway too, and spends its upstream key.
+            raise ConfigError(
+                "proxy.cors_origins",
+                "*",
+                "the origins of the pages meant to call, unless API keys are configured"
+                " (MINIMA_PROXY_API_KEYS) or --allow-unauthenticated is given",
+            )
+        if is_loopback(self.host):
             return
         raise ConfigError(
             "proxy.host",
