@@ -244,6 +244,15 @@ def hold_one_on(loop: asyncio.AbstractEventLoop, slots: Slots) -> None:
     loop.run_until_complete(hold())
 
 
+def a_new_loop_gets_a_slot(slots: Slots) -> bool:
+    """Whether a task of a fresh loop gets a slot within a second."""
+
+    async def later() -> bool:
+        return await slots.take(1.0)
+
+    return asyncio.run(later())
+
+
 def test_slots_held_by_a_loop_that_closed_are_freed_for_the_next() -> None:
     # A loop closed with requests still holding slots (never cancelled, never finished):
     # with one bound for every loop, the next loop must not wait for them for ever.
@@ -273,10 +282,7 @@ def test_a_closed_loops_waiter_does_not_keep_the_next_loop_queued() -> None:
     dead.run_until_complete(asyncio.sleep(0))
     dead.close()
 
-    async def later() -> bool:
-        return await slots.take(1.0)
-
-    assert asyncio.run(later())
+    assert a_new_loop_gets_a_slot(slots)
     assert not left.done()  # its loop closed under it
 
 
@@ -294,10 +300,7 @@ def test_a_slot_handed_to_a_loop_that_closed_before_taking_it_is_freed() -> None
     holder.close()
     waiting.close()  # the hand-over never ran
 
-    async def later() -> bool:
-        return await slots.take(1.0)
-
-    assert asyncio.run(later())
+    assert a_new_loop_gets_a_slot(slots)
     assert not left.done()  # its loop closed under it
 
 
