@@ -46,7 +46,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         resource = request.match_info.route.resource
         if resource is not None:
             route = resource.canonical
-        elif request.method == "OPTIONS" and gw.settings.cors_origins:
+        elif _is_preflight(request, gw):
             route = "preflight"  # a browser asking, not a call of the route
         elif request.rel_url.raw_path in gw.route_paths:
             # A route asked with the wrong method (405); as the router saw it, still
@@ -71,7 +71,7 @@ async def _shaped(
 ) -> web.StreamResponse:
     """Auth, then the handler; every error as OpenAI-shaped JSON, never a stack trace."""
     try:
-        if request.method == "OPTIONS" and gw.settings.cors_origins:
+        if _is_preflight(request, gw):
             # A browser's preflight carries no key: it asks whether it may send one.
             return _preflight(request, gw, started)
         refused = _authenticate(request, gw)
@@ -186,6 +186,11 @@ _CORS_HEADERS = "Authorization, Content-Type, Cache-Control, x-api-key, api-key"
 _CORS_MAX_AGE_S = "600"
 # A preflight's Access-Control-Request-Headers, echoed back only if it is header names.
 _HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*")
+
+
+def _is_preflight(request: web.Request, gw: Gateway) -> bool:
+    """Whether the gateway answers ``request`` as a CORS preflight (CORS on, method OPTIONS)."""
+    return request.method == "OPTIONS" and bool(gw.settings.cors_origins)
 
 
 def _allowed_origin(request: web.BaseRequest, origins: tuple[str, ...]) -> str | None:
