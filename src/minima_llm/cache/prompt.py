@@ -115,6 +115,8 @@ class PromptCache:
         self.on_lookup_error: Callable[[Exception], None] | None = None
         # The prefetched rows of batches running now: each row stored is entered in them.
         self._tracked: list[Prefetched] = []
+        # The primary's way to call a key absent without reading, if it has one.
+        self._absent_now: Callable[[str], bool] | None = getattr(primary, "absent_now", None)
 
     @classmethod
     def open(
@@ -210,7 +212,8 @@ class PromptCache:
         if row is not None:
             return row
         if known is None or key not in known:
-            return ...
+            absent_now = self._absent_now
+            return None if absent_now is not None and absent_now(key) else ...
         row = known[key]
         if row is None:
             # Absent at the batch's start; since then another process may have stored it.

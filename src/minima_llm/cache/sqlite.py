@@ -26,6 +26,7 @@ from ..errors import CacheError
 from ._checkpoint import Checkpointer, checkpoint
 from ._mounts import MOUNTINFO, warn_if_network
 from ._worker import ConnectionWorker
+from .absences import Absences
 from .store import CacheRow
 
 log = logging.getLogger("minima_llm.cache")
@@ -84,6 +85,10 @@ class SqliteFile:
         # checkpoints, which only costs a batch some extra reads).
         self.foreign_writes = 0
         self._data_version: int | None = None
+        # When the writer last read data_version (monotonic): an absence holds that long.
+        self.checked_at = -math.inf
+        # The store's filter of keys held, told when a commit is done; None when read-only.
+        self.absences: Absences | None = None
         # Set by the store before its writer opens; None for a read-only file.
         self.checkpointer: Checkpointer | None = None
         self._checkpoint_frames = checkpoint_frames
@@ -118,6 +123,7 @@ class SqliteFile:
                 # while no writer watched is in the new baseline, so assume they did.
                 self.foreign_writes += 1
             self._data_version = _data_version(conn)
+            self.checked_at = time.monotonic()
         except BaseException:
             conn.close()  # else Python 3.13 warns about an unclosed database
             raise
@@ -282,7 +288,23 @@ class SqliteFile:
 
     def write_batch(self, conn: sqlite3.Connection, batches: list[list[CacheRow]]) -> list[Any]:
         rows = [row for batch in batches for row in batch]
+        if rows:
+            if self.absences is not None:
+                # Before the commit: from it on, a lookup that trusts the filter must read.
+                self.absences.add([row[0] for row in rows])
+            self._commit(conn, rows)
+        # An empty batch only asks for this look at other processes' commits.
+        try:
+            version: int | None = _data_version(conn)
+        except sqlite3.Error:
+            version = None  # the rows are committed; count it as a change nobody saw
+        if version is None or version != self._data_version:
+            self._data_version = version
+            self.foreign_writes += 1
+        self.checked_at = time.monotonic()
+        return [None] * len(batches)
 
+    def _commit(self, conn: sqlite3.Connection, rows: list[CacheRow]) -> None:
         def commit() -> None:
             if len(rows) <= _WRITE_CHUNK:
                 # One statement in autocommit mode is its own transaction: one call into
@@ -324,14 +346,6 @@ class SqliteFile:
         self.rows_written += len(rows)
         self.commits += 1
         self._wrote(rows)
-        try:
-            version: int | None = _data_version(conn)
-        except sqlite3.Error:
-            version = None  # the rows are committed; count it as a change nobody saw
-        if version is None or version != self._data_version:
-            self._data_version = version
-            self.foreign_writes += 1
-        return [None] * len(batches)
 
 
 class SqliteStore:
@@ -356,6 +370,7 @@ class SqliteStore:
         self.readonly = readonly
         self._file = file = SqliteFile(self.path, readonly, checkpoint_frames)
         self._writer: ConnectionWorker | None = None
+        self._absences: Absences | None = None
         try:
             if not readonly:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -371,6 +386,11 @@ class SqliteStore:
                     file.connect_writer,
                     file.write_batch,
                     after=file.catch_up,
+                )
+                # Told only of the file and the writer: the threads hold it, never the store.
+                writer = self._writer
+                self._absences = file.absences = Absences(
+                    self.path, file, lambda: writer.submit([])
                 )
             self._reader = ConnectionWorker(
                 f"minima-cache-reader:{self.path.name}", file.connect_reader, file.read
@@ -411,9 +431,18 @@ class SqliteStore:
         return self._file.foreign_writes
 
     @property
+    def reads(self) -> int:
+        """Lookups the reader thread has served (a miss decided in memory is not one)."""
+        return self._reader.jobs
+
+    @property
     def checkpoints(self) -> int:
         """WAL checkpoints the checkpointer thread has run."""
         return self._file.checkpoints
+
+    def absent_now(self, key: str) -> bool:
+        """True only if ``key`` is surely not in the file, decided without reading it."""
+        return self._absences is not None and self._absences.absent(key)
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, CacheRow]:
         """The rows found among ``keys`` (one query per batch of waiting lookups)."""
@@ -463,6 +492,9 @@ class SqliteStore:
         checkpointer = file.checkpointer if file is not None else None
         if checkpointer is not None:
             checkpointer.stop(timeout)
+        absences = getattr(self, "_absences", None)
+        if absences is not None:
+            absences.stop(timeout)
         for worker in (getattr(self, "_writer", None), getattr(self, "_reader", None)):
             if worker is not None:
                 worker.stop(timeout)

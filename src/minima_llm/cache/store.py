@@ -27,6 +27,8 @@ class CacheStore(Protocol):
     A store may also have ``foreign_writes``, a count of the commits of other writers
     (other processes) it has noticed, so a caller holding rows it read earlier knows
     when they may be out of date. Without it a caller cannot tell, and must read again.
+    It may also have ``absent_now(key) -> bool``, True only for a key it surely does
+    not hold, so a miss is decided without a read.
     """
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, CacheRow]:
