@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from contextlib import closing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from minima_llm.cache import CacheRow, SqliteStore
-from minima_llm.cache.absences import FRESH_S, Absences, KeyFilter
+from minima_llm.cache.absences import FRESH_S, SCAN_AFTER, Absences, KeyFilter
 
 WAIT_S = 10.0
 
@@ -71,12 +72,27 @@ def test_a_filter_rounds_its_size_up_and_costs_two_bytes_a_key() -> None:
 # --- when absences may be trusted -------------------------------------------------------
 
 
-@dataclass
 class FakeWatch:
-    """The writer's side, set by hand."""
+    """The writer's side, set by hand one field at a time (``looked`` is the pair)."""
 
-    foreign_writes: int = 0
-    checked_at: float = 0.0
+    def __init__(self) -> None:
+        self.looked: tuple[int, float] = (0, 0.0)
+
+    @property
+    def foreign_writes(self) -> int:
+        return self.looked[0]
+
+    @foreign_writes.setter
+    def foreign_writes(self, writes: int) -> None:
+        self.looked = (writes, self.looked[1])
+
+    @property
+    def checked_at(self) -> float:
+        return self.looked[1]
+
+    @checked_at.setter
+    def checked_at(self, at: float) -> None:
+        self.looked = (self.looked[0], at)
 
 
 class Looks:
@@ -99,15 +115,26 @@ def cache_file(tmp_path: Path) -> Path:
     return tmp_path / "c.db"
 
 
-def absences_of(path: Path, watch: FakeWatch, looks: Looks | None = None, **kw: float) -> Absences:
-    """Absences of ``path``; the writer's last look stays fresh for a minute unless told."""
+def absences_of(path: Path, watch: FakeWatch, looks: Looks | None = None, **kw: Any) -> Absences:
+    """Absences of ``path``; the writer's last look stays fresh for a minute unless told.
+
+    The first miss starts a scan, unless ``scan_after`` says otherwise.
+    """
     kw.setdefault("fresh_s", 60.0)
+    kw.setdefault("scan_after", 0)
     return Absences(path, watch, looks or Looks(), **kw)
 
 
 def fresh(watch: FakeWatch) -> FakeWatch:
     watch.checked_at = time.monotonic()
     return watch
+
+
+def rescan(absences: Absences, watch: FakeWatch) -> None:
+    """Have another process commit, then ask until a new scan's filter is trusted."""
+    scans = absences.scans
+    watch.foreign_writes += 1
+    wait_for(lambda: absences.absent("x") and absences.scans > scans, "a new scan")
 
 
 def test_nothing_is_absent_until_a_scan_has_read_the_keys(cache_file: Path) -> None:
@@ -228,6 +255,48 @@ def test_a_scan_stopped_midway_is_dropped(tmp_path: Path) -> None:
     assert not absences.trusted()
 
 
+def test_a_key_whose_commit_is_under_way_when_a_scan_begins_is_in_its_filter(
+    cache_file: Path,
+) -> None:
+    watch = fresh(FakeWatch())
+    absences = absences_of(cache_file, watch, scan_gap_s=0.0)
+    absences.absent("x")
+    wait_for(absences.trusted, "the first scan")
+    # Entered before any scan runs; its commit has not landed when the next one reads.
+    absences.add(["mine"])
+    rescan(absences, watch)
+    assert absences.absent("mine") is False
+    absences.committed()
+    # The commit returned (here: it failed, the file lacks the key); a scan after that knows.
+    rescan(absences, watch)
+    assert absences.absent("mine") is True
+
+
+def test_the_first_scan_waits_for_enough_lookups(cache_file: Path) -> None:
+    absences = absences_of(cache_file, fresh(FakeWatch()), scan_after=SCAN_AFTER)
+    for _ in range(SCAN_AFTER):
+        assert absences.absent("never") is False
+    time.sleep(0.05)
+    assert absences.scans == 0
+    assert not [t for t in threading.enumerate() if t.name.startswith("minima-cache-scan")]
+    absences.absent("never")
+    wait_for(absences.trusted, "the scan the next lookup starts")
+
+
+def test_a_filter_is_sized_by_the_rows_when_rowids_run_far_past_them(cache_file: Path) -> None:
+    with closing(sqlite3.connect(cache_file, isolation_level=None)) as conn:
+        conn.execute(
+            "INSERT INTO cache (rowid, key, response_text, created_at) VALUES (?, 'far', 'x', 1.0)",
+            (2**40,),
+        )
+    absences = absences_of(cache_file, fresh(FakeWatch()))
+    absences.absent("x")
+    wait_for(absences.trusted, "the scan")
+    assert absences.absent("far") is False
+    assert absences.absent("never") is True
+    assert "/4096 keys" in repr(absences)
+
+
 # --- the store ----------------------------------------------------------------------------
 
 
@@ -305,3 +374,43 @@ async def test_a_reopened_store_scans_again(tmp_path: Path) -> None:
         assert store.absent_now("theirs") is False
     finally:
         await store.aclose()
+
+
+async def test_a_second_store_on_the_file_voids_the_filter_until_it_closes(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    first = SqliteStore(path)
+    try:
+        await first.put_many([row("mine")])
+        await trusting(first)
+        second = SqliteStore(path)
+        try:
+            # Its commits would reach the first's filter only at the first's next look.
+            assert first.absent_now("never") is False
+            await second.put_many([row("theirs")])
+            assert first.absent_now("theirs") is False
+            assert second.absent_now("never") is False
+        finally:
+            await second.aclose()
+        await trusting(first)
+        assert first.absent_now("theirs") is False
+        assert first.absent_now("mine") is False
+    finally:
+        await first.aclose()
+
+
+def scan_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("minima-cache-scan")]
+
+
+async def test_a_store_dropped_without_closing_ends_its_scan(tmp_path: Path) -> None:
+    path = tmp_path / "big.db"
+    store = SqliteStore(path)
+    store.put_many_sync([row(f"old-{i}") for i in range(300_000)])
+    while not scan_threads():
+        store.absent_now("probe")
+    del store
+    gc.collect()
+    await asyncio.to_thread(wait_for, lambda: not scan_threads(), "the scan to end")
+    # The file's last connection closed, the scan's included: SQLite removed the WAL.
+    wal = tmp_path / "big.db-wal"
+    await asyncio.to_thread(wait_for, lambda: not wal.exists(), "the WAL to go")

@@ -13,6 +13,15 @@ the writer last looked. A miss outside those bounds reads as before, and asks th
 writer to look again or a new scan to start. A row another process commits is thus
 treated as absent for ``fresh_s`` at most: less than the time an upstream call
 takes, in which two processes missing the same key already both ask.
+
+Two writable stores of one file in this process would each count the other's
+commits as foreign, but only at their next look: a row one of them committed could
+be a miss for the other meanwhile. So a filter is trusted only while its store is
+the only one open for writing on the file, and only if none opened since its scan
+began; with more (a backend built per item, next to the batch's own) every miss
+reads, as without a filter. A store that is asked only a few
+times (that same backend per item) never scans: the first scan waits for
+``scan_after`` lookups.
 """
 
 from __future__ import annotations
@@ -23,9 +32,10 @@ import math
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from .. import afterfork
 
@@ -47,6 +57,12 @@ _MIN_SCAN_GAP_S = 1.0
 _LOOK_TIMEOUT_S = 1.0
 # How long after the writer's last look at other processes' commits an absence holds.
 FRESH_S = 0.05
+# Lookups a store answers by reading before its first scan: a store used for a request
+# or two (a backend per item) is gone before a scan of a large file would pay off.
+SCAN_AFTER = 64
+# Above this many rowids the filter is sized by counting the rows: rowids another tool
+# chose (or a table emptied and refilled) may be far more than the rows.
+_COUNT_ABOVE = 1_000_000
 
 
 class KeyFilter:
@@ -90,16 +106,51 @@ class KeyFilter:
 class Watch(Protocol):
     """What the writer keeps up to date about other processes' commits."""
 
-    foreign_writes: int
-    checked_at: float
+    # (other processes' commits counted, monotonic time) at the writer's last look,
+    # replaced whole: read as two fields, one look's count could pair with the next's time.
+    looked: tuple[int, float]
+
+
+class _Held(NamedTuple):
+    """A scan's filter, and what it holds for: the writer's count and the stores' joins."""
+
+    keys: KeyFilter
+    writes: int
+    joins: int
+
+
+class _Stores:
+    """The Absences of one file in this process whose writer is open; ``joins`` counts openings."""
+
+    __slots__ = ("__weakref__", "joins", "members")
+
+    def __init__(self) -> None:
+        self.members: weakref.WeakSet[Absences] = weakref.WeakSet()
+        self.joins = 0
+
+
+# Guards _stores_of and each _Stores; the only lock shared by stores of different files.
+# Reentrant: a store's finalizer leaves, and may run in garbage collection inside it.
+_stores_lock = threading.RLock()
+_stores_of: weakref.WeakValueDictionary[str, _Stores] = weakref.WeakValueDictionary()
+
+
+def _stores_for(path: Path) -> _Stores:
+    """The one record of ``path``'s stores in this process."""
+    with _stores_lock:
+        name = str(path.resolve())
+        stores = _stores_of.get(name)
+        if stores is None:
+            stores = _stores_of[name] = _Stores()
+        return stores
 
 
 class Absences:
     """Decides misses of one SQLite file in memory, while that is safe (module docstring).
 
-    ``watch.foreign_writes`` is the writer's count of other processes' commits,
-    ``watch.checked_at`` the monotonic time of its last look, and ``look_again()``
-    queues an empty write, whose commit step looks again, on the running loop.
+    ``watch.looked`` is the writer's count of other processes' commits with the
+    monotonic time it last looked, and ``look_again()`` queues an empty write, whose
+    commit step looks again, on the running loop.
     """
 
     def __init__(
@@ -109,18 +160,18 @@ class Absences:
         look_again: Callable[[], asyncio.Future[Any]],
         fresh_s: float = FRESH_S,
         scan_gap_s: float = _MIN_SCAN_GAP_S,
+        scan_after: int = SCAN_AFTER,
     ) -> None:
         self.path = path
         self.fresh_s = fresh_s
         self.scan_gap_s = scan_gap_s
         self.scans = 0
+        self._unscanned_asks = scan_after
         self._watch = watch
         self._look_again = look_again
         self._looking = False
         self._asked_at = -math.inf
-        self._filter: KeyFilter | None = None
-        # watch.foreign_writes when the filter's scan began: the filter holds while it is unchanged.
-        self._scanned_at_writes = -1
+        self._held: _Held | None = None
         # Guards adds to the filters and the hand-over from a scan; never held for a scan.
         self._lock = threading.Lock()
         self._scanning = False
@@ -130,39 +181,68 @@ class Absences:
         # Keys the writer entered since the scan running now began: its snapshot may
         # have been taken before their commit.
         self._added_meanwhile: list[str] = []
+        # Keys entered whose commit has not returned: a scan beginning now may not see them.
+        self._committing: list[str] = []
         self._next_scan_at = 0.0
+        self._open = False  # set by join, cleared by leave
         afterfork.register(self)
+        self._stores = _stores_for(path)
+        self.join()
 
     def absent(self, key: str) -> bool:
         """True only if ``key`` is surely not in the file; False means read it."""
-        found = self._filter
-        if found is None or self._scanned_at_writes != self._watch.foreign_writes:
+        held = self._held
+        writes, looked_at = self._watch.looked
+        if held is None or held.writes != writes or held.joins != self._stores.joins:
             self._scan_soon()
             return False
-        if time.monotonic() - self._watch.checked_at > self.fresh_s:
+        if time.monotonic() - looked_at > self.fresh_s:
             self._ask_writer()
             return False
+        found = held.keys
         if found.count > found.capacity:
             self._scan_soon()  # a bigger filter; this one still answers, less often
         return not found.might_hold(key)
 
     def trusted(self) -> bool:
         """Whether a miss would be decided in memory right now."""
+        held = self._held
+        writes, looked_at = self._watch.looked
         return (
-            self._filter is not None
-            and self._scanned_at_writes == self._watch.foreign_writes
-            and time.monotonic() - self._watch.checked_at <= self.fresh_s
+            held is not None
+            and held.writes == writes
+            and held.joins == self._stores.joins
+            and time.monotonic() - looked_at <= self.fresh_s
         )
 
     def add(self, keys: list[str]) -> None:
         """Enter keys the writer is about to commit (on its thread, before the commit)."""
         with self._lock:
-            found = self._filter
-            if found is not None:
+            held = self._held
+            if held is not None:
                 for key in keys:
-                    found.add(key)
+                    held.keys.add(key)
             if self._scanning:
                 self._added_meanwhile.extend(keys)
+            self._committing = keys
+
+    def join(self) -> None:
+        """The store's writer opened: no filter of the file made before holds from now on."""
+        with _stores_lock:
+            self._stores.members.add(self)
+            self._stores.joins += 1
+            self._open = True
+
+    def leave(self) -> None:
+        """The store is closing: no scan starts until its writer opens again."""
+        with _stores_lock:
+            self._stores.members.discard(self)
+            self._open = False
+
+    def committed(self) -> None:
+        """The commit of the keys last added has returned (or failed): a scan now sees it."""
+        with self._lock:
+            self._committing = []
 
     def stop(self, timeout: float | None = None) -> None:
         """End a running scan (waiting up to ``timeout``); the next miss may start another."""
@@ -190,19 +270,25 @@ class Absences:
             done.exception()  # retrieved here: a failing cache is reported by its writes
 
     def _scan_soon(self) -> None:
-        if self._scanning or time.monotonic() < self._next_scan_at:
+        if self._unscanned_asks > 0:
+            self._unscanned_asks -= 1
             return
+        if self._scanning or time.monotonic() < self._next_scan_at or not self._open:
+            return
+        if len(self._stores.members) > 1:
+            return  # no filter would be trusted
         with self._lock:
             if self._scanning:
                 return
             self._scanning = True
-            self._added_meanwhile = []
-        # Read before the scan's snapshot: a commit in between is counted later and only
-        # costs another scan.
-        writes = self._watch.foreign_writes
+            # A commit under way may land after the scan's snapshot.
+            self._added_meanwhile = list(self._committing)
+        # Read before the scan's snapshot: a commit or a store opened in between voids
+        # the filter, and only costs another scan.
+        writes, joins = self._watch.looked[0], self._stores.joins
         thread = threading.Thread(
             target=self._scan,
-            args=(writes, self._generation),
+            args=(writes, joins, self._generation),
             name=f"minima-cache-scan:{self.path.name}",
             daemon=True,
         )
@@ -214,19 +300,19 @@ class Absences:
             return
         self._thread = thread
 
-    def _scan(self, writes: int, generation: int) -> None:
+    def _scan(self, writes: int, joins: int, generation: int) -> None:
         started = time.monotonic()
         found: KeyFilter | None = None
         try:
             found = self._read_keys(generation)
-        except sqlite3.Error as exc:
-            log.debug("cache: key scan of %s failed: %s", self.path, exc)
+        except Exception as exc:  # a MemoryError too: any failure only leaves misses reading
+            log.debug("cache: key scan of %s failed: %r", self.path, exc)
         finally:
             with self._lock:
                 if found is not None and generation == self._generation:
                     for key in self._added_meanwhile:
                         found.add(key)
-                    self._filter, self._scanned_at_writes = found, writes
+                    self._held = _Held(found, writes, joins)
                     self.scans += 1
                 self._added_meanwhile = []
                 self._scanning = False
@@ -235,10 +321,18 @@ class Absences:
 
     def _read_keys(self, generation: int) -> KeyFilter | None:
         """Every key in the file, in a filter of twice their number; None if stopped."""
-        conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+        # Not read-only, though it only reads: the last connection to close removes the
+        # WAL, and a read-only one cannot, so a scan outliving the writer (a store dropped
+        # unclosed) would leave it behind.
+        # mode=rw: a file deleted under us is not created anew.
+        conn = sqlite3.connect(
+            f"{self.path.resolve().as_uri()}?mode=rw", uri=True, timeout=_LOOK_TIMEOUT_S
+        )
         try:
             (top,) = conn.execute("SELECT max(rowid) FROM cache").fetchone()
-            # Rowids only grow, so the largest bounds the number of rows.
+            # The largest rowid bounds the number of rows, and costs one step to read.
+            if (top or 0) > _COUNT_ABOVE:
+                (top,) = conn.execute("SELECT count(*) FROM cache").fetchone()
             found = KeyFilter(2 * (top or 0))
             cursor = conn.execute("SELECT key FROM cache")
             while rows := cursor.fetchmany(_SCAN_CHUNK):
@@ -252,12 +346,15 @@ class Absences:
 
     def after_fork_in_child(self) -> None:
         """In a forked child: no scan runs here; the child's writer reopening forces a new one."""
+        global _stores_lock
         self._lock = threading.Lock()
+        _stores_lock = threading.RLock()  # a parent's thread may have held it at the fork
         self._scanning = self._looking = False
         self._added_meanwhile = []
+        self._committing = []
         self._thread = None
 
     def __repr__(self) -> str:
-        found = self._filter
-        size = f"{found.count}/{found.capacity} keys" if found is not None else "no filter"
+        held = self._held
+        size = f"{held.keys.count}/{held.keys.capacity} keys" if held is not None else "no filter"
         return f"<Absences {self.path.name} {size} scans={self.scans} trusted={self.trusted()}>"

@@ -82,11 +82,11 @@ class SqliteFile:
         self.checkpoints = 0
         # Changes by other connections (other processes) seen through the writer's
         # PRAGMA data_version: their commits move it (and their RESTART or TRUNCATE
-        # checkpoints, which only costs a batch some extra reads).
-        self.foreign_writes = 0
+        # checkpoints, which only costs a batch some extra reads). Paired with when the
+        # writer last read it (monotonic), for how long an absence holds; one tuple,
+        # replaced whole, so other threads read the pair of one look.
+        self.looked: tuple[int, float] = (0, -math.inf)
         self._data_version: int | None = None
-        # When the writer last read data_version (monotonic): an absence holds that long.
-        self.checked_at = -math.inf
         # The store's filter of keys held, told when a commit is done; None when read-only.
         self.absences: Absences | None = None
         # Set by the store before its writer opens; None for a read-only file.
@@ -118,12 +118,13 @@ class SqliteFile:
             conn.execute(f"PRAGMA wal_autocheckpoint={_BACKSTOP_FRAMES}")
             _retry_locked(lambda: conn.execute(_SCHEMA))
             _migrate(conn)
-            if self._data_version is not None:
-                # Reopened (after a close, or in a forked child): whatever others wrote
-                # while no writer watched is in the new baseline, so assume they did.
-                self.foreign_writes += 1
+            # Reopened (after a close, or in a forked child): whatever others wrote
+            # while no writer watched is in the new baseline, so assume they did.
+            reopened = self._data_version is not None
             self._data_version = _data_version(conn)
-            self.checked_at = time.monotonic()
+            self.looked = (self.foreign_writes + reopened, time.monotonic())
+            if self.absences is not None:
+                self.absences.join()  # the first opening joins as the Absences is made
         except BaseException:
             conn.close()  # else Python 3.13 warns about an unclosed database
             raise
@@ -288,21 +289,33 @@ class SqliteFile:
 
     def write_batch(self, conn: sqlite3.Connection, batches: list[list[CacheRow]]) -> list[Any]:
         rows = [row for batch in batches for row in batch]
+        absences = self.absences
         if rows:
-            if self.absences is not None:
+            if absences is None:
+                self._commit(conn, rows)
+            else:
                 # Before the commit: from it on, a lookup that trusts the filter must read.
-                self.absences.add([row[0] for row in rows])
-            self._commit(conn, rows)
+                absences.add([row[0] for row in rows])
+                try:
+                    self._commit(conn, rows)
+                finally:
+                    absences.committed()
         # An empty batch only asks for this look at other processes' commits.
         try:
             version: int | None = _data_version(conn)
         except sqlite3.Error:
             version = None  # the rows are committed; count it as a change nobody saw
+        writes = self.foreign_writes
         if version is None or version != self._data_version:
             self._data_version = version
-            self.foreign_writes += 1
-        self.checked_at = time.monotonic()
+            writes += 1
+        self.looked = (writes, time.monotonic())
         return [None] * len(batches)
+
+    @property
+    def foreign_writes(self) -> int:
+        """Commits by other connections the writer has noticed."""
+        return self.looked[0]
 
     def _commit(self, conn: sqlite3.Connection, rows: list[CacheRow]) -> None:
         def commit() -> None:
@@ -402,7 +415,9 @@ class SqliteStore:
             ) from exc
         # A store dropped without aclose (reference 002 builds a backend per item and never
         # closes it) must not keep its threads and files open for the rest of the process.
-        weakref.finalize(self, _release, file.checkpointer, self._writer, self._reader)
+        weakref.finalize(
+            self, _release, file.checkpointer, self._absences, self._writer, self._reader
+        )
 
     @classmethod
     def in_dir(
@@ -486,15 +501,16 @@ class SqliteStore:
         self._stop_workers(timeout)
 
     def _stop_workers(self, timeout: float = 30.0) -> None:
-        # The checkpointer first: the writer's last commits then ask it for nothing, and
-        # the writer, closing last, removes the WAL.
+        # The scan and the checkpointer first: the writer's last commits then ask them
+        # for nothing, and the writer, closing last, removes the WAL.
+        absences = getattr(self, "_absences", None)
+        if absences is not None:
+            absences.leave()  # and no miss arriving meanwhile starts another scan
+            absences.stop(timeout)
         file = getattr(self, "_file", None)
         checkpointer = file.checkpointer if file is not None else None
         if checkpointer is not None:
             checkpointer.stop(timeout)
-        absences = getattr(self, "_absences", None)
-        if absences is not None:
-            absences.stop(timeout)
         for worker in (getattr(self, "_writer", None), getattr(self, "_reader", None)):
             if worker is not None:
                 worker.stop(timeout)
@@ -504,10 +520,17 @@ class SqliteStore:
         return f"<SqliteStore {self.path} {mode} rows_written={self.rows_written} commits={self.commits} checkpoints={self.checkpoints}>"
 
 
-def _release(checkpointer: Checkpointer | None, *workers: ConnectionWorker | None) -> None:
+def _release(
+    checkpointer: Checkpointer | None,
+    absences: Absences | None,
+    *workers: ConnectionWorker | None,
+) -> None:
     """The finalizer of a store nobody closed: queued work still commits, nothing waits for it."""
     if checkpointer is not None:
         checkpointer.stop()
+    if absences is not None:
+        absences.leave()
+        absences.stop()  # a scan running ends at its next chunk
     for worker in workers:
         if worker is not None:
             worker.release()
