@@ -414,3 +414,42 @@ async def test_a_store_dropped_without_closing_ends_its_scan(tmp_path: Path) -> 
     # The file's last connection closed, the scan's included: SQLite removed the WAL.
     wal = tmp_path / "big.db-wal"
     await asyncio.to_thread(wait_for, lambda: not wal.exists(), "the WAL to go")
+
+
+async def test_a_closing_store_voids_the_others_filter_until_its_last_commit_is_in(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "c.db"
+    first = SqliteStore(path)
+    second = SqliteStore(path)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        await first.put_many([row("mine")])
+        other.execute("BEGIN IMMEDIATE")  # the write lock, held: the second's commit waits
+        put = asyncio.ensure_future(second.put_many([row("theirs")]))
+        await asyncio.sleep(0.1)
+        closing = asyncio.ensure_future(second.aclose())
+        # Long enough for the first to scan and trust a filter, were the second not counted.
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            assert first.absent_now("theirs") is False
+            await asyncio.sleep(0.005)
+        other.execute("ROLLBACK")
+        await put
+        await closing
+        await trusting(first)
+        assert first.absent_now("theirs") is False
+    finally:
+        other.close()
+        await first.aclose()
+
+
+async def test_a_store_closed_then_used_only_for_lookups_scans_again(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "c.db")
+    await store.put_many([row("mine")])
+    await store.aclose()
+    try:
+        await trusting(store)  # its lookups reopen the writer, which rejoins
+        assert store.absent_now("mine") is False
+    finally:
+        await store.aclose()

@@ -54,6 +54,7 @@ class ConnectionWorker:
 
     ``after(conn)``, if given, runs after each batch's results are handed back: work
     no caller should wait for, done while the thread would otherwise sleep.
+    ``closed()``, if given, runs each time the worker has closed its connection.
     """
 
     def __init__(
@@ -63,12 +64,14 @@ class ConnectionWorker:
         handler: Handler,
         max_batch: int = 1024,
         after: Callable[[sqlite3.Connection], None] | None = None,
+        closed: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self._connect = connect
         self._handler = handler
         self._max_batch = max_batch
         self._after = after
+        self._closed = closed
         # Guards _queue against a racing put: a job queued after _STOP would never be answered.
         # Reentrant because a finalizer calling ``release`` may run inside a held block (gc).
         self._lock = threading.RLock()
@@ -160,7 +163,7 @@ class ConnectionWorker:
             if jobs is not None:
                 jobs.put(_STOP)
         if conn is not None:
-            conn.close()
+            self._close(conn)
         thread = self._thread
         if wait and thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -185,7 +188,12 @@ class ConnectionWorker:
             while self._serve_batch(conn, jobs, block=False):
                 pass
         finally:
-            conn.close()
+            self._close(conn)
+
+    def _close(self, conn: sqlite3.Connection) -> None:
+        conn.close()
+        if self._closed is not None:
+            self._closed()
 
     def _refuse(self, jobs: queue.SimpleQueue[Any], exc: Exception) -> None:
         """Answer every queued payload with the reason SQLite did not open; the next payload retries."""

@@ -231,13 +231,13 @@ class Absences:
         with _stores_lock:
             self._stores.members.add(self)
             self._stores.joins += 1
+        with self._lock:
             self._open = True
 
     def leave(self) -> None:
-        """The store is closing: no scan starts until its writer opens again."""
+        """The store's writer closed, its last commit in: the others' filters may hold again."""
         with _stores_lock:
             self._stores.members.discard(self)
-            self._open = False
 
     def committed(self) -> None:
         """The commit of the keys last added has returned (or failed): a scan now sees it."""
@@ -245,8 +245,10 @@ class Absences:
             self._committing = []
 
     def stop(self, timeout: float | None = None) -> None:
-        """End a running scan (waiting up to ``timeout``); the next miss may start another."""
-        self._generation += 1
+        """End a running scan (waiting up to ``timeout``); none starts until the writer reopens."""
+        with self._lock:
+            self._open = False
+            self._generation += 1
         thread = self._thread
         if timeout is not None and thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -273,22 +275,26 @@ class Absences:
         if self._unscanned_asks > 0:
             self._unscanned_asks -= 1
             return
-        if self._scanning or time.monotonic() < self._next_scan_at or not self._open:
+        if not self._open:
+            self._ask_writer()  # a store closed and used again: reopening joins
             return
+        if self._scanning or time.monotonic() < self._next_scan_at:
+            return
+        # Read before the scan's snapshot, and the joins before the count of stores: a
+        # commit elsewhere or a store opened from here on voids the filter.
+        writes, joins = self._watch.looked[0], self._stores.joins
         if len(self._stores.members) > 1:
             return  # no filter would be trusted
         with self._lock:
-            if self._scanning:
-                return
+            if self._scanning or not self._open:
+                return  # one runs, or a stop came first
             self._scanning = True
+            generation = self._generation  # a stop from here on drops the scan
             # A commit under way may land after the scan's snapshot.
             self._added_meanwhile = list(self._committing)
-        # Read before the scan's snapshot: a commit or a store opened in between voids
-        # the filter, and only costs another scan.
-        writes, joins = self._watch.looked[0], self._stores.joins
         thread = threading.Thread(
             target=self._scan,
-            args=(writes, joins, self._generation),
+            args=(writes, joins, generation),
             name=f"minima-cache-scan:{self.path.name}",
             daemon=True,
         )

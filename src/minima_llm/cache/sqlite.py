@@ -136,6 +136,11 @@ class SqliteFile:
         self._identity = _identity(self.path)
         return conn
 
+    def writer_closed(self) -> None:
+        """The writer's connection closed: its commits are all in, it voids no filter now."""
+        if self.absences is not None:
+            self.absences.leave()
+
     def _file_changed(self) -> bool:
         # SQLite goes on writing into an open file that was deleted (the cache directory
         # cleared mid-run, say): those rows would vanish with it, and no error says so.
@@ -399,6 +404,7 @@ class SqliteStore:
                     file.connect_writer,
                     file.write_batch,
                     after=file.catch_up,
+                    closed=file.writer_closed,
                 )
                 # Told only of the file and the writer: the threads hold it, never the store.
                 writer = self._writer
@@ -505,8 +511,7 @@ class SqliteStore:
         # for nothing, and the writer, closing last, removes the WAL.
         absences = getattr(self, "_absences", None)
         if absences is not None:
-            absences.leave()  # and no miss arriving meanwhile starts another scan
-            absences.stop(timeout)
+            absences.stop(timeout)  # and no miss arriving meanwhile starts another
         file = getattr(self, "_file", None)
         checkpointer = file.checkpointer if file is not None else None
         if checkpointer is not None:
@@ -529,7 +534,6 @@ def _release(
     if checkpointer is not None:
         checkpointer.stop()
     if absences is not None:
-        absences.leave()
         absences.stop()  # a scan running ends at its next chunk
     for worker in workers:
         if worker is not None:
