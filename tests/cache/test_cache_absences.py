@@ -76,7 +76,11 @@ class FakeWatch:
     """The writer's side, set by hand one field at a time (``looked`` is the pair)."""
 
     def __init__(self) -> None:
-        self.looked: tuple[int, float] = (0, 0.0)
+        # No WAL index header: the time of the last look bounds an absence.
+        self.looked: tuple[int, float, bytes | None] = (0, 0.0, None)
+
+    def wal_header(self) -> bytes | None:
+        return None
 
     @property
     def foreign_writes(self) -> int:
@@ -84,7 +88,7 @@ class FakeWatch:
 
     @foreign_writes.setter
     def foreign_writes(self, writes: int) -> None:
-        self.looked = (writes, self.looked[1])
+        self.looked = (writes, self.looked[1], None)
 
     @property
     def checked_at(self) -> float:
@@ -92,7 +96,7 @@ class FakeWatch:
 
     @checked_at.setter
     def checked_at(self, at: float) -> None:
-        self.looked = (self.looked[0], at)
+        self.looked = (self.looked[0], at, None)
 
 
 class Looks:
@@ -338,18 +342,33 @@ async def test_a_store_sees_another_writers_row_once_its_writer_looks(tmp_path: 
         await store.aclose()
 
 
-async def test_a_row_written_elsewhere_is_absent_for_fresh_s_at_most(tmp_path: Path) -> None:
+async def test_a_row_written_elsewhere_is_never_absent_once_committed(tmp_path: Path) -> None:
     path = tmp_path / "c.db"
     store = SqliteStore(path)
     try:
         await store.put_many([row("mine")])
         await trusting(store)
         write_elsewhere(path, ["theirs"])
-        await asyncio.sleep(FRESH_S * 1.5)
-        # No commit of ours since: the look is too old to trust, and a new one is asked for.
+        # At once, with no look of the writer's since: the WAL index header has changed.
         assert store.absent_now("theirs") is False
+        assert store.absent_now("never") is False
         await asyncio.to_thread(wait_for, lambda: store.foreign_writes == 1, "the look")
         assert store.absent_now("theirs") is False
+    finally:
+        await store.aclose()
+
+
+async def test_a_checkpoint_or_a_read_elsewhere_leaves_the_filter_trusted(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    store = SqliteStore(path)
+    try:
+        await store.put_many([row("mine")])
+        await trusting(store)
+        with closing(sqlite3.connect(path, isolation_level=None)) as other:
+            other.execute("SELECT count(*) FROM cache").fetchall()
+            other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        await asyncio.sleep(FRESH_S * 2)  # past the time bound: only the header decides
+        assert store.absent_now("never") is True
     finally:
         await store.aclose()
 

@@ -8,20 +8,21 @@ miss goes straight upstream.
 The filter holds the keys of a full scan plus every key this process writes since.
 Another process's commits are not in it, so an absence is trusted only while
 nothing else has committed since the scan began (the writer counts those commits
-through ``PRAGMA data_version`` at each of its own), and only for ``fresh_s`` after
-the writer last looked. A miss outside those bounds reads as before, and asks the
-writer to look again or a new scan to start. A row another process commits is thus
-treated as absent for ``fresh_s`` at most: less than the time an upstream call
-takes, in which two processes missing the same key already both ask.
+through ``PRAGMA data_version`` at each of its own), and only while the header of
+SQLite's WAL index (shared memory every connection maps) is the one the writer saw
+at its last look: every commit rewrites it before readers can see its rows, so a
+commit anywhere since is noticed at once, in memory. A miss outside those bounds
+reads as before, and asks the writer to look again or a new scan to start. Where
+the index cannot be mapped, the last look is trusted for ``fresh_s`` instead, and a
+row another process commits may be taken as absent that long.
 
 Two writable stores of one file in this process would each count the other's
 commits as foreign, but only at their next look: a row one of them committed could
 be a miss for the other meanwhile. So a filter is trusted only while its store is
 the only one open for writing on the file, and only if none opened since its scan
 began; with more (a backend built per item, next to the batch's own) every miss
-reads, as without a filter. A store that is asked only a few
-times (that same backend per item) never scans: the first scan waits for
-``scan_after`` lookups.
+reads, as without a filter. A store that is asked only a few times (that same
+backend per item) never scans: the first scan waits for ``scan_after`` lookups.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ _SCAN_SPACING = 10.0
 _MIN_SCAN_GAP_S = 1.0
 # How long an unanswered request for a look blocks the next.
 _LOOK_TIMEOUT_S = 1.0
-# How long after the writer's last look at other processes' commits an absence holds.
+# How long after the writer's last look an absence holds, where the WAL index is not mapped.
 FRESH_S = 0.05
 # Lookups a store answers by reading before its first scan: a store used for a request
 # or two (a backend per item) is gone before a scan of a large file would pay off.
@@ -106,9 +107,14 @@ class KeyFilter:
 class Watch(Protocol):
     """What the writer keeps up to date about other processes' commits."""
 
-    # (other processes' commits counted, monotonic time) at the writer's last look,
-    # replaced whole: read as two fields, one look's count could pair with the next's time.
-    looked: tuple[int, float]
+    # (other processes' commits counted, monotonic time, WAL index header) at the
+    # writer's last look, replaced whole: read as fields, one look's count could pair
+    # with the next's time. The header is None where the index cannot be read.
+    looked: tuple[int, float, bytes | None]
+
+    def wal_header(self) -> bytes | None:
+        """The WAL index header now; equal to the looked one while nobody has committed."""
+        ...
 
 
 class _Held(NamedTuple):
@@ -192,11 +198,11 @@ class Absences:
     def absent(self, key: str) -> bool:
         """True only if ``key`` is surely not in the file; False means read it."""
         held = self._held
-        writes, looked_at = self._watch.looked
+        writes, looked_at, header = self._watch.looked
         if held is None or held.writes != writes or held.joins != self._stores.joins:
             self._scan_soon()
             return False
-        if time.monotonic() - looked_at > self.fresh_s:
+        if not self._unchanged_since(looked_at, header):
             self._ask_writer()
             return False
         found = held.keys
@@ -207,13 +213,19 @@ class Absences:
     def trusted(self) -> bool:
         """Whether a miss would be decided in memory right now."""
         held = self._held
-        writes, looked_at = self._watch.looked
+        writes, looked_at, header = self._watch.looked
         return (
             held is not None
             and held.writes == writes
             and held.joins == self._stores.joins
-            and time.monotonic() - looked_at <= self.fresh_s
+            and self._unchanged_since(looked_at, header)
         )
+
+    def _unchanged_since(self, looked_at: float, header: bytes | None) -> bool:
+        """Whether nobody has committed since the writer's last look, as far as is known."""
+        if header is not None:
+            return self._watch.wal_header() == header  # exactly: any commit rewrites it
+        return time.monotonic() - looked_at <= self.fresh_s
 
     def add(self, keys: list[str]) -> None:
         """Enter keys the writer is about to commit (on its thread, before the commit)."""
