@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -15,7 +17,7 @@ from typing import Any
 import pytest
 
 from minima_llm.cache import CacheRow, SqliteStore
-from minima_llm.cache.absences import FRESH_S, SCAN_AFTER, Absences, KeyFilter
+from minima_llm.cache.absences import SCAN_AFTER, Absences, KeyFilter
 
 WAIT_S = 10.0
 
@@ -76,10 +78,10 @@ class FakeWatch:
     """The writer's side, set by hand one field at a time (``looked`` is the pair)."""
 
     def __init__(self) -> None:
-        # No WAL index header: the time of the last look bounds an absence.
-        self.looked: tuple[int, float, bytes | None] = (0, 0.0, None)
+        # No WAL state: only the time of the last look bounds an absence.
+        self.looked: tuple[int, float, Any] = (0, 0.0, None)
 
-    def wal_header(self) -> bytes | None:
+    def wal_state(self) -> Any:
         return None
 
     @property
@@ -349,7 +351,7 @@ async def test_a_row_written_elsewhere_is_never_absent_once_committed(tmp_path: 
         await store.put_many([row("mine")])
         await trusting(store)
         write_elsewhere(path, ["theirs"])
-        # At once, with no look of the writer's since: the WAL index header has changed.
+        # At once, with no look of the writer's since: the WAL file has changed.
         assert store.absent_now("theirs") is False
         assert store.absent_now("never") is False
         await asyncio.to_thread(wait_for, lambda: store.foreign_writes == 1, "the look")
@@ -367,9 +369,35 @@ async def test_a_checkpoint_or_a_read_elsewhere_leaves_the_filter_trusted(tmp_pa
         with closing(sqlite3.connect(path, isolation_level=None)) as other:
             other.execute("SELECT count(*) FROM cache").fetchall()
             other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        await asyncio.sleep(FRESH_S * 2)  # past the time bound: only the header decides
-        assert store.absent_now("never") is True
+        assert store.absent_now("never") is True  # neither writes into the WAL
+        assert store.foreign_writes == 0
     finally:
+        await store.aclose()
+
+
+async def test_looking_at_the_wal_holds_no_lock_of_sqlites_back(tmp_path: Path) -> None:
+    """Closing any descriptor of a file drops every POSIX lock this process holds on it."""
+    path = tmp_path / "c.db"
+    first = SqliteStore(path)
+    first.put_many_sync([row("first")])
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM cache").fetchall()  # a snapshot, held
+    store = SqliteStore(path)  # its writer opens, and looks at the WAL, after the snapshot
+    try:
+        await store.put_many([row("mine")])
+        await first.aclose()
+        # Locks only keep other processes out: the checkpoint must run in one.
+        code = (
+            "import sqlite3, sys; c = sqlite3.connect(sys.argv[1], timeout=0);"
+            "print(c.execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchone()[0])"
+        )
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-c", code, str(path)], capture_output=True, text=True
+        )
+        assert done.stdout.strip() == "1", done  # busy: the snapshot's read lock still stands
+    finally:
+        reader.close()
         await store.aclose()
 
 

@@ -8,13 +8,14 @@ miss goes straight upstream.
 The filter holds the keys of a full scan plus every key this process writes since.
 Another process's commits are not in it, so an absence is trusted only while
 nothing else has committed since the scan began (the writer counts those commits
-through ``PRAGMA data_version`` at each of its own), and only while the header of
-SQLite's WAL index (shared memory every connection maps) is the one the writer saw
-at its last look: every commit rewrites it before readers can see its rows, so a
-commit anywhere since is noticed at once, in memory. A miss outside those bounds
-reads as before, and asks the writer to look again or a new scan to start. Where
-the index cannot be mapped, the last look is trusted for ``fresh_s`` instead, and a
-row another process commits may be taken as absent that long.
+through ``PRAGMA data_version`` at each of its own), and only while the writer's
+last look is recent (``fresh_s``) and the WAL file is as it saw it then: a commit
+anywhere writes into the WAL, which moves its size or its modification time, so one
+is noticed at the next miss by a ``stat``. A miss outside those bounds reads as
+before, and asks the writer to look again or a new scan to start. What could slip
+through is a commit that leaves the WAL's size alone (one that starts the WAL over)
+in the same clock tick as the last write seen; its rows are then taken as absent for
+``fresh_s`` at most.
 
 Two writable stores of one file in this process would each count the other's
 commits as foreign, but only at their next look: a row one of them committed could
@@ -56,7 +57,7 @@ _SCAN_SPACING = 10.0
 _MIN_SCAN_GAP_S = 1.0
 # How long an unanswered request for a look blocks the next.
 _LOOK_TIMEOUT_S = 1.0
-# How long after the writer's last look an absence holds, where the WAL index is not mapped.
+# How long after the writer's last look an absence holds at most.
 FRESH_S = 0.05
 # Lookups a store answers by reading before its first scan: a store used for a request
 # or two (a backend per item) is gone before a scan of a large file would pay off.
@@ -107,13 +108,13 @@ class KeyFilter:
 class Watch(Protocol):
     """What the writer keeps up to date about other processes' commits."""
 
-    # (other processes' commits counted, monotonic time, WAL index header) at the
+    # (other processes' commits counted, monotonic time, the WAL file's state) at the
     # writer's last look, replaced whole: read as fields, one look's count could pair
-    # with the next's time. The header is None where the index cannot be read.
-    looked: tuple[int, float, bytes | None]
+    # with the next's time. The state is None where the WAL could not be read.
+    looked: tuple[int, float, Any]
 
-    def wal_header(self) -> bytes | None:
-        """The WAL index header now; equal to the looked one while nobody has committed."""
+    def wal_state(self) -> Any:
+        """The WAL file's state now; equal to the looked one while nobody has committed."""
         ...
 
 
@@ -198,11 +199,11 @@ class Absences:
     def absent(self, key: str) -> bool:
         """True only if ``key`` is surely not in the file; False means read it."""
         held = self._held
-        writes, looked_at, header = self._watch.looked
+        writes, looked_at, wal = self._watch.looked
         if held is None or held.writes != writes or held.joins != self._stores.joins:
             self._scan_soon()
             return False
-        if not self._unchanged_since(looked_at, header):
+        if not self._unchanged_since(looked_at, wal):
             self._ask_writer()
             return False
         found = held.keys
@@ -213,19 +214,19 @@ class Absences:
     def trusted(self) -> bool:
         """Whether a miss would be decided in memory right now."""
         held = self._held
-        writes, looked_at, header = self._watch.looked
+        writes, looked_at, wal = self._watch.looked
         return (
             held is not None
             and held.writes == writes
             and held.joins == self._stores.joins
-            and self._unchanged_since(looked_at, header)
+            and self._unchanged_since(looked_at, wal)
         )
 
-    def _unchanged_since(self, looked_at: float, header: bytes | None) -> bool:
+    def _unchanged_since(self, looked_at: float, wal: Any) -> bool:
         """Whether nobody has committed since the writer's last look, as far as is known."""
-        if header is not None:
-            return self._watch.wal_header() == header  # exactly: any commit rewrites it
-        return time.monotonic() - looked_at <= self.fresh_s
+        if time.monotonic() - looked_at > self.fresh_s:
+            return False
+        return wal is None or self._watch.wal_state() == wal
 
     def add(self, keys: list[str]) -> None:
         """Enter keys the writer is about to commit (on its thread, before the commit)."""

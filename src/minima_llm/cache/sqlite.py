@@ -13,11 +13,9 @@ import asyncio
 import contextlib
 import logging
 import math
-import mmap
 import os
 import re
 import sqlite3
-import struct
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -61,10 +59,10 @@ CHECKPOINT_FRAMES = 500
 _BACKSTOP_FRAMES = 4_000
 # How often the writer looks whether its file is still the one at the path.
 _IDENTITY_EVERY_S = 0.5
-# The WAL index header's first copy (version, change counter, last valid frame, page
-# count, checksums, salts), and the version every SQLite since 3.7.0 writes into it.
-_WAL_HEADER_BYTES = 48
-_WAL_INDEX_VERSION = 3007000
+# What os.stat says of the WAL file: every commit writes into it, moving its size or
+# its modification time (a file is never opened for this: closing any descriptor of a
+# file drops every POSIX lock SQLite holds on it in this process).
+WalState = tuple[int, int, int]
 # How SQLite says a ?mode=ro reader could not create the -shm index: SQLITE_CANTOPEN, or
 # from 3.22 on, for a user without write access to the directory, SQLITE_READONLY_DIRECTORY.
 _NO_INDEX = ("unable to open", "attempt to write a readonly database")
@@ -89,12 +87,11 @@ class SqliteFile:
         # Changes by other connections (other processes) seen through the writer's
         # PRAGMA data_version: their commits move it (and their RESTART or TRUNCATE
         # checkpoints, which only costs a batch some extra reads). With when the writer
-        # last read it (monotonic) and the WAL index header it saw just before: while
-        # the live header equals that one, nobody has committed since. One tuple,
-        # replaced whole, so other threads read the parts of one look together.
-        self.looked: tuple[int, float, bytes | None] = (0, -math.inf, None)
-        # The WAL index (the -shm file), mapped read-only while the writer is open.
-        self._wal_index: mmap.mmap | None = None
+        # last read it (monotonic) and the WAL file's state just before: while it is
+        # unchanged, nobody has committed since. One tuple, replaced whole, so other
+        # threads read the parts of one look together.
+        self.looked: tuple[int, float, WalState | None] = (0, -math.inf, None)
+        self._wal_path = Path(f"{path}-wal")
         self._data_version: int | None = None
         # The store's filter of keys held, told when a commit is done; None when read-only.
         self.absences: Absences | None = None
@@ -130,10 +127,9 @@ class SqliteFile:
             # Reopened (after a close, or in a forked child): whatever others wrote
             # while no writer watched is in the new baseline, so assume they did.
             reopened = self._data_version is not None
-            self._wal_index = _map_wal_index(self.path)
-            header = self.wal_header()  # before the baseline: a commit between counts
+            wal = self.wal_state()  # before the baseline: a commit between counts
             self._data_version = _data_version(conn)
-            self.looked = (self.foreign_writes + reopened, time.monotonic(), header)
+            self.looked = (self.foreign_writes + reopened, time.monotonic(), wal)
             if self.absences is not None:
                 self.absences.join()  # the first opening joins as the Absences is made
         except BaseException:
@@ -149,9 +145,6 @@ class SqliteFile:
 
     def writer_closed(self) -> None:
         """The writer's connection closed: its commits are all in, it voids no filter now."""
-        index, self._wal_index = self._wal_index, None
-        if index is not None:
-            index.close()  # a mapping would keep the -shm open after the store closed
         if self.absences is not None:
             self.absences.leave()
 
@@ -320,7 +313,7 @@ class SqliteFile:
                 finally:
                     absences.committed()
         # An empty batch only asks for this look at other processes' commits.
-        header = self.wal_header()  # before data_version, which then covers what it holds
+        wal = self.wal_state()  # before data_version, which then covers what it shows
         try:
             version: int | None = _data_version(conn)
         except sqlite3.Error:
@@ -329,7 +322,7 @@ class SqliteFile:
         if version is None or version != self._data_version:
             self._data_version = version
             writes += 1
-        self.looked = (writes, time.monotonic(), header)
+        self.looked = (writes, time.monotonic(), wal)
         return [None] * len(batches)
 
     @property
@@ -337,15 +330,9 @@ class SqliteFile:
         """Commits by other connections the writer has noticed."""
         return self.looked[0]
 
-    def wal_header(self) -> bytes | None:
-        """The WAL index header as it is now (any commit changes it); None if not mapped."""
-        index = self._wal_index
-        if index is None:
-            return None
-        try:
-            return index[:_WAL_HEADER_BYTES]
-        except ValueError:  # closed by the writer's thread since: nothing is known
-            return None
+    def wal_state(self) -> WalState | None:
+        """The WAL file's state now (a commit anywhere changes it); None if unknown."""
+        return _wal_state(self._wal_path)
 
     def _commit(self, conn: sqlite3.Connection, rows: list[CacheRow]) -> None:
         def commit() -> None:
@@ -641,23 +628,13 @@ def _read_only_fs(path: Path) -> bool:
         return False
 
 
-def _map_wal_index(path: Path) -> mmap.mmap | None:
-    """The start of ``path``'s WAL index, mapped read-only; None where it cannot be read.
-
-    The index is shared memory every connection maps; a commit becomes visible to
-    readers by rewriting its header (the format is in SQLite's walformat.html), so
-    comparing the header costs a look at memory instead of a query.
-    """
+def _wal_state(path: Path) -> WalState | None:
+    """The WAL file's inode, size and modification time; None if it cannot be read."""
     try:
-        with open(f"{path}-shm", "rb") as shm:
-            index = mmap.mmap(shm.fileno(), _WAL_HEADER_BYTES, access=mmap.ACCESS_READ)
-    except (OSError, ValueError):  # no -shm (exclusive locking), or too short to hold a header
+        st = os.stat(path)
+    except OSError:
         return None
-    (version,) = struct.unpack_from("=I", index, 0)  # native byte order, as SQLite writes it
-    if version != _WAL_INDEX_VERSION:
-        index.close()
-        return None
-    return index
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _data_version(conn: sqlite3.Connection) -> int:
