@@ -155,9 +155,10 @@ def _stores_for(path: Path) -> _Stores:
 class Absences:
     """Decides misses of one SQLite file in memory, while that is safe (module docstring).
 
-    ``watch.looked`` is the writer's count of other processes' commits with the
-    monotonic time it last looked, and ``look_again()`` queues an empty write, whose
-    commit step looks again, on the running loop.
+    ``watch.looked`` is the writer's count of other processes' commits, with the
+    monotonic time it last looked and the WAL file's state then (``watch.wal_state()``
+    gives it now); ``look_again()`` queues an empty write, whose commit step looks
+    again, on the running loop.
     """
 
     def __init__(
@@ -340,10 +341,10 @@ class Absences:
 
     def _read_keys(self, generation: int) -> KeyFilter | None:
         """Every key in the file, in a filter of twice their number; None if stopped."""
-        # Not read-only, though it only reads: the last connection to close removes the
-        # WAL, and a read-only one cannot, so a scan outliving the writer (a store dropped
-        # unclosed) would leave it behind.
-        # mode=rw: a file deleted under us is not created anew.
+        # mode=rw, not ro, though it only reads: the last connection to close removes the
+        # WAL, which a read-only one cannot do, and a scan may outlive the writer (a store
+        # dropped unclosed). Not the default mode either, which would create a file
+        # deleted under us anew.
         conn = sqlite3.connect(
             f"{self.path.resolve().as_uri()}?mode=rw", uri=True, timeout=_LOOK_TIMEOUT_S
         )

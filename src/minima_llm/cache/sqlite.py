@@ -91,7 +91,7 @@ class SqliteFile:
         # unchanged, nobody has committed since. One tuple, replaced whole, so other
         # threads read the parts of one look together.
         self.looked: tuple[int, float, WalState | None] = (0, -math.inf, None)
-        self._wal_path = Path(f"{path}-wal")
+        self._wal_path = f"{path}-wal"  # a str: os.stat takes it without a conversion
         self._data_version: int | None = None
         # The store's filter of keys held, told when a commit is done; None when read-only.
         self.absences: Absences | None = None
@@ -628,7 +628,7 @@ def _read_only_fs(path: Path) -> bool:
         return False
 
 
-def _wal_state(path: Path) -> WalState | None:
+def _wal_state(path: str) -> WalState | None:
     """The WAL file's inode, size and modification time; None if it cannot be read."""
     try:
         st = os.stat(path)
