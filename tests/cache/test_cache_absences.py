@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -314,6 +315,18 @@ async def trusting(store: SqliteStore) -> None:
         await asyncio.sleep(0.005)
 
 
+@contextlib.asynccontextmanager
+async def trusted_store(path: Path, held: str) -> AsyncIterator[SqliteStore]:
+    """A store of ``path`` holding row ``held``, once it decides misses in memory; closed after."""
+    store = SqliteStore(path)
+    try:
+        await store.put_many([row(held)])
+        await trusting(store)
+        yield store
+    finally:
+        await store.aclose()
+
+
 async def test_a_store_decides_misses_without_reading_once_scanned(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "c.db")
     try:
@@ -331,48 +344,33 @@ async def test_a_store_decides_misses_without_reading_once_scanned(tmp_path: Pat
 
 async def test_a_store_sees_another_writers_row_once_its_writer_looks(tmp_path: Path) -> None:
     path = tmp_path / "c.db"
-    store = SqliteStore(path)
-    try:
-        await store.put_many([row("mine")])
-        await trusting(store)
+    async with trusted_store(path, "mine") as store:
         write_elsewhere(path, ["theirs"])
         await store.put_many([row("mine-2")])  # the writer looks at each commit
         assert store.foreign_writes == 1
         assert store.absent_now("theirs") is False
         assert (await store.get_many(["theirs"]))["theirs"].response_text == "elsewhere"
-    finally:
-        await store.aclose()
 
 
 async def test_a_row_written_elsewhere_is_never_absent_once_committed(tmp_path: Path) -> None:
     path = tmp_path / "c.db"
-    store = SqliteStore(path)
-    try:
-        await store.put_many([row("mine")])
-        await trusting(store)
+    async with trusted_store(path, "mine") as store:
         write_elsewhere(path, ["theirs"])
         # At once, with no look of the writer's since: the WAL file has changed.
         assert store.absent_now("theirs") is False
         assert store.absent_now("never") is False
         await asyncio.to_thread(wait_for, lambda: store.foreign_writes == 1, "the look")
         assert store.absent_now("theirs") is False
-    finally:
-        await store.aclose()
 
 
 async def test_a_checkpoint_or_a_read_elsewhere_leaves_the_filter_trusted(tmp_path: Path) -> None:
     path = tmp_path / "c.db"
-    store = SqliteStore(path)
-    try:
-        await store.put_many([row("mine")])
-        await trusting(store)
+    async with trusted_store(path, "mine") as store:
         with closing(sqlite3.connect(path, isolation_level=None)) as other:
             other.execute("SELECT count(*) FROM cache").fetchall()
             other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         assert store.absent_now("never") is True  # neither writes into the WAL
         assert store.foreign_writes == 0
-    finally:
-        await store.aclose()
 
 
 async def test_looking_at_the_wal_holds_no_lock_of_sqlites_back(tmp_path: Path) -> None:
